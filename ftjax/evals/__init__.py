@@ -1,0 +1,1 @@
+"""Evaluators: turn summed per-batch statistics into metrics."""

@@ -1,0 +1,1 @@
+"""Checkpoint import from files on local disk (safetensors) and packaged assets."""

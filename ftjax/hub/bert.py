@@ -1,0 +1,59 @@
+"""Maps Hugging Face BERT checkpoint names onto `ftjax.models.bert` parameters."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ftjax.hub import loading, safetensors_io
+
+_identity = lambda x: x
+_transpose = lambda x: x.T
+
+# (HF name regex after any 'bert.' prefix, ftjax path template, transform)
+_RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight",
+     r"encoder/embeddings/\1_embeddings/embedding", _identity),
+    (r"embeddings\.LayerNorm\.(weight|gamma)", "encoder/embeddings/layer_norm/scale", _identity),
+    (r"embeddings\.LayerNorm\.(bias|beta)", "encoder/embeddings/layer_norm/bias", _identity),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.weight",
+     r"encoder/layers/\1/attention/\2/kernel", _transpose),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.bias",
+     r"encoder/layers/\1/attention/\2/bias", _identity),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.weight",
+     r"encoder/layers/\1/attention/output/kernel", _transpose),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.bias",
+     r"encoder/layers/\1/attention/output/bias", _identity),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|gamma)",
+     r"encoder/layers/\1/attention_norm/scale", _identity),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(bias|beta)",
+     r"encoder/layers/\1/attention_norm/bias", _identity),
+    (r"encoder\.layer\.(\d+)\.(intermediate|output)\.dense\.weight",
+     r"encoder/layers/\1/\2/kernel", _transpose),
+    (r"encoder\.layer\.(\d+)\.(intermediate|output)\.dense\.bias",
+     r"encoder/layers/\1/\2/bias", _identity),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|gamma)",
+     r"encoder/layers/\1/output_norm/scale", _identity),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(bias|beta)",
+     r"encoder/layers/\1/output_norm/bias", _identity),
+]
+
+
+def hf_name_to_path(name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
+  """Returns the ftjax parameter path and transform for a HF BERT tensor name."""
+  name = name.removeprefix("bert.")
+  for pattern, template, transform in _RULES:
+    match = re.fullmatch(pattern, name)
+    if match:
+      return match.expand(template), transform
+  return None
+
+
+def load_pretrained_into(params: Any, model_dir: str, dont_load: Sequence[str] = ()) -> Any:
+  """Returns `params` with a HF BERT safetensors checkpoint from `model_dir` loaded in."""
+  tensors = safetensors_io.load_safetensors(model_dir)
+  params, _ = loading.load_tensors(params, tensors, hf_name_to_path, source=model_dir,
+                                   dont_load=dont_load)
+  return params

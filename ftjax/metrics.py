@@ -1,0 +1,100 @@
+"""Metric writers (JSONL and TensorBoard event files) and progress lines with ETA."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+
+def _to_python(value: Any) -> Any:
+  if isinstance(value, (np.ndarray, np.generic)):
+    return value.item() if np.ndim(value) == 0 else value.tolist()
+  return value
+
+
+class MetricWriter:
+  """Appends metrics to `metrics.jsonl` and TensorBoard event files in the workdir.
+
+  TensorBoard events are written with tensorboardX, so TensorFlow is not needed.
+  Only the writing process (process 0 on multi-host runs) creates files.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past `step`, so a resumed run does not log a step twice."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    """Records scalar metrics of `split` ('train', 'validation', 'test') at `step`."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split}
+    record.update({k: _to_python(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in metrics.items():
+      if np.ndim(value) == 0:
+        self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """Returns the records of a run's `metrics.jsonl`."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """Formats 'step/total, loss, lr, steps/s, examples/s, ETA' lines."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int):
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def line(self, step: int, metrics: dict[str, float]) -> str:
+    """Returns the progress line for `step`; rates are measured since the last call."""
+    now = time.perf_counter()
+    elapsed = max(now - self._last_time, 1e-9)
+    rate = (step - self._last_step) / elapsed
+    self._last_step, self._last_time = step, now
+    eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+    values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    return (f"step {step}/{self.total_steps} {values} {rate:.2f} steps/s "
+            f"{rate * self.batch_size:.1f} examples/s ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def log_line(text: str) -> None:
+  """Logs and prints `text` (absl logging is not shown by default outside launchers)."""
+  logging.info("%s", text)
+  print(text, flush=True)

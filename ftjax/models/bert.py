@@ -1,0 +1,184 @@
+"""BERT-family text encoder and sequence classifier in Flax NNX.
+
+Parameter names follow ftjax's layout (``encoder/layers/0/attention/query/kernel``);
+`ftjax.hub.bert` maps Hugging Face checkpoint tensors onto it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.errors import ConfigError
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Architecture hyper-parameters, named as in Hugging Face's `config.json`."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_hidden_layers: int = 6
+  num_attention_heads: int = 12
+  intermediate_size: int = 1536
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  hidden_act: str = "gelu"
+
+  @classmethod
+  def from_json(cls, path: str) -> "BertConfig":
+    """Reads the fields this encoder uses from a Hugging Face `config.json`."""
+    with open(path) as f:
+      raw = json.load(f)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    config = cls(**{k: v for k, v in raw.items() if k in fields})
+    if config.hidden_act not in _ACTIVATIONS:
+      raise ConfigError(f"{path}: hidden_act={config.hidden_act!r} is not supported; "
+                        f"supported: {sorted(_ACTIVATIONS)}")
+    if config.hidden_size % config.num_attention_heads:
+      raise ConfigError(f"{path}: hidden_size {config.hidden_size} is not divisible by "
+                        f"num_attention_heads {config.num_attention_heads}")
+    return config
+
+
+def _dense(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
+  init = nnx.initializers.truncated_normal(stddev=0.02)
+  return nnx.Linear(din, dout, kernel_init=init, rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+  """Word + position + token-type embeddings, then LayerNorm and dropout."""
+
+  def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+    init = nnx.initializers.truncated_normal(stddev=0.02)
+    h = config.hidden_size
+    self.word_embeddings = nnx.Embed(config.vocab_size, h, embedding_init=init, rngs=rngs)
+    self.position_embeddings = nnx.Embed(config.max_position_embeddings, h,
+                                         embedding_init=init, rngs=rngs)
+    self.token_type_embeddings = nnx.Embed(config.type_vocab_size, h, embedding_init=init,
+                                           rngs=rngs)
+    self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
+    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+  def __call__(self, input_ids, token_type_ids, *, deterministic, rngs):
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+         + self.token_type_embeddings(token_type_ids))
+    return self.dropout(self.layer_norm(x), deterministic=deterministic, rngs=rngs)
+
+
+class SelfAttention(nnx.Module):
+  """Bidirectional multi-head self-attention with a padding mask."""
+
+  def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+    h = config.hidden_size
+    self.num_heads = config.num_attention_heads
+    self.query = _dense(h, h, rngs)
+    self.key = _dense(h, h, rngs)
+    self.value = _dense(h, h, rngs)
+    self.output = _dense(h, h, rngs)
+    self.dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+
+  def __call__(self, x, attention_mask, *, deterministic, rngs):
+    batch, length, hidden = x.shape
+    head_dim = hidden // self.num_heads
+
+    def heads(y):
+      return y.reshape(batch, length, self.num_heads, head_dim)
+
+    q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
+    # Padding keys get the dtype's lowest value, as in the reference implementation.
+    keep = attention_mask[:, None, None, :].astype(bool)
+    logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    probs = self.dropout(probs, deterministic=deterministic, rngs=rngs)
+    context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, hidden)
+    return self.output(context)
+
+
+class EncoderLayer(nnx.Module):
+  """Post-LayerNorm transformer block: attention, then the MLP."""
+
+  def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+    h, eps = config.hidden_size, config.layer_norm_eps
+    self.attention = SelfAttention(config, rngs)
+    self.attention_norm = nnx.LayerNorm(h, epsilon=eps, rngs=rngs)
+    self.intermediate = _dense(h, config.intermediate_size, rngs)
+    self.output = _dense(config.intermediate_size, h, rngs)
+    self.output_norm = nnx.LayerNorm(h, epsilon=eps, rngs=rngs)
+    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.activation = config.hidden_act
+
+  def __call__(self, x, attention_mask, *, deterministic, rngs):
+    drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
+    y = self.attention(x, attention_mask, deterministic=deterministic, rngs=rngs)
+    x = self.attention_norm(x + drop(y))
+    y = self.output(_ACTIVATIONS[self.activation](self.intermediate(x)))
+    return self.output_norm(x + drop(y))
+
+
+class Encoder(nnx.Module):
+  """The BERT encoder: embeddings and a stack of layers; returns hidden states."""
+
+  def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+    self.embeddings = Embeddings(config, rngs)
+    self.layers = nnx.List([EncoderLayer(config, rngs)
+                            for _ in range(config.num_hidden_layers)])
+
+  def __call__(self, input_ids, attention_mask, token_type_ids, *, deterministic=True,
+               rngs=None):
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+    for layer in self.layers:
+      x = layer(x, attention_mask, deterministic=deterministic, rngs=rngs)
+    return x
+
+
+def pool(hidden: jax.Array, attention_mask: jax.Array, method: str) -> jax.Array:
+  """Reduces [B, L, H] hidden states to [B, H]: the first token or the masked mean."""
+  if method == "cls":
+    return hidden[:, 0]
+  weights = attention_mask.astype(hidden.dtype)[..., None]
+  return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+
+
+class SequenceClassifier(nnx.Module):
+  """Encoder + pooling + a new linear head; the pretrained pooler is not used."""
+
+  def __init__(self, config: BertConfig, *, num_classes: int, pooling: str = "mean",
+               head_init: str = "zeros", rngs: nnx.Rngs):
+    if pooling not in ("mean", "cls"):
+      raise ConfigError(f"config.model.pooling={pooling!r}: must be 'mean' or 'cls'")
+    initializers = {"zeros": nnx.initializers.zeros_init(),
+                    "normal": nnx.initializers.normal(stddev=0.02)}
+    if head_init not in initializers:
+      raise ConfigError(f"config.model.head_init={head_init!r}: must be one of "
+                        f"{sorted(initializers)}")
+    self.encoder = Encoder(config, rngs)
+    self.pooling = pooling
+    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.head = nnx.Linear(config.hidden_size, num_classes,
+                           kernel_init=initializers[head_init], rngs=rngs)
+
+  def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    mask = batch["attention_mask"]
+    hidden = self.encoder(batch["input_ids"], mask, batch["token_type_ids"],
+                          deterministic=deterministic, rngs=rngs)
+    pooled = self.dropout(pool(hidden, mask, self.pooling), deterministic=deterministic,
+                          rngs=rngs)
+    return self.head(pooled)

@@ -1,0 +1,238 @@
+"""The fine-tuning loop: `run(config, workdir)`, built from small named helpers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ftjax import checkpoint, data, models, optim, step as step_lib
+from ftjax import state as state_lib
+from ftjax.config import validate
+from ftjax.data import tokenizer as tokenizer_lib
+from ftjax.early_stopping import EarlyStopping
+from ftjax.errors import ConfigError
+from ftjax.evals import classification
+from ftjax.hub import assets
+from ftjax.metrics import MetricWriter, Progress, log_line
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _mesh() -> Mesh:
+  """A data-parallel mesh over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each host's slice of the batch into one global array (explicit transfer)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _check_divisible(config: ml_collections.ConfigDict, key: str, divisor: int,
+                     what: str) -> None:
+  if config[key] % divisor:
+    raise ConfigError(f"config.{key}={config[key]} must be divisible by {what} ({divisor})")
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2, sort_keys=True))
+
+
+class _Run:
+  """Everything a run builds once: data, model, optimizer, compiled steps, writers."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = _mesh()
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.process, self.num_processes = jax.process_index(), jax.process_count()
+    _check_divisible(config, "batch_size", self.mesh.size * config.grad_accum_steps,
+                     "the number of devices times grad_accum_steps")
+    _check_divisible(config, "eval_batch_size", self.mesh.size, "the number of devices")
+    self._build_data()
+    self.model, params = models.create(config.model, config.seed)
+    self.tx, self.schedule = optim.make_optimizer(config.optimizer, params, self.total_steps)
+    self.state = jax.device_put(state_lib.create(params, self.tx, config.seed), self.replicated)
+    self.writer = MetricWriter(workdir, enabled=self.process == 0)
+    self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
+    self._compile()
+
+  def _build_data(self) -> None:
+    config = self.config
+    model_path = assets.model_dir(config.model.pretrained) if config.model.pretrained else ""
+    tokenizer_path = config.data.tokenizer or os.path.join(model_path, "tokenizer.json")
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path, config.data.max_length)
+    self.preprocess = data.text_classification_preprocess(tokenizer)
+    self.splits = data.load_splits(config.data.name, os.path.expanduser(config.data.data_dir),
+                                   config.data.source_path or None)
+    self.host_batch = config.batch_size // self.num_processes
+    self.steps_per_epoch = len(self.splits["train"]) // config.batch_size
+    if self.steps_per_epoch == 0:
+      raise ConfigError(f"train split of {len(self.splits['train'])} examples is smaller than "
+                       f"config.batch_size={config.batch_size}")
+    self.total_steps = (config.total_steps if config.total_steps > 0
+                        else config.num_epochs * self.steps_per_epoch)
+
+  def train_iterator(self):
+    return data.train_iterator(
+        self.splits["train"], self.preprocess, batch_size=self.host_batch,
+        seed=self.config.seed, num_epochs=None, shard_index=self.process,
+        shard_count=self.num_processes)
+
+  def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+    return data.eval_batches(
+        self.splits[split], self.preprocess,
+        batch_size=self.config.eval_batch_size // self.num_processes,
+        shard_index=self.process, shard_count=self.num_processes)
+
+  def _example_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    host = next(iter(self.eval_batches("validation")))
+    return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype,
+                                    sharding=self.batch_sharding) for k, v in host.items()}
+
+  def _compile(self) -> None:
+    """Compiles the train and eval steps once, ahead of time, with explicit shardings."""
+    config = self.config
+    dtype = _DTYPES[config.compute_dtype]
+    train = functools.partial(step_lib.train_step, model=self.model, tx=self.tx,
+                              schedule=self.schedule, grad_accum_steps=config.grad_accum_steps,
+                              compute_dtype=dtype)
+    state_sharding = jax.tree.map(lambda _: self.replicated, self.state)
+    self.train_step = jax.jit(
+        train, in_shardings=(state_sharding, self.batch_sharding),
+        out_shardings=(state_sharding, self.replicated), donate_argnums=0,
+    ).lower(self.state, self._example_batch(config.batch_size)).compile()
+    evaluate = functools.partial(step_lib.eval_step, model=self.model,
+                                 num_classes=config.model.num_classes, compute_dtype=dtype)
+    self.eval_step = jax.jit(
+        evaluate, in_shardings=(state_sharding.params, self.batch_sharding),
+        out_shardings=self.replicated,
+    ).lower(self.state.params, self._example_batch(config.eval_batch_size)).compile()
+
+  def evaluate(self, params: Any, split: str) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 over every example of `split`, each counted once."""
+    sums = None
+    for batch in self.eval_batches(split):
+      out = self.eval_step(params, _put_batch(batch, self.batch_sharding))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    return classification.summarize(sums["loss_sum"], sums["count"], sums["confusion"])
+
+
+def _progress_record(iterator, stopper: EarlyStopping) -> dict[str, Any]:
+  return {"data_iterator": iterator.get_state(), "early_stopping": stopper.to_dict()}
+
+
+def _resume(run: _Run, iterator, stopper: EarlyStopping) -> EarlyStopping:
+  """Continues from the workdir's latest checkpoint, if any."""
+  restored = run.checkpointer.restore_latest(run.state)
+  if restored is None:
+    return stopper
+  run.state, progress = restored
+  iterator.set_state(progress["data_iterator"])
+  step = int(jax.device_get(run.state.step))
+  run.writer.truncate_after(step)
+  log_line(f"resumed from step {step} in {run.workdir}")
+  return EarlyStopping.from_dict(progress["early_stopping"])
+
+
+def _validate(run: _Run, step: int, stopper: EarlyStopping) -> None:
+  """Evaluates on validation, saves the best parameters and updates early stopping."""
+  metrics = run.evaluate(run.state.params, "validation")
+  run.writer.write(step, "validation", metrics)
+  if run.config.early_stopping.metric not in metrics:
+    raise ConfigError(f"config.early_stopping.metric={run.config.early_stopping.metric!r}: "
+                     f"not an evaluation metric; choose from {sorted(metrics)}")
+  if stopper.update(step, metrics[run.config.early_stopping.metric]):
+    run.checkpointer.save_best(step, run.state.params)
+  log_line(f"validation step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+           + f" (best {stopper.metric}={stopper.best} at step {stopper.best_step})")
+
+
+def _train(run: _Run, iterator, stopper: EarlyStopping,
+           on_step: Callable[[int], None] | None) -> EarlyStopping:
+  config = run.config
+  start = int(jax.device_get(run.state.step))
+  progress = Progress(run.total_steps, config.batch_size, start)
+  with jax.transfer_guard("disallow"):
+    for step in range(start + 1, run.total_steps + 1):
+      if stopper.stop:
+        break
+      batch = _put_batch(next(iterator), run.batch_sharding)
+      run.state, metrics = run.train_step(run.state, batch)
+      last = step == run.total_steps
+      if step % config.log_every == 0 or last:
+        metrics = jax.device_get(metrics)
+        run.writer.write(step, "train", metrics)
+        log_line(progress.line(step, metrics))
+      if step % config.eval_every == 0 or step % run.steps_per_epoch == 0 or last:
+        _validate(run, step, stopper)
+        if stopper.stop:
+          log_line(f"early stopping at step {step}: no {stopper.metric} improvement "
+                   f"> {stopper.min_delta} in {stopper.patience} evaluations")
+      if step % config.checkpoint.every == 0 or last or stopper.stop:
+        run.checkpointer.save(step, run.state, _progress_record(iterator, stopper))
+      if on_step is not None:
+        on_step(step)
+  return stopper
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Fine-tunes, evaluates, stops early, and tests the best parameters.
+
+  A run started again in the same `workdir` resumes from its latest checkpoint
+  (state, data position, early-stopping record) and ends with exactly the
+  parameters of an uninterrupted run.
+
+  Args:
+    config: a run config (see configs/).
+    workdir: where the resolved config, checkpoints and metrics go.
+    on_step: optional callback after each train step (used by tests).
+
+  Returns:
+    The final metrics: best validation metrics and test metrics of the best parameters.
+  """
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  started = time.perf_counter()
+  run_ = _Run(config, workdir)
+  log_line(f"{run_.total_steps} steps ({run_.steps_per_epoch} per epoch), batch "
+           f"{config.batch_size}, {run_.mesh.size} device(s), {run_.num_processes} process(es)")
+  iterator = run_.train_iterator()
+  stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
+  stopper = _train(run_, iterator, stopper, on_step)
+  run_.checkpointer.wait()
+  best_params = run_.checkpointer.restore_best(run_.state.params)
+  final = {
+      "best_step": stopper.best_step,
+      "stopped_early": stopper.stop,
+      "validation": run_.evaluate(best_params, "validation"),
+      "test": run_.evaluate(best_params, "test"),
+      "train_seconds": time.perf_counter() - started,
+  }
+  step = int(jax.device_get(run_.state.step))
+  run_.writer.write(step, "test", final["test"])
+  if run_.process == 0:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2)
+  log_line(f"best step {final['best_step']}: validation accuracy "
+           f"{final['validation']['accuracy']:.4f}, test accuracy {final['test']['accuracy']:.4f}"
+           f", test macro-F1 {final['test']['macro_f1']:.4f}")
+  run_.writer.close()
+  run_.checkpointer.close()
+  return final

@@ -1,0 +1,32 @@
+"""ftjax: fine-tuning pretrained models with JAX and Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="ftjax",
+    version="0.1.0",
+    description="A JAX/Flax research framework for fine-tuning pretrained models.",
+    packages=setuptools.find_packages(include=["ftjax", "ftjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.0,<0.12",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "ml-collections>=1.0.0",
+        "absl-py>=2.0",
+        "tensorflow-datasets>=4.9.9,<4.10",
+        "array-record>=0.8.0",
+        "grain>=0.2.12,<0.3",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "tensorboardX>=2.6",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # Reference implementations for parity tests and benchmarks.
+        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.50", "torch>=2.4"],
+        "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
+        "tpu": ["jax[tpu]>=0.10.0,<0.12"],
+    },
+)

@@ -1,0 +1,29 @@
+"""Test setup: 8 fake CPU devices, shared prepared data, small helpers."""
+
+import os
+
+# Must be set before JAX initialises its backends.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One prepared-datasets folder shared by every test of the session."""
+  return str(tmp_path_factory.getbasetemp() / "tensorflow_datasets")
+
+
+@pytest.fixture
+def debug_config(data_dir):
+  """The debug variant of the MiniLM sentiment config, reading the shared data dir."""
+  from configs import minilm_sentiment  # pylint: disable=g-import-not-at-top
+  config = minilm_sentiment.get_config("debug")
+  config.unlock()
+  config.data.data_dir = data_dir
+  config.lock()
+  return config
