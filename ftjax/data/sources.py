@@ -1,0 +1,103 @@
+"""Data sets by name: prepare a TFDS builder once, then read it randomly.
+
+Preparation writes ArrayRecord files under `data_dir`; reading goes through
+`as_data_source()`, the random-access path that grain reads and that works
+without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from ftjax.data import rotten_tomatoes
+from ftjax.errors import ConfigError, DataError
+
+SPLITS = ("train", "validation", "test")
+
+# name -> (builder class, source_path -> builder config).
+_REGISTRY: dict[str, tuple[type[tfds.core.DatasetBuilder],
+                           Callable[[str | None], tfds.core.BuilderConfig]]] = {
+    "rotten_tomatoes": (rotten_tomatoes.RottenTomatoes, rotten_tomatoes.config_for),
+}
+
+
+def dataset_names() -> list[str]:
+  """Returns the names `load_splits` accepts."""
+  return sorted(_REGISTRY)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+  """Holds an exclusive lock on `path` so one process prepares at a time."""
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  # tfds renames a finished preparation into place, so the directory only
+  # exists once every file in it is complete.
+  return builder.data_path.exists()
+
+
+def _prepare(make_builder: Callable[[], tfds.core.DatasetBuilder], data_dir: str,
+             lock_name: str) -> tfds.core.DatasetBuilder:
+  """Returns a prepared builder, preparing it under a lock if needed."""
+  builder = make_builder()
+  if _is_prepared(builder):
+    return builder
+  if "://" in data_dir:  # A remote store takes no file lock; prepare directly.
+    builder.download_and_prepare(file_format="array_record")
+    return builder
+  os.makedirs(data_dir, exist_ok=True)
+  with _file_lock(os.path.join(data_dir, f".{lock_name}.lock")):
+    # Another process may have finished while this one waited for the lock;
+    # a fresh builder then reads its dataset_info instead of the stale one.
+    builder = make_builder()
+    if not _is_prepared(builder):
+      builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+def load_splits(name: str, data_dir: str, source_path: str | None = None
+                ) -> dict[str, Any]:
+  """Prepares data set `name` in `data_dir` if needed, and opens its splits.
+
+  Preparation is idempotent and safe when several processes (pytest-xdist
+  workers, hosts sharing a disk) call this at once on the same `data_dir`.
+
+  Args:
+    name: a registered data set, one of `dataset_names()`.
+    data_dir: the TFDS data directory holding prepared data sets.
+    source_path: the raw file to prepare from; None means the packaged one.
+      A custom file is prepared under its own config name, derived from its
+      path and modification time.
+
+  Returns:
+    {"train", "validation", "test"}: random-access sources (`len(src)`,
+    `src[i]`) whose elements are dicts of numpy values; Text features are
+    bytes.
+
+  Raises:
+    ConfigError: for an unknown name.
+    DataError: for a missing or malformed source file.
+  """
+  if name not in _REGISTRY:
+    raise ConfigError(f"unknown data set {name!r}; valid names: {dataset_names()}")
+  if source_path is not None and not os.path.isfile(source_path):
+    raise DataError(f"{source_path}: file not found")
+  builder_cls, config_for = _REGISTRY[name]
+  config = config_for(source_path)
+  builder = _prepare(lambda: builder_cls(data_dir=data_dir, config=config),
+                     os.fspath(data_dir), f"{name}-{config.name}")
+  sources = builder.as_data_source()
+  return {split: sources[split] for split in SPLITS}

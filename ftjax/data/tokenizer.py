@@ -1,0 +1,90 @@
+"""Fixed-length text tokenization from a Hugging Face `tokenizer.json`.
+
+Uses the `tokenizers` library directly (not transformers), so the input
+pipeline needs no PyTorch and no model-hub access.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tokenizers
+
+from ftjax.errors import DataError
+
+_OUTPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TextTokenizer:
+  """Encodes batches of texts into int32 arrays of one fixed length."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, max_length: int):
+    self._tokenizer = tokenizer
+    self.max_length = max_length
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    return self._tokenizer.padding["pad_id"]
+
+  def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+    """Tokenizes `texts`, padding and truncating each to `max_length`.
+
+    Args:
+      texts: the strings to encode; special tokens ([CLS], [SEP]) are added.
+
+    Returns:
+      {"input_ids", "attention_mask", "token_type_ids"}: int32 arrays of shape
+      [len(texts), max_length].
+    """
+    shape = (len(texts), self.max_length)
+    if not texts:
+      return {key: np.zeros(shape, np.int32) for key in _OUTPUT_KEYS}
+    # One batched call: the Rust side parallelises across the batch.
+    encodings = self._tokenizer.encode_batch(list(texts))
+    return {
+        "input_ids": np.array([e.ids for e in encodings], np.int32),
+        "attention_mask": np.array([e.attention_mask for e in encodings], np.int32),
+        "token_type_ids": np.array([e.type_ids for e in encodings], np.int32),
+    }
+
+
+def load_tokenizer(path: str, max_length: int) -> TextTokenizer:
+  """Loads a `tokenizer.json` and fixes its output length to `max_length`.
+
+  Padding and truncation stored in the file (e.g. a baked-in 128) are replaced,
+  so every sequence comes out exactly `max_length` long.
+
+  Args:
+    path: a Hugging Face fast-tokenizer file (`tokenizer.json`).
+    max_length: the length of every encoded sequence, special tokens included.
+
+  Returns:
+    A TextTokenizer.
+  """
+  if max_length < 2:
+    raise DataError(f"{path}: max_length must be at least 2, got {max_length}")
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: tokenizer file not found")
+  try:
+    tokenizer = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # The Rust loader raises a bare Exception.
+    raise DataError(f"{path}: cannot load tokenizer: {e}") from e
+  padding = tokenizer.padding or {}
+  pad_token = padding.get("pad_token", "[PAD]")
+  pad_id = padding.get("pad_id", tokenizer.token_to_id(pad_token))
+  if pad_id is None:
+    raise DataError(f"{path}: no padding token {pad_token!r} in the vocabulary")
+  tokenizer.enable_truncation(max_length=max_length)
+  tokenizer.enable_padding(
+      direction="right",
+      pad_id=pad_id,
+      pad_type_id=padding.get("pad_type_id", 0),
+      pad_token=pad_token,
+      length=max_length,
+  )
+  return TextTokenizer(tokenizer, max_length)
