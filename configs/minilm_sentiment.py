@@ -20,7 +20,7 @@ from ftjax.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, debug=False, lr=5e-5, epochs=2, batch_size=32, max_length=64, seed=0,
+  arg = parse_arg(arg, debug=False, lr=5e-5, epochs=1, batch_size=32, max_length=64, seed=0,
                   dtype="float32")
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
