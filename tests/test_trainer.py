@@ -1,0 +1,142 @@
+"""The fine-tuning loop end to end: launcher, resume after SIGKILL, early stopping, compiles."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ftjax import trainer
+
+from conftest import REPO
+
+DEBUG = "--config=configs/minilm_sentiment.py:debug"
+
+
+def _command(workdir, data_dir, *overrides):
+  return [sys.executable, os.path.join(REPO, "launch", "train.py"), DEBUG,
+          f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", *overrides]
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _restore(path):
+  """A checkpointed pytree as numpy arrays, without a target structure."""
+  return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(os.path.abspath(path)))
+
+
+def _assert_trees_equal(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+  """A debug run through the launcher, as a user starts it."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result.stdout
+
+
+def test_debug_run_end_to_end(uninterrupted):
+  workdir, stdout = uninterrupted
+  assert "test accuracy" in stdout and "examples/s" in stdout and "ETA" in stdout
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["total_steps"] == 12 and config["model"]["pretrained"] == "minilm-l6"
+  final = json.loads((workdir / "final_metrics.json").read_text())
+  assert final["validation"]["count"] == 128 and final["test"]["count"] == 128
+  for split in ("validation", "test"):
+    assert 0.0 <= final[split]["accuracy"] <= 1.0 and final[split]["loss"] > 0
+  records = _read_jsonl(workdir / "metrics.jsonl")
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
+  assert [r["step"] for r in records if r["split"] == "validation"] == [6, 12]
+  assert {"loss", "accuracy", "grad_norm", "lr"} <= set(records[0])
+  assert os.listdir(workdir / "tensorboard")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "8"]  # max_to_keep=2
+
+
+def _wait_for_step(workdir, step, process, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert process.poll() is None, "the run ended before it could be killed"
+    if os.path.exists(path):
+      with open(path) as f:
+        if any(json.loads(line)["step"] >= step for line in f if line.endswith("\n")):
+          return
+    time.sleep(0.05)
+  raise TimeoutError(f"step {step} not reached in {timeout}s")
+
+
+def test_sigkill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, data_dir):
+  expected_dir, _ = uninterrupted
+  workdir = tmp_path / "killed"
+  process = subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    _wait_for_step(workdir, 6, process)  # past the step-4 checkpoint
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  assert os.listdir(workdir / "checkpoints")
+  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from step" in result.stdout
+
+  _assert_trees_equal(_restore(workdir / "checkpoints" / "12" / "state"),
+                      _restore(expected_dir / "checkpoints" / "12" / "state"))
+  assert os.listdir(workdir / "best") == os.listdir(expected_dir / "best")
+  step = os.listdir(expected_dir / "best")[0]
+  _assert_trees_equal(_restore(workdir / "best" / step / "default"),
+                      _restore(expected_dir / "best" / step / "default"))
+  assert _read_jsonl(workdir / "metrics.jsonl") == _read_jsonl(expected_dir / "metrics.jsonl")
+  resumed = json.loads((workdir / "final_metrics.json").read_text())
+  expected = json.loads((expected_dir / "final_metrics.json").read_text())
+  assert resumed["test"] == expected["test"]
+  assert resumed["validation"] == expected["validation"]
+
+
+def test_early_stopping_stops_and_restores_best(debug_config, tmp_path):
+  config = debug_config
+  config.unlock()
+  config.total_steps = 40
+  config.eval_every = 4
+  config.checkpoint.every = 100
+  config.early_stopping.patience = 1
+  config.early_stopping.min_delta = 1.0  # nothing beats the first evaluation by 1.0
+  config.lock()
+  steps = []
+  final = trainer.run(config, str(tmp_path), on_step=steps.append)
+  assert final["stopped_early"] and final["best_step"] == 4
+  assert steps == list(range(1, 9))  # stopped after the second evaluation
+  assert os.listdir(tmp_path / "checkpoints") == ["8"]  # the state at the stop is kept
+  validation = [r for r in _read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "validation"]
+  assert [r["step"] for r in validation] == [4, 8]
+  first = {k: v for k, v in validation[0].items() if k not in ("step", "split")}
+  assert final["validation"] == pytest.approx(first, rel=1e-6)  # the best params, restored
+
+
+def test_train_and_eval_steps_compile_once(debug_config, tmp_path, caplog):
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      trainer.run(debug_config, str(tmp_path))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  assert sum("train_step" in m for m in compiles) == 1, compiles
+  assert sum("eval_step" in m for m in compiles) == 1, compiles
