@@ -293,6 +293,14 @@ def machine_info(torch_device: torch.device) -> list[str]:
   ]
 
 
+def _load_average() -> str:
+  """The 1-minute load average, to spot rounds disturbed by other processes."""
+  try:
+    return f"{os.getloadavg()[0]:.2f}"
+  except OSError:
+    return "n/a"
+
+
 def _paired_ratio(rates: list[float], baseline: list[float]) -> float:
   """Median over rounds of the per-round ratio rates[i] / baseline[i]."""
   return statistics.median(r / b for r, b in zip(rates, baseline))
@@ -351,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
       rate = args.steps / bench.run(args.steps)
       rates[name].append(rate)
       parts.append(f"{name} {rate:.3f}")
-    print(f"round {index + 1}/{args.rounds} steps/s: " + ", ".join(parts), flush=True)
+    print(f"round {index + 1}/{args.rounds} steps/s: " + ", ".join(parts)
+          + f" (1-min load average {_load_average()})", flush=True)
 
   for name, bench in benches.items():
     loss = bench.first_loss

@@ -76,11 +76,14 @@ def train_step(state: TrainState, batch: Batch, *, model: Model,
     sums = (carry[0] + total, carry[1] + correct, carry[2] + count)
     return (*sums, jax.tree.map(jnp.add, carry[3], grads)), None
 
-  micro_batches = _split_micro_batches(batch, grad_accum_steps)
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  init = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros)
-  (total, correct, count, grads), _ = jax.lax.scan(
-      accumulate, init, (jnp.arange(grad_accum_steps), micro_batches))
+  if grad_accum_steps == 1:  # no scan, no zero-initialised gradient accumulator
+    (total, (correct, count)), grads = value_and_grad(state.params, batch, step_rng)
+  else:
+    micro_batches = _split_micro_batches(batch, grad_accum_steps)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros)
+    (total, correct, count, grads), _ = jax.lax.scan(
+        accumulate, init, (jnp.arange(grad_accum_steps), micro_batches))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
