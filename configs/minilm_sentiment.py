@@ -13,6 +13,12 @@ Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4
   max_length=...  tokens per example (pad/truncate).
   seed=...        seeds initialisation, shuffling and dropout.
   dtype=...       compute dtype: float32 or bfloat16 (weights stay float32).
+  peft=...        full (default), lora, dora or bitfit (biases and the head).
+  rank=...        LoRA / DoRA rank (alpha = 2 * rank); rslora: alpha / sqrt(rank) scaling.
+  freeze=all_but_head   a linear probe: only the new head trains.
+  freeze_blocks=k       freeze the embeddings and the bottom k blocks.
+  llrd=...        layer-wise learning-rate decay: lr * llrd**depth from the top.
+  unfreeze_every=K      gradual unfreezing: one more block from the top every K steps.
 """
 
 import ml_collections
@@ -22,7 +28,8 @@ from ftjax.config import parse_arg
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, debug=False, lr=5e-5, epochs=1, batch_size=32, max_length=64, seed=0,
-                  dtype="float32")
+                  dtype="float32", peft="full", rank=8, rslora=False, freeze="none",
+                  freeze_blocks=0, llrd=1.0, unfreeze_every=0)
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
 
@@ -42,6 +49,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.max_length = arg.max_length
   config.data.max_eval_examples = 0  # > 0: evaluate on the first N of each split only
 
+  # What is trained. (regex, True | None) rules tried before the method's own;
+  # None freezes. Methods: full | lora | dora | bitfit.
+  config.trainable = []
+  config.freeze = arg.freeze  # none | all_but_head (a linear probe)
+  config.freeze_blocks = arg.freeze_blocks  # freeze the embeddings and the bottom k blocks
+  config.peft = ml_collections.ConfigDict()
+  config.peft.method = arg.peft
+  config.peft.target = ".*attention/(query|value)/kernel"  # LoRA / DoRA: kernels to adapt
+  config.peft.rank = arg.rank
+  config.peft.alpha = 2.0 * arg.rank
+  config.peft.dropout = 0.05
+  config.peft.rslora = arg.rslora  # scale alpha / sqrt(rank) instead of alpha / rank
+
   config.batch_size = arg.batch_size
   config.eval_batch_size = 128
   config.num_epochs = arg.epochs
@@ -58,6 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.01
   # (regex, multiplier), first match wins: no decay on biases and LayerNorm scales.
   config.optimizer.wd_mults = [(".*/bias", 0.0), (".*norm/scale", 0.0), (".*", 1.0)]
+  # (regex, multiplier), first match wins: per-parameter learning-rate multipliers.
+  config.optimizer.lr_mults = [(".*", 1.0)]
+  config.optimizer.layer_decay = arg.llrd  # lr * layer_decay**depth from the top; 1 = off
+  config.optimizer.unfreeze_every = arg.unfreeze_every  # > 0: gradual unfreezing (ULMFiT)
   config.optimizer.warmup_steps = 60
   config.optimizer.decay = "linear"  # linear | cosine | constant
   config.optimizer.end_lr_factor = 0.0

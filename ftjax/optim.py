@@ -1,10 +1,12 @@
-"""Config -> optax: learning-rate schedules, AdamW with per-parameter decay, clipping."""
+"""Config -> optax: schedules, AdamW with per-parameter decay and learning rates,
+layer-wise learning-rate decay, gradual unfreezing, clipping."""
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -71,29 +73,89 @@ def decay_weights(rate: float, multipliers: Any) -> optax.GradientTransformation
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with warmup/decay schedule, per-parameter decay and global-norm clipping.
+def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf's multiplier (per-parameter learning rates)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class TrainFromState(NamedTuple):
+  count: jax.Array
+  inner: Any
+
+
+def train_from(inner: optax.GradientTransformation, starts: Any) -> optax.GradientTransformation:
+  """Holds each parameter fixed until its start step (gradual unfreezing).
+
+  Before a leaf's start step its gradient is zeroed on the way in (so it adds
+  nothing to clipping norms or Adam moments) and its update on the way out (so
+  weight decay does not move it either). Which leaves are active is computed
+  from the step count inside the compiled step, so unfreezing never recompiles;
+  the price is that gradients and Adam moments of every eventually trainable
+  leaf exist from the start.
+
+  Args:
+    inner: the optimizer to wrap.
+    starts: a pytree like the parameters holding each leaf's first trained step.
+
+  Returns:
+    An optax GradientTransformation.
+  """
+
+  def init_fn(params):
+    return TrainFromState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    active = jax.tree.map(lambda start: state.count >= start, starts)
+    hold = lambda tree: jax.tree.map(lambda x, a: jnp.where(a, x, jnp.zeros_like(x)), tree,
+                                     active)
+    updates, inner_state = inner.update(hold(updates), state.inner, params)
+    return hold(updates), TrainFromState(state.count + 1, inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
+                   depths: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warmup/decay schedule, per-parameter decay and learning rates, clipping.
 
   Args:
     config: the `optimizer` config section.
-    params: the parameter tree (only its structure and paths are used).
+    params: the trainable parameter tree (only its structure and paths are used).
     total_steps: number of optimizer steps in the run.
+    depths: a pytree like `params` with each leaf's distance from the output
+      (see `models.Layout.depth`); needed for `layer_decay` < 1 and `unfreeze_every`.
 
   Returns:
     (optimizer, learning-rate schedule).
   """
   check_choice(config.name, ("adamw",), "optimizer.name")
   schedule = make_schedule(config, total_steps)
-  multipliers = param_groups.assign(params, [tuple(r) for r in config.wd_mults],
-                                    "config.optimizer.wd_mults")
+  wd_mults = param_groups.assign(params, [tuple(r) for r in config.wd_mults],
+                                 "config.optimizer.wd_mults")
+  lr_mults = param_groups.assign(params, [tuple(r) for r in config.lr_mults],
+                                 "config.optimizer.lr_mults")
+  if not 0.0 < config.layer_decay <= 1.0:
+    raise ConfigError(f"config.optimizer.layer_decay={config.layer_decay!r}: must be in (0, 1]")
+  if config.layer_decay < 1.0:
+    lr_mults = jax.tree.map(lambda m, d: m * config.layer_decay ** d, lr_mults, depths)
   parts = []
   if config.clip_norm:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
   parts += [
       optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
-      decay_weights(config.weight_decay, multipliers),
+      decay_weights(config.weight_decay, wd_mults),
       optax.scale_by_learning_rate(schedule),
   ]
-  return optax.chain(*parts), schedule
-
+  if any(m != 1.0 for m in jax.tree.leaves(lr_mults)):
+    parts.append(scale_by_multipliers(lr_mults))
+  tx = optax.chain(*parts)
+  if config.unfreeze_every < 0:
+    raise ConfigError(f"config.optimizer.unfreeze_every={config.unfreeze_every}: must be >= 0")
+  if config.unfreeze_every:
+    tx = train_from(tx, jax.tree.map(lambda d: d * config.unfreeze_every, depths))
+  return tx, schedule

@@ -79,3 +79,37 @@ def assign(tree: Any, rules: Rules, what: str) -> Any:
 def matching(paths: Iterable[str], patterns: Sequence[str]) -> list[str]:
   """Returns the paths that fully match any of `patterns`."""
   return [p for p in paths if any(re.fullmatch(pat, p) for pat in patterns)]
+
+
+def partition(tree: dict, mask: dict) -> tuple[dict, dict]:
+  """Splits a nested-dict tree into (leaves where `mask` is true, the rest).
+
+  Both halves keep the nesting and drop branches left empty, so
+  `combine(*partition(tree, mask))` rebuilds `tree`.
+  """
+  selected, rest = {}, {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      a, b = partition(value, mask[key])
+      if a:
+        selected[key] = a
+      if b:
+        rest[key] = b
+    elif mask[key]:
+      selected[key] = value
+    else:
+      rest[key] = value
+  return selected, rest
+
+
+def combine(a: dict, b: dict) -> dict:
+  """Merges two nested-dict trees with disjoint leaves (the inverse of `partition`)."""
+  merged = dict(a)
+  for key, value in b.items():
+    if key not in merged:
+      merged[key] = value
+    elif isinstance(value, dict) and isinstance(merged[key], dict):
+      merged[key] = combine(merged[key], value)
+    else:
+      raise ValueError(f"leaf {key!r} is in both trees")
+  return merged

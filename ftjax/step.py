@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ftjax import param_groups
 from ftjax.models import Model
 from ftjax.state import TrainState
 
@@ -38,7 +39,7 @@ def _split_micro_batches(batch: Batch, num: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: Batch, *, model: Model,
+def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                grad_accum_steps: int = 1,
                compute_dtype: jnp.dtype = jnp.float32) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -49,7 +50,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Model,
   large batch. Parameters stay float32; the forward pass runs in `compute_dtype`.
 
   Args:
-    state: the training state.
+    state: the training state; `state.params` holds the trainable parameters.
+    frozen: the frozen parameters (no gradient is computed for them).
     batch: arrays with leading batch dimension; `mask` marks real examples.
     model: the model (static).
     tx: the optimizer (static).
@@ -63,7 +65,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Model,
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_sum(params, micro, rng):
-    logits = model.apply(cast_floats(params, compute_dtype), micro, train=True, rng=rng)
+    everything = param_groups.combine(params, frozen)
+    logits = model.apply(cast_floats(everything, compute_dtype), micro, train=True, rng=rng)
     total, correct, count = classification_loss(logits, micro["label"], micro["mask"])
     return total, (correct, count)
 
@@ -94,10 +97,11 @@ def train_step(state: TrainState, batch: Batch, *, model: Model,
   return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: Model, num_classes: int,
+def eval_step(params: Any, frozen: Any, batch: Batch, *, model: Model, num_classes: int,
               compute_dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
   """Sums over the real (mask=True) examples of `batch`: loss, count, confusion matrix."""
-  logits = model.apply(cast_floats(params, compute_dtype), batch, train=False)
+  everything = param_groups.combine(params, frozen)
+  logits = model.apply(cast_floats(everything, compute_dtype), batch, train=False)
   total, _, count = classification_loss(logits, batch["label"], batch["mask"])
   predictions = jnp.argmax(logits, -1)
   confusion = jnp.zeros((num_classes, num_classes), jnp.float32).at[

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax import checkpoint, data, models, optim, step as step_lib
+from ftjax import checkpoint, data, models, optim, param_groups, step as step_lib
 from ftjax import state as state_lib
 from ftjax.config import validate
 from ftjax.data import tokenizer as tokenizer_lib
@@ -23,6 +23,7 @@ from ftjax.errors import ConfigError
 from ftjax.evals import classification
 from ftjax.hub import assets
 from ftjax.metrics import MetricWriter, Progress, log_line
+from ftjax.peft import methods as peft_methods
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -41,6 +42,18 @@ def _check_divisible(config: ml_collections.ConfigDict, key: str, divisor: int,
                      what: str) -> None:
   if config[key] % divisor:
     raise ConfigError(f"config.{key}={config[key]} must be divisible by {what} ({divisor})")
+
+
+def _bytes(tree: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _parameter_summary(trainable: Any, frozen: Any, opt_state: Any) -> str:
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  total = count(trainable) + count(frozen)
+  return (f"parameters: {count(trainable):,} trainable of {total:,} "
+          f"({100 * count(trainable) / total:.2f}%); optimizer state "
+          f"{_bytes(opt_state) / 2**20:.1f} MiB")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -64,8 +77,14 @@ class _Run:
     _check_divisible(config, "eval_batch_size", self.mesh.size, "the number of devices")
     self._build_data()
     self.model, params = models.create(config.model, config.seed)
-    self.tx, self.schedule = optim.make_optimizer(config.optimizer, params, self.total_steps)
-    self.state = jax.device_put(state_lib.create(params, self.tx, config.seed), self.replicated)
+    self.model, params = peft_methods.adapt(config, self.model, params, config.seed)
+    trainable, frozen = peft_methods.split(config, self.model, params)
+    self.tx, self.schedule = optim.make_optimizer(
+        config.optimizer, trainable, self.total_steps, self._depths(trainable, params))
+    self.frozen = jax.device_put(frozen, self.replicated)
+    self.state = jax.device_put(state_lib.create(trainable, self.tx, config.seed),
+                                self.replicated)
+    log_line(_parameter_summary(trainable, frozen, self.state.opt_state))
     self.writer = MetricWriter(workdir, enabled=self.process == 0)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
     self._compile()
@@ -85,6 +104,11 @@ class _Run:
                        f"config.batch_size={config.batch_size}")
     self.total_steps = (config.total_steps if config.total_steps > 0
                         else config.num_epochs * self.steps_per_epoch)
+
+  def _depths(self, trainable: Any, params: Any) -> Any:
+    num_blocks = self.model.layout.num_blocks(param_groups.flatten(params))
+    return param_groups.map_with_path(
+        lambda path, _: self.model.layout.depth(path, num_blocks), trainable)
 
   def train_iterator(self):
     return data.train_iterator(
@@ -111,22 +135,24 @@ class _Run:
                               schedule=self.schedule, grad_accum_steps=config.grad_accum_steps,
                               compute_dtype=dtype)
     state_sharding = jax.tree.map(lambda _: self.replicated, self.state)
+    frozen_sharding = jax.tree.map(lambda _: self.replicated, self.frozen)
     self.train_step = jax.jit(
-        train, in_shardings=(state_sharding, self.batch_sharding),
+        train, in_shardings=(state_sharding, frozen_sharding, self.batch_sharding),
         out_shardings=(state_sharding, self.replicated), donate_argnums=0,
-    ).lower(self.state, self._example_batch(config.batch_size)).compile()
+    ).lower(self.state, self.frozen, self._example_batch(config.batch_size)).compile()
     evaluate = functools.partial(step_lib.eval_step, model=self.model,
                                  num_classes=config.model.num_classes, compute_dtype=dtype)
     self.eval_step = jax.jit(
-        evaluate, in_shardings=(state_sharding.params, self.batch_sharding),
+        evaluate, in_shardings=(state_sharding.params, frozen_sharding, self.batch_sharding),
         out_shardings=self.replicated,
-    ).lower(self.state.params, self._example_batch(config.eval_batch_size)).compile()
+    ).lower(self.state.params, self.frozen,
+            self._example_batch(config.eval_batch_size)).compile()
 
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
     """Loss, accuracy and macro-F1 over every example of `split`, each counted once."""
     sums = None
     for batch in self.eval_batches(split):
-      out = self.eval_step(params, _put_batch(batch, self.batch_sharding))
+      out = self.eval_step(params, self.frozen, _put_batch(batch, self.batch_sharding))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     return classification.summarize(sums["loss_sum"], sums["count"], sums["confusion"])
@@ -172,7 +198,7 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
       if stopper.stop:
         break
       batch = _put_batch(next(iterator), run.batch_sharding)
-      run.state, metrics = run.train_step(run.state, batch)
+      run.state, metrics = run.train_step(run.state, run.frozen, batch)
       last = step == run.total_steps
       if step % config.log_every == 0 or last:
         metrics = jax.device_get(metrics)

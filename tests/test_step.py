@@ -33,7 +33,7 @@ def _setup(lr=0.1, clip_norm=0.0):
 
 def _step(state, batch, tx, schedule, **kwargs):
   return jax.jit(lambda s, b: step_lib.train_step(
-      s, b, model=LinearClassifier(), tx=tx, schedule=schedule, **kwargs))(state, batch)
+      s, {}, b, model=LinearClassifier(), tx=tx, schedule=schedule, **kwargs))(state, batch)
 
 
 @pytest.mark.parametrize("micro_batches", [2, 4])

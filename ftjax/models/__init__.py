@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -15,6 +16,40 @@ from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.hub import bert as bert_hub
 from ftjax.models import bert
+from ftjax.peft import lora
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a model keeps its embeddings, blocks and head, as patterns over parameter paths.
+
+  Freezing presets, gradual unfreezing and layer-wise learning-rate decay are
+  written against this, so they work for every model in the registry.
+  """
+
+  embeddings: str  # regex, e.g. "encoder/embeddings/.*"
+  block: str       # path prefix with {} for the block index, e.g. "encoder/layers/{}"
+  head: str        # regex, e.g. "head/.*"
+
+  def blocks(self, indices) -> str:
+    """A regex matching every parameter of the blocks `indices`."""
+    return self.block.format("(" + "|".join(str(i) for i in indices) + ")") + "/.*"
+
+  def block_index(self, path: str) -> int | None:
+    match = re.fullmatch(self.blocks([r"\d+"]), path)
+    return int(match.group(1)) if match else None
+
+  def num_blocks(self, paths) -> int:
+    indices = [self.block_index(p) for p in paths]
+    return max([i for i in indices if i is not None], default=-1) + 1
+
+  def depth(self, path: str, num_blocks: int) -> int:
+    """Distance from the output: 0 for the head (and anything above the blocks),
+    num_blocks - i for block i, num_blocks + 1 for the embeddings."""
+    if re.fullmatch(self.embeddings, path):
+      return num_blocks + 1
+    index = self.block_index(path)
+    return 0 if index is None else num_blocks - index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,12 +57,18 @@ class Model:
   """A module's static graph; `apply` is a pure function of the parameters."""
 
   graphdef: nnx.GraphDef
+  layout: Layout
+
+  def module(self, params: Any) -> nnx.Module:
+    """The module holding `params` (a nested dict of every parameter)."""
+    return nnx.merge(self.graphdef, params)
 
   def apply(self, params: Any, batch: dict[str, jax.Array], *, train: bool,
             rng: jax.Array | None = None) -> jax.Array:
     """Runs the model on `batch`; `rng` drives dropout when `train` is True."""
     module = nnx.merge(self.graphdef, params)
     rngs = nnx.Rngs(dropout=rng) if train else None
+    lora.bind_dropout(module, train=train, rngs=rngs)
     return module(batch, deterministic=not train, rngs=rngs)
 
 
@@ -44,7 +85,8 @@ def _bert_classifier(config: ml_collections.ConfigDict):
   def load(params):
     return bert_hub.load_pretrained_into(params, directory, config.dont_load) if directory else params
 
-  return build, load
+  return build, load, Layout(embeddings="encoder/embeddings/.*", block="encoder/layers/{}",
+                             head="head/.*")
 
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
@@ -67,7 +109,7 @@ def create(config: ml_collections.ConfigDict, seed: int) -> tuple[Model, Any]:
   if config.name not in _REGISTRY:
     raise ConfigError(f"config.model.name={config.name!r}: unknown model; "
                       f"known: {sorted(_REGISTRY)}")
-  build, load = _REGISTRY[config.name](config)
+  build, load, layout = _REGISTRY[config.name](config)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(params=seed))))
   params = load(nnx.to_pure_dict(abstract))
   todo = {path for path, leaf in param_groups.flatten(params).items()
@@ -80,4 +122,4 @@ def create(config: ml_collections.ConfigDict, seed: int) -> tuple[Model, Any]:
     return {path: leaf for path, leaf in param_groups.flatten(state).items() if path in todo}
 
   fresh = initialise() if todo else {}
-  return Model(graphdef), param_groups.map_with_path(lambda p, x: fresh.get(p, x), params)
+  return Model(graphdef, layout), param_groups.map_with_path(lambda p, x: fresh.get(p, x), params)

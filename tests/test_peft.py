@@ -1,0 +1,180 @@
+"""Freezing, LoRA / DoRA, BitFit, layer-wise LR decay and gradual unfreezing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import minilm_sentiment
+from ftjax import models, optim, param_groups, state as state_lib, step as step_lib
+from ftjax.errors import ConfigError
+from ftjax.peft import lora, methods
+
+TOKENS = {"input_ids": jnp.asarray([[101, 2023, 3185, 2001, 2307, 102, 0, 0],
+                                    [101, 1037, 11704, 2143, 999, 2009, 2001, 102]], jnp.int32),
+          "attention_mask": jnp.asarray([[1] * 6 + [0] * 2, [1] * 8], jnp.int32),
+          "token_type_ids": jnp.zeros((2, 8), jnp.int32)}
+
+
+def _config(arg="", **overrides):
+  config = minilm_sentiment.get_config(arg)
+  config.unlock()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def base():
+  return models.create(minilm_sentiment.get_config().model, seed=0)
+
+
+def _adapted(base, arg, **overrides):
+  config = _config(arg, **overrides)
+  model, params = methods.adapt(config, *base, seed=0)
+  return config, model, params
+
+
+def _hidden(model, params):
+  return model.module(params).encoder(TOKENS["input_ids"], TOKENS["attention_mask"],
+                                      TOKENS["token_type_ids"])
+
+
+@pytest.mark.parametrize("arg", ["peft=lora", "peft=dora", "peft=lora,rslora"])
+def test_adapter_starts_as_the_base_model_exactly(base, arg):
+  _, model, params = _adapted(base, arg)
+  if "dora" in arg:  # m / ||W|| is 1 up to the rounding of two differently fused norms
+    np.testing.assert_allclose(_hidden(model, params), _hidden(*base), rtol=0, atol=1e-5)
+  else:
+    np.testing.assert_array_equal(_hidden(model, params), _hidden(*base))
+  adapted = [p for p in param_groups.flatten(params) if "lora_" in p]
+  expected = 6 * 2 * (3 if "dora" in arg else 2)  # 6 blocks x (query, value)
+  assert len(adapted) == expected
+
+
+def test_merge_folds_the_adapter_into_the_kernel(base):
+  _, model, params = _adapted(base, "peft=dora")
+  rng = np.random.default_rng(0)
+  params = param_groups.map_with_path(
+      lambda path, x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype)
+      if "lora_b" in path or "lora_magnitude" in path else x, params)
+  adapted = _hidden(model, params)
+  merged = lora.merge(model.module(params))
+  assert not any("lora_" in p for p in param_groups.flatten(nnx.to_pure_dict(nnx.state(merged))))
+  out = merged.encoder(TOKENS["input_ids"], TOKENS["attention_mask"], TOKENS["token_type_ids"])
+  assert float(jnp.abs(_hidden(*base) - adapted).max()) > 1e-3  # the adapter does something
+  np.testing.assert_allclose(out, adapted, atol=2e-5)
+
+
+def test_rslora_scale():
+  spec = lora.LoraSpec(target=".*", rank=16, alpha=32.0)
+  assert spec.scale == 2.0
+  assert lora.LoraSpec(target=".*", rank=16, alpha=32.0, rslora=True).scale == 8.0
+
+
+@pytest.mark.parametrize("arg,trainable_patterns", [
+    ("peft=lora", [r".*/lora_(a|b)", r"head/.*"]),
+    ("peft=bitfit", [r".*/bias", r"head/.*"]),
+    ("freeze=all_but_head", [r"head/.*"]),
+    ("freeze_blocks=3", [r"encoder/layers/(3|4|5)/.*", r"head/.*"]),
+    ("", [r".*"]),
+])
+def test_trainable_sets_and_optimizer_state_size(base, arg, trainable_patterns):
+  config, model, params = _adapted(base, arg)
+  trainable, frozen = methods.split(config, model, params)
+  paths = param_groups.flatten(params)
+  expected = set(param_groups.matching(paths, trainable_patterns))
+  assert set(param_groups.flatten(trainable)) == expected
+  assert set(param_groups.flatten(frozen)) == set(paths) - expected
+  tx, _ = optim.make_optimizer(config.optimizer, trainable, 100)
+  opt_state = tx.init(trainable)
+  # Adam keeps exactly two moments per trainable leaf; the rest are scalar step counters.
+  moments = [x for x in jax.tree.leaves(opt_state) if x.shape != ()]
+  trainable_leaves = jax.tree.leaves(trainable)
+  assert len(moments) == 2 * len(trainable_leaves)
+  assert sum(x.nbytes for x in moments) == 2 * sum(x.nbytes for x in trainable_leaves)
+
+
+def _train(config, model, params, steps=3):
+  trainable, frozen = methods.split(config, model, params)
+  num_blocks = model.layout.num_blocks(param_groups.flatten(params))
+  depths = param_groups.map_with_path(lambda p, _: model.layout.depth(p, num_blocks), trainable)
+  tx, schedule = optim.make_optimizer(config.optimizer, trainable, 10, depths)
+  state = state_lib.create(jax.tree.map(jnp.asarray, trainable), tx, seed=0)
+  batch = dict(TOKENS, label=jnp.asarray([0, 1], jnp.int32), mask=jnp.ones((2,), bool))
+  step = jax.jit(lambda s, f, b: step_lib.train_step(s, f, b, model=model, tx=tx,
+                                                     schedule=schedule))
+  frozen = jax.tree.map(jnp.asarray, frozen)
+  history = [state.params]
+  for _ in range(steps):
+    state, _ = step(state, frozen, batch)
+    history.append(state.params)
+  return history, frozen
+
+
+def test_frozen_parameters_stay_bitwise_unchanged(base):
+  config, model, params = _adapted(base, "freeze_blocks=3", **{"optimizer.warmup_steps": 0})
+  history, frozen = _train(config, model, params)
+  original = param_groups.flatten(params)
+  for path, value in param_groups.flatten(frozen).items():
+    np.testing.assert_array_equal(value, original[path])
+  changed = param_groups.flatten(history[-1])
+  assert not np.array_equal(changed["encoder/layers/5/output/kernel"],
+                            original["encoder/layers/5/output/kernel"])
+
+
+def test_gradual_unfreezing_releases_one_block_at_a_time(base):
+  config, model, params = _adapted(base, "unfreeze_every=1", **{"optimizer.warmup_steps": 0})
+  history, _ = _train(config, model, params, steps=3)
+  flat = [param_groups.flatten(p) for p in history]
+
+  def moved(step, path):
+    return not np.array_equal(flat[step][path], flat[0][path])
+
+  # Step 1 trains the head (depth 0), step 2 also block 5 (depth 1), step 3 block 4.
+  assert moved(1, "head/kernel") and not moved(1, "encoder/layers/5/output/kernel")
+  assert moved(2, "encoder/layers/5/output/kernel")
+  assert not moved(2, "encoder/layers/4/output/kernel")
+  assert moved(3, "encoder/layers/4/output/kernel")
+  assert not moved(3, "encoder/layers/3/output/kernel")
+  assert not moved(3, "encoder/embeddings/word_embeddings/embedding")
+
+
+def test_layer_wise_lr_decay_scales_updates_by_depth():
+  params = {"encoder": {"layers": {0: {"w": jnp.ones((2,))}, 1: {"w": jnp.ones((2,))}}},
+            "head": {"w": jnp.ones((2,))}}
+  layout = models.Layout(embeddings="encoder/embeddings/.*", block="encoder/layers/{}",
+                         head="head/.*")
+  depths = param_groups.map_with_path(lambda p, _: layout.depth(p, 2), params)
+  config = _config("llrd=0.5", **{"optimizer.warmup_steps": 0, "optimizer.clip_norm": 0.0,
+                                  "optimizer.weight_decay": 0.0, "optimizer.lr": 1.0,
+                                  "optimizer.decay": "constant"}).optimizer
+  tx, _ = optim.make_optimizer(config, params, 10, depths)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first update is -lr * sign(g) per entry, times 0.5**depth.
+  np.testing.assert_allclose(updates["head"]["w"], -1.0, rtol=1e-5)
+  np.testing.assert_allclose(updates["encoder"]["layers"][1]["w"], -0.5, rtol=1e-5)
+  np.testing.assert_allclose(updates["encoder"]["layers"][0]["w"], -0.25, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arg,overrides,match", [
+    ("peft=lora", {"peft.target": ".*nothing_here"}, "matches no parameter"),
+    ("peft=lora", {"peft.target": ".*word_embeddings/embedding"},
+     "not kernels of linear layers"),
+    ("peft=lora", {"peft.rank": 500}, r"rank=500 exceeds the dimensions \(384, 384\)"),
+    ("peft=lora", {"peft.target": "(unclosed"}, "invalid regex"),
+    ("peft=prefix", {}, "peft.method='prefix': must be one of"),
+    ("peft=lora,freeze_blocks=2", {}, "choose different sets of trainable parameters"),
+    ("freeze_blocks=9", {}, "the model has 6 blocks"),
+    ("", {"trainable": [("encoder/layer/0/.*", None)]}, "pattern 'encoder/layer/0/.*' matches"),
+])
+def test_bad_peft_configs_name_the_problem(base, arg, overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    config, model, params = _adapted(base, arg, **overrides)
+    methods.split(config, model, params)
