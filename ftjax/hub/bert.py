@@ -41,6 +41,11 @@ _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
 ]
 
 
+# The new classification head, exported as BertForSequenceClassification names it.
+EXPORT_EXTRA = {"head/kernel": ("classifier.weight", _transpose),
+                "head/bias": ("classifier.bias", _identity)}
+
+
 def hf_name_to_path(name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
   """Returns the ftjax parameter path and transform for a HF BERT tensor name."""
   name = name.removeprefix("bert.")

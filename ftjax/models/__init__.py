@@ -94,6 +94,21 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
 }
 
 
+# name -> (checkpoint name map, {ftjax path: (name, transform)} for new parameters)
+_HF_FORMATS = {
+    "bert_classifier": (bert_hub.hf_name_to_path, bert_hub.EXPORT_EXTRA),
+}
+
+
+def hf_format(config: ml_collections.ConfigDict) -> tuple[str, Any, dict]:
+  """(pretrained folder, checkpoint name map, names of new parameters) of a model config."""
+  if not config.pretrained:
+    raise ConfigError(f"config.model.pretrained is empty: {config.name} has no checkpoint "
+                      "whose tensor names an export could follow")
+  name_map, extra = _HF_FORMATS[config.name]
+  return assets.model_dir(config.pretrained), name_map, extra
+
+
 def create(config: ml_collections.ConfigDict, seed: int) -> tuple[Model, Any]:
   """Builds the model named by `config.name` and its (pretrained) parameters.
 

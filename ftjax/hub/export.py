@@ -1,0 +1,131 @@
+"""Exports fine-tuned models for Hugging Face: merged safetensors, or a PEFT LoRA adapter.
+
+Tensor names come from the pretrained checkpoint the model was loaded from: each
+of its tensors is mapped to an ftjax parameter by the model's name map, and the
+export writes that parameter back under the same name (undoing the transform,
+which is the identity or a transpose). So a merged export loads into the same
+transformers class as the original checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from ftjax import param_groups
+from ftjax.errors import WeightsError
+from ftjax.hub import loading, safetensors_io
+from ftjax.peft import lora
+
+# Files copied next to an exported model so that tokenizer and config load with it.
+_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt")
+
+Extra = dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]
+
+
+def _names_by_path(source_dir: str, name_map: loading.NameMap) -> dict[str, tuple[str, Any]]:
+  """{ftjax path: (checkpoint name, transform back)} for every mapped source tensor.
+
+  Name-map transforms are identities or transposes, so each is its own inverse;
+  this is checked on the source tensor.
+  """
+  result = {}
+  for name, array in safetensors_io.load_safetensors(source_dir).items():
+    target = name_map(name)
+    if target is None:
+      continue
+    path, transform = target
+    if not np.array_equal(transform(transform(array)), array):
+      raise WeightsError(f"the transform of {name!r} is not its own inverse; cannot export")
+    result[path] = (name, transform)
+  return result
+
+
+def _plain_params(module: nnx.Module) -> dict[str, np.ndarray]:
+  return {p: np.asarray(v) for p, v in
+          param_groups.flatten(nnx.to_pure_dict(nnx.state(module, nnx.Param))).items()}
+
+
+def _copy_side_files(source_dir: str, out_dir: str) -> None:
+  for name in _SIDE_FILES:
+    if os.path.isfile(os.path.join(source_dir, name)):
+      shutil.copy(os.path.join(source_dir, name), os.path.join(out_dir, name))
+
+
+def save_merged(module: nnx.Module, out_dir: str, *, source_dir: str,
+                name_map: loading.NameMap, extra: Extra | None = None) -> list[str]:
+  """Folds adapters into their kernels and writes `model.safetensors` + side files.
+
+  Args:
+    module: the model with its trained parameters (merged in place).
+    out_dir: the folder to write.
+    source_dir: the pretrained checkpoint folder the model was loaded from.
+    name_map: the model's checkpoint name -> (ftjax path, transform) map.
+    extra: {ftjax path: (name, transform)} for parameters the checkpoint lacks
+      (e.g. a new classification head).
+
+  Returns:
+    The written tensor names.
+  """
+  flat = _plain_params(lora.merge(module))
+  names = _names_by_path(source_dir, name_map)
+  tensors = {}
+  for path, value in flat.items():
+    if path in names or (extra and path in extra):
+      name, transform = names[path] if path in names else extra[path]
+      tensors[name] = np.ascontiguousarray(transform(value))
+    else:
+      raise WeightsError(f"no checkpoint name for parameter {path!r}; cannot export it")
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  _copy_side_files(source_dir, out_dir)
+  return sorted(tensors)
+
+
+def save_peft_adapter(module: nnx.Module, out_dir: str, *, spec: lora.LoraSpec,
+                      source_dir: str, name_map: loading.NameMap) -> list[str]:
+  """Writes the adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+  `peft.PeftModel.from_pretrained(<transformers model of source_dir>, out_dir)`
+  then reproduces the adapted model.
+
+  Returns:
+    The written tensor names.
+  """
+  names = _names_by_path(source_dir, name_map)
+  tensors, targets = {}, set()
+  for path, node in nnx.iter_graph(module):
+    if not isinstance(node, lora.LoraLinear):
+      continue
+    kernel_path = "/".join(str(p) for p in path) + "/kernel"
+    if kernel_path not in names:
+      raise WeightsError(f"no checkpoint name for adapted kernel {kernel_path!r}")
+    module_name = names[kernel_path][0].removesuffix(".weight")
+    targets.add(module_name.rsplit(".", 1)[-1])
+    prefix = f"base_model.model.{module_name}"
+    tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(node.lora_a[...]).T)
+    tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(node.lora_b[...]).T)
+    if spec.dora:
+      tensors[f"{prefix}.lora_magnitude_vector"] = np.asarray(node.lora_magnitude[...])
+  if not tensors:
+    raise WeightsError("the model has no LoRA adapters to export")
+  config = {
+      "peft_type": "LORA", "task_type": None, "base_model_name_or_path": source_dir,
+      "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+      "use_rslora": spec.rslora, "use_dora": spec.dora, "target_modules": sorted(targets),
+      "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+      "modules_to_save": None, "inference_mode": True,
+  }
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"),
+            metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return sorted(tensors)
