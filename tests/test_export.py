@@ -82,3 +82,22 @@ def test_merge_without_adapters_is_the_identity():
   flat = param_groups.flatten(nnx.to_pure_dict(nnx.state(merged)))
   for path, value in param_groups.flatten(params).items():
     np.testing.assert_array_equal(flat[path], value)
+
+
+def test_export_a_trained_lora_run(debug_config, tmp_path):
+  from ftjax import trainer  # pylint: disable=g-import-not-at-top
+  from launch import export as export_launcher  # pylint: disable=g-import-not-at-top
+  config = debug_config
+  config.unlock()
+  config.peft.method = "lora"
+  config.lock()
+  trainer.run(config, str(tmp_path / "run"))
+  assert len(export_launcher.export_run(str(tmp_path / "run"), str(tmp_path / "merged"),
+                                        "merged")) == 103  # 101 encoder tensors + head
+  export_launcher.export_run(str(tmp_path / "run"), str(tmp_path / "adapter"), "adapter")
+  merged = transformers.BertModel.from_pretrained(tmp_path / "merged",
+                                                  add_pooling_layer=False).eval()
+  source, _, _ = models.hf_format(config.model)
+  base = transformers.BertModel.from_pretrained(source, add_pooling_layer=False)
+  adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+  np.testing.assert_allclose(_torch_hidden(merged), _torch_hidden(adapted), atol=1e-4)

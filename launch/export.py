@@ -1,0 +1,68 @@
+r"""Exports a run's best parameters: `python launch/export.py --workdir=DIR --out=OUT`.
+
+--format=merged (default) folds LoRA / DoRA adapters into the base weights and
+writes `model.safetensors` with the pretrained checkpoint's tensor names, plus
+its config and tokenizer files: `transformers.AutoModel.from_pretrained(OUT)`
+loads it. --format=adapter writes only the adapters in PEFT's format
+(`adapter_config.json` + `adapter_model.safetensors`), for
+`peft.PeftModel.from_pretrained(<base model>, OUT)`.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+
+from ftjax import checkpoint, models, param_groups
+from ftjax.errors import ConfigError, FtjaxError
+from ftjax.hub import export
+from ftjax.peft import lora, methods
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
+_OUT = flags.DEFINE_string("out", None, "The folder to write.")
+_FORMAT = flags.DEFINE_enum("format", "merged", ["merged", "adapter"], "What to export.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def export_run(workdir: str, out: str, what: str) -> list[str]:
+  """Rebuilds the run's model, restores its best parameters and writes the export."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise ConfigError(f"{config_path} not found: is {workdir} a training workdir?")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model, params = models.create(config.model, config.seed)
+  model, params = methods.adapt(config, model, params, config.seed)
+  trainable, frozen = methods.split(config, model, params)
+  checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
+  try:
+    trainable = checkpointer.restore_best(jax.tree.map(jnp.asarray, trainable))
+  finally:
+    checkpointer.close()
+  module = model.module(param_groups.combine(trainable, frozen))
+  source, name_map, extra = models.hf_format(config.model)
+  if what == "merged":
+    return export.save_merged(module, out, source_dir=source, name_map=name_map, extra=extra)
+  if config.peft.method not in ("lora", "dora"):
+    raise ConfigError(f"--format=adapter needs a LoRA or DoRA run; {workdir} used "
+                      f"peft.method={config.peft.method!r}")
+  return export.save_peft_adapter(module, out, spec=lora.LoraSpec.from_config(config.peft),
+                                  source_dir=source, name_map=name_map)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    names = export_run(_WORKDIR.value, _OUT.value, _FORMAT.value)
+  except FtjaxError as e:
+    sys.exit(f"error: {e}")
+  print(f"wrote {len(names)} tensors to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
