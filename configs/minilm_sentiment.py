@@ -7,7 +7,8 @@ mean-pooled encoder output.
 Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4`:
   debug           12 steps on short sequences, evaluated on 128 examples per split:
                   an end-to-end run in seconds.
-  lr=...          peak learning rate.
+  lr=...          peak learning rate (default: 5e-5 for full fine-tuning, 5e-4 for
+                  LoRA / DoRA, 1e-3 for BitFit and the linear probe).
   epochs=...      number of epochs.
   batch_size=...  global batch size.
   max_length=...  tokens per example (pad/truncate).
@@ -26,8 +27,12 @@ import ml_collections
 from ftjax.config import parse_arg
 
 
+# Peak learning rates per method: small updates of everything, larger ones of few parameters.
+_DEFAULT_LR = {"none": 5e-5, "lora": 5e-4, "dora": 5e-4, "bitfit": 1e-3, "all_but_head": 1e-3}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, debug=False, lr=5e-5, epochs=1, batch_size=32, max_length=64, seed=0,
+  arg = parse_arg(arg, debug=False, lr=0.0, epochs=1, batch_size=32, max_length=64, seed=0,
                   dtype="float32", peft="full", rank=8, rslora=False, freeze="none",
                   freeze_blocks=0, llrd=1.0, unfreeze_every=0)
   config = ml_collections.ConfigDict()
@@ -71,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
-  config.optimizer.lr = arg.lr
+  config.optimizer.lr = arg.lr or _DEFAULT_LR.get(arg.peft if arg.peft != "full" else arg.freeze,
+                                                  _DEFAULT_LR["none"])
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8
