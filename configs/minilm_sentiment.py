@@ -14,7 +14,9 @@ Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4
   max_length=...  tokens per example (pad/truncate).
   seed=...        seeds initialisation, shuffling and dropout.
   dtype=...       compute dtype: float32 or bfloat16 (weights stay float32).
-  peft=...        full (default), lora, dora or bitfit (biases and the head).
+  peft=...        full (default), lora, dora, qlora (LoRA on a quantized base) or bitfit
+                  (biases and the head).
+  quant=...       QLoRA storage: nf4 (default) or int8.
   rank=...        LoRA / DoRA rank (alpha = 2 * rank); rslora: alpha / sqrt(rank) scaling.
   freeze=all_but_head   a linear probe: only the new head trains.
   freeze_blocks=k       freeze the embeddings and the bottom k blocks.
@@ -28,12 +30,12 @@ from ftjax.config import parse_arg
 
 
 # Peak learning rates per method: small updates of everything, larger ones of few parameters.
-_DEFAULT_LR = {"none": 5e-5, "lora": 5e-4, "dora": 5e-4, "bitfit": 1e-3, "all_but_head": 1e-3}
+_DEFAULT_LR = {"none": 5e-5, "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4, "bitfit": 1e-3, "all_but_head": 1e-3}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, debug=False, lr=0.0, epochs=1, batch_size=32, max_length=64, seed=0,
-                  dtype="float32", peft="full", rank=8, rslora=False, freeze="none",
+                  dtype="float32", peft="full", quant="nf4", rank=8, rslora=False, freeze="none",
                   freeze_blocks=0, llrd=1.0, unfreeze_every=0)
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
@@ -66,6 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.peft.alpha = 2.0 * arg.rank
   config.peft.dropout = 0.05
   config.peft.rslora = arg.rslora  # scale alpha / sqrt(rank) instead of alpha / rank
+  # QLoRA: the frozen base kernels (targets and `quantize` matches) stored quantized.
+  config.peft.quant = arg.quant  # nf4 (blocks of quant_block) | int8 (per output channel)
+  config.peft.quant_block = 64
+  config.peft.double_quant = False
+  config.peft.quantize = "encoder/.*/kernel"
 
   config.batch_size = arg.batch_size
   config.eval_batch_size = 128

@@ -47,8 +47,8 @@ def export_run(workdir: str, out: str, what: str) -> list[str]:
   source, name_map, extra = models.hf_format(config.model)
   if what == "merged":
     return export.save_merged(module, out, source_dir=source, name_map=name_map, extra=extra)
-  if config.peft.method not in ("lora", "dora"):
-    raise ConfigError(f"--format=adapter needs a LoRA or DoRA run; {workdir} used "
+  if config.peft.method not in methods.ADAPTERS:
+    raise ConfigError(f"--format=adapter needs a LoRA, DoRA or QLoRA run; {workdir} used "
                       f"peft.method={config.peft.method!r}")
   return export.save_peft_adapter(module, out, spec=lora.LoraSpec.from_config(config.peft),
                                   source_dir=source, name_map=name_map)

@@ -9,7 +9,7 @@ from flax import nnx
 from configs import minilm_sentiment
 from ftjax import models, optim, param_groups, state as state_lib, step as step_lib
 from ftjax.errors import ConfigError
-from ftjax.peft import lora, methods
+from ftjax.peft import lora, methods, quant
 
 TOKENS = {"input_ids": jnp.asarray([[101, 2023, 3185, 2001, 2307, 102, 0, 0],
                                     [101, 1037, 11704, 2143, 999, 2009, 2001, 102]], jnp.int32),
@@ -178,3 +178,52 @@ def test_bad_peft_configs_name_the_problem(base, arg, overrides, match):
   with pytest.raises(ConfigError, match=match):
     config, model, params = _adapted(base, arg, **overrides)
     methods.split(config, model, params)
+
+
+@pytest.mark.parametrize("fmt,double_quant,max_error", [
+    ("int8", False, 0.5 / 127), ("nf4", False, 0.17), ("nf4", True, 0.17)])
+def test_quantized_kernel_round_trip(fmt, double_quant, max_error):
+  kernel = np.random.default_rng(0).normal(size=(384, 96)).astype(np.float32)
+  quantized = quant.QuantizedKernel(kernel, fmt, block_size=64, double_quant=double_quant)
+  restored = np.asarray(quantized())
+  # Errors relative to each value's scale (column absmax for int8, block absmax for nf4).
+  if fmt == "int8":
+    scale = np.abs(kernel).max(axis=0, keepdims=True)
+  else:
+    scale = np.repeat(np.abs(kernel.reshape(-1, 64)).max(axis=1), 64).reshape(kernel.shape)
+  assert np.abs(restored - kernel).max() <= max_error * scale.max() + 1e-6
+  assert np.abs((restored - kernel) / scale).max() <= max_error + (0.01 if double_quant else 1e-6)
+  bits = 8 * quantized.nbytes() / kernel.size
+  assert bits < {"int8": 8.1, "nf4": 4.6}[fmt]
+
+
+def test_quantized_kernel_rejects_bad_blocks():
+  with pytest.raises(ConfigError, match="quant_block=50"):
+    quant.QuantizedKernel(np.zeros((384, 10), np.float32), "nf4", block_size=50)
+  with pytest.raises(ConfigError, match="must be one of"):
+    quant.QuantizedKernel(np.zeros((4, 4), np.float32), "fp8")
+
+
+@pytest.mark.parametrize("arg,min_correlation", [("peft=qlora", 0.95),
+                                                 ("peft=qlora,quant=int8", 0.995)])
+def test_qlora_base_is_quantized_and_starts_at_its_dequantized_model(base, arg,
+                                                                      min_correlation):
+  config, model, params = _adapted(base, arg)
+  flat = param_groups.flatten(params)
+  assert not any(p.endswith("attention/query/kernel") for p in flat)  # stored as codes
+  assert any(p.endswith("attention/query/kernel/codes") for p in flat)
+  assert any(p.endswith("intermediate/kernel/codes") for p in flat)  # untargeted, quantized
+  assert "head/kernel" in flat
+  hidden = _hidden(model, params)
+  dequantized = lora.merge(model.module(params))  # B = 0: the dequantized base model
+  np.testing.assert_allclose(
+      dequantized.encoder(TOKENS["input_ids"], TOKENS["attention_mask"],
+                          TOKENS["token_type_ids"]), hidden, atol=2e-5)
+  reference = np.asarray(_hidden(*base))
+  # Six layers of 4-bit weights move the hidden states more than 8-bit ones.
+  assert np.corrcoef(np.asarray(hidden).ravel(), reference.ravel())[0, 1] > min_correlation
+  trainable, frozen = methods.split(config, model, params)
+  assert set(param_groups.flatten(trainable)) == set(
+      param_groups.matching(flat, [r".*/lora_(a|b)", r"head/.*"]))
+  float_bytes = sum(x.nbytes for x in jax.tree.leaves(base[1]))
+  assert sum(np.asarray(x).nbytes for x in jax.tree.leaves(frozen)) < 0.75 * float_bytes

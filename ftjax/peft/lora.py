@@ -24,10 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from ftjax import param_groups
 from ftjax.errors import ConfigError
+from ftjax.peft import quant
 
 LORA_PARAMS = ("lora_a", "lora_b", "lora_magnitude")
 
@@ -42,6 +44,10 @@ class LoraSpec:
   dropout: float = 0.0
   rslora: bool = False
   dora: bool = False
+  quant: str | None = None  # QLoRA: int8 | nf4 storage of the frozen base kernels
+  quant_block: int = 64
+  double_quant: bool = False
+  quantize: str = ""  # QLoRA: regex of the other linear kernels stored quantized
 
   @property
   def scale(self) -> float:
@@ -53,9 +59,12 @@ class LoraSpec:
       raise ConfigError(f"config.peft.rank={config.rank!r}: must be a positive integer")
     if not 0.0 <= config.dropout < 1.0:
       raise ConfigError(f"config.peft.dropout={config.dropout!r}: must be in [0, 1)")
+    qlora = config.method == "qlora"
     return cls(target=config.target, rank=config.rank, alpha=float(config.alpha),
                dropout=float(config.dropout), rslora=bool(config.rslora),
-               dora=config.method == "dora")
+               dora=config.method == "dora", quant=config.quant if qlora else None,
+               quant_block=config.quant_block, double_quant=bool(config.double_quant),
+               quantize=config.quantize if qlora else "")
 
 
 def column_norms(kernel: jax.Array) -> jax.Array:
@@ -67,9 +76,12 @@ class LoraLinear(nnx.Module):
   """A linear layer with a frozen base and a trainable low-rank (optionally DoRA) update."""
 
   def __init__(self, base: nnx.Linear, spec: LoraSpec, rngs: nnx.Rngs):
-    self.kernel = base.kernel
-    self.bias = base.bias
     fan_in, fan_out = base.kernel.shape
+    self.kernel = (quant.QuantizedKernel(np.asarray(base.kernel[...]), spec.quant,
+                                         block_size=spec.quant_block,
+                                         double_quant=spec.double_quant)
+                   if spec.quant else base.kernel)
+    self.bias = base.bias
     self.scale = spec.scale
     self.dora = spec.dora
     # As in the reference implementation: A ~ kaiming-uniform(a=sqrt(5)), B = 0.
@@ -78,17 +90,21 @@ class LoraLinear(nnx.Module):
                                                jnp.float32, -bound, bound))
     self.lora_b = nnx.Param(jnp.zeros((spec.rank, fan_out), jnp.float32))
     if spec.dora:
-      self.lora_magnitude = nnx.Param(column_norms(base.kernel[...]))
+      self.lora_magnitude = nnx.Param(column_norms(self.base_kernel()))
     self.dropout = nnx.Dropout(spec.dropout)
     self.deterministic = True
     self.rngs = nnx.data(None)
+
+  def base_kernel(self) -> jax.Array:
+    """The frozen kernel as float32 (dequantized for QLoRA)."""
+    return read_kernel(self.kernel)
 
   def delta(self) -> jax.Array:
     """The low-rank update s * A B, shaped like the kernel."""
     return self.scale * (self.lora_a[...] @ self.lora_b[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...].astype(x.dtype)
+    kernel = self.base_kernel().astype(x.dtype)
     bias = self.bias[...].astype(x.dtype) if self.bias is not None else 0.0
     train_dropout = not self.deterministic and self.dropout.rate > 0
     dropped = self.dropout(x, deterministic=self.deterministic, rngs=self.rngs)
@@ -97,7 +113,7 @@ class LoraLinear(nnx.Module):
     base = x @ kernel
     if not self.dora:
       return base + low_rank + bias
-    adapted = self.kernel[...] + self.delta()
+    adapted = self.base_kernel() + self.delta()
     gain = jax.lax.stop_gradient(1.0 / column_norms(adapted)) * self.lora_magnitude[...]
     gain = gain.astype(x.dtype)
     if train_dropout:
@@ -106,10 +122,28 @@ class LoraLinear(nnx.Module):
 
   def merged_kernel(self) -> jax.Array:
     """The kernel that gives the same outputs without the adapter (for export)."""
-    adapted = self.kernel[...] + self.delta()
+    adapted = self.base_kernel() + self.delta()
     if self.dora:
       adapted = adapted * (self.lora_magnitude[...] / column_norms(adapted))
     return adapted
+
+
+def read_kernel(kernel: nnx.Param | quant.QuantizedKernel) -> jax.Array:
+  return kernel() if isinstance(kernel, quant.QuantizedKernel) else kernel[...]
+
+
+class QuantLinear(nnx.Module):
+  """A frozen linear layer whose kernel is stored quantized (QLoRA's untargeted layers)."""
+
+  def __init__(self, base: nnx.Linear, spec: LoraSpec):
+    self.kernel = quant.QuantizedKernel(np.asarray(base.kernel[...]), spec.quant,
+                                        block_size=spec.quant_block,
+                                        double_quant=spec.double_quant)
+    self.bias = base.bias
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x @ self.kernel().astype(x.dtype)
+    return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -153,11 +187,15 @@ def inject(module: nnx.Module, spec: LoraSpec, rngs: nnx.Rngs) -> list[str]:
   if not_linear:
     raise ConfigError(f"config.peft.target={spec.target!r} matches {not_linear[:5]}, which "
                       "are not kernels of linear layers (LoRA adapts [in, out] matrices)")
-  for kernel_path in matched:
+  quantized = param_groups.matching(linears, [spec.quantize]) if spec.quantize else []
+  for kernel_path in sorted(set(matched) | set(quantized)):
     path = linears[kernel_path]
     base = module
     for key in path:
       base = base[key] if isinstance(base, (nnx.List, list)) else getattr(base, key)
+    if kernel_path not in matched:
+      _replace(module, path, QuantLinear(base, spec))
+      continue
     if spec.rank > min(base.kernel.shape):
       raise ConfigError(f"config.peft.rank={spec.rank} exceeds the dimensions "
                         f"{tuple(base.kernel.shape)} of {kernel_path}")
@@ -174,12 +212,14 @@ def bind_dropout(module: nnx.Module, *, train: bool, rngs: nnx.Rngs | None) -> N
 
 
 def merge(module: nnx.Module) -> nnx.Module:
-  """Folds every adapter into its base kernel, in place; returns the plain model."""
+  """Folds every adapter into its base kernel and dequantizes, in place; returns the
+  plain model."""
   for path, node in list(nnx.iter_graph(module)):
-    if isinstance(node, LoraLinear):
-      fan_in, fan_out = node.kernel.shape
+    if isinstance(node, (LoraLinear, QuantLinear)):
+      kernel = node.merged_kernel() if isinstance(node, LoraLinear) else node.kernel()
+      fan_in, fan_out = kernel.shape
       plain = nnx.Linear(fan_in, fan_out, use_bias=node.bias is not None, rngs=nnx.Rngs(0))
-      plain.kernel[...] = node.merged_kernel()
+      plain.kernel[...] = kernel
       if node.bias is not None:
         plain.bias[...] = node.bias[...]
       _replace(module, path, plain)

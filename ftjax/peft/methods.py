@@ -1,4 +1,4 @@
-"""What a run trains: full fine-tuning, frozen blocks, linear probe, BitFit, LoRA / DoRA.
+"""What a run trains: full fine-tuning, frozen blocks, linear probe, BitFit, (Q)LoRA, DoRA.
 
 Every method ends as `(regex, True | None)` rules over parameter paths (None =
 frozen; first match wins); `split` turns them into the trainable and frozen
@@ -20,7 +20,8 @@ from ftjax.errors import ConfigError
 from ftjax.models import Layout, Model
 from ftjax.peft import lora
 
-METHODS = ("full", "lora", "dora", "bitfit")
+METHODS = ("full", "lora", "dora", "qlora", "bitfit")
+ADAPTERS = ("lora", "dora", "qlora")
 FREEZE = ("none", "all_but_head")
 
 
@@ -28,7 +29,7 @@ def adapt(config: ml_collections.ConfigDict, model: Model, params: dict,
           seed: int) -> tuple[Model, dict]:
   """Adds LoRA / DoRA adapters when `config.peft.method` asks for them."""
   check_choice(config.peft.method, METHODS, "peft.method")
-  if config.peft.method not in ("lora", "dora"):
+  if config.peft.method not in ADAPTERS:
     return model, params
   module = model.module(params)
   lora.inject(module, lora.LoraSpec.from_config(config.peft), nnx.Rngs(params=seed + 1))
@@ -50,7 +51,7 @@ def trainable_rules(config: ml_collections.ConfigDict, layout: Layout,
   if not 0 <= blocks <= num_blocks:
     raise ConfigError(f"config.freeze_blocks={blocks}: the model has {num_blocks} blocks")
   rules = [tuple(rule) for rule in config.trainable]
-  if method in ("lora", "dora"):
+  if method in ADAPTERS:
     rules += [(".*/(" + "|".join(lora.LORA_PARAMS) + ")", True), (layout.head, True), (".*", None)]
   elif method == "bitfit":
     rules += [(".*/bias", True), (layout.head, True), (".*", None)]
