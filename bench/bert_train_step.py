@@ -1,9 +1,10 @@
-r"""python bench/bert_train_step.py
+r"""python bench/bert_train_step.py [--peft full|lora]
 
-Train-step throughput of the MiniLM-L6 full fine-tune (the packaged
-all-MiniLM-L6-v2, 22.7M parameters; batch 32, sequence length 128, 2 classes):
-ftjax versus Hugging Face transformers' PyTorch `BertModel`, on the same weights
-and the same machine.
+Train-step throughput of MiniLM-L6 (the packaged all-MiniLM-L6-v2, 22.7M
+parameters; batch 32, sequence length 128, 2 classes), full fine-tuning (default)
+or LoRA r=8: ftjax versus Hugging Face transformers' PyTorch `BertModel` (plus the
+`peft` library's LoRA for `--peft lora`), on the same weights and the same machine.
+Then a table of optimizer-state bytes and trainable parameter counts per method.
 
 Both sides do the same work per step: the BERT encoder with dropout on (train
 mode), mean pooling over the attention mask, dropout, a new zero-initialised
@@ -11,12 +12,22 @@ linear head, softmax cross-entropy, backward, global-norm clipping to 1.0, AdamW
 (no weight decay on biases and LayerNorm scales) with a linear warmup/decay
 learning rate.
 
+* `--peft full`: every parameter trains (lr 5e-5, the config default).
+* `--peft lora`: rank 8, alpha 16, dropout 0.05 on the attention query and value
+  kernels of every block; the new head trains too, the rest is frozen (lr 5e-4,
+  the config default for `peft=lora`). ftjax's adapters' A matrices are copied into
+  torch's, and both B matrices start at zero, so the two models start identical.
+
 * ftjax: the train step the trainer compiles (`ftjax.step.train_step` over the
-  model, optimizer and schedule built from `configs/minilm_sentiment.py`),
-  jitted with the state donated; timing ends with `block_until_ready`.
+  model, trainable/frozen split, optimizer and schedule built from
+  `configs/minilm_sentiment.py` as `ftjax.trainer` builds them), jitted with the
+  state donated; timing ends with `block_until_ready`.
 * torch: `BertModel.from_pretrained(<packaged folder>, add_pooling_layer=False)`
-  + `nn.Dropout` + `nn.Linear`, `torch.optim.AdamW`, `clip_grad_norm_(1.0)`,
-  `zero_grad(set_to_none=True)`; float32, eager, `torch.set_num_threads(--threads)`.
+  (wrapped by `peft.get_peft_model(..., LoraConfig(r=8, lora_alpha=16,
+  lora_dropout=0.05, target_modules=["query", "value"]))` for LoRA) + `nn.Dropout` +
+  `nn.Linear`, `torch.optim.AdamW` over the parameters that require grad,
+  `clip_grad_norm_(1.0)`, `zero_grad(set_to_none=True)`; float32, eager,
+  `torch.set_num_threads(--threads)`.
 
 Runs are interleaved: after compilation and `--warmup` steps of each, every
 round times `--steps` steps of each configuration in turn (ftjax, torch,
@@ -24,15 +35,22 @@ round times `--steps` steps of each configuration in turn (ftjax, torch,
 of steps/s, examples/s and the ratio to torch. Both sides train on one batch of
 random token ids (fixed seed, full attention mask).
 
-The headline comparison is float32 on both sides; `--bf16` (default on) adds a
-row for ftjax with `compute_dtype=bfloat16` (weights and optimizer stay float32).
+The headline comparison is float32 on both sides; `--bf16` (default on, for both
+`--peft` values) adds a row for ftjax with `compute_dtype=bfloat16` (weights and
+optimizer stay float32).
+
+The memory table (`--memory`, default on; no timing) builds each ftjax method's
+trainable parameters -- full fine-tuning, LoRA r=8, DoRA r=8, QLoRA (NF4 base) r=8,
+from the config with `peft=...` -- and sizes `tx.init(trainable)`; for torch it
+sums `exp_avg` + `exp_avg_sq` bytes of AdamW after one step (on a tiny batch) of
+the full and the peft-LoRA model.
 
 JAX_PLATFORMS defaults to `cpu` when it is unset and the machine has no NVIDIA
 device; set it (e.g. `JAX_PLATFORMS=cuda`) to choose. Torch runs on CUDA only when
 JAX does and torch has CUDA.
 
-Flags: --rounds, --steps, --warmup, --batch_size, --seq_len, --threads,
---bf16/--no-bf16, --seed.
+Flags: --peft, --rounds, --steps, --warmup, --batch_size, --seq_len, --threads,
+--bf16/--no-bf16, --memory/--no-memory, --seed.
 """
 
 from __future__ import annotations
@@ -43,9 +61,11 @@ import glob
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 if "JAX_PLATFORMS" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
@@ -58,18 +78,28 @@ if _REPO not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 from configs import minilm_sentiment  # noqa: E402
-from ftjax import models, optim, step as step_lib  # noqa: E402
+from ftjax import models, optim, param_groups, step as step_lib  # noqa: E402
 from ftjax import state as state_lib  # noqa: E402
 from ftjax.hub import assets  # noqa: E402
+from ftjax.peft import methods  # noqa: E402
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Long enough that the timed steps stay inside the schedule (warmup, then decay).
 _SCHEDULE_STEPS = 10_000
+# The methods of the memory table: (label, extra config arg).
+_MEMORY_METHODS = (("full", "peft=full"), ("LoRA r=8", "peft=lora,rank=8"),
+                   ("DoRA r=8", "peft=dora,rank=8"),
+                   ("QLoRA nf4 r=8", "peft=qlora,quant=nf4,rank=8"))
+# torch module names of the kernels `config.peft.target` (".*attention/(query|value)/kernel")
+# adapts in ftjax.
+_TORCH_LORA_TARGETS = ["query", "value"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--peft", choices=("full", "lora"), default="full",
+                      help="what trains: every parameter, or LoRA r=8 adapters + the head")
   parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
   parser.add_argument("--warmup", type=int, default=2,
@@ -93,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="torch intra-op threads (XLA uses every core by default)")
   parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                       help="also time ftjax with compute_dtype=bfloat16")
+  parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                      help="also print optimizer-state bytes and trainable counts per method")
   parser.add_argument("--seed", type=int, default=0, help="seeds the batch and the head")
   args = parser.parse_args(argv)
   for name in ("rounds", "steps", "batch_size", "seq_len", "threads"):
@@ -128,20 +162,64 @@ def make_batch(batch_size: int, seq_len: int, vocab_size: int,
   }
 
 
+def make_config(args: argparse.Namespace, peft_arg: str) -> Any:
+  """The packaged MiniLM sentiment config at the bench's shape, with `peft_arg` added."""
+  return minilm_sentiment.get_config(
+      f"{peft_arg},max_length={args.seq_len},batch_size={args.batch_size},seed={args.seed}")
+
+
+def build_ftjax(config: Any, model: models.Model | None = None,
+                params: Any = None) -> tuple[models.Model, Any, Any]:
+  """(model, trainable, frozen) for `config.peft.method`, as `ftjax.trainer._Run` builds them.
+
+  Args:
+    config: a run config.
+    model, params: the base model and its parameters from `models.create`; None
+      creates them.
+
+  Returns:
+    The (possibly adapted) model and the trainable and frozen halves of its parameters.
+  """
+  if model is None:
+    model, params = models.create(config.model, config.seed)
+  model, params = methods.adapt(config, model, params, config.seed)
+  trainable, frozen = methods.split(config, model, params)
+  return model, trainable, frozen
+
+
+def make_tx(config: Any, model: models.Model, trainable: Any,
+            frozen: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer and schedule of `trainable`, with per-leaf depths as the trainer passes."""
+  num_blocks = model.layout.num_blocks(param_groups.flatten(param_groups.combine(trainable,
+                                                                                 frozen)))
+  depths = param_groups.map_with_path(lambda path, _: model.layout.depth(path, num_blocks),
+                                      trainable)
+  return optim.make_optimizer(config.optimizer, trainable, _SCHEDULE_STEPS, depths)
+
+
+def _count(tree: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 class FtjaxBench:
   """The ftjax train step, compiled as the trainer compiles it, with its own state."""
 
-  def __init__(self, config: Any, model: models.Model, params: Any,
+  def __init__(self, config: Any, model: models.Model, trainable: Any, frozen: Any,
                batch: dict[str, np.ndarray], compute_dtype: str):
-    self.tx, self.schedule = optim.make_optimizer(config.optimizer, params, _SCHEDULE_STEPS)
+    self.tx, self.schedule = make_tx(config, model, trainable, frozen)
     train = functools.partial(step_lib.train_step, model=model, tx=self.tx,
                               schedule=self.schedule, grad_accum_steps=1,
                               compute_dtype=_DTYPES[compute_dtype])
-    # A private copy: the state is donated, and the params are shared between configurations.
-    self.state = state_lib.create(jax.tree.map(jnp.array, params), self.tx, config.seed)
+    # A private copy: the state is donated, and the trainable parameters are shared
+    # between configurations. The frozen half (empty for a full fine-tune) is not donated.
+    self.state = state_lib.create(jax.tree.map(jnp.array, trainable), self.tx, config.seed)
+    self.frozen = jax.device_put(frozen)
     self.batch = jax.device_put(batch)
     started = time.perf_counter()
-    self.frozen = {}  # a full fine-tune: every parameter is trainable
     self.step_fn = jax.jit(train, donate_argnums=0).lower(
         self.state, self.frozen, self.batch).compile()
     self.compile_s = time.perf_counter() - started
@@ -195,21 +273,71 @@ def _lr_lambda(config: Any) -> Callable[[int], float]:
   return fn
 
 
+def copy_lora_a(trainable: Any, encoder: peft.PeftModel) -> int:
+  """Copies ftjax's LoRA A matrices ([in, r]) into peft's lora_A weights ([r, in]).
+
+  Returns:
+    The number of matrices copied.
+
+  Raises:
+    ValueError: if an ftjax adapter has no peft counterpart or the counts differ.
+  """
+  theirs = {name: p for name, p in encoder.named_parameters() if ".lora_A." in name}
+  copied = 0
+  with torch.no_grad():
+    for path, a in param_groups.flatten(trainable).items():
+      match = re.fullmatch(r"encoder/layers/(\d+)/attention/(query|value)/lora_a", path)
+      if match is None:
+        continue
+      name = (f"base_model.model.encoder.layer.{match.group(1)}.attention.self."
+              f"{match.group(2)}.lora_A.default.weight")
+      if name not in theirs:
+        raise ValueError(f"{path}: no peft parameter {name}")
+      theirs[name].copy_(torch.from_numpy(np.asarray(a).T.copy()))
+      copied += 1
+  if copied != len(theirs):
+    raise ValueError(f"copied {copied} LoRA A matrices, peft has {len(theirs)}")
+  return copied
+
+
 class TorchBench:
-  """A transformers BertModel fine-tune step with torch.optim.AdamW."""
+  """A transformers BertModel train step (full, or peft LoRA) with torch.optim.AdamW."""
 
   def __init__(self, config: Any, model_dir: str, batch: dict[str, np.ndarray],
-               device: torch.device, seed: int):
+               device: torch.device, seed: int, lora_from: Any = None):
+    """Builds the model and optimizer.
+
+    Args:
+      config: the run config; `config.peft.method` is "full" or "lora".
+      model_dir: the packaged Hugging Face folder.
+      batch: the batch every step trains on.
+      device: where torch runs.
+      seed: torch seed (dropout, peft's initialisation).
+      lora_from: for LoRA, ftjax's trainable parameters whose A matrices are copied
+        into the peft adapters (None keeps peft's own random A).
+    """
     torch.manual_seed(seed)
     self.device = device
     self.model = TorchClassifier(model_dir, config.model.num_classes,
-                                 dropout=self.hidden_dropout(model_dir)).to(device)
-    self.model.train()
+                                 dropout=self.hidden_dropout(model_dir))
     self.attn_implementation = getattr(self.model.encoder.config, "_attn_implementation", "?")
+    if config.peft.method == "lora":
+      alpha = config.peft.alpha
+      self.model.encoder = peft.get_peft_model(self.model.encoder, peft.LoraConfig(
+          r=config.peft.rank, lora_alpha=int(alpha) if alpha == int(alpha) else alpha,
+          lora_dropout=config.peft.dropout, target_modules=_TORCH_LORA_TARGETS))
+      if lora_from is not None:
+        copy_lora_a(lora_from, self.model.encoder)
+    elif config.peft.method != "full":
+      raise ValueError(f"torch side: peft method {config.peft.method!r} is not benchmarked")
+    self.model.to(device)
+    self.model.train()
     opt = config.optimizer
     decay, no_decay = [], []
     for name, param in self.model.named_parameters():
-      (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+      if param.requires_grad:
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+    self.trainable = decay + no_decay
     self.optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": opt.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -238,7 +366,7 @@ class TorchBench:
       logits = self.model(**self.inputs)
       loss = torch.nn.functional.cross_entropy(logits, self.labels)
       loss.backward()
-      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+      torch.nn.utils.clip_grad_norm_(self.trainable, self.clip_norm)
       self.optimizer.step()
       self.scheduler.step()
       self.optimizer.zero_grad(set_to_none=True)
@@ -248,10 +376,25 @@ class TorchBench:
       self.first_loss = float(loss.detach())
     return seconds
 
+  def num_trainable(self) -> int:
+    return sum(p.numel() for p in self.trainable)
+
+  def adam_state_bytes(self) -> tuple[int, int]:
+    """(exp_avg + exp_avg_sq bytes, bytes of the per-parameter `step` tensors)."""
+    moments = steps = 0
+    for state in self.optimizer.state.values():
+      moments += state["exp_avg"].nbytes + state["exp_avg_sq"].nbytes
+      steps += state["step"].nbytes if torch.is_tensor(state["step"]) else 0
+    return moments, steps
+
 
 def check_same_weights(model: models.Model, params: Any, torch_bench: TorchBench,
                        batch: dict[str, np.ndarray], rows: int = 2) -> float:
-  """Max |difference| of the encoders' eval-mode hidden states on a few examples."""
+  """Max |difference| of the encoders' eval-mode hidden states on a few examples.
+
+  `params` holds every parameter (trainable and frozen); with LoRA both sides'
+  B matrices are still zero, so the adapted encoders equal the pretrained ones.
+  """
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   module = nnx.merge(model.graphdef, params)
@@ -289,7 +432,7 @@ def machine_info(torch_device: torch.device) -> list[str]:
       f"devices: {', '.join(f'{d.platform}:{d.device_kind}' for d in devices)}",
       f"torch {torch.__version__}, device {torch_device}, "
       f"threads {torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} "
-      f"inter-op; transformers {transformers.__version__}",
+      f"inter-op; transformers {transformers.__version__}, peft {peft.__version__}",
       f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} "
       f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
   ]
@@ -308,11 +451,55 @@ def _paired_ratio(rates: list[float], baseline: list[float]) -> float:
   return statistics.median(r / b for r, b in zip(rates, baseline))
 
 
+def memory_table(args: argparse.Namespace, model_dir: str, torch_device: torch.device) -> None:
+  """Prints optimizer-state bytes and trainable parameter counts per method (no timing)."""
+  base_config = make_config(args, "peft=full")
+  base_model, base_params = models.create(base_config.model, base_config.seed)
+  base_count = _count(base_params)
+  rows = []
+  for label, peft_arg in _MEMORY_METHODS:
+    config = make_config(args, peft_arg)
+    model, trainable, frozen = build_ftjax(config, base_model, base_params)
+    tx, _ = make_tx(config, model, trainable, frozen)
+    opt_state = tx.init(trainable)
+    counters = sum(x.nbytes for x in jax.tree.leaves(opt_state) if x.ndim == 0)
+    rows.append(("ftjax (optax)", label, _count(trainable), _nbytes(opt_state),
+                 f"{counters} B of step counters",
+                 _nbytes(trainable) + _nbytes(frozen)))
+  vocab_size = base_params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
+  tiny = make_batch(2, 16, vocab_size, args.seed)
+  for label, peft_arg in (("full", "peft=full"), ("LoRA r=8 (peft)", "peft=lora,rank=8")):
+    config = make_config(args, peft_arg)
+    bench = TorchBench(config, model_dir, tiny, torch_device, args.seed)
+    bench.run(1)
+    moments, steps = bench.adam_state_bytes()
+    weights = sum(p.numel() * p.element_size() for p in bench.model.parameters())
+    rows.append(("torch AdamW", label, bench.num_trainable(), moments,
+                 f"excludes {steps} B of per-parameter `step` tensors", weights))
+  print()
+  print(f"Optimizer state and trainable parameters per method (no timing; base model "
+        f"{base_count:,} parameters)")
+  print()
+  print("| framework | method | trainable params | % of base | optimizer state bytes | MiB "
+        "| weights MiB | note |")
+  print("|---|---|---|---|---|---|---|---|")
+  for framework, label, count, state_bytes, note, weights in rows:
+    print(f"| {framework} | {label} | {count:,} | {100 * count / base_count:.3f}% "
+          f"| {state_bytes:,} | {state_bytes / 2**20:.2f} | {weights / 2**20:.1f} | {note} |")
+  print()
+  print("ftjax: every leaf of `tx.init(trainable)` (Adam mu + nu, float32, plus int32 step "
+        "counters); torch: exp_avg + exp_avg_sq after one step. weights: trainable + frozen "
+        "parameter storage (QLoRA: NF4 codes + float32 block absmaxes for the encoder's "
+        "linear kernels).")
+
+
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   absl_logging.set_verbosity(absl_logging.WARNING)
   transformers.logging.set_verbosity_error()
   transformers.logging.disable_progress_bar()
+  # peft calls a transformers method that warns of its deprecation on every wrap.
+  warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
   torch.set_num_threads(args.threads)
   on_gpu = jax.default_backend() == "gpu"
   torch_device = torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
@@ -320,30 +507,38 @@ def main(argv: list[str] | None = None) -> None:
     print(f"WARNING: jax runs on {jax.default_backend()}, torch on {torch_device}: "
           "the comparison is not on the same device", flush=True)
 
-  config = minilm_sentiment.get_config(
-      f"max_length={args.seq_len},batch_size={args.batch_size},seed={args.seed}")
+  lora = args.peft == "lora"
+  config = make_config(args, "peft=lora,rank=8" if lora else "peft=full")
   model_dir = assets.model_dir(config.model.pretrained)
   print("\n".join(machine_info(torch_device)), flush=True)
   print(f"model: {model_dir}", flush=True)
+  what = (f"LoRA r={config.peft.rank} (query, value; alpha {config.peft.alpha:g}, dropout "
+          f"{config.peft.dropout:g}) + head" if lora else "full fine-tune")
+  print(f"method: {what}, lr {config.optimizer.lr:g}", flush=True)
 
-  model, params = models.create(config.model, config.seed)
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  vocab_size = params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
+  model, trainable, frozen = build_ftjax(config)
+  num_params = _count(trainable) + _count(frozen)
+  every = param_groups.combine(trainable, frozen)
+  vocab_size = every["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
   batch = make_batch(args.batch_size, args.seq_len, vocab_size, args.seed)
 
   benches: dict[str, Any] = {}
   dtypes = ["float32"] + (["bfloat16"] if args.bf16 else [])
   for dtype in dtypes:
-    bench = FtjaxBench(config, model, params, batch, dtype)
+    bench = FtjaxBench(config, model, trainable, frozen, batch, dtype)
     print(f"ftjax {dtype}: compiled in {bench.compile_s:.1f}s", flush=True)
     benches[f"ftjax {dtype}"] = bench
-  torch_bench = TorchBench(config, model_dir, batch, torch_device, args.seed)
+  torch_bench = TorchBench(config, model_dir, batch, torch_device, args.seed,
+                           lora_from=trainable if lora else None)
   torch_params = sum(p.numel() for p in torch_bench.model.parameters())
   print(f"torch: attn_implementation={torch_bench.attn_implementation}; parameters "
         f"ftjax {num_params:,} / torch {torch_params:,}", flush=True)
-  diff = check_same_weights(model, params, torch_bench, batch)
+  ours, theirs = _count(trainable), torch_bench.num_trainable()
+  print(f"trainable parameters: ftjax {ours:,} / torch {theirs:,}"
+        + ("" if ours == theirs else "  WARNING: they differ"), flush=True)
+  diff = check_same_weights(model, every, torch_bench, batch)
   print(f"same weights: max |hidden_ftjax - hidden_torch| (eval mode) = {diff:.2e}", flush=True)
-  del params
+  del trainable, frozen, every
   # Round order: ftjax float32, torch, then ftjax bfloat16 (the headline pair adjacent).
   order = ["ftjax float32", "torch float32"] + [f"ftjax {d}" for d in dtypes[1:]]
   benches["torch float32"] = torch_bench
@@ -370,8 +565,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{loss:.4f} (ln 2 = {math.log(2):.4f})" if loss is not None else f"{name}: no loss")
 
   baseline = statistics.median(rates["torch float32"])
+  torch_label = "torch + peft" if lora else "torch"
   print()
-  print(f"MiniLM-L6 full fine-tune train step, batch {args.batch_size} x seq {args.seq_len}, "
+  print(f"MiniLM-L6 {what} train step, batch {args.batch_size} x seq {args.seq_len}, "
         f"2 classes; {args.rounds} interleaved rounds x {args.steps} steps "
         f"(after {args.warmup} warmup); median over rounds")
   print()
@@ -380,6 +576,7 @@ def main(argv: list[str] | None = None) -> None:
   print("|---|---|---|---|---|---|---|---|")
   for name in benches:
     framework, dtype = name.split()
+    framework = torch_label if framework == "torch" else framework
     med = statistics.median(rates[name])
     print(f"| {framework} | {dtype} | {med:.3f} | {min(rates[name]):.3f}-{max(rates[name]):.3f} "
           f"| {med * args.batch_size:.1f} | {1000 / med:.0f} | {med / baseline:.2f}x "
@@ -387,8 +584,12 @@ def main(argv: list[str] | None = None) -> None:
   print()
   print("ratio vs torch: median steps/s over median torch steps/s; paired ratio: median over "
         "rounds of the ratio within each round (less sensitive to machine-load drift).")
-  print(f"ftjax/torch (float32) = {statistics.median(rates['ftjax float32']) / baseline:.2f} "
-        f"(paired {_paired_ratio(rates['ftjax float32'], rates['torch float32']):.2f})")
+  print(f"ftjax/{torch_label} (float32, {args.peft}) = "
+        f"{statistics.median(rates['ftjax float32']) / baseline:.2f} "
+        f"(paired {_paired_ratio(rates['ftjax float32'], rates['torch float32']):.2f})",
+        flush=True)
+  if args.memory:
+    memory_table(args, model_dir, torch_device)
 
 
 if __name__ == "__main__":

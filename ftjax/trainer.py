@@ -48,12 +48,13 @@ def _bytes(tree: Any) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _parameter_summary(trainable: Any, frozen: Any, opt_state: Any) -> str:
+def _parameter_summary(base: Any, trainable: Any, frozen: Any, opt_state: Any) -> str:
+  """Trainable share, parameter memory (vs the unadapted float32 model) and optimizer memory."""
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-  total = count(trainable) + count(frozen)
-  return (f"parameters: {count(trainable):,} trainable of {total:,} "
-          f"({100 * count(trainable) / total:.2f}%); optimizer state "
-          f"{_bytes(opt_state) / 2**20:.1f} MiB")
+  mib = lambda n: f"{n / 2**20:.1f} MiB"
+  return (f"parameters: {count(trainable):,} trainable, {count(base):,} in the base model; "
+          f"parameter memory {mib(_bytes(trainable) + _bytes(frozen))} (float32 base "
+          f"{mib(4 * count(base))}); optimizer state {mib(_bytes(opt_state))}")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -76,15 +77,15 @@ class _Run:
                      "the number of devices times grad_accum_steps")
     _check_divisible(config, "eval_batch_size", self.mesh.size, "the number of devices")
     self._build_data()
-    self.model, params = models.create(config.model, config.seed)
-    self.model, params = peft_methods.adapt(config, self.model, params, config.seed)
+    self.model, base = models.create(config.model, config.seed)
+    self.model, params = peft_methods.adapt(config, self.model, base, config.seed)
     trainable, frozen = peft_methods.split(config, self.model, params)
     self.tx, self.schedule = optim.make_optimizer(
         config.optimizer, trainable, self.total_steps, self._depths(trainable, params))
     self.frozen = jax.device_put(frozen, self.replicated)
     self.state = jax.device_put(state_lib.create(trainable, self.tx, config.seed),
                                 self.replicated)
-    log_line(_parameter_summary(trainable, frozen, self.state.opt_state))
+    log_line(_parameter_summary(base, trainable, frozen, self.state.opt_state))
     self.writer = MetricWriter(workdir, enabled=self.process == 0)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
     self._compile()
