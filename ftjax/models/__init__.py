@@ -15,7 +15,8 @@ from ftjax import param_groups
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.hub import bert as bert_hub
-from ftjax.models import bert
+from ftjax.hub import llama as llama_hub
+from ftjax.models import bert, llama
 from ftjax.peft import lora
 
 
@@ -89,14 +90,38 @@ def _bert_classifier(config: ml_collections.ConfigDict):
                              head="head/.*")
 
 
+def _llama_lm(config: ml_collections.ConfigDict):
+  directory = assets.model_dir(config.pretrained) if config.pretrained else ""
+  if directory:
+    arch = llama.LlamaConfig.from_json(os.path.join(directory, "config.json"))
+  elif config.get("arch"):
+    arch = llama.LlamaConfig.from_dict(ml_collections.ConfigDict(config.arch).to_dict())
+  else:
+    raise ConfigError("config.model.pretrained is empty and config.model.arch is not set: "
+                      "llama_lm needs a checkpoint folder or the architecture's config fields")
+  remat = config.get("remat", "none")
+
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return llama.CausalLM(arch, remat=remat, rngs=rngs)
+
+  def load(params):
+    return (llama_hub.load_pretrained_into(params, directory, config.get("dont_load", ()))
+            if directory else params)
+
+  return build, load, Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
+                             head="lm_head/.*|model/norm/.*")
+
+
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "bert_classifier": _bert_classifier,
+    "llama_lm": _llama_lm,
 }
 
 
 # name -> (checkpoint name map, {ftjax path: (name, transform)} for new parameters)
 _HF_FORMATS = {
     "bert_classifier": (bert_hub.hf_name_to_path, bert_hub.EXPORT_EXTRA),
+    "llama_lm": (llama_hub.hf_name_to_path, llama_hub.EXPORT_EXTRA),
 }
 
 

@@ -1,0 +1,55 @@
+"""Maps Hugging Face Llama / Qwen2 checkpoint names onto `ftjax.models.llama` parameters.
+
+HF linear weights are [out, in] and are transposed into [in, out] kernels. A
+model with tied embeddings has no `lm_head/kernel`, so a `lm_head.weight` in
+its checkpoint is reported as unexpected and not loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ftjax.hub import loading, safetensors_io
+
+_identity = lambda x: x
+_transpose = lambda x: x.T
+
+# (HF name regex, ftjax path template, transform)
+_RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
+    (r"model\.embed_tokens\.weight", "model/embed_tokens/embedding", _identity),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.weight",
+     r"model/layers/\1/self_attn/\2/kernel", _transpose),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.bias",
+     r"model/layers/\1/self_attn/\2/bias", _identity),
+    (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.weight",
+     r"model/layers/\1/mlp/\2/kernel", _transpose),
+    (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.bias",
+     r"model/layers/\1/mlp/\2/bias", _identity),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+     r"model/layers/\1/\2/scale", _identity),
+    (r"model\.norm\.weight", "model/norm/scale", _identity),
+    (r"lm_head\.weight", "lm_head/kernel", _transpose),
+]
+
+# Every parameter of a causal LM comes from its checkpoint: nothing new to name.
+EXPORT_EXTRA: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {}
+
+
+def hf_name_to_path(name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
+  """Returns the ftjax parameter path and transform for a HF Llama/Qwen2 tensor name."""
+  for pattern, template, transform in _RULES:
+    match = re.fullmatch(pattern, name)
+    if match:
+      return match.expand(template), transform
+  return None
+
+
+def load_pretrained_into(params: Any, model_dir: str, dont_load: Sequence[str] = ()) -> Any:
+  """Returns `params` with a HF Llama/Qwen2 safetensors checkpoint from `model_dir` loaded in."""
+  tensors = safetensors_io.load_safetensors(model_dir)
+  params, _ = loading.load_tensors(params, tensors, hf_name_to_path, source=model_dir,
+                                   dont_load=dont_load)
+  return params

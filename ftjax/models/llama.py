@@ -1,0 +1,353 @@
+"""Llama-family decoder-only language model (Llama 2/3, Qwen2) in Flax NNX.
+
+Parameter names follow Hugging Face's module names with ftjax's '/' separator
+(``model/layers/0/self_attn/q_proj/kernel``); `ftjax.hub.llama` maps checkpoint
+tensors onto them. Every projection is an `nnx.Linear`, so LoRA can adapt any of
+them by regex.
+
+Inputs are token ids with explicit `positions` and `segment_ids` [B, L]: a token
+attends only to earlier tokens of its own segment, so several examples can be
+packed into one row (positions restarting at 0 for each), and segment 0 marks
+padding, which no real token attends to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.errors import ConfigError
+
+# Model types whose checkpoints this decoder reproduces.
+_MODEL_TYPES = ("llama", "qwen2")
+
+# Gradient checkpointing of each decoder block: config value -> `jax.checkpoint` policy.
+REMAT_POLICIES = {
+    "full": None,  # save only the block's inputs; recompute everything else
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary position embedding: the inverse frequencies of HF's rope types.
+
+  `rope_type` is one of "default", "linear" (positions divided by `factor`),
+  "dynamic" (NTK-aware base that grows once a batch runs past
+  `max_position_embeddings`) and "llama3" (low frequencies divided by `factor`,
+  smoothly interpolated between `low_freq_factor` and `high_freq_factor`).
+  """
+
+  head_dim: int
+  theta: float
+  max_position_embeddings: int
+  rope_type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 0
+
+  @classmethod
+  def from_scaling(cls, scaling: dict[str, Any] | None, *, theta: float, head_dim: int,
+                   max_position_embeddings: int) -> "Rope":
+    """Builds the embedding from a HF `rope_scaling` dict (None for plain RoPE).
+
+    Raises:
+      ConfigError: for an unsupported rope type or a missing scaling key.
+    """
+    base = cls(head_dim=head_dim, theta=float(theta),
+               max_position_embeddings=max_position_embeddings)
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    supported = ("default", "linear", "dynamic", "llama3")
+    if rope_type not in supported:
+      raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: {list(supported)}")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+      raise ConfigError(f"partial_rotary_factor={scaling['partial_rotary_factor']!r} is not "
+                        "supported (rotary embeddings cover the whole head)")
+    if rope_type == "default":
+      return base
+    needed = ["factor"] + (["low_freq_factor", "high_freq_factor"] if rope_type == "llama3"
+                           else [])
+    absent = [key for key in needed if key not in scaling]
+    if absent:
+      raise ConfigError(f"rope_type {rope_type!r} needs {absent} in rope_scaling")
+    return dataclasses.replace(
+        base, rope_type=rope_type, factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings",
+                                                         max_position_embeddings)))
+
+  def inv_frequencies(self, seq_len: jax.Array) -> jax.Array:
+    """The [head_dim / 2] float32 inverse frequencies for a batch of `seq_len` positions.
+
+    Only "dynamic" depends on `seq_len` (as in HF, the batch's largest position + 1).
+    """
+    exponents = jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
+    theta = jnp.float32(self.theta)
+    if self.rope_type == "dynamic":
+      seq_len = jnp.maximum(seq_len, self.max_position_embeddings).astype(jnp.float32)
+      growth = self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
+      theta = theta * growth ** (self.head_dim / (self.head_dim - 2))
+    inv_freq = 1.0 / theta ** exponents
+    if self.rope_type == "linear":
+      return inv_freq / self.factor
+    if self.rope_type != "llama3":
+      return inv_freq
+    context = self.original_max_position_embeddings
+    low_freq_wavelen = context / self.low_freq_factor
+    high_freq_wavelen = context / self.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+    smooth = ((context / wavelen - self.low_freq_factor)
+              / (self.high_freq_factor - self.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+  def __call__(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each [B, L, head_dim] float32, for integer `positions` [B, L]."""
+    inv_freq = self.inv_frequencies(jnp.max(positions) + 1)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture hyper-parameters, named as in Hugging Face's `config.json`.
+
+  `rope_scaling` is None for plain RoPE, else a dict with `rope_type` and its
+  parameters; transformers 5's `rope_parameters` is read into `rope_theta` and
+  `rope_scaling`. `num_key_value_heads` and `head_dim` default, as in HF, to
+  `num_attention_heads` and `hidden_size // num_attention_heads`.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: dict[str, Any] | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  hidden_act: str = "silu"
+  model_type: str = "llama"
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    if self.num_key_value_heads is None:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+  @property
+  def qkv_bias(self) -> bool:
+    """Whether q, k and v projections have biases (always for Qwen2)."""
+    return self.attention_bias or self.model_type == "qwen2"
+
+  def rope(self) -> Rope:
+    """The rotary embedding this config describes (raises ConfigError if unsupported)."""
+    return Rope.from_scaling(self.rope_scaling, theta=self.rope_theta, head_dim=self.head_dim,
+                             max_position_embeddings=self.max_position_embeddings)
+
+  @classmethod
+  def from_json(cls, path: str) -> "LlamaConfig":
+    """Reads the fields this decoder uses from a Hugging Face `config.json`."""
+    with open(path) as f:
+      return cls.from_dict(json.load(f), source=path)
+
+  @classmethod
+  def from_dict(cls, raw: dict[str, Any], source: str = "config.model.arch") -> "LlamaConfig":
+    """Builds and checks a config from HF-named fields; `source` names it in errors.
+
+    Raises:
+      ConfigError: for an unsupported model type, activation, rope type or
+        sliding-window attention, or inconsistent head counts.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
+    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", raw.get("rope_theta", cls.rope_theta))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    scaling = {"rope_type": rope_type, **rope} if rope_type != "default" or rope else None
+    config = cls(rope_theta=float(theta), rope_scaling=scaling,
+                 **{k: v for k, v in raw.items() if k in fields and v is not None})
+    if config.model_type not in _MODEL_TYPES:
+      raise ConfigError(f"{source}: model_type={config.model_type!r} is not supported; "
+                        f"supported: {list(_MODEL_TYPES)}")
+    if config.hidden_act != "silu":
+      raise ConfigError(f"{source}: hidden_act={config.hidden_act!r} is not supported; "
+                        "supported: ['silu']")
+    if raw.get("use_sliding_window"):
+      raise ConfigError(f"{source}: sliding-window attention (use_sliding_window) is not "
+                        "supported")
+    if config.num_attention_heads % config.num_key_value_heads:
+      raise ConfigError(f"{source}: num_attention_heads {config.num_attention_heads} is not a "
+                        f"multiple of num_key_value_heads {config.num_key_value_heads}")
+    try:
+      config.rope()
+    except ConfigError as e:
+      raise ConfigError(f"{source}: {e}") from None
+    return config
+
+
+def _linear(din: int, dout: int, use_bias: bool, config: LlamaConfig,
+            rngs: nnx.Rngs) -> nnx.Linear:
+  init = nnx.initializers.normal(stddev=config.initializer_range)
+  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=init, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square normalisation, computed in float32, then scaled."""
+
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x.astype(jnp.float32)
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates [B, L, heads, head_dim] `x` by [B, L, head_dim] angles (HF's half-split layout)."""
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with rotary embeddings."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    h, d = config.hidden_size, config.head_dim
+    self.num_heads = config.num_attention_heads
+    self.num_kv_heads = config.num_key_value_heads
+    self.head_dim = d
+    self.q_proj = _linear(h, self.num_heads * d, config.qkv_bias, config, rngs)
+    self.k_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
+    self.v_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
+    self.o_proj = _linear(self.num_heads * d, h, config.attention_bias, config, rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               mask: jax.Array) -> jax.Array:
+    batch, length, _ = x.shape
+    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    h, m = config.hidden_size, config.intermediate_size
+    self.gate_proj = _linear(h, m, config.mlp_bias, config, rngs)
+    self.up_proj = _linear(h, m, config.mlp_bias, config, rngs)
+    self.down_proj = _linear(m, h, config.mlp_bias, config, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    self.self_attn = Attention(config, rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               mask: jax.Array) -> jax.Array:
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               mask: jax.Array) -> jax.Array:
+  return layer(x, cos, sin, mask)
+
+
+class Decoder(nnx.Module):
+  """Token embeddings, the decoder blocks and the final norm; returns hidden states."""
+
+  def __init__(self, config: LlamaConfig, *, remat: str, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(stddev=config.initializer_range)
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, embedding_init=init,
+                                  rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, rngs)
+                            for _ in range(config.num_hidden_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    self.rope = config.rope()
+    self.remat = remat
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array) -> jax.Array:
+    x = self.embed_tokens(input_ids)
+    cos, sin = self.rope(positions)
+    # [B, 1, L, L]: same segment; `is_causal` adds the causal part. The diagonal is
+    # always kept, so padding rows attend to themselves and never produce NaNs.
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    run = (_run_layer if self.remat == "none"
+           else nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat]))
+    for layer in self.layers:
+      x = run(layer, x, cos, sin, mask)
+    return self.norm(x)
+
+
+class CausalLM(nnx.Module):
+  """The decoder with a language-model head (tied to the embeddings or separate)."""
+
+  def __init__(self, config: LlamaConfig, *, remat: str = "none", rngs: nnx.Rngs):
+    """Builds the model.
+
+    Args:
+      config: the architecture.
+      remat: gradient checkpointing of each block: "none", "full" (recompute the
+        whole block in the backward pass) or "dots_saveable" (keep matmul outputs).
+      rngs: initialises the parameters.
+
+    Raises:
+      ConfigError: for an unknown `remat`.
+    """
+    if remat != "none" and remat not in REMAT_POLICIES:
+      raise ConfigError(f"config.model.remat={remat!r}: must be one of "
+                        f"{['none', *REMAT_POLICIES]}")
+    self.model = Decoder(config, remat=remat, rngs=rngs)
+    self.tied = config.tie_word_embeddings
+    self.lm_head = (None if self.tied else
+                    _linear(config.hidden_size, config.vocab_size, False, config, rngs))
+
+  def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Float32 next-token logits [B, L, vocab].
+
+    Args:
+      batch: `input_ids`, `positions` and `segment_ids`, each [B, L] integers.
+      deterministic: part of the shared model interface; the decoder has no dropout.
+      rngs: likewise unused.
+    """
+    del deterministic, rngs
+    hidden = self.model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    logits = self.model.embed_tokens.attend(hidden) if self.tied else self.lm_head(hidden)
+    return logits.astype(jnp.float32)
