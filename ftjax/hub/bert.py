@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ftjax.hub import loading, safetensors_io
+from ftjax.hub import loading
 
 _identity = lambda x: x
 _transpose = lambda x: x.T
@@ -46,19 +45,12 @@ EXPORT_EXTRA = {"head/kernel": ("classifier.weight", _transpose),
                 "head/bias": ("classifier.bias", _identity)}
 
 
-def hf_name_to_path(name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
+def hf_name_to_path(name: str) -> tuple[str, loading.Transform] | None:
   """Returns the ftjax parameter path and transform for a HF BERT tensor name."""
   name = name.removeprefix("bert.")
-  for pattern, template, transform in _RULES:
-    match = re.fullmatch(pattern, name)
-    if match:
-      return match.expand(template), transform
-  return None
+  return loading.rename(name, _RULES)
 
 
 def load_pretrained_into(params: Any, model_dir: str, dont_load: Sequence[str] = ()) -> Any:
   """Returns `params` with a HF BERT safetensors checkpoint from `model_dir` loaded in."""
-  tensors = safetensors_io.load_safetensors(model_dir)
-  params, _ = loading.load_tensors(params, tensors, hf_name_to_path, source=model_dir,
-                                   dont_load=dont_load)
-  return params
+  return loading.load_safetensors_into(params, model_dir, hf_name_to_path, dont_load)

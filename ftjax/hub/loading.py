@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -10,9 +11,30 @@ from absl import logging
 
 from ftjax import param_groups
 from ftjax.errors import WeightsError
+from ftjax.hub import safetensors_io
 
+Transform = Callable[[np.ndarray], np.ndarray]
 # Renames a checkpoint tensor: returns (ftjax path, transform) or None if unused.
-NameMap = Callable[[str], "tuple[str, Callable[[np.ndarray], np.ndarray]] | None"]
+NameMap = Callable[[str], "tuple[str, Transform] | None"]
+# (checkpoint-name regex, ftjax path template with \1-style groups, transform)
+Rules = Sequence[tuple[str, str, Transform]]
+
+
+def rename(name: str, rules: Rules) -> tuple[str, Transform] | None:
+  """The ftjax path and transform of the first rule whose regex fully matches `name`."""
+  for pattern, template, transform in rules:
+    match = re.fullmatch(pattern, name)
+    if match:
+      return match.expand(template), transform
+  return None
+
+
+def load_safetensors_into(params: Any, model_dir: str, name_map: NameMap,
+                          dont_load: Sequence[str] = ()) -> Any:
+  """Returns `params` with the safetensors checkpoint of `model_dir` loaded in."""
+  tensors = safetensors_io.load_safetensors(model_dir)
+  params, _ = load_tensors(params, tensors, name_map, source=model_dir, dont_load=dont_load)
+  return params
 
 
 @dataclasses.dataclass
