@@ -85,7 +85,7 @@ import transformers  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 from configs import minilm_sentiment  # noqa: E402
-from ftjax import models, optim, param_groups, step as step_lib  # noqa: E402
+from ftjax import models, optim, param_groups, step as step_lib, tasks  # noqa: E402
 from ftjax import state as state_lib  # noqa: E402
 from ftjax.hub import assets  # noqa: E402
 from ftjax.peft import methods  # noqa: E402
@@ -211,7 +211,8 @@ class FtjaxBench:
   def __init__(self, config: Any, model: models.Model, trainable: Any, frozen: Any,
                batch: dict[str, np.ndarray], compute_dtype: str):
     self.tx, self.schedule = make_tx(config, model, trainable, frozen)
-    train = functools.partial(step_lib.train_step, model=model, tx=self.tx,
+    train = functools.partial(step_lib.train_step, model=model, task=tasks.get(config),
+                              tx=self.tx,
                               schedule=self.schedule, grad_accum_steps=1,
                               compute_dtype=_DTYPES[compute_dtype])
     # A private copy: the state is donated, and the trainable parameters are shared

@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   freeze_blocks=0, llrd=1.0, unfreeze_every=0)
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
+  config.task = "classification"
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "bert_classifier"

@@ -93,9 +93,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   `--config.key=value` override is rejected by the flag parser.
   """
   for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every", "eval_every",
-              "checkpoint.every", "checkpoint.max_to_keep", "data.max_length",
-              "model.num_classes"):
+              "checkpoint.every", "checkpoint.max_to_keep", "data.max_length"):
     _check_positive(config, key)
+  if config.task == "classification":
+    _check_positive(config, "model.num_classes")
   if config.total_steps <= 0:
     _check_positive(config, "num_epochs")
   check_choice(config.compute_dtype, ("float32", "bfloat16"), "compute_dtype")

@@ -14,13 +14,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax import checkpoint, data, models, optim, param_groups, step as step_lib
+from ftjax import checkpoint, data, models, optim, param_groups, step as step_lib, tasks
 from ftjax import state as state_lib
 from ftjax.config import validate
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.early_stopping import EarlyStopping
 from ftjax.errors import ConfigError
-from ftjax.evals import classification
 from ftjax.hub import assets
 from ftjax.metrics import MetricWriter, Progress, log_line
 from ftjax.peft import methods as peft_methods
@@ -73,6 +72,7 @@ class _Run:
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.replicated = NamedSharding(self.mesh, P())
     self.process, self.num_processes = jax.process_index(), jax.process_count()
+    self.task = tasks.get(config)
     _check_divisible(config, "batch_size", self.mesh.size * config.grad_accum_steps,
                      "the number of devices times grad_accum_steps")
     _check_divisible(config, "eval_batch_size", self.mesh.size, "the number of devices")
@@ -132,7 +132,7 @@ class _Run:
     """Compiles the train and eval steps once, ahead of time, with explicit shardings."""
     config = self.config
     dtype = _DTYPES[config.compute_dtype]
-    train = functools.partial(step_lib.train_step, model=self.model, tx=self.tx,
+    train = functools.partial(step_lib.train_step, model=self.model, task=self.task, tx=self.tx,
                               schedule=self.schedule, grad_accum_steps=config.grad_accum_steps,
                               compute_dtype=dtype)
     state_sharding = jax.tree.map(lambda _: self.replicated, self.state)
@@ -141,8 +141,8 @@ class _Run:
         train, in_shardings=(state_sharding, frozen_sharding, self.batch_sharding),
         out_shardings=(state_sharding, self.replicated), donate_argnums=0,
     ).lower(self.state, self.frozen, self._example_batch(config.batch_size)).compile()
-    evaluate = functools.partial(step_lib.eval_step, model=self.model,
-                                 num_classes=config.model.num_classes, compute_dtype=dtype)
+    evaluate = functools.partial(step_lib.eval_step, model=self.model, task=self.task,
+                                 compute_dtype=dtype)
     self.eval_step = jax.jit(
         evaluate, in_shardings=(state_sharding.params, frozen_sharding, self.batch_sharding),
         out_shardings=self.replicated,
@@ -150,13 +150,13 @@ class _Run:
             self._example_batch(config.eval_batch_size)).compile()
 
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 over every example of `split`, each counted once."""
+    """The task's metrics over every example of `split`, each counted once."""
     sums = None
     for batch in self.eval_batches(split):
       out = self.eval_step(params, self.frozen, _put_batch(batch, self.batch_sharding))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
-    return classification.summarize(sums["loss_sum"], sums["count"], sums["confusion"])
+    return self.task.summarize(sums)
 
 
 def _progress_record(iterator, stopper: EarlyStopping) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import minilm_sentiment
-from ftjax import models, optim, param_groups, state as state_lib, step as step_lib
+from ftjax import models, optim, param_groups, state as state_lib, step as step_lib, tasks
 from ftjax.errors import ConfigError
 from ftjax.peft import lora, methods, quant
 
@@ -107,7 +107,8 @@ def _train(config, model, params, steps=3):
   tx, schedule = optim.make_optimizer(config.optimizer, trainable, 10, depths)
   state = state_lib.create(jax.tree.map(jnp.asarray, trainable), tx, seed=0)
   batch = dict(TOKENS, label=jnp.asarray([0, 1], jnp.int32), mask=jnp.ones((2,), bool))
-  step = jax.jit(lambda s, f, b: step_lib.train_step(s, f, b, model=model, tx=tx,
+  task = tasks.get(config)
+  step = jax.jit(lambda s, f, b: step_lib.train_step(s, f, b, model=model, task=task, tx=tx,
                                                      schedule=schedule))
   frozen = jax.tree.map(jnp.asarray, frozen)
   history = [state.params]

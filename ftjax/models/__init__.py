@@ -15,7 +15,9 @@ from ftjax import param_groups
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.hub import bert as bert_hub
+from ftjax.hub import gguf as gguf_hub
 from ftjax.hub import llama as llama_hub
+from ftjax.hub import loading
 from ftjax.models import bert, llama
 from ftjax.peft import lora
 
@@ -92,7 +94,11 @@ def _bert_classifier(config: ml_collections.ConfigDict):
 
 def _llama_lm(config: ml_collections.ConfigDict):
   directory = assets.model_dir(config.pretrained) if config.pretrained else ""
-  if directory:
+  gguf_path = gguf_hub.find_gguf(directory) if directory else None
+  if gguf_path:
+    raw, tensors = gguf_hub.read_gguf(gguf_path)
+    arch = llama.LlamaConfig.from_dict(raw, source=gguf_path)
+  elif directory:
     arch = llama.LlamaConfig.from_json(os.path.join(directory, "config.json"))
   elif config.get("arch"):
     arch = llama.LlamaConfig.from_dict(ml_collections.ConfigDict(config.arch).to_dict())
@@ -105,7 +111,11 @@ def _llama_lm(config: ml_collections.ConfigDict):
     return llama.CausalLM(arch, remat=remat, rngs=rngs)
 
   def load(params):
-    return (llama_hub.load_pretrained_into(params, directory, config.get("dont_load", ()))
+    dont_load = config.get("dont_load", ())
+    if gguf_path:
+      return loading.load_tensors(params, tensors, llama_hub.hf_name_to_path, source=gguf_path,
+                                  dont_load=dont_load)[0]
+    return (llama_hub.load_pretrained_into(params, directory, dont_load)
             if directory else params)
 
   return build, load, Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",

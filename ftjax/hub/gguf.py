@@ -1,0 +1,172 @@
+"""Reads llama.cpp GGUF checkpoints of Llama models as a HF config dict and HF-named tensors.
+
+Quantized tensors are dequantized to float32 with the `gguf` package, so the
+model trains from the values llama.cpp would compute with. llama.cpp stores the
+rows of `attn_q` and `attn_k` permuted for its interleaved rotary layout; they
+are permuted back into Hugging Face's half-split layout, which
+`ftjax.models.llama` uses, so `ftjax.hub.llama.hf_name_to_path` maps every tensor.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+import gguf
+import numpy as np
+
+from ftjax.errors import WeightsError
+
+# Files whose presence makes a folder a Hugging Face checkpoint, whatever else it holds.
+_HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+_SUPPORTED_TYPES = tuple(getattr(gguf.GGMLQuantizationType, name)
+                         for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"))
+
+# (GGUF tensor name regex, HF name template)
+_NAMES = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"model.layers.\1.self_attn.q_proj.\2"),
+    (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"model.layers.\1.self_attn.k_proj.\2"),
+    (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"model.layers.\1.self_attn.v_proj.\2"),
+    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
+    (r"blk\.(\d+)\.ffn_gate\.(weight|bias)", r"model.layers.\1.mlp.gate_proj.\2"),
+    (r"blk\.(\d+)\.ffn_up\.(weight|bias)", r"model.layers.\1.mlp.up_proj.\2"),
+    (r"blk\.(\d+)\.ffn_down\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2"),
+]
+
+
+def find_gguf(directory: str) -> str | None:
+  """The GGUF file of a model folder that is not a Hugging Face checkpoint.
+
+  Args:
+    directory: a model folder.
+
+  Returns:
+    The path of its only `.gguf` file, or None when the folder holds a
+    `config.json` or safetensors checkpoint, or no `.gguf` file.
+
+  Raises:
+    WeightsError: when the folder holds several `.gguf` files.
+  """
+  if any(os.path.isfile(os.path.join(directory, name)) for name in _HF_FILES):
+    return None
+  paths = sorted(glob.glob(os.path.join(glob.escape(directory), "*.gguf")))
+  if len(paths) > 1:
+    raise WeightsError(f"{directory}: several GGUF files {[os.path.basename(p) for p in paths]}; "
+                       "keep one per model folder")
+  return paths[0] if paths else None
+
+
+def _unpermute_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's row permutation of a q or k projection (weight or bias).
+
+  llama.cpp reorders each head's rows from HF's [first half, second half] to
+  interleaved pairs: rows (h, i, j) of shape (heads, 2, head_dim / 2) become
+  (h, j, i). This applies the inverse.
+  """
+  half = weights.shape[0] // num_heads // 2
+  rows = weights.reshape(num_heads, half, 2, *weights.shape[1:])
+  return rows.swapaxes(1, 2).reshape(weights.shape)
+
+
+def _metadata(reader: gguf.GGUFReader, key: str, path: str, default: Any = None) -> Any:
+  field = reader.fields.get(key)
+  if field is None:
+    if default is None:
+      raise WeightsError(f"{path}: GGUF metadata lacks {key!r}")
+    return default
+  return field.contents()
+
+
+def _config(reader: gguf.GGUFReader, tensors: dict[str, Any], path: str) -> dict[str, Any]:
+  """The HF Llama config dict of a GGUF file's metadata and {name: `ReaderTensor`}."""
+  architecture = _metadata(reader, "general.architecture", path)
+  if architecture != "llama":
+    raise WeightsError(f"{path}: GGUF architecture {architecture!r} is not supported; "
+                       "supported: ['llama']")
+  get = lambda key, default=None: _metadata(reader, f"llama.{key}", path, default)
+  if "rope_freqs.weight" in tensors or get("rope.scaling.type", "none") != "none":
+    raise WeightsError(f"{path}: scaled rotary embeddings (rope_freqs / rope.scaling) are not "
+                       "supported in GGUF files")
+  if "token_embd.weight" not in tensors:
+    raise WeightsError(f"{path}: GGUF file has no 'token_embd.weight' tensor")
+  hidden, heads = get("embedding_length"), get("attention.head_count")
+  head_dim = get("attention.key_length", hidden // heads)
+  if get("rope.dimension_count", head_dim) != head_dim:
+    raise WeightsError(f"{path}: rope.dimension_count {get('rope.dimension_count')} differs "
+                       f"from the head size {head_dim}: partial rotary embeddings are not "
+                       "supported")
+  return {
+      "model_type": "llama",
+      "vocab_size": int(tensors["token_embd.weight"].shape[-1]),  # GGUF lists dims inner first
+      "hidden_size": hidden,
+      "intermediate_size": get("feed_forward_length"),
+      "num_hidden_layers": get("block_count"),
+      "num_attention_heads": heads,
+      "num_key_value_heads": get("attention.head_count_kv", heads),
+      "head_dim": head_dim,
+      "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+      "rope_theta": get("rope.freq_base", 10000.0),
+      "max_position_embeddings": get("context_length"),
+      "tie_word_embeddings": "output.weight" not in tensors,
+      "attention_bias": any(re.fullmatch(r"blk\.\d+\.attn_\w+\.bias", n) for n in tensors),
+      "mlp_bias": any(re.fullmatch(r"blk\.\d+\.ffn_\w+\.bias", n) for n in tensors),
+  }
+
+
+def _hf_name(name: str) -> str:
+  """The HF name of a GGUF tensor; names without a rule are kept (and reported unexpected)."""
+  for pattern, template in _NAMES:
+    match = re.fullmatch(pattern, name)
+    if match:
+      return match.expand(template)
+  return name
+
+
+def _dequantize(tensor: Any, path: str) -> np.ndarray:
+  if tensor.tensor_type not in _SUPPORTED_TYPES:
+    raise WeightsError(f"{path}: tensor {tensor.name!r} has type "
+                       f"{gguf.GGMLQuantizationType(tensor.tensor_type).name}, which is not "
+                       f"supported; supported: {[t.name for t in _SUPPORTED_TYPES]}")
+  values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+  return np.array(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+
+
+def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Reads a Llama GGUF file.
+
+  Args:
+    path: the `.gguf` file.
+
+  Returns:
+    (config, tensors): a Hugging Face-style Llama config dict (for
+    `LlamaConfig.from_dict`) and {HF tensor name: float32 array}, weights
+    [out, in] as in HF checkpoints, q and k rows in HF's rotary layout.
+
+  Raises:
+    WeightsError: for a missing, truncated or malformed file, an architecture
+      other than llama, scaled or partial rotary embeddings, or a tensor type
+      other than F32, F16, BF16, Q4_0, Q4_1 and Q8_0.
+  """
+  try:
+    reader = gguf.GGUFReader(path)
+  except (OSError, ValueError, IndexError, KeyError) as e:
+    raise WeightsError(f"cannot read GGUF file {path}: {e}") from None
+  by_name = {tensor.name: tensor for tensor in reader.tensors}
+  config = _config(reader, by_name, path)
+  heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+  tensors = {}
+  for name, tensor in by_name.items():
+    values = _dequantize(tensor, path)
+    kind = name.split(".")[-2] if name.startswith("blk.") else ""
+    if kind in heads:
+      values = _unpermute_rows(values, heads[kind])
+    tensors[_hf_name(name)] = values
+  return config, tensors
