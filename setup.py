@@ -20,12 +20,14 @@ setuptools.setup(
         "grain>=0.2.12,<0.3",
         "tokenizers>=0.20",
         "safetensors>=0.4",
+        "gguf>=0.17,<0.20",
         "tensorboardX>=2.6",
         "numpy>=1.26",
     ],
     extras_require={
         # Reference implementations for parity tests and benchmarks.
-        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.50", "torch>=2.4", "peft>=0.13"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.50", "torch>=2.4", "peft>=0.13",
+                 "accelerate>=1.0"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
     },
