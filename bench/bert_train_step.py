@@ -190,10 +190,7 @@ def build_ftjax(config: Any, model: models.Model | None = None,
 def make_tx(config: Any, model: models.Model, trainable: Any,
             frozen: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer and schedule of `trainable`, with per-leaf depths as the trainer passes."""
-  num_blocks = model.layout.num_blocks(param_groups.flatten(param_groups.combine(trainable,
-                                                                                 frozen)))
-  depths = param_groups.map_with_path(lambda path, _: model.layout.depth(path, num_blocks),
-                                      trainable)
+  depths = model.layout.depths(trainable, param_groups.combine(trainable, frozen))
   return optim.make_optimizer(config.optimizer, trainable, _SCHEDULE_STEPS, depths)
 
 

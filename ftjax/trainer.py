@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax import checkpoint, data, models, optim, param_groups, step as step_lib, tasks
+from ftjax import checkpoint, data, models, optim, step as step_lib, tasks
 from ftjax import state as state_lib
 from ftjax.config import validate
 from ftjax.data import tokenizer as tokenizer_lib
@@ -81,7 +81,7 @@ class _Run:
     self.model, params = peft_methods.adapt(config, self.model, base, config.seed)
     trainable, frozen = peft_methods.split(config, self.model, params)
     self.tx, self.schedule = optim.make_optimizer(
-        config.optimizer, trainable, self.total_steps, self._depths(trainable, params))
+        config.optimizer, trainable, self.total_steps, self.model.layout.depths(trainable, params))
     self.frozen = jax.device_put(frozen, self.replicated)
     self.state = jax.device_put(state_lib.create(trainable, self.tx, config.seed),
                                 self.replicated)
@@ -105,11 +105,6 @@ class _Run:
                        f"config.batch_size={config.batch_size}")
     self.total_steps = (config.total_steps if config.total_steps > 0
                         else config.num_epochs * self.steps_per_epoch)
-
-  def _depths(self, trainable: Any, params: Any) -> Any:
-    num_blocks = self.model.layout.num_blocks(param_groups.flatten(params))
-    return param_groups.map_with_path(
-        lambda path, _: self.model.layout.depth(path, num_blocks), trainable)
 
   def train_iterator(self):
     return data.train_iterator(

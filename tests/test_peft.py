@@ -102,8 +102,7 @@ def test_trainable_sets_and_optimizer_state_size(base, arg, trainable_patterns):
 
 def _train(config, model, params, steps=3):
   trainable, frozen = methods.split(config, model, params)
-  num_blocks = model.layout.num_blocks(param_groups.flatten(params))
-  depths = param_groups.map_with_path(lambda p, _: model.layout.depth(p, num_blocks), trainable)
+  depths = model.layout.depths(trainable, params)
   tx, schedule = optim.make_optimizer(config.optimizer, trainable, 10, depths)
   state = state_lib.create(jax.tree.map(jnp.asarray, trainable), tx, seed=0)
   batch = dict(TOKENS, label=jnp.asarray([0, 1], jnp.int32), mask=jnp.ones((2,), bool))

@@ -54,6 +54,11 @@ class Layout:
     index = self.block_index(path)
     return 0 if index is None else num_blocks - index
 
+  def depths(self, tree: Any, params: Any) -> Any:
+    """Each leaf's `depth` in a tree like `tree`, counting the blocks of all `params`."""
+    num_blocks = self.num_blocks(param_groups.flatten(params))
+    return param_groups.map_with_path(lambda path, _: self.depth(path, num_blocks), tree)
+
 
 @dataclasses.dataclass(frozen=True)
 class Model:
