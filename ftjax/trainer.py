@@ -80,8 +80,9 @@ class _Run:
     self.model, base = models.create(config.model, config.seed)
     self.model, params = peft_methods.adapt(config, self.model, base, config.seed)
     trainable, frozen = peft_methods.split(config, self.model, params)
-    self.tx, self.schedule = optim.make_optimizer(
-        config.optimizer, trainable, self.total_steps, self.model.layout.depths(trainable, params))
+    depths = self.model.layout.depths(trainable, params)
+    self.tx, self.schedule = optim.make_optimizer(config.optimizer, trainable,
+                                                  self.total_steps, depths)
     self.frozen = jax.device_put(frozen, self.replicated)
     self.state = jax.device_put(state_lib.create(trainable, self.tx, config.seed),
                                 self.replicated)
