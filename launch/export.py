@@ -8,16 +8,11 @@ loads it. --format=adapter writes only the adapters in PEFT's format
 `peft.PeftModel.from_pretrained(<base model>, OUT)`.
 """
 
-import json
-import os
 import sys
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 from absl import app, flags
 
-from ftjax import checkpoint, models, param_groups
+from ftjax import models, runs
 from ftjax.errors import ConfigError, FtjaxError
 from ftjax.hub import export
 from ftjax.peft import lora, methods
@@ -30,20 +25,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def export_run(workdir: str, out: str, what: str) -> list[str]:
   """Rebuilds the run's model, restores its best parameters and writes the export."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise ConfigError(f"{config_path} not found: is {workdir} a training workdir?")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  model, params = models.create(config.model, config.seed)
-  model, params = methods.adapt(config, model, params, config.seed)
-  trainable, frozen = methods.split(config, model, params)
-  checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
-  try:
-    trainable = checkpointer.restore_best(jax.tree.map(jnp.asarray, trainable))
-  finally:
-    checkpointer.close()
-  module = model.module(param_groups.combine(trainable, frozen))
+  config, _, module = runs.restore_module(workdir)
   source, name_map, extra = models.hf_format(config.model)
   if what == "merged":
     return export.save_merged(module, out, source_dir=source, name_map=name_map, extra=extra)

@@ -338,6 +338,19 @@ class CausalLM(nnx.Module):
     self.lm_head = (None if self.tied else
                     _linear(config.hidden_size, config.vocab_size, False, config, rngs))
 
+  def features(self, batch: dict[str, Any]) -> jax.Array:
+    """Final hidden states [B, L, hidden] (after the last norm), in the compute dtype.
+
+    Args:
+      batch: `input_ids`, `positions` and `segment_ids`, each [B, L] integers.
+    """
+    return self.model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+
+  def unembed(self, hidden: jax.Array) -> jax.Array:
+    """Float32 next-token logits [..., vocab] of hidden states [..., hidden]."""
+    logits = self.model.embed_tokens.attend(hidden) if self.tied else self.lm_head(hidden)
+    return logits.astype(jnp.float32)
+
   def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     """Float32 next-token logits [B, L, vocab].
@@ -348,6 +361,4 @@ class CausalLM(nnx.Module):
       rngs: likewise unused.
     """
     del deterministic, rngs
-    hidden = self.model(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    logits = self.model.embed_tokens.attend(hidden) if self.tied else self.lm_head(hidden)
-    return logits.astype(jnp.float32)
+    return self.unembed(self.features(batch))
