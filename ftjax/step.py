@@ -59,8 +59,9 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
 
   def loss_sum(params, micro, rng):
     everything = param_groups.combine(params, frozen)
-    logits = model.apply(cast_floats(everything, compute_dtype), micro, train=True, rng=rng)
-    sums = task.train_sums(logits, micro)
+    outputs = model.apply(cast_floats(everything, compute_dtype), micro, train=True, rng=rng,
+                          features=task.features)
+    sums = task.train_sums(outputs, micro)
     return sums["loss"], sums
 
   value_and_grad = jax.value_and_grad(loss_sum, has_aux=True)
@@ -93,5 +94,6 @@ def eval_step(params: Any, frozen: Any, batch: Batch, *, model: Model, task: Tas
               compute_dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
   """The task's evaluation sums over the real (mask=True) examples of `batch`."""
   everything = param_groups.combine(params, frozen)
-  logits = model.apply(cast_floats(everything, compute_dtype), batch, train=False)
-  return task.eval_sums(logits, batch)
+  outputs = model.apply(cast_floats(everything, compute_dtype), batch, train=False,
+                        features=task.features)
+  return task.eval_sums(outputs, batch)

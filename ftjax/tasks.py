@@ -10,6 +10,11 @@ Batches carry `mask` [B] (False for evaluation padding rows). Classification
 batches carry `label` [B]; language-model batches carry `targets` [B, L] (the
 next token at each position) and `loss_mask` [B, L] (which targets count, e.g.
 only assistant tokens in chat data).
+
+A classification task scores logits. The language-model task scores hidden
+states with the model's unembedding, a chunk of tokens at a time under
+`jax.checkpoint`, so batch x length x vocabulary float32 logits never exist at
+once, neither in the forward nor in the backward pass.
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ class Task:
 
   Attributes:
     name: the task's config name.
-    train_sums: (logits, batch) -> sums with 'loss' and 'weight' (the number of
+    features: whether the task scores (hidden states, unembed function) rather
+      than logits (see `Model.apply`).
+    train_sums: (outputs, batch) -> sums with 'loss' and 'weight' (the number of
       units) and any other summed train metric; the step reports each as sum / weight.
-    eval_sums: (logits, batch) -> sums of evaluation statistics.
+    eval_sums: (outputs, batch) -> sums of evaluation statistics.
     summarize: numpy sums over a split -> metrics.
   """
 
   name: str
+  features: bool
   train_sums: Callable[[jax.Array, Batch], Sums]
   eval_sums: Callable[[jax.Array, Batch], Sums]
   summarize: Callable[[dict[str, np.ndarray]], dict[str, float]]
@@ -73,17 +81,55 @@ def _classification(num_classes: int) -> Task:
   def summarize(sums):
     return classification_evals.summarize(sums["loss_sum"], sums["count"], sums["confusion"])
 
-  return Task("classification", train_sums, eval_sums, summarize)
+  return Task("classification", False, train_sums, eval_sums, summarize)
 
 
-def _causal_lm() -> Task:
-  def scored(logits, batch):
-    logits = logits.astype(jnp.float32)
+def _token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Sums:
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return {"loss": (losses * weights).sum(), "accuracy": (correct * weights).sum(),
+          "weight": weights.sum()}
+
+
+def chunked_token_sums(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Array],
+                       targets: jax.Array, weights: jax.Array, chunk: int) -> Sums:
+  """Summed next-token cross-entropy and accuracy, `chunk` tokens of logits at a time.
+
+  Args:
+    hidden: [B, L, H] final hidden states.
+    unembed: hidden [..., H] -> float32 logits [..., V].
+    targets: [B, L] target ids.
+    weights: [B, L] float weights (0 for tokens that do not count).
+    chunk: tokens per chunk of logits; <= 0 scores all B x L tokens at once.
+
+  Returns:
+    {"loss", "accuracy", "weight"}: sums over the weighted tokens.
+  """
+  hidden = hidden.reshape(-1, hidden.shape[-1])
+  targets, weights = targets.reshape(-1), weights.reshape(-1)
+  tokens = hidden.shape[0]
+  if chunk <= 0 or chunk >= tokens:
+    return _token_sums(unembed(hidden), targets, weights)
+  pad = -tokens % chunk  # padded tokens carry weight 0
+  if pad:
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
+  chunks = (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk),
+            weights.reshape(-1, chunk))
+
+  @jax.checkpoint  # the backward pass recomputes a chunk's logits instead of storing them
+  def one(xs):
+    h, t, w = xs
+    return _token_sums(unembed(h), t, w)
+
+  return jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, chunks))
+
+
+def _causal_lm(loss_chunk: int) -> Task:
+  def scored(outputs, batch):
+    hidden, unembed = outputs
     weights = batch["loss_mask"].astype(jnp.float32) * batch["mask"][:, None]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    return {"loss": (losses * weights).sum(), "accuracy": (correct * weights).sum(),
-            "weight": weights.sum()}
+    return chunked_token_sums(hidden, unembed, batch["targets"], weights, loss_chunk)
 
   def summarize(sums):
     tokens = float(sums["weight"])
@@ -91,15 +137,19 @@ def _causal_lm() -> Task:
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "accuracy": float(sums["accuracy"]) / max(tokens, 1.0), "tokens": tokens}
 
-  return Task("causal_lm", scored, scored, summarize)
+  return Task("causal_lm", True, scored, scored, summarize)
 
 
 TASKS = ("classification", "causal_lm")
 
 
 def get(config: ml_collections.ConfigDict) -> Task:
-  """The task named by `config.task` (classification reads `config.model.num_classes`)."""
+  """The task named by `config.task`.
+
+  Classification reads `config.model.num_classes`; causal_lm reads
+  `config.loss_chunk` (tokens of logits per chunk, default 1024; 0 = no chunking).
+  """
   check_choice(config.task, TASKS, "task")
   if config.task == "classification":
     return _classification(config.model.num_classes)
-  return _causal_lm()
+  return _causal_lm(config.get("loss_chunk", 1024))

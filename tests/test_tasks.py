@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import minilm_sentiment
@@ -55,14 +56,53 @@ def _step(model, params, batch, **kwargs):
 def test_lm_loss_counts_only_masked_in_tokens(tiny_lm):
   model, params = tiny_lm
   batch = _lm_batch()
-  logits = model.apply(params, batch, train=False)
-  sums = LM.train_sums(logits, batch)
+  outputs = model.apply(params, batch, train=False, features=True)
+  sums = LM.train_sums(outputs, batch)
   assert float(sums["weight"]) == 4 * 7 - 3
   changed = dict(batch, targets=batch["targets"].at[:, :3].set(0).at[1, 7:].set(0))
-  np.testing.assert_allclose(LM.train_sums(logits, changed)["loss"], sums["loss"], rtol=1e-6)
-  metrics = LM.summarize(jax.device_get(LM.eval_sums(logits, batch)))
+  np.testing.assert_allclose(LM.train_sums(outputs, changed)["loss"], sums["loss"], rtol=1e-6)
+  metrics = LM.summarize(jax.device_get(LM.eval_sums(outputs, batch)))
   assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
   assert metrics["loss"] == pytest.approx(math.log(64), rel=0.1)  # an untrained model
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 40])  # uneven, even, and one chunk for all
+def test_chunked_loss_equals_full_logits_loss_and_gradient(tiny_lm, chunk):
+  model, params = tiny_lm
+  batch = _lm_batch()
+  weights = batch["loss_mask"].astype(jnp.float32)
+
+  def loss(p, chunked):
+    if chunked:
+      hidden, unembed = model.apply(p, batch, train=False, features=True)
+      return tasks.chunked_token_sums(hidden, unembed, batch["targets"], weights, chunk)["loss"]
+    logits = model.apply(p, batch, train=False)  # [B, L, V] at once
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return (ce * weights).sum()
+
+  (full, full_grad), (chunked, chunked_grad) = (jax.value_and_grad(loss)(params, c)
+                                                for c in (False, True))
+  np.testing.assert_allclose(chunked, full, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(chunked_grad), jax.tree.leaves(full_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_never_holds_all_logits():
+  """The compiled gradient holds no [tokens, vocab] float32 buffer when chunked."""
+  tokens, hidden_size, vocab, chunk = 4096, 64, 8192, 512
+  kernel = jnp.zeros((hidden_size, vocab))
+  hidden = jnp.zeros((1, tokens, hidden_size))
+  targets, weights = jnp.zeros((1, tokens), jnp.int32), jnp.ones((1, tokens))
+
+  def peak_bytes(c):
+    def loss(k, h):
+      return tasks.chunked_token_sums(h, lambda x: x @ k, targets, weights, c)["loss"]
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(kernel, hidden).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  full_logits, chunk_logits = tokens * vocab * 4, chunk * vocab * 4
+  assert peak_bytes(0) >= full_logits  # measured: 2x (logits and their gradient)
+  assert peak_bytes(chunk) <= 3 * chunk_logits  # measured: 2 chunks' worth, 1/4 of the above
 
 
 def test_lm_train_step_learns_and_accumulates_like_one_batch(tiny_lm):

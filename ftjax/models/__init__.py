@@ -72,11 +72,19 @@ class Model:
     return nnx.merge(self.graphdef, params)
 
   def apply(self, params: Any, batch: dict[str, jax.Array], *, train: bool,
-            rng: jax.Array | None = None) -> jax.Array:
-    """Runs the model on `batch`; `rng` drives dropout when `train` is True."""
+            rng: jax.Array | None = None, features: bool = False) -> Any:
+    """Runs the model on `batch`; `rng` drives dropout when `train` is True.
+
+    Returns:
+      The module's output (logits), or with `features` (language models) the
+      pair (hidden states, unembed function from hidden states to logits), for
+      losses that compute logits a chunk at a time.
+    """
     module = nnx.merge(self.graphdef, params)
     rngs = nnx.Rngs(dropout=rng) if train else None
     lora.bind_dropout(module, train=train, rngs=rngs)
+    if features:
+      return module.features(batch), module.unembed
     return module(batch, deterministic=not train, rngs=rngs)
 
 
