@@ -18,8 +18,8 @@ CLASSIFICATION = tasks.get(ml_collections.ConfigDict(
 class LinearClassifier:
   """A model with the `Model.apply` contract and no dropout, so steps are comparable."""
 
-  def apply(self, params, batch, *, train, rng=None):
-    del train, rng
+  def apply(self, params, batch, *, train, rng=None, features=False):
+    del train, rng, features
     return batch["features"] @ params["head"]["kernel"] + params["head"]["bias"]
 
 
