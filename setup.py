@@ -19,6 +19,10 @@ setuptools.setup(
         "array-record>=0.8.0",
         "grain>=0.2.12,<0.3",
         "tokenizers>=0.20",
+        # Language models' tokenizers and chat templates (no PyTorch needed).
+        "transformers>=4.50",
+        "jinja2>=3.1",
+        "PyYAML>=6.0",
         "safetensors>=0.4",
         "gguf>=0.17,<0.20",
         "tensorboardX>=2.6",
@@ -26,7 +30,7 @@ setuptools.setup(
     ],
     extras_require={
         # Reference implementations for parity tests and benchmarks.
-        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.50", "torch>=2.4", "peft>=0.13",
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "peft>=0.13",
                  "accelerate>=1.0"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],

@@ -15,7 +15,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import rotten_tomatoes
+from ftjax.data import chat, rotten_tomatoes, shakespeare
 from ftjax.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
@@ -23,7 +23,9 @@ SPLITS = ("train", "validation", "test")
 # name -> (builder class, source_path -> builder config).
 _REGISTRY: dict[str, tuple[type[tfds.core.DatasetBuilder],
                            Callable[[str | None], tfds.core.BuilderConfig]]] = {
+    "chat": (chat.Chat, chat.config_for),
     "rotten_tomatoes": (rotten_tomatoes.RottenTomatoes, rotten_tomatoes.config_for),
+    "shakespeare": (shakespeare.Shakespeare, shakespeare.config_for),
 }
 
 
@@ -78,9 +80,9 @@ def load_splits(name: str, data_dir: str, source_path: str | None = None
   Args:
     name: a registered data set, one of `dataset_names()`.
     data_dir: the TFDS data directory holding prepared data sets.
-    source_path: the raw file to prepare from; None means the packaged one.
-      A custom file is prepared under its own config name, derived from its
-      path and modification time.
+    source_path: the raw file (for "shakespeare", a folder of .txt files) to
+      prepare from; None means the packaged one. A custom source is prepared
+      under its own config name, derived from its path and modification time.
 
   Returns:
     {"train", "validation", "test"}: random-access sources (`len(src)`,
@@ -89,11 +91,11 @@ def load_splits(name: str, data_dir: str, source_path: str | None = None
 
   Raises:
     ConfigError: for an unknown name.
-    DataError: for a missing or malformed source file.
+    DataError: for a missing or malformed source.
   """
   if name not in _REGISTRY:
     raise ConfigError(f"unknown data set {name!r}; valid names: {dataset_names()}")
-  if source_path is not None and not os.path.isfile(source_path):
+  if source_path is not None and not os.path.exists(source_path):
     raise DataError(f"{source_path}: file not found")
   builder_cls, config_for = _REGISTRY[name]
   config = config_for(source_path)
