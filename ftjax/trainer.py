@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ftjax import checkpoint, data, models, optim, step as step_lib, tasks
 from ftjax import state as state_lib
 from ftjax.config import validate
-from ftjax.data import tokenizer as tokenizer_lib
+from ftjax.data import inputs as inputs_lib
 from ftjax.early_stopping import EarlyStopping
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
@@ -94,11 +94,8 @@ class _Run:
   def _build_data(self) -> None:
     config = self.config
     model_path = assets.model_dir(config.model.pretrained) if config.model.pretrained else ""
-    tokenizer_path = config.data.tokenizer or os.path.join(model_path, "tokenizer.json")
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path, config.data.max_length)
-    self.preprocess = data.text_classification_preprocess(tokenizer)
-    self.splits = data.load_splits(config.data.name, os.path.expanduser(config.data.data_dir),
-                                   config.data.source_path or None)
+    self.inputs = inputs_lib.build(config, model_path)
+    self.splits, self.preprocess = self.inputs.splits, self.inputs.preprocess
     self.host_batch = config.batch_size // self.num_processes
     self.steps_per_epoch = len(self.splits["train"]) // config.batch_size
     if self.steps_per_epoch == 0:
@@ -115,7 +112,7 @@ class _Run:
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     return data.eval_batches(
-        data.Head(self.splits[split], self.config.data.max_eval_examples), self.preprocess,
+        self.splits[split], self.preprocess,
         batch_size=self.config.eval_batch_size // self.num_processes,
         shard_index=self.process, shard_count=self.num_processes)
 
@@ -190,6 +187,8 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
   config = run.config
   start = int(jax.device_get(run.state.step))
   progress = Progress(run.total_steps, config.batch_size, start)
+  if start == 0 and config.get("eval_at_start", False):
+    _validate(run, 0, stopper)  # the pretrained model: the baseline fine-tuning must beat
   with jax.transfer_guard("disallow"):
     for step in range(start + 1, run.total_steps + 1):
       if stopper.stop:
@@ -253,9 +252,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if run_.process == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)
-  log_line(f"best step {final['best_step']}: validation accuracy "
-           f"{final['validation']['accuracy']:.4f}, test accuracy {final['test']['accuracy']:.4f}"
-           f", test macro-F1 {final['test']['macro_f1']:.4f}")
+  metric = config.early_stopping.metric
+  log_line(f"best step {final['best_step']}: validation {metric} "
+           f"{final['validation'][metric]:.4f}; test " + ", ".join(
+               f"{k} {v:.4f}" for k, v in final["test"].items() if k not in ("count", "tokens")))
   run_.writer.close()
   run_.checkpointer.close()
   return final

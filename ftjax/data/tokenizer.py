@@ -1,12 +1,16 @@
-"""Fixed-length text tokenization from a Hugging Face `tokenizer.json`.
+"""Tokenizers: fixed-length encoding for classifiers, and models' own HF tokenizers.
 
-Uses the `tokenizers` library directly (not transformers), so the input
-pipeline needs no PyTorch and no model-hub access.
+`load_tokenizer` uses the `tokenizers` library directly (not transformers), so
+the classification pipeline needs no PyTorch and no model-hub access.
+`load_hf_tokenizer` returns a transformers tokenizer with its chat template, for
+language models.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from typing import Any
 
 import numpy as np
 import tokenizers
@@ -88,3 +92,47 @@ def load_tokenizer(path: str, max_length: int) -> TextTokenizer:
       length=max_length,
   )
   return TextTokenizer(tokenizer, max_length)
+
+
+def _gguf_tokenizer_cache(gguf_path: str, cache_root: str) -> str:
+  """The folder holding the tokenizer converted from `gguf_path` (keyed by size and mtime)."""
+  stat = os.stat(gguf_path)
+  stem = os.path.splitext(os.path.basename(gguf_path))[0]
+  return os.path.join(cache_root, f"{stem}-{stat.st_size}-{int(stat.st_mtime)}")
+
+
+def load_hf_tokenizer(model_dir: str, cache_root: str = "~/.cache/ftjax/tokenizers") -> Any:
+  """Loads a model's Hugging Face tokenizer (with its chat template) from its folder.
+
+  A llama.cpp GGUF folder carries its tokenizer inside the GGUF file;
+  transformers converts it (about 15 s), and the result is saved under
+  `cache_root` so later loads take well under a second.
+
+  Args:
+    model_dir: a HF checkpoint folder (tokenizer.json, tokenizer_config.json)
+      or a folder with one GGUF file.
+    cache_root: where converted GGUF tokenizers are kept.
+
+  Returns:
+    A transformers fast tokenizer.
+  """
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from ftjax.hub import gguf as gguf_hub  # pylint: disable=g-import-not-at-top
+  gguf_path = gguf_hub.find_gguf(model_dir)
+  try:
+    if gguf_path is None:
+      return AutoTokenizer.from_pretrained(model_dir)
+    cached = _gguf_tokenizer_cache(gguf_path, os.path.expanduser(cache_root))
+    if os.path.isfile(os.path.join(cached, "tokenizer.json")):
+      return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=os.path.basename(gguf_path))
+  except (OSError, ValueError) as e:
+    raise DataError(f"{model_dir}: cannot load a tokenizer: {e}") from e
+  partial = f"{cached}.tmp{os.getpid()}"
+  tokenizer.save_pretrained(partial)
+  os.makedirs(os.path.dirname(cached), exist_ok=True)
+  try:
+    os.replace(partial, cached)  # atomic: concurrent loaders never see half a folder
+  except OSError:  # another process won the race; its copy is identical
+    shutil.rmtree(partial, ignore_errors=True)
+  return tokenizer

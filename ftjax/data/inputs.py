@@ -1,0 +1,114 @@
+"""What a run feeds its model: the splits, the per-batch preprocessing and the tokenizer.
+
+Data sets come in three kinds. Classification data (texts with labels) is
+tokenized batch by batch to a fixed length. Chat and plain-text data for
+language models is tokenized and packed once, when the run starts, into rows
+of `config.data.max_length` tokens (see `ftjax.data.lm`); the packed rows are
+then the examples the grain pipelines shuffle, shard across hosts and batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from ftjax.data import lm, pipeline, sources, tokenizer as tokenizer_lib
+from ftjax.errors import ConfigError
+from ftjax.hub import assets
+from ftjax.metrics import log_line
+
+# data set -> (kind, the task its examples are scored by)
+KINDS = {
+    "rotten_tomatoes": ("classification", "classification"),
+    "chat": ("chat", "causal_lm"),
+    "shakespeare": ("text", "causal_lm"),
+}
+
+
+@dataclasses.dataclass
+class Inputs:
+  """A run's input side.
+
+  Attributes:
+    kind: "classification", "chat" or "text".
+    splits: {"train", "validation", "test"}: random-access sources of examples
+      (packed rows for language models); evaluation splits hold at most
+      `config.data.max_eval_examples` examples when that is positive.
+    preprocess: a batch of examples -> model inputs (see `ftjax.data.pipeline`).
+    tokenizer: the tokenizer (a transformers tokenizer for language models).
+    raw: the unpacked splits (language models only: prompts for samples).
+    chat: renders conversations with the model's chat template (chat data only).
+  """
+
+  kind: str
+  splits: dict[str, Sequence[Any]]
+  preprocess: pipeline.Preprocess
+  tokenizer: Any
+  raw: dict[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+  chat: lm.ChatFormatter | None = None
+
+
+def _rows_unchanged(batch: pipeline.Batch) -> pipeline.Batch:
+  return batch
+
+
+def build(config: ml_collections.ConfigDict, model_dir: str) -> Inputs:
+  """Loads the data set of `config.data` and prepares it for the model in `model_dir`.
+
+  Args:
+    config: a run config (`task`, `seed` and the `data` section are read).
+    model_dir: the pretrained model folder ('' for none); its tokenizer is used
+      unless `config.data.tokenizer` names one (a tokenizer file for
+      classification; a model folder or packaged model name for language models).
+
+  Returns:
+    The run's Inputs.
+  """
+  data = config.data
+  if data.name not in KINDS:
+    raise ConfigError(f"config.data.name={data.name!r}: unknown data set; "
+                      f"known: {sorted(KINDS)}")
+  kind, task = KINDS[data.name]
+  if config.task != task:
+    raise ConfigError(f"config.data.name={data.name!r} is {kind} data, scored by task "
+                      f"{task!r}, but config.task={config.task!r}")
+  splits = sources.load_splits(data.name, os.path.expanduser(data.data_dir),
+                               data.source_path or None)
+  if kind == "classification":
+    path = data.tokenizer or os.path.join(model_dir, "tokenizer.json")
+    tokenizer = tokenizer_lib.load_tokenizer(path, data.max_length)
+    for split in ("validation", "test"):
+      splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
+    return Inputs(kind, splits, pipeline.text_classification_preprocess(tokenizer), tokenizer)
+  tokenizer_dir = assets.model_dir(data.tokenizer) if data.tokenizer else model_dir
+  return _language_model_inputs(config, kind, splits, tokenizer_dir)
+
+
+def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
+                           splits: dict[str, Sequence[Any]], tokenizer_dir: str) -> Inputs:
+  data = config.data
+  if not tokenizer_dir:
+    raise ConfigError("config.data.tokenizer is empty and the model has no pretrained "
+                      "folder: language-model data needs a tokenizer")
+  tokenizer = tokenizer_lib.load_hf_tokenizer(tokenizer_dir)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  formatter = lm.ChatFormatter(tokenizer) if kind == "chat" else None
+  raw = {"train": pipeline.Head(splits["train"], data.get("max_train_examples", 0))}
+  for split in ("validation", "test"):
+    raw[split] = pipeline.Head(splits[split], data.max_eval_examples)
+  packed = {}
+  for split, source in raw.items():
+    seed = config.seed if split == "train" else None
+    if kind == "chat":
+      packed[split] = lm.pack_chat(source, formatter, max_length=data.max_length,
+                                   pad_id=pad_id, overlong=data.get("overlong", "truncate"),
+                                   order_seed=seed)
+    else:
+      packed[split] = lm.pack_text(source, tokenizer, max_length=data.max_length,
+                                   pad_id=pad_id, order_seed=seed)
+    log_line(packed[split].stats.summary(f"{data.name} {split}"))
+  return Inputs(kind, packed, _rows_unchanged, tokenizer, raw, formatter)
