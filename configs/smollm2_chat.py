@@ -52,7 +52,7 @@ def language_model_config(arg: str | None, *, data_name: str, default_steps: int
   config.data.source_path = ""  # empty: the files shipped in the data packages
   config.data.tokenizer = ""  # empty: the model's own tokenizer (and chat template)
   config.data.max_length = arg.max_length
-  config.data.overlong = "truncate"  # chat longer than a row: truncate | skip | error (counted)
+  config.data.overlong = "split"  # chat longer than a row: split | truncate | skip | error
   config.data.max_train_examples = 0  # > 0: train on the first N examples only
   config.data.max_eval_examples = 96  # > 0: evaluate on the first N of each split only
 

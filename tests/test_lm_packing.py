@@ -34,14 +34,8 @@ def test_only_assistant_tokens_and_their_end_of_turn_are_trained(tokenizer):
   messages = json.loads(_chat(0)["messages"])
   ids, trained = formatter.encode(messages, "c0")
   assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
-  spans, current = [], []
-  for token, on in zip(ids, trained):
-    if on:
-      current.append(int(token))
-    elif current:
-      spans.append(tokenizer.decode(current))
-      current = []
-  assert spans == [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+  assert _trained_texts(tokenizer, ids, trained) == [
+      m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
 
 
 def test_packed_rows_hold_every_example_once_in_its_own_segment(tokenizer):
@@ -73,7 +67,8 @@ def test_overlong_chat_is_truncated_skipped_or_refused_and_counted(tokenizer):
   formatter = lm.ChatFormatter(tokenizer)
   source = [_chat(0, words=200), _chat(1, turns=1)]
   pad = tokenizer.pad_token_id
-  truncated = lm.pack_chat(source, formatter, max_length=96, pad_id=pad).stats
+  truncated = lm.pack_chat(source, formatter, max_length=96, pad_id=pad,
+                           overlong="truncate").stats
   # The long question leaves no assistant token in the first 96: truncated, then skipped.
   assert truncated.truncated == 1 and truncated.truncated_tokens > 300
   assert truncated.skipped_no_target == 1 and truncated.rows == 1
@@ -83,6 +78,39 @@ def test_overlong_chat_is_truncated_skipped_or_refused_and_counted(tokenizer):
     lm.pack_chat(source, formatter, max_length=96, pad_id=pad, overlong="error")
   with pytest.raises(ConfigError, match="config.data.overlong='drop'"):
     lm.pack_chat(source, formatter, max_length=96, pad_id=pad, overlong="drop")
+
+
+def _trained_texts(tokenizer, ids, trained):
+  spans, current = [], []
+  for token, on in zip(ids, trained):
+    if on:
+      current.append(int(token))
+    elif current:
+      spans.append(tokenizer.decode(current))
+      current = []
+  return spans + ([tokenizer.decode(current)] if current else [])
+
+
+def test_long_conversation_is_split_into_windows_of_whole_exchanges(tokenizer):
+  formatter = lm.ChatFormatter(tokenizer)
+  system = {"role": "system", "content": "Be brief."}
+  messages = [system] + json.loads(_chat(0, turns=12, words=4)["messages"])
+  messages.append({"role": "user", "content": "a last question nobody answers"})
+  windows = formatter.encode_windows(messages, "c0", max_length=128)
+  assert len(windows) > 2
+  answers = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+  found = []
+  for ids, trained in windows:
+    assert len(ids) <= 128
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")  # repeated
+    assert "nobody answers" not in text
+    found += _trained_texts(tokenizer, ids, trained)
+  assert found == answers  # every answer once, in order
+  rows = lm.pack_chat([{"id": b"c0", "messages": json.dumps(messages)}], formatter,
+                      max_length=128, pad_id=tokenizer.pad_token_id)
+  assert rows.stats.split_conversations == 1 and rows.stats.windows == len(windows)
+  assert rows.stats.truncated == 0
 
 
 def test_conversation_without_assistant_turn_is_skipped_and_counted(tokenizer):

@@ -105,7 +105,7 @@ def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
     seed = config.seed if split == "train" else None
     if kind == "chat":
       packed[split] = lm.pack_chat(source, formatter, max_length=data.max_length,
-                                   pad_id=pad_id, overlong=data.get("overlong", "truncate"),
+                                   pad_id=pad_id, overlong=data.get("overlong", "split"),
                                    order_seed=seed)
     else:
       packed[split] = lm.pack_text(source, tokenizer, max_length=data.max_length,

@@ -15,8 +15,8 @@ Examples are packed several to a row of `max_length` tokens. Each row carries
 * `segment_ids` [L]: 1, 2, ... per example, 0 for padding,
 
 so that attention (which the model restricts to a segment) never crosses
-examples. Nothing is cut silently: an over-long chat example is truncated or
-skipped as `overlong` says, an over-long text passage is split into
+examples. Nothing is cut silently: an over-long chat example is split into
+windows of whole exchanges, truncated or skipped as `overlong` says, an over-long text passage is split into
 `max_length` pieces, and every such case is counted in `PackStats`.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 from ftjax.errors import ConfigError, DataError
 
 ROW_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
-OVERLONG = ("truncate", "skip", "error")
+OVERLONG = ("split", "truncate", "skip", "error")
 # How many partly filled rows first-fit packing keeps open.
 _OPEN_ROWS = 64
 
@@ -46,7 +46,9 @@ class PackStats:
   rows: int = 0
   tokens: int = 0           # tokens placed in rows
   target_tokens: int = 0    # tokens the loss counts
-  truncated: int = 0        # chat examples cut to max_length
+  split_conversations: int = 0  # chat examples split into windows of whole exchanges
+  windows: int = 0          # the windows they became
+  truncated: int = 0        # chat examples (or windows) cut to max_length
   truncated_tokens: int = 0
   skipped_overlong: int = 0
   skipped_no_target: int = 0  # nothing left to train on (e.g. no assistant token)
@@ -60,7 +62,8 @@ class PackStats:
   def summary(self, name: str) -> str:
     parts = [f"{name}: {self.examples} examples -> {self.rows} rows of {self.row_length} "
              f"tokens ({100 * self.fill:.1f}% filled, {self.target_tokens} target tokens)"]
-    for key in ("truncated", "skipped_overlong", "skipped_no_target", "split_passages"):
+    for key in ("split_conversations", "windows", "truncated", "skipped_overlong",
+                "skipped_no_target", "split_passages"):
       if getattr(self, key):
         parts.append(f"{key.replace('_', ' ')}: {getattr(self, key)}")
     if self.truncated_tokens:
@@ -106,6 +109,12 @@ class ChatFormatter:
       (ids, trained): int32 [n] token ids and bool [n], True for assistant tokens
       and the end-of-turn token after each assistant message.
     """
+    ids, trained, _ = self._encode(messages, where)
+    return ids, trained
+
+  def _encode(self, messages: list[dict[str, str]], where: str
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, trained, index of the first token after each assistant message's text)."""
     markers, marked = [], []
     for i, message in enumerate(messages):
       if message["role"] == "assistant":
@@ -134,7 +143,47 @@ class ChatFormatter:
       after = np.flatnonzero(starts >= end)
       if len(after) and ids[after[0]] == self.eos_id:
         trained[after[0]] = True
-    return ids, trained
+    return ids, trained, np.searchsorted(starts, [end for _, end in spans])
+
+  def encode_windows(self, messages: list[dict[str, str]], where: str, max_length: int
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Tokenizes a conversation, split into windows of whole exchanges that fit a row.
+
+    An exchange is the messages up to and including an assistant message. A
+    conversation that fits `max_length` is one window; a longer one becomes
+    several, each rendered as a conversation of its own (with the system
+    message, if any, repeated), so no assistant message is lost. Messages after
+    the last assistant message train nothing and are left out of split
+    conversations. A single exchange longer than `max_length` stays too long
+    (the caller truncates it).
+
+    Returns:
+      [(ids, trained)] per window, as `encode` returns them.
+    """
+    ids, trained, bounds = self._encode(messages, where)
+    if len(ids) <= max_length or len(bounds) < 2:
+      return [(ids, trained)]
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    exchanges, current = [], []
+    for message in messages[len(system):]:
+      current.append(message)
+      if message["role"] == "assistant":
+        exchanges.append(current)
+        current = []
+    # A window's length is estimated from the tokens each exchange adds in the
+    # whole rendering, plus the system prompt's and the end of turn's.
+    overhead = len(self.prompt_ids(system + [{"role": "user", "content": ""}])) + 2
+    sizes = np.diff(bounds, prepend=0)
+    groups, length = [[0]], int(bounds[0]) + 2
+    for k in range(1, len(exchanges)):
+      if length + sizes[k] <= max_length:
+        groups[-1].append(k)
+        length += int(sizes[k])
+      else:
+        groups.append([k])
+        length = overhead + int(sizes[k])
+    return [self.encode(system + [m for k in group for m in exchanges[k]], where)
+            for group in groups]
 
 
 def parse_messages(raw: bytes | str, where: str) -> list[dict[str, str]]:
@@ -222,7 +271,7 @@ def _check_length(max_length: int, overlong: str) -> None:
 
 
 def pack_chat(source: Sequence[dict[str, Any]], formatter: ChatFormatter, *,
-              max_length: int, pad_id: int, overlong: str = "truncate",
+              max_length: int, pad_id: int, overlong: str = "split",
               order_seed: int | None = None) -> PackedRows:
   """Tokenizes and packs the conversations of `source` (a `messages` and an `id` feature).
 
@@ -231,8 +280,10 @@ def pack_chat(source: Sequence[dict[str, Any]], formatter: ChatFormatter, *,
     formatter: renders and tokenizes with the model's chat template.
     max_length: tokens per row.
     pad_id: the id written into padding slots.
-    overlong: what to do with a conversation longer than a row: "truncate" it
-      (counted), "skip" it (counted) or raise an "error".
+    overlong: what to do with a conversation longer than a row: "split" it into
+      windows of whole exchanges (`ChatFormatter.encode_windows`; an exchange
+      longer than a row is then truncated), "truncate" it, "skip" it, or raise
+      an "error". Every split, truncation and skip is counted.
     order_seed: shuffle the examples with this seed before packing (training);
       None keeps their order (evaluation).
 
@@ -247,25 +298,39 @@ def pack_chat(source: Sequence[dict[str, Any]], formatter: ChatFormatter, *,
   for index in order:
     example = source[int(index)]
     where = f"example {_text(example.get('id', index))}"
-    ids, trained = formatter.encode(parse_messages(example["messages"], where), where)
+    messages = parse_messages(example["messages"], where)
     stats.examples += 1
-    if len(ids) > max_length:
-      if overlong == "error":
-        raise DataError(f"{where}: {len(ids)} tokens, more than "
-                        f"config.data.max_length={max_length}")
-      if overlong == "skip":
-        stats.skipped_overlong += 1
-        continue
-      stats.truncated += 1
-      stats.truncated_tokens += len(ids) - max_length
-      ids, trained = ids[:max_length], trained[:max_length]
-    if not trained[1:].any():
-      stats.skipped_no_target += 1
-      continue
-    packer.add(ids, trained)
-    stats.tokens += len(ids)
-    stats.target_tokens += int(trained[1:].sum())
+    if overlong == "split":
+      windows = formatter.encode_windows(messages, where, max_length)
+      if len(windows) > 1:
+        stats.split_conversations += 1
+        stats.windows += len(windows)
+    else:
+      windows = [formatter.encode(messages, where)]
+    for ids, trained in windows:
+      _add_chat(packer, stats, ids, trained, where, overlong)
   return _finish(packer, stats)
+
+
+def _add_chat(packer: _Packer, stats: PackStats, ids: np.ndarray, trained: np.ndarray,
+              where: str, overlong: str) -> None:
+  max_length = packer.length
+  if len(ids) > max_length:
+    if overlong == "error":
+      raise DataError(f"{where}: {len(ids)} tokens, more than "
+                      f"config.data.max_length={max_length}")
+    if overlong == "skip":
+      stats.skipped_overlong += 1
+      return
+    stats.truncated += 1
+    stats.truncated_tokens += len(ids) - max_length
+    ids, trained = ids[:max_length], trained[:max_length]
+  if not trained[1:].any():
+    stats.skipped_no_target += 1
+    return
+  packer.add(ids, trained)
+  stats.tokens += len(ids)
+  stats.target_tokens += int(trained[1:].sum())
 
 
 def pack_text(source: Sequence[dict[str, Any]], tokenizer: Any, *, max_length: int,
