@@ -54,6 +54,17 @@ class MetricWriter:
         self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
     self._tb.flush()
 
+  def write_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+    """Records generated texts ({"prompt", "completion"} each) at `step`."""
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), "split": "samples", "samples": samples}) + "\n")
+    text = "\n\n".join(f"**prompt** {s['prompt']!r}\n\n**completion** {s['completion']!r}"
+                       for s in samples)
+    self._tb.add_text("samples", text, int(step))
+    self._tb.flush()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax import checkpoint, data, models, optim, step as step_lib, tasks
+from ftjax import checkpoint, data, generate, models, optim, param_groups, tasks
+from ftjax import step as step_lib
 from ftjax import state as state_lib
 from ftjax.config import validate
 from ftjax.data import inputs as inputs_lib
@@ -90,6 +91,10 @@ class _Run:
     self.writer = MetricWriter(workdir, enabled=self.process == 0)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
     self._compile()
+    self.sample_prompts = []
+    if self.task.name == "causal_lm" and config.samples.count > 0:
+      self.sample_prompts = inputs_lib.sample_prompts(
+          self.inputs, "validation", config.samples.count, config.samples.prompt_tokens)
 
   def _build_data(self) -> None:
     config = self.config
@@ -169,6 +174,20 @@ def _resume(run: _Run, iterator, stopper: EarlyStopping) -> EarlyStopping:
   return EarlyStopping.from_dict(progress["early_stopping"])
 
 
+def _write_samples(run: _Run, step: int) -> None:
+  """Continues the validation prompts with the current parameters (greedy) and logs them."""
+  config, tokenizer = run.config, run.inputs.tokenizer
+  with jax.transfer_guard("allow"):  # prompts go to the device; tokens come back
+    completions = generate.generate(
+        run.model, param_groups.combine(run.state.params, run.frozen), run.sample_prompts,
+        max_new_tokens=config.samples.max_new_tokens, stop_tokens=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id or 0, compute_dtype=_DTYPES[config.compute_dtype])
+  samples = [{"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)}
+             for prompt, completion in zip(run.sample_prompts, completions)]
+  run.writer.write_samples(step, samples)
+  log_line(f"sample at step {step}: {samples[0]['completion']!r}")
+
+
 def _validate(run: _Run, step: int, stopper: EarlyStopping) -> None:
   """Evaluates on validation, saves the best parameters and updates early stopping."""
   metrics = run.evaluate(run.state.params, "validation")
@@ -180,6 +199,8 @@ def _validate(run: _Run, step: int, stopper: EarlyStopping) -> None:
     run.checkpointer.save_best(step, run.state.params)
   log_line(f"validation step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
            + f" (best {stopper.metric}={stopper.best} at step {stopper.best_step})")
+  if run.sample_prompts:
+    _write_samples(run, step)
 
 
 def _train(run: _Run, iterator, stopper: EarlyStopping,
@@ -235,6 +256,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   run_ = _Run(config, workdir)
   log_line(f"{run_.total_steps} steps ({run_.steps_per_epoch} per epoch), batch "
            f"{config.batch_size}, {run_.mesh.size} device(s), {run_.num_processes} process(es)")
+  try:
+    return _train_and_test(run_, on_step, started)
+  finally:  # also on errors: pending checkpoint writes complete, files are closed
+    run_.writer.close()
+    run_.checkpointer.close()
+
+
+def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
+                    started: float) -> dict[str, Any]:
+  config, workdir = run_.config, run_.workdir
   iterator = run_.train_iterator()
   stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
   stopper = _train(run_, iterator, stopper, on_step)
@@ -256,6 +287,4 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   log_line(f"best step {final['best_step']}: validation {metric} "
            f"{final['validation'][metric]:.4f}; test " + ", ".join(
                f"{k} {v:.4f}" for k, v in final["test"].items() if k not in ("count", "tokens")))
-  run_.writer.close()
-  run_.checkpointer.close()
   return final

@@ -52,6 +52,30 @@ class Inputs:
   chat: lm.ChatFormatter | None = None
 
 
+def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
+                   ) -> list[list[int]]:
+  """Token ids of prompts for sampled completions: the first `count` examples of `split`.
+
+  A chat prompt is a conversation up to its first assistant message, followed
+  by the assistant's generation prompt; a text prompt is the first
+  `prompt_tokens` tokens of a passage.
+  """
+  source = inputs.raw[split]
+  prompts = []
+  for index in range(min(count, len(source))):
+    example = source[index]
+    if inputs.chat is not None:
+      where = f"example {lm.decode_text(example.get('id', index))}"
+      messages = lm.parse_messages(example["messages"], where)
+      first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+      prompts.append(inputs.chat.prompt_ids(messages[:first_answer]))
+    else:
+      passage = lm.decode_text(example["text"])
+      prompts.append(inputs.tokenizer(passage, add_special_tokens=False)["input_ids"]
+                     [:prompt_tokens])
+  return prompts
+
+
 def _rows_unchanged(batch: pipeline.Batch) -> pipeline.Batch:
   return batch
 

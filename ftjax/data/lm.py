@@ -297,7 +297,7 @@ def pack_chat(source: Sequence[dict[str, Any]], formatter: ChatFormatter, *,
     order = np.random.default_rng(order_seed).permutation(order)
   for index in order:
     example = source[int(index)]
-    where = f"example {_text(example.get('id', index))}"
+    where = f"example {decode_text(example.get('id', index))}"
     messages = parse_messages(example["messages"], where)
     stats.examples += 1
     if overlong == "split":
@@ -361,9 +361,10 @@ def pack_text(source: Sequence[dict[str, Any]], tokenizer: Any, *, max_length: i
   for index in order:
     example = source[int(index)]
     try:
-      texts.append(_text(example[text_key]))
+      texts.append(decode_text(example[text_key]))
     except UnicodeDecodeError as e:
-      raise DataError(f"example {_text(example.get('id', index))}: text is not UTF-8") from e
+      where = decode_text(example.get("id", index))
+      raise DataError(f"example {where}: text is not UTF-8") from e
   eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
   for encoding in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
     ids = np.asarray(encoding.ids + eos, np.int32)
@@ -390,5 +391,6 @@ def _finish(packer: _Packer, stats: PackStats) -> PackedRows:
   return PackedRows(packer.arrays(), stats)
 
 
-def _text(value: Any) -> str:
+def decode_text(value: Any) -> str:
+  """A stored text feature (bytes) as a string."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -4,7 +4,10 @@ Tensor names come from the pretrained checkpoint the model was loaded from: each
 of its tensors is mapped to an ftjax parameter by the model's name map, and the
 export writes that parameter back under the same name (undoing the transform,
 which is the identity or a transpose). So a merged export loads into the same
-transformers class as the original checkpoint.
+transformers class as the original checkpoint. A model read from a llama.cpp
+GGUF file is exported as a Hugging Face checkpoint: the HF names its tensors
+were given on reading, a `config.json` from its metadata, and the tokenizer
+(with chat template) converted from the GGUF file.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from ftjax import param_groups
+from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import WeightsError
+from ftjax.hub import gguf as gguf_hub
 from ftjax.hub import loading, safetensors_io
 from ftjax.peft import lora
 
@@ -30,6 +35,13 @@ _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
 Extra = dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]
 
 
+def _source_tensors(source_dir: str) -> dict[str, np.ndarray]:
+  gguf_path = gguf_hub.find_gguf(source_dir)
+  if gguf_path:
+    return gguf_hub.read_gguf(gguf_path)[1]
+  return safetensors_io.load_safetensors(source_dir)
+
+
 def _names_by_path(source_dir: str, name_map: loading.NameMap) -> dict[str, tuple[str, Any]]:
   """{ftjax path: (checkpoint name, transform back)} for every mapped source tensor.
 
@@ -37,7 +49,7 @@ def _names_by_path(source_dir: str, name_map: loading.NameMap) -> dict[str, tupl
   this is checked on the source tensor.
   """
   result = {}
-  for name, array in safetensors_io.load_safetensors(source_dir).items():
+  for name, array in _source_tensors(source_dir).items():
     target = name_map(name)
     if target is None:
       continue
@@ -54,6 +66,15 @@ def _plain_params(module: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def _copy_side_files(source_dir: str, out_dir: str) -> None:
+  """Copies config and tokenizer files, or writes them for a GGUF source."""
+  gguf_path = gguf_hub.find_gguf(source_dir)
+  if gguf_path:
+    config = dict(gguf_hub.read_config(gguf_path), architectures=["LlamaForCausalLM"],
+                  torch_dtype="float32")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    tokenizer_lib.load_hf_tokenizer(source_dir).save_pretrained(out_dir)
+    return
   for name in _SIDE_FILES:
     if os.path.isfile(os.path.join(source_dir, name)):
       shutil.copy(os.path.join(source_dir, name), os.path.join(out_dir, name))

@@ -139,6 +139,19 @@ def _dequantize(tensor: Any, path: str) -> np.ndarray:
   return np.array(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
 
 
+def _reader(path: str) -> gguf.GGUFReader:
+  try:
+    return gguf.GGUFReader(path)
+  except (OSError, ValueError, IndexError, KeyError) as e:
+    raise WeightsError(f"cannot read GGUF file {path}: {e}") from None
+
+
+def read_config(path: str) -> dict[str, Any]:
+  """The Hugging Face-style Llama config dict of a GGUF file, without reading its tensors."""
+  reader = _reader(path)
+  return _config(reader, {tensor.name: tensor for tensor in reader.tensors}, path)
+
+
 def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Reads a Llama GGUF file.
 
@@ -155,10 +168,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
       other than llama, scaled or partial rotary embeddings, or a tensor type
       other than F32, F16, BF16, Q4_0, Q4_1 and Q8_0.
   """
-  try:
-    reader = gguf.GGUFReader(path)
-  except (OSError, ValueError, IndexError, KeyError) as e:
-    raise WeightsError(f"cannot read GGUF file {path}: {e}") from None
+  reader = _reader(path)
   by_name = {tensor.name: tensor for tensor in reader.tensors}
   config = _config(reader, by_name, path)
   heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
