@@ -123,8 +123,8 @@ def language_model_config(arg: str | None, *, data_name: str, default_steps: int
     config.data.max_length = 128
     config.data.max_train_examples = 64
     config.data.max_eval_examples = 8
-    config.batch_size = 4
-    config.eval_batch_size = 4
+    config.batch_size = 8
+    config.eval_batch_size = 8
     config.total_steps = 4
     config.optimizer.warmup_steps = 1
     config.log_every = 2

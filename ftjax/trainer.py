@@ -285,6 +285,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
       json.dump(final, f, indent=2)
   metric = config.early_stopping.metric
   log_line(f"best step {final['best_step']}: validation {metric} "
-           f"{final['validation'][metric]:.4f}; test " + ", ".join(
-               f"{k} {v:.4f}" for k, v in final["test"].items() if k not in ("count", "tokens")))
+           f"{final['validation'][metric]:.4f}, " + ", ".join(
+               f"test {k} {v:.4f}" for k, v in final["test"].items()
+               if k not in ("count", "tokens")))
   return final

@@ -1,0 +1,63 @@
+"""Language-model fine-tuning end to end: chat and text debug configs, samples, generation."""
+
+import json
+import os
+
+import pytest
+
+from configs import smollm2_chat, smollm2_shakespeare
+from ftjax import metrics, trainer
+
+
+def _debug(module, data_dir, arg="debug"):
+  config = module.get_config(arg)
+  config.unlock()
+  config.data.data_dir = data_dir
+  config.lock()
+  return config
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("chat"))
+  return workdir, trainer.run(_debug(smollm2_chat, data_dir), workdir)
+
+
+def test_chat_run_reports_held_out_loss_before_and_after(chat_run):
+  workdir, final = chat_run
+  records = metrics.read_metrics(workdir)
+  validation = [r for r in records if r["split"] == "validation"]
+  assert [r["step"] for r in validation] == [0, 2, 4]  # step 0: the starting model
+  assert validation[-1]["loss"] < validation[0]["loss"]
+  for split in ("validation", "test"):
+    assert final[split]["perplexity"] == pytest.approx(2.718281828 ** final[split]["loss"])
+    assert final[split]["tokens"] > 0
+  assert final["best_step"] == 4
+
+
+def test_chat_run_writes_sampled_completions_at_each_evaluation(chat_run):
+  workdir, _ = chat_run
+  samples = [r for r in metrics.read_metrics(workdir) if r["split"] == "samples"]
+  assert [r["step"] for r in samples] == [0, 2, 4]
+  sample = samples[0]["samples"][0]
+  assert sample["prompt"].endswith("<|im_start|>assistant\n")
+  assert isinstance(sample["completion"], str)
+  assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_text_run_trains_on_packed_passages(tmp_path, data_dir):
+  final = trainer.run(_debug(smollm2_shakespeare, data_dir), str(tmp_path))
+  assert final["test"]["tokens"] > 1000 and final["test"]["loss"] > 0
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["data"]["name"] == "shakespeare" and config["task"] == "causal_lm"
+
+
+def test_chat_data_with_a_classification_task_is_refused(tmp_path, data_dir):
+  config = _debug(smollm2_chat, data_dir)
+  config.unlock()
+  config.task = "classification"
+  config.model.num_classes = 2
+  config.lock()
+  with pytest.raises(Exception, match="config.data.name='chat' is chat data, scored by task "
+                     "'causal_lm', but config.task='classification'"):
+    trainer.run(config, str(tmp_path))
