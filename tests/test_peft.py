@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import minilm_sentiment
+from configs import minilm_sentiment, smollm2_chat
 from ftjax import models, optim, param_groups, state as state_lib, step as step_lib, tasks
 from ftjax.errors import ConfigError
 from ftjax.peft import lora, methods, quant
@@ -98,6 +98,24 @@ def test_trainable_sets_and_optimizer_state_size(base, arg, trainable_patterns):
   trainable_leaves = jax.tree.leaves(trainable)
   assert len(moments) == 2 * len(trainable_leaves)
   assert sum(x.nbytes for x in moments) == 2 * sum(x.nbytes for x in trainable_leaves)
+
+
+@pytest.mark.parametrize("arg,trainable_patterns", [
+    ("debug", [r".*/lora_(a|b)"]),  # the pretrained output layer and final norm stay frozen
+    ("debug,peft=full", [r".*"]),
+])
+def test_language_model_adapters_leave_the_pretrained_head_frozen(arg, trainable_patterns):
+  config = smollm2_chat.get_config(arg)
+  config.unlock()
+  config.model.arch["tie_word_embeddings"] = False  # a separate lm_head
+  config.lock()
+  model, params = models.create(config.model, seed=0)
+  model, params = methods.adapt(config, model, params, seed=0)
+  trainable, _ = methods.split(config, model, params)
+  paths = param_groups.flatten(params)
+  assert "lm_head/kernel" in paths
+  assert set(param_groups.flatten(trainable)) == set(
+      param_groups.matching(paths, trainable_patterns))
 
 
 def _train(config, model, params, steps=3):

@@ -33,6 +33,9 @@ class Layout:
   embeddings: str  # regex, e.g. "encoder/embeddings/.*"
   block: str       # path prefix with {} for the block index, e.g. "encoder/layers/{}"
   head: str        # regex, e.g. "head/.*"
+  # A new task head (trained alongside adapters and BitFit biases) rather than a
+  # pretrained one (a language model's, which those methods leave frozen).
+  head_is_new: bool = True
 
   def blocks(self, indices) -> str:
     """A regex matching every parameter of the blocks `indices`."""
@@ -132,7 +135,7 @@ def _llama_lm(config: ml_collections.ConfigDict):
             if directory else params)
 
   return build, load, Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
-                             head="lm_head/.*|model/norm/.*")
+                             head="lm_head/.*|model/norm/.*", head_is_new=False)
 
 
 _REGISTRY: dict[str, Callable[..., Any]] = {

@@ -1,5 +1,8 @@
 """What a run trains: full fine-tuning, frozen blocks, linear probe, BitFit, (Q)LoRA, DoRA.
 
+Adapter methods and BitFit also train a model's new task head (a classifier's),
+never a pretrained one (a language model's output layer and final norm).
+
 Every method ends as `(regex, True | None)` rules over parameter paths (None =
 frozen; first match wins); `split` turns them into the trainable and frozen
 halves of the parameters. The trainer differentiates and optimizes only the
@@ -51,10 +54,11 @@ def trainable_rules(config: ml_collections.ConfigDict, layout: Layout,
   if not 0 <= blocks <= num_blocks:
     raise ConfigError(f"config.freeze_blocks={blocks}: the model has {num_blocks} blocks")
   rules = [tuple(rule) for rule in config.trainable]
+  new_head = [(layout.head, True)] if layout.head_is_new else []
   if method in ADAPTERS:
-    rules += [(".*/(" + "|".join(lora.LORA_PARAMS) + ")", True), (layout.head, True), (".*", None)]
+    rules += [(".*/(" + "|".join(lora.LORA_PARAMS) + ")", True), *new_head, (".*", None)]
   elif method == "bitfit":
-    rules += [(".*/bias", True), (layout.head, True), (".*", None)]
+    rules += [(".*/bias", True), *new_head, (".*", None)]
   elif freeze == "all_but_head":
     rules += [(layout.head, True), (".*", None)]
   elif blocks:
