@@ -75,7 +75,12 @@ class Checkpointer:
     step = self._best.latest_step()
     if step is None:
       raise CheckpointError(f"no best checkpoint in {self._best.directory}")
-    return self._best.restore(step, args=ocp.args.StandardRestore(_abstract(params)))
+    path = os.path.join(str(self._best.directory), str(step))
+    try:
+      return self._best.restore(step, args=ocp.args.StandardRestore(_abstract(params)))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+      raise CheckpointError(f"cannot restore the best parameters {path} into this run's "
+                            f"trainable parameters: {e}") from e
 
   def wait(self) -> None:
     """Blocks until every asynchronous save has been written."""
