@@ -8,12 +8,10 @@ loads it. --format=adapter writes only the adapters in PEFT's format
 `peft.PeftModel.from_pretrained(<base model>, OUT)`.
 """
 
-import sys
-
 from absl import app, flags
 
-from ftjax import models, runs
-from ftjax.errors import ConfigError, FtjaxError
+from ftjax import cli, models, runs
+from ftjax.errors import ConfigError
 from ftjax.hub import export
 from ftjax.peft import lora, methods
 
@@ -36,15 +34,10 @@ def export_run(workdir: str, out: str, what: str) -> list[str]:
                                   source_dir=source, name_map=name_map)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    names = export_run(_WORKDIR.value, _OUT.value, _FORMAT.value)
-  except FtjaxError as e:
-    sys.exit(f"error: {e}")
+def _export() -> None:
+  names = export_run(_WORKDIR.value, _OUT.value, _FORMAT.value)
   print(f"wrote {len(names)} tensors to {_OUT.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main(_export))

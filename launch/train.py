@@ -7,10 +7,10 @@ with the same `--workdir` resumes from the latest checkpoint.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import trainer
+from ftjax import cli, trainer
 from ftjax.errors import FtjaxError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, with an optional "
@@ -39,17 +39,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"FATAL Flags parsing error: {message}")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # Progress lines are printed; library INFO logs (checkpointing) only with -v 0.
-    logging.set_verbosity(logging.WARNING)
-  try:
-    trainer.run(_CONFIG.value, _WORKDIR.value)
-  except FtjaxError as e:  # bad input: the message says what and where
-    sys.exit(f"error: {e}")
+def _train() -> None:
+  trainer.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(cli.main(_train), flags_parser=parse_flags)

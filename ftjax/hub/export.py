@@ -69,11 +69,14 @@ def _copy_side_files(source_dir: str, out_dir: str) -> None:
   """Copies config and tokenizer files, or writes them for a GGUF source."""
   gguf_path = gguf_hub.find_gguf(source_dir)
   if gguf_path:
+    tokenizer = tokenizer_lib.load_hf_tokenizer(source_dir)
+    # transformers' generate stops at the config's eos token (for a chat model, end of turn).
     config = dict(gguf_hub.read_config(gguf_path), architectures=["LlamaForCausalLM"],
-                  torch_dtype="float32")
+                  torch_dtype="float32", bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    tokenizer_lib.load_hf_tokenizer(source_dir).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     return
   for name in _SIDE_FILES:
     if os.path.isfile(os.path.join(source_dir, name)):

@@ -9,6 +9,10 @@ Inputs are token ids with explicit `positions` and `segment_ids` [B, L]: a token
 attends only to earlier tokens of its own segment, so several examples can be
 packed into one row (positions restarting at 0 for each), and segment 0 marks
 padding, which no real token attends to.
+
+Generation runs the same blocks incrementally: `CausalLM.init_cache` allocates a
+`KVCache` and `CausalLM.decode` appends tokens to it (the whole prompt at once,
+then one token per step), attending to every earlier cached token of its row.
 """
 
 from __future__ import annotations
@@ -118,6 +122,35 @@ class Rope:
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of the tokens decoded so far, a pytree (fits `jax.lax.while_loop`).
+
+  Every row has `max_len` slots; slots `0 .. index - 1` are written, each row's
+  from the same slot on (shorter prompts are left-padded), and `valid` marks the
+  written slots that hold real tokens rather than padding.
+  """
+
+  keys: tuple[jax.Array, ...]    # per layer, [B, max_len, kv_heads, head_dim]
+  values: tuple[jax.Array, ...]  # likewise
+  valid: jax.Array               # [B, max_len] bool
+  index: jax.Array               # int32 scalar: the next slot to write
+
+  @classmethod
+  def empty(cls, *, num_layers: int, batch: int, max_len: int, num_kv_heads: int,
+            head_dim: int, dtype: Any) -> "KVCache":
+    """A cache with no tokens: zero keys and values, no valid slot, index 0."""
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+               values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.valid.shape[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,15 +277,49 @@ class Attention(nnx.Module):
     self.v_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
     self.o_proj = _linear(self.num_heads * d, h, config.attention_bias, config, rngs)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array) -> jax.Array:
+  def _project(self, x: jax.Array, cos: jax.Array,
+               sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries [B, L, heads, d] and keys, and values [B, L, kv_heads, d]."""
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               mask: jax.Array) -> jax.Array:
+    q, k, v = self._project(x, cos, sin)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    batch, length, _ = x.shape
     return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+  def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+             keys: jax.Array, values: jax.Array,
+             index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention of new tokens to themselves and to the cached ones.
+
+    Args:
+      x: the new tokens' inputs [B, L, hidden], written to cache slots
+        `index` .. `index + L - 1`.
+      cos: rotary angles of the new tokens [B, L, head_dim].
+      sin: likewise.
+      mask: [B, 1, L, S] which cache slots each new token attends to (causality
+        and padding both expressed here).
+      keys: this layer's cached keys [B, S, kv_heads, head_dim].
+      values: its cached values, likewise.
+      index: the first slot to write (int32 scalar).
+
+    Returns:
+      (output [B, L, hidden], keys, values) with the new tokens written in.
+    """
+    q, k, v = self._project(x, cos, sin)
+    start = (0, index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
+    values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+    out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                       mask=mask)
+    batch, length, _ = x.shape
+    return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim)), keys, values
 
 
 class MLP(nnx.Module):
@@ -281,6 +348,15 @@ class DecoderLayer(nnx.Module):
                mask: jax.Array) -> jax.Array:
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
     return x + self.mlp(self.post_attention_layernorm(x))
+
+  def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+             keys: jax.Array, values: jax.Array,
+             index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The block on new tokens against this layer's cache (see `Attention.decode`)."""
+    attended, keys, values = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask,
+                                                   keys, values, index)
+    x = x + attended
+    return x + self.mlp(self.post_attention_layernorm(x)), keys, values
 
 
 def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -314,6 +390,39 @@ class Decoder(nnx.Module):
       x = run(layer, x, cos, sin, mask)
     return self.norm(x)
 
+  def decode(self, input_ids: jax.Array, positions: jax.Array, valid: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Hidden states of tokens appended to `cache`, and the cache holding them too.
+
+    Args:
+      input_ids: [B, L] new tokens, written to slots `cache.index` onwards.
+      positions: their [B, L] rotary positions.
+      valid: [B, L] bool, False for padding, which no later token attends to.
+      cache: the keys and values of the earlier tokens.
+
+    Returns:
+      (hidden [B, L, hidden] after the final norm, updated cache).
+    """
+    x = self.embed_tokens(input_ids)
+    cos, sin = self.rope(positions)
+    length = input_ids.shape[1]
+    slot_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool), (0, cache.index))
+    slots = jnp.arange(cache.max_len)
+    query_slots = cache.index + jnp.arange(length)
+    earlier = slots[None, :] <= query_slots[:, None]  # [L, S]
+    # A token sees the valid slots up to its own; its own slot is always kept, so
+    # padding tokens attend to themselves and never produce NaNs.
+    own = slots[None, :] == query_slots[:, None]
+    mask = (slot_valid[:, None, None, :] & earlier[None, None]) | own[None, None]
+    keys, values = [], []
+    for layer, layer_keys, layer_values in zip(self.layers, cache.keys, cache.values):
+      x, layer_keys, layer_values = layer.decode(x, cos, sin, mask, layer_keys, layer_values,
+                                                 cache.index)
+      keys.append(layer_keys)
+      values.append(layer_values)
+    return self.norm(x), KVCache(keys=tuple(keys), values=tuple(values), valid=slot_valid,
+                                 index=cache.index + length)
+
 
 class CausalLM(nnx.Module):
   """The decoder with a language-model head (tied to the embeddings or separate)."""
@@ -345,6 +454,41 @@ class CausalLM(nnx.Module):
       batch: `input_ids`, `positions` and `segment_ids`, each [B, L] integers.
     """
     return self.model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens.
+
+    Args:
+      batch: rows.
+      max_len: slots per row (prompt, padding included, plus generated tokens).
+      dtype: of the keys and values; by default the embeddings' (the compute dtype).
+    """
+    attention = self.model.layers[0].self_attn
+    return KVCache.empty(num_layers=len(self.model.layers), batch=batch, max_len=max_len,
+                         num_kv_heads=attention.num_kv_heads, head_dim=attention.head_dim,
+                         dtype=self.model.embed_tokens.embedding.dtype if dtype is None
+                         else dtype)
+
+  def decode(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache,
+             valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Final hidden states of tokens that continue the cached ones, and the new cache.
+
+    `unembed` turns them into logits; only the last position's are needed to pick
+    the next token.
+
+    Args:
+      input_ids: [B, L] tokens, stored in cache slots `cache.index` onwards.
+      positions: their [B, L] positions (counted per row from its first real token).
+      cache: the earlier tokens' keys and values (`init_cache` for none).
+      valid: [B, L] bool, False for padding tokens (left padding of shorter
+        prompts); all True by default.
+
+    Returns:
+      (hidden [B, L, hidden] in the compute dtype, updated cache).
+    """
+    if valid is None:
+      valid = jnp.ones(input_ids.shape, bool)
+    return self.model.decode(input_ids, positions, valid, cache)
 
   def unembed(self, hidden: jax.Array) -> jax.Array:
     """Float32 next-token logits [..., vocab] of hidden states [..., hidden]."""
