@@ -56,43 +56,28 @@ Flags: --peft, --rounds, --steps, --warmup, --batch_size, --seq_len, --threads,
 from __future__ import annotations
 
 import argparse
-import functools
-import glob
 import math
 import os
-import platform
 import re
 import statistics
-import sys
-import time
-import warnings
 from typing import Any, Callable
 
-if "JAX_PLATFORMS" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
-  os.environ["JAX_PLATFORMS"] = "cpu"
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+# Sets JAX_PLATFORMS and puts the repository on sys.path: imported before JAX.
+if __package__:  # python -m bench.bert_train_step
+  from . import common
+else:  # python bench/bert_train_step.py: this file's folder is on sys.path
+  import common  # type: ignore[no-redef]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 
 from configs import minilm_sentiment  # noqa: E402
-from ftjax import models, optim, param_groups, step as step_lib, tasks  # noqa: E402
-from ftjax import state as state_lib  # noqa: E402
+from ftjax import models, param_groups  # noqa: E402
 from ftjax.hub import assets  # noqa: E402
-from ftjax.peft import methods  # noqa: E402
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Long enough that the timed steps stay inside the schedule (warmup, then decay).
-_SCHEDULE_STEPS = 10_000
 # The methods of the memory table: (label, extra config arg).
 _MEMORY_METHODS = (("full", "peft=full"), ("LoRA r=8", "peft=lora,rank=8"),
                    ("DoRA r=8", "peft=dora,rank=8"),
@@ -129,11 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="also print optimizer-state bytes and trainable counts per method")
   parser.add_argument("--seed", type=int, default=0, help="seeds the batch and the head")
   args = parser.parse_args(argv)
-  for name in ("rounds", "steps", "batch_size", "seq_len", "threads"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name} must be at least 1")
-  if args.warmup < 0:
-    parser.error("--warmup must be non-negative")
+  common.check_counts(parser, args, ("rounds", "steps", "batch_size", "seq_len", "threads"))
   return args
 
 
@@ -168,74 +149,6 @@ def make_config(args: argparse.Namespace, peft_arg: str) -> Any:
       f"{peft_arg},max_length={args.seq_len},batch_size={args.batch_size},seed={args.seed}")
 
 
-def build_ftjax(config: Any, model: models.Model | None = None,
-                params: Any = None) -> tuple[models.Model, Any, Any]:
-  """(model, trainable, frozen) for `config.peft.method`, as `ftjax.trainer._Run` builds them.
-
-  Args:
-    config: a run config.
-    model, params: the base model and its parameters from `models.create`; None
-      creates them.
-
-  Returns:
-    The (possibly adapted) model and the trainable and frozen halves of its parameters.
-  """
-  if model is None:
-    model, params = models.create(config.model, config.seed)
-  model, params = methods.adapt(config, model, params, config.seed)
-  trainable, frozen = methods.split(config, model, params)
-  return model, trainable, frozen
-
-
-def make_tx(config: Any, model: models.Model, trainable: Any,
-            frozen: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer and schedule of `trainable`, with per-leaf depths as the trainer passes."""
-  depths = model.layout.depths(trainable, param_groups.combine(trainable, frozen))
-  return optim.make_optimizer(config.optimizer, trainable, _SCHEDULE_STEPS, depths)
-
-
-def _count(tree: Any) -> int:
-  return sum(x.size for x in jax.tree.leaves(tree))
-
-
-def _nbytes(tree: Any) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-class FtjaxBench:
-  """The ftjax train step, compiled as the trainer compiles it, with its own state."""
-
-  def __init__(self, config: Any, model: models.Model, trainable: Any, frozen: Any,
-               batch: dict[str, np.ndarray], compute_dtype: str):
-    self.tx, self.schedule = make_tx(config, model, trainable, frozen)
-    train = functools.partial(step_lib.train_step, model=model, task=tasks.get(config),
-                              tx=self.tx,
-                              schedule=self.schedule, grad_accum_steps=1,
-                              compute_dtype=_DTYPES[compute_dtype])
-    # A private copy: the state is donated, and the trainable parameters are shared
-    # between configurations. The frozen half (empty for a full fine-tune) is not donated.
-    self.state = state_lib.create(jax.tree.map(jnp.array, trainable), self.tx, config.seed)
-    self.frozen = jax.device_put(frozen)
-    self.batch = jax.device_put(batch)
-    started = time.perf_counter()
-    self.step_fn = jax.jit(train, donate_argnums=0).lower(
-        self.state, self.frozen, self.batch).compile()
-    self.compile_s = time.perf_counter() - started
-    self.first_loss: float | None = None
-
-  def run(self, steps: int) -> float:
-    """Runs `steps` train steps; returns the wall-clock seconds they took."""
-    started = time.perf_counter()
-    metrics = None
-    for _ in range(steps):
-      self.state, metrics = self.step_fn(self.state, self.frozen, self.batch)
-    jax.block_until_ready((self.state, metrics))
-    seconds = time.perf_counter() - started
-    if self.first_loss is None and metrics is not None:
-      self.first_loss = float(metrics["loss"])
-    return seconds
-
-
 class TorchClassifier(torch.nn.Module):
   """BertModel + masked mean pooling + dropout + linear head, as ftjax's SequenceClassifier."""
 
@@ -260,7 +173,7 @@ def _lr_lambda(config: Any) -> Callable[[int], float]:
   """The ftjax schedule (linear warmup, linear decay) as a LambdaLR multiplier."""
   opt = config.optimizer
   warmup = int(opt.warmup_steps)
-  decay_steps = max(_SCHEDULE_STEPS - warmup, 1)
+  decay_steps = max(common.SCHEDULE_STEPS - warmup, 1)
 
   def fn(step: int) -> float:
     if step < warmup:
@@ -298,7 +211,7 @@ def copy_lora_a(trainable: Any, encoder: peft.PeftModel) -> int:
   return copied
 
 
-class TorchBench:
+class TorchBench(common.TorchBenchBase):
   """A transformers BertModel train step (full, or peft LoRA) with torch.optim.AdamW."""
 
   def __init__(self, config: Any, model_dir: str, batch: dict[str, np.ndarray],
@@ -314,68 +227,35 @@ class TorchBench:
       lora_from: for LoRA, ftjax's trainable parameters whose A matrices are copied
         into the peft adapters (None keeps peft's own random A).
     """
+    super().__init__(device)
     torch.manual_seed(seed)
-    self.device = device
     self.model = TorchClassifier(model_dir, config.model.num_classes,
                                  dropout=self.hidden_dropout(model_dir))
     self.attn_implementation = getattr(self.model.encoder.config, "_attn_implementation", "?")
     if config.peft.method == "lora":
-      alpha = config.peft.alpha
-      self.model.encoder = peft.get_peft_model(self.model.encoder, peft.LoraConfig(
-          r=config.peft.rank, lora_alpha=int(alpha) if alpha == int(alpha) else alpha,
-          lora_dropout=config.peft.dropout, target_modules=_TORCH_LORA_TARGETS))
+      self.model.encoder = peft.get_peft_model(
+          self.model.encoder, common.lora_config(config.peft, _TORCH_LORA_TARGETS))
       if lora_from is not None:
         copy_lora_a(lora_from, self.model.encoder)
     elif config.peft.method != "full":
       raise ValueError(f"torch side: peft method {config.peft.method!r} is not benchmarked")
     self.model.to(device)
     self.model.train()
-    opt = config.optimizer
-    decay, no_decay = [], []
-    for name, param in self.model.named_parameters():
-      if param.requires_grad:
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
-    self.trainable = decay + no_decay
-    self.optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps)
-    self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
-    self.clip_norm = opt.clip_norm
+    self.make_optimizer(config.optimizer, _lr_lambda(config),
+                        no_decay=lambda name: name.endswith("bias") or "LayerNorm" in name)
     self.inputs = {k: torch.from_numpy(batch[k].astype(np.int64)).to(device)
                    for k in ("input_ids", "attention_mask", "token_type_ids")}
     self.labels = torch.from_numpy(batch["label"].astype(np.int64)).to(device)
-    self.first_loss: float | None = None
 
   @staticmethod
   def hidden_dropout(model_dir: str) -> float:
+    """The encoder's hidden dropout rate, which the head's dropout uses too."""
     return transformers.BertConfig.from_pretrained(model_dir).hidden_dropout_prob
 
-  def _sync(self) -> None:
-    if self.device.type == "cuda":
-      torch.cuda.synchronize()
-
-  def run(self, steps: int) -> float:
-    """Runs `steps` train steps; returns the wall-clock seconds they took."""
-    self._sync()
-    started = time.perf_counter()
-    loss = None
-    for _ in range(steps):
-      logits = self.model(**self.inputs)
-      loss = torch.nn.functional.cross_entropy(logits, self.labels)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(self.trainable, self.clip_norm)
-      self.optimizer.step()
-      self.scheduler.step()
-      self.optimizer.zero_grad(set_to_none=True)
-    self._sync()
-    seconds = time.perf_counter() - started
-    if self.first_loss is None and loss is not None:
-      self.first_loss = float(loss.detach())
-    return seconds
-
-  def num_trainable(self) -> int:
-    return sum(p.numel() for p in self.trainable)
+  def loss(self) -> torch.Tensor:
+    """The softmax cross-entropy of the classifier on the batch."""
+    logits = self.model(**self.inputs)
+    return torch.nn.functional.cross_entropy(logits, self.labels)
 
   def adam_state_bytes(self) -> tuple[int, int]:
     """(exp_avg + exp_avg_sq bytes, bytes of the per-parameter `step` tensors)."""
@@ -407,63 +287,21 @@ def check_same_weights(model: models.Model, params: Any, torch_bench: TorchBench
   return float(np.abs(np.asarray(ours) - theirs.float().cpu().numpy()).max())
 
 
-def _cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo, else the machine type."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def machine_info(torch_device: torch.device) -> list[str]:
-  """Lines describing the machine and library versions."""
-  import flax  # pylint: disable=import-outside-toplevel
-  devices = jax.devices()
-  return [
-      f"python {platform.python_version()} on {platform.platform()}",
-      f"cpu: {_cpu_model()}, os.cpu_count()={os.cpu_count()}",
-      f"jax {jax.__version__} (flax {flax.__version__}), backend {jax.default_backend()}, "
-      f"devices: {', '.join(f'{d.platform}:{d.device_kind}' for d in devices)}",
-      f"torch {torch.__version__}, device {torch_device}, "
-      f"threads {torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} "
-      f"inter-op; transformers {transformers.__version__}, peft {peft.__version__}",
-      f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} "
-      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
-  ]
-
-
-def _load_average() -> str:
-  """The 1-minute load average, to spot rounds disturbed by other processes."""
-  try:
-    return f"{os.getloadavg()[0]:.2f}"
-  except OSError:
-    return "n/a"
-
-
-def _paired_ratio(rates: list[float], baseline: list[float]) -> float:
-  """Median over rounds of the per-round ratio rates[i] / baseline[i]."""
-  return statistics.median(r / b for r, b in zip(rates, baseline))
-
-
 def memory_table(args: argparse.Namespace, model_dir: str, torch_device: torch.device) -> None:
   """Prints optimizer-state bytes and trainable parameter counts per method (no timing)."""
   base_config = make_config(args, "peft=full")
   base_model, base_params = models.create(base_config.model, base_config.seed)
-  base_count = _count(base_params)
+  base_count = common.num_params(base_params)
   rows = []
   for label, peft_arg in _MEMORY_METHODS:
     config = make_config(args, peft_arg)
-    model, trainable, frozen = build_ftjax(config, base_model, base_params)
-    tx, _ = make_tx(config, model, trainable, frozen)
+    model, trainable, frozen = common.build_ftjax(config, base_model, base_params)
+    tx, _ = common.make_tx(config, model, trainable, frozen)
     opt_state = tx.init(trainable)
     counters = sum(x.nbytes for x in jax.tree.leaves(opt_state) if x.ndim == 0)
-    rows.append(("ftjax (optax)", label, _count(trainable), _nbytes(opt_state),
-                 f"{counters} B of step counters",
-                 _nbytes(trainable) + _nbytes(frozen)))
+    rows.append(("ftjax (optax)", label, common.num_params(trainable),
+                 common.num_bytes(opt_state), f"{counters} B of step counters",
+                 common.num_bytes(trainable) + common.num_bytes(frozen)))
   vocab_size = base_params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
   tiny = make_batch(2, 16, vocab_size, args.seed)
   for label, peft_arg in (("full", "peft=full"), ("LoRA r=8 (peft)", "peft=lora,rank=8")):
@@ -478,12 +316,12 @@ def memory_table(args: argparse.Namespace, model_dir: str, torch_device: torch.d
   print(f"Optimizer state and trainable parameters per method (no timing; base model "
         f"{base_count:,} parameters)")
   print()
-  print("| framework | method | trainable params | % of base | optimizer state bytes | MiB "
-        "| weights MiB | note |")
-  print("|---|---|---|---|---|---|---|---|")
-  for framework, label, count, state_bytes, note, weights in rows:
-    print(f"| {framework} | {label} | {count:,} | {100 * count / base_count:.3f}% "
-          f"| {state_bytes:,} | {state_bytes / 2**20:.2f} | {weights / 2**20:.1f} | {note} |")
+  common.print_markdown_table(
+      ("framework", "method", "trainable params", "% of base", "optimizer state bytes", "MiB",
+       "weights MiB", "note"),
+      ((framework, label, f"{count:,}", f"{100 * count / base_count:.3f}%", f"{state_bytes:,}",
+        f"{state_bytes / 2**20:.2f}", f"{weights / 2**20:.1f}", note)
+       for framework, label, count, state_bytes, note, weights in rows))
   print()
   print("ftjax: every leaf of `tx.init(trainable)` (Adam mu + nu, float32, plus int32 step "
         "counters); torch: exp_avg + exp_avg_sq after one step. weights: trainable + frozen "
@@ -493,29 +331,19 @@ def memory_table(args: argparse.Namespace, model_dir: str, torch_device: torch.d
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  transformers.logging.set_verbosity_error()
-  transformers.logging.disable_progress_bar()
-  # peft calls a transformers method that warns of its deprecation on every wrap.
-  warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-  torch.set_num_threads(args.threads)
-  on_gpu = jax.default_backend() == "gpu"
-  torch_device = torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
-  if on_gpu != (torch_device.type == "cuda"):
-    print(f"WARNING: jax runs on {jax.default_backend()}, torch on {torch_device}: "
-          "the comparison is not on the same device", flush=True)
+  torch_device = common.setup(args.threads)
 
   lora = args.peft == "lora"
   config = make_config(args, "peft=lora,rank=8" if lora else "peft=full")
   model_dir = assets.model_dir(config.model.pretrained)
-  print("\n".join(machine_info(torch_device)), flush=True)
+  print("\n".join(common.machine_info(torch_device)), flush=True)
   print(f"model: {model_dir}", flush=True)
   what = (f"LoRA r={config.peft.rank} (query, value; alpha {config.peft.alpha:g}, dropout "
           f"{config.peft.dropout:g}) + head" if lora else "full fine-tune")
   print(f"method: {what}, lr {config.optimizer.lr:g}", flush=True)
 
-  model, trainable, frozen = build_ftjax(config)
-  num_params = _count(trainable) + _count(frozen)
+  model, trainable, frozen = common.build_ftjax(config)
+  num_params = common.num_params(trainable) + common.num_params(frozen)
   every = param_groups.combine(trainable, frozen)
   vocab_size = every["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
   batch = make_batch(args.batch_size, args.seq_len, vocab_size, args.seed)
@@ -523,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
   benches: dict[str, Any] = {}
   dtypes = ["float32"] + (["bfloat16"] if args.bf16 else [])
   for dtype in dtypes:
-    bench = FtjaxBench(config, model, trainable, frozen, batch, dtype)
+    bench = common.FtjaxBench(config, model, trainable, frozen, batch, dtype)
     print(f"ftjax {dtype}: compiled in {bench.compile_s:.1f}s", flush=True)
     benches[f"ftjax {dtype}"] = bench
   torch_bench = TorchBench(config, model_dir, batch, torch_device, args.seed,
@@ -531,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
   torch_params = sum(p.numel() for p in torch_bench.model.parameters())
   print(f"torch: attn_implementation={torch_bench.attn_implementation}; parameters "
         f"ftjax {num_params:,} / torch {torch_params:,}", flush=True)
-  ours, theirs = _count(trainable), torch_bench.num_trainable()
+  ours, theirs = common.num_params(trainable), torch_bench.num_trainable()
   print(f"trainable parameters: ftjax {ours:,} / torch {theirs:,}"
         + ("" if ours == theirs else "  WARNING: they differ"), flush=True)
   diff = check_same_weights(model, every, torch_bench, batch)
@@ -542,25 +370,12 @@ def main(argv: list[str] | None = None) -> None:
   benches["torch float32"] = torch_bench
   benches = {name: benches[name] for name in order}
 
-  for name, bench in benches.items():
-    if args.warmup:
-      seconds = bench.run(args.warmup)
-      print(f"warmup {name}: {args.warmup} steps in {seconds:.2f}s", flush=True)
-
-  rates: dict[str, list[float]] = {name: [] for name in benches}
-  for index in range(args.rounds):
-    parts = []
-    for name, bench in benches.items():
-      rate = args.steps / bench.run(args.steps)
-      rates[name].append(rate)
-      parts.append(f"{name} {rate:.3f}")
-    print(f"round {index + 1}/{args.rounds} steps/s: " + ", ".join(parts)
-          + f" (1-min load average {_load_average()})", flush=True)
+  rates = common.time_interleaved(benches, args.warmup, args.rounds, args.steps, rate=True)
 
   for name, bench in benches.items():
     loss = bench.first_loss
-    print(f"{name}: loss after the first call ({args.warmup or args.steps} steps) = "
-          f"{loss:.4f} (ln 2 = {math.log(2):.4f})" if loss is not None else f"{name}: no loss")
+    print(f"{name}: loss of the first step = {loss:.4f} (ln 2 = {math.log(2):.4f})"
+          if loss is not None else f"{name}: no loss")
 
   baseline = statistics.median(rates["torch float32"])
   torch_label = "torch + peft" if lora else "torch"
@@ -569,22 +384,23 @@ def main(argv: list[str] | None = None) -> None:
         f"2 classes; {args.rounds} interleaved rounds x {args.steps} steps "
         f"(after {args.warmup} warmup); median over rounds")
   print()
-  print("| framework | compute dtype | steps/s (median) | min-max steps/s | examples/s "
-        "| ms/step | ratio vs torch | paired ratio |")
-  print("|---|---|---|---|---|---|---|---|")
+  rows = []
   for name in benches:
     framework, dtype = name.split()
     framework = torch_label if framework == "torch" else framework
     med = statistics.median(rates[name])
-    print(f"| {framework} | {dtype} | {med:.3f} | {min(rates[name]):.3f}-{max(rates[name]):.3f} "
-          f"| {med * args.batch_size:.1f} | {1000 / med:.0f} | {med / baseline:.2f}x "
-          f"| {_paired_ratio(rates[name], rates['torch float32']):.2f}x |")
+    rows.append((framework, dtype, f"{med:.3f}", f"{min(rates[name]):.3f}-{max(rates[name]):.3f}",
+                 f"{med * args.batch_size:.1f}", f"{1000 / med:.0f}", f"{med / baseline:.2f}x",
+                 f"{common.paired_ratio(rates[name], rates['torch float32']):.2f}x"))
+  common.print_markdown_table(
+      ("framework", "compute dtype", "steps/s (median)", "min-max steps/s", "examples/s",
+       "ms/step", "ratio vs torch", "paired ratio"), rows)
   print()
   print("ratio vs torch: median steps/s over median torch steps/s; paired ratio: median over "
         "rounds of the ratio within each round (less sensitive to machine-load drift).")
   print(f"ftjax/{torch_label} (float32, {args.peft}) = "
         f"{statistics.median(rates['ftjax float32']) / baseline:.2f} "
-        f"(paired {_paired_ratio(rates['ftjax float32'], rates['torch float32']):.2f})",
+        f"(paired {common.paired_ratio(rates['ftjax float32'], rates['torch float32']):.2f})",
         flush=True)
   if args.memory:
     memory_table(args, model_dir, torch_device)
