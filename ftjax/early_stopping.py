@@ -15,6 +15,8 @@ class EarlyStopping:
   """Tracks the best value of a metric; `stop` turns True after `patience` bad evals.
 
   patience <= 0 never stops early (the best checkpoint is still tracked).
+  `best_metrics` keeps every metric of the best evaluation, so the run's final
+  report need not evaluate the best parameters on that split again.
   """
 
   metric: str
@@ -25,6 +27,7 @@ class EarlyStopping:
   best_step: int = -1
   bad_evals: int = 0
   stop: bool = False
+  best_metrics: dict[str, float] | None = None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "EarlyStopping":
@@ -40,10 +43,12 @@ class EarlyStopping:
       return value > self.best + self.min_delta
     return value < self.best - self.min_delta
 
-  def update(self, step: int, value: float) -> bool:
-    """Records an evaluation; returns True if it is the new best."""
+  def update(self, step: int, metrics: dict[str, float]) -> bool:
+    """Records an evaluation's metrics; returns True if it is the new best."""
+    value = metrics[self.metric]
     if self.improved(value):
       self.best, self.best_step, self.bad_evals = value, step, 0
+      self.best_metrics = {k: float(v) for k, v in metrics.items()}
       return True
     self.bad_evals += 1
     self.stop = 0 < self.patience <= self.bad_evals

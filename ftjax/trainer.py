@@ -195,7 +195,7 @@ def _validate(run: _Run, step: int, stopper: EarlyStopping) -> None:
   if run.config.early_stopping.metric not in metrics:
     raise ConfigError(f"config.early_stopping.metric={run.config.early_stopping.metric!r}: "
                      f"not an evaluation metric; choose from {sorted(metrics)}")
-  if stopper.update(step, metrics[run.config.early_stopping.metric]):
+  if stopper.update(step, metrics):
     run.checkpointer.save_best(step, run.state.params)
   log_line(f"validation step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
            + f" (best {stopper.metric}={stopper.best} at step {stopper.best_step})")
@@ -274,7 +274,8 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   final = {
       "best_step": stopper.best_step,
       "stopped_early": stopper.stop,
-      "validation": run_.evaluate(best_params, "validation"),
+      # The best evaluation's metrics are those of the restored best parameters.
+      "validation": stopper.best_metrics or run_.evaluate(best_params, "validation"),
       "test": run_.evaluate(best_params, "test"),
       "train_seconds": time.perf_counter() - started,
   }

@@ -127,7 +127,15 @@ def test_early_stopping_stops_and_restores_best(debug_config, tmp_path):
   validation = [r for r in _read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "validation"]
   assert [r["step"] for r in validation] == [4, 8]
   first = {k: v for k, v in validation[0].items() if k not in ("step", "split")}
-  assert final["validation"] == pytest.approx(first, rel=1e-6)  # the best params, restored
+  assert final["validation"] == first  # reported from the best evaluation, not recomputed
+  # ... and the restored best parameters reproduce it.
+  run = trainer._Run(config, str(tmp_path))  # pylint: disable=protected-access
+  try:
+    best = run.checkpointer.restore_best(run.state.params)
+    assert run.evaluate(best, "validation") == pytest.approx(first, rel=1e-6)
+  finally:
+    run.writer.close()
+    run.checkpointer.close()
 
 
 def test_train_and_eval_steps_compile_once(debug_config, tmp_path, caplog):
