@@ -68,17 +68,23 @@ def test_debug_run_end_to_end(uninterrupted):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "8"]  # max_to_keep=2
 
 
-def _wait_for_step(workdir, step, process, timeout=300):
+def _wait_for_step(workdir, step, checkpoint, process, timeout=300):
+  """Waits until metrics of `step` are logged and checkpoint `checkpoint` is committed.
+
+  Orbax writes a checkpoint asynchronously into a temporary folder and renames it
+  to its step number when complete, so the folder's name marks a finished write.
+  """
   path = os.path.join(workdir, "metrics.jsonl")
+  committed = os.path.join(workdir, "checkpoints", str(checkpoint))
   deadline = time.time() + timeout
   while time.time() < deadline:
     assert process.poll() is None, "the run ended before it could be killed"
-    if os.path.exists(path):
+    if os.path.exists(path) and os.path.isdir(committed):
       with open(path) as f:
         if any(json.loads(line)["step"] >= step for line in f if line.endswith("\n")):
           return
     time.sleep(0.05)
-  raise TimeoutError(f"step {step} not reached in {timeout}s")
+  raise TimeoutError(f"step {step} and checkpoint {checkpoint} not reached in {timeout}s")
 
 
 def test_sigkill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, data_dir):
@@ -87,7 +93,7 @@ def test_sigkill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, data_d
   process = subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   try:
-    _wait_for_step(workdir, 6, process)  # past the step-4 checkpoint
+    _wait_for_step(workdir, 6, 4, process)  # past the step-4 checkpoint
   finally:
     process.send_signal(signal.SIGKILL)
     process.wait()
