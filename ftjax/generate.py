@@ -198,28 +198,6 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *,
   return results
 
 
-def chat_prompt(tokenizer: Any, message: str | list[dict[str, str]],
-                system: str | None = None) -> list[int]:
-  """Token ids of a chat turn, ready for the model's answer.
-
-  Args:
-    tokenizer: a transformers tokenizer with a chat template.
-    message: the user's message, or a whole conversation as a list of
-      {"role": ..., "content": ...} dicts.
-    system: an optional system message put first.
-
-  Returns:
-    The templated conversation's ids, ending with the assistant's turn opener.
-  """
-  messages = ([{"role": "user", "content": message}] if isinstance(message, str)
-              else list(message))
-  if system is not None:
-    messages = [{"role": "system", "content": system}] + messages
-  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                      return_dict=False)
-  return [int(i) for i in ids]
-
-
 def load_model(*, workdir: str | None = None, pretrained: str | None = None
                ) -> tuple[ml_collections.ConfigDict, models.Model, Any, str]:
   """A language model to generate with: a trained run's, or a pretrained one.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from ftjax import cli, generate, runs
-from ftjax.data import tokenizer as tokenizer_lib
+from ftjax.data import lm, tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 
@@ -61,7 +61,9 @@ def _generate() -> None:
     raise ConfigError(f"the tokenizer of {_WORKDIR.value or _MODEL.value} has no chat "
                       "template: pass --nochat to continue the prompt as raw text")
   if _CHAT.value:
-    prompts = [generate.chat_prompt(tokenizer, text) for text in _PROMPT.value]
+    formatter = lm.ChatFormatter(tokenizer)
+    prompts = [formatter.prompt_ids([{"role": "user", "content": text}])
+               for text in _PROMPT.value]
   else:
     prompts = [tokenizer.encode(text) for text in _PROMPT.value]
   stop = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
