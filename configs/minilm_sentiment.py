@@ -26,6 +26,7 @@ Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4
 
 import ml_collections
 
+from ftjax import sharding
 from ftjax.config import parse_arg
 
 
@@ -81,6 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.total_steps = 0  # > 0 overrides num_epochs
   config.grad_accum_steps = 1
   config.compute_dtype = arg.dtype
+  # Device mesh: sizes of the data, fsdp and tensor axes (-1: the remaining devices),
+  # and which mesh axes each logical axis of the parameters and batch is split over.
+  config.mesh = sharding.default_mesh_config()
+  config.axis_rules = list(sharding.DEFAULT_RULES)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"

@@ -22,6 +22,7 @@ Variants through the arg string, e.g. `configs/smollm2_chat.py:full,lr=2e-5`:
 
 import ml_collections
 
+from ftjax import sharding
 from ftjax.config import parse_arg
 
 _DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4}
@@ -77,6 +78,10 @@ def language_model_config(arg: str | None, *, data_name: str, default_steps: int
   config.total_steps = arg.steps
   config.grad_accum_steps = 1
   config.compute_dtype = arg.dtype
+  # Device mesh: sizes of the data, fsdp and tensor axes (-1: the remaining devices),
+  # and which mesh axes each logical axis of the parameters and batch is split over.
+  config.mesh = sharding.default_mesh_config()
+  config.axis_rules = list(sharding.DEFAULT_RULES)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"

@@ -18,6 +18,7 @@ inputs of the program: changing them does not compile again.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -231,7 +232,7 @@ def load_model(*, workdir: str | None = None, pretrained: str | None = None
   if workdir:
     _, adapted, module = runs.restore_module(workdir)
     graphdef, state = nnx.split(lora.merge(module))
-    model, params = models.Model(graphdef, adapted.layout), nnx.to_pure_dict(state)
+    model, params = dataclasses.replace(adapted, graphdef=graphdef), nnx.to_pure_dict(state)
   else:
     model, params = models.create(model_config, seed=0)
   return model_config, model, jax.device_put(params), dtype

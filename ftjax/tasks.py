@@ -12,7 +12,7 @@ next token at each position) and `loss_mask` [B, L] (which targets count, e.g.
 only assistant tokens in chat data).
 
 A classification task scores logits. The language-model task scores hidden
-states with the model's unembedding, a chunk of tokens at a time under
+states (`ftjax.models.Features`) with the model's unembedding, a chunk of tokens at a time under
 `jax.checkpoint`, so batch x length x vocabulary float32 logits never exist at
 once, neither in the forward nor in the backward pass.
 """
@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from ftjax import sharding, vocab_parallel
 from ftjax.config import check_choice
 from ftjax.evals import classification as classification_evals
 
@@ -125,11 +127,18 @@ def chunked_token_sums(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Arr
   return jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, chunks))
 
 
-def _causal_lm(loss_chunk: int) -> Task:
-  def scored(outputs, batch):
-    hidden, unembed = outputs
+def _causal_lm(loss_chunk: int, mesh: Mesh | None, vocab_axes: tuple[str, ...],
+               batch_axes: tuple[str, ...]) -> Task:
+  def scored(features, batch):
     weights = batch["loss_mask"].astype(jnp.float32) * batch["mask"][:, None]
-    return chunked_token_sums(hidden, unembed, batch["targets"], weights, loss_chunk)
+    kernel = features.kernel
+    if (mesh is not None and kernel is not None and len(vocab_axes) == 1
+        and vocab_parallel.applies(mesh, vocab_axes[0], kernel.shape[-1])):
+      return vocab_parallel.token_sums(features.hidden, kernel, batch["targets"], weights,
+                                       mesh=mesh, vocab_axis=vocab_axes[0],
+                                       batch_axes=batch_axes, chunk=loss_chunk)
+    return chunked_token_sums(features.hidden, features.unembed, batch["targets"], weights,
+                              loss_chunk)
 
   def summarize(sums):
     tokens = float(sums["weight"])
@@ -143,13 +152,18 @@ def _causal_lm(loss_chunk: int) -> Task:
 TASKS = ("classification", "causal_lm")
 
 
-def get(config: ml_collections.ConfigDict) -> Task:
+def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
+        rules: sharding.Rules | None = None) -> Task:
   """The task named by `config.task`.
 
   Classification reads `config.model.num_classes`; causal_lm reads
   `config.loss_chunk` (tokens of logits per chunk, default 1024; 0 = no chunking).
+  Given the run's `mesh` and axis `rules`, a language model whose vocabulary is
+  split over a mesh axis computes its loss with `ftjax.vocab_parallel`.
   """
   check_choice(config.task, TASKS, "task")
   if config.task == "classification":
     return _classification(config.model.num_classes)
-  return _causal_lm(config.get("loss_chunk", 1024))
+  vocab_axes = rules.mapping.get("vocab", ()) if rules else ()
+  batch_axes = rules.batch_axes(mesh) if rules and mesh is not None else ()
+  return _causal_lm(config.get("loss_chunk", 1024), mesh, vocab_axes, batch_axes)

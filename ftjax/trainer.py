@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ftjax import checkpoint, data, generate, models, optim, param_groups, tasks
-from ftjax import step as step_lib
-from ftjax import state as state_lib
+from ftjax import build, checkpoint, data, generate, param_groups, sharding, tasks
 from ftjax.config import validate
 from ftjax.data import inputs as inputs_lib
 from ftjax.early_stopping import EarlyStopping
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.metrics import MetricWriter, Progress, log_line
-from ftjax.peft import methods as peft_methods
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _mesh() -> Mesh:
-  """A data-parallel mesh over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
-
 
 def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each host's slice of the batch into one global array (explicit transfer)."""
@@ -41,7 +29,7 @@ def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
 def _check_divisible(config: ml_collections.ConfigDict, key: str, divisor: int,
                      what: str) -> None:
   if config[key] % divisor:
-    raise ConfigError(f"config.{key}={config[key]} must be divisible by {what} ({divisor})")
+    raise ConfigError(f"config.{key}={config[key]} is not divisible by {what}")
 
 
 def _bytes(tree: Any) -> int:
@@ -64,30 +52,30 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 class _Run:
-  """Everything a run builds once: data, model, optimizer, compiled steps, writers."""
+  """Everything a run builds once: mesh, data, sharded state, compiled steps, writers."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               devices: Sequence[jax.Device] | None):
     self.config = config
     self.workdir = workdir
-    self.mesh = _mesh()
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.Rules.from_config(config.axis_rules)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     self.replicated = NamedSharding(self.mesh, P())
-    self.process, self.num_processes = jax.process_index(), jax.process_count()
-    self.task = tasks.get(config)
-    _check_divisible(config, "batch_size", self.mesh.size * config.grad_accum_steps,
-                     "the number of devices times grad_accum_steps")
-    _check_divisible(config, "eval_batch_size", self.mesh.size, "the number of devices")
+    self.process = jax.process_index()
+    parallel = sharding.batch_parallelism(self.mesh, self.rules)
+    shape = ", ".join(f"{axis}={size}" for axis, size in self.mesh.shape.items())
+    _check_divisible(config, "batch_size", parallel * config.grad_accum_steps,
+                     f"the batch-parallel size ({parallel} = the product of mesh axes "
+                     f"{self.rules.batch_axes(self.mesh)} of mesh {shape}) times "
+                     f"grad_accum_steps ({config.grad_accum_steps})")
+    _check_divisible(config, "eval_batch_size", parallel,
+                     f"the batch-parallel size ({parallel}, mesh {shape})")
+    # Which part of each global batch this process reads.
+    self.data_shard = sharding.process_batch_slice(self.batch_sharding, config.batch_size)
+    self.task = tasks.get(config, self.mesh, self.rules)
     self._build_data()
-    self.model, base = models.create(config.model, config.seed)
-    self.model, params = peft_methods.adapt(config, self.model, base, config.seed)
-    trainable, frozen = peft_methods.split(config, self.model, params)
-    depths = self.model.layout.depths(trainable, params)
-    self.tx, self.schedule = optim.make_optimizer(config.optimizer, trainable,
-                                                  self.total_steps, depths)
-    self.frozen = jax.device_put(frozen, self.replicated)
-    self.state = jax.device_put(state_lib.create(trainable, self.tx, config.seed),
-                                self.replicated)
-    log_line(_parameter_summary(base, trainable, frozen, self.state.opt_state))
+    self._build_state()
     self.writer = MetricWriter(workdir, enabled=self.process == 0)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
     self._compile()
@@ -96,12 +84,23 @@ class _Run:
       self.sample_prompts = inputs_lib.sample_prompts(
           self.inputs, "validation", config.samples.count, config.samples.prompt_tokens)
 
+  def _build_state(self) -> None:
+    """Model, optimizer and training state, each array created in its own shards."""
+    self.built = built = build.build(self.config, self.mesh, self.rules, self.total_steps)
+    self.model, self.state, self.frozen = built.model, built.state, built.frozen
+    log_line(_parameter_summary(built.base, self.state.params, self.frozen,
+                                self.state.opt_state))
+    mib = lambda tree: f"{sharding.local_bytes(tree) / 2**20:.1f} MiB"
+    log_line(f"mesh {dict(self.mesh.shape)}: per device {mib(self.state.params)} trainable + "
+             f"{mib(self.frozen)} frozen parameters, {mib(self.state.opt_state)} optimizer "
+             "state")
+
   def _build_data(self) -> None:
     config = self.config
     model_path = assets.model_dir(config.model.pretrained) if config.model.pretrained else ""
     self.inputs = inputs_lib.build(config, model_path)
     self.splits, self.preprocess = self.inputs.splits, self.inputs.preprocess
-    self.host_batch = config.batch_size // self.num_processes
+    self.host_batch = config.batch_size // self.data_shard[1]
     self.steps_per_epoch = len(self.splits["train"]) // config.batch_size
     if self.steps_per_epoch == 0:
       raise ConfigError(f"train split of {len(self.splits['train'])} examples is smaller than "
@@ -112,14 +111,14 @@ class _Run:
   def train_iterator(self):
     return data.train_iterator(
         self.splits["train"], self.preprocess, batch_size=self.host_batch,
-        seed=self.config.seed, num_epochs=None, shard_index=self.process,
-        shard_count=self.num_processes)
+        seed=self.config.seed, num_epochs=None, shard_index=self.data_shard[0],
+        shard_count=self.data_shard[1])
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     return data.eval_batches(
         self.splits[split], self.preprocess,
-        batch_size=self.config.eval_batch_size // self.num_processes,
-        shard_index=self.process, shard_count=self.num_processes)
+        batch_size=self.config.eval_batch_size // self.data_shard[1],
+        shard_index=self.data_shard[0], shard_count=self.data_shard[1])
 
   def _example_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     host = next(iter(self.eval_batches("validation")))
@@ -128,24 +127,11 @@ class _Run:
 
   def _compile(self) -> None:
     """Compiles the train and eval steps once, ahead of time, with explicit shardings."""
-    config = self.config
-    dtype = _DTYPES[config.compute_dtype]
-    train = functools.partial(step_lib.train_step, model=self.model, task=self.task, tx=self.tx,
-                              schedule=self.schedule, grad_accum_steps=config.grad_accum_steps,
-                              compute_dtype=dtype)
-    state_sharding = jax.tree.map(lambda _: self.replicated, self.state)
-    frozen_sharding = jax.tree.map(lambda _: self.replicated, self.frozen)
-    self.train_step = jax.jit(
-        train, in_shardings=(state_sharding, frozen_sharding, self.batch_sharding),
-        out_shardings=(state_sharding, self.replicated), donate_argnums=0,
-    ).lower(self.state, self.frozen, self._example_batch(config.batch_size)).compile()
-    evaluate = functools.partial(step_lib.eval_step, model=self.model, task=self.task,
-                                 compute_dtype=dtype)
-    self.eval_step = jax.jit(
-        evaluate, in_shardings=(state_sharding.params, frozen_sharding, self.batch_sharding),
-        out_shardings=self.replicated,
-    ).lower(self.state.params, self.frozen,
-            self._example_batch(config.eval_batch_size)).compile()
+    train, evaluate = build.jit_steps(self.built, self.task, self.config, self.batch_sharding)
+    self.train_step = train.lower(self.state, self.frozen,
+                                  self._example_batch(self.config.batch_size)).compile()
+    self.eval_step = evaluate.lower(self.state.params, self.frozen,
+                                    self._example_batch(self.config.eval_batch_size)).compile()
 
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
     """The task's metrics over every example of `split`, each counted once."""
@@ -181,7 +167,7 @@ def _write_samples(run: _Run, step: int) -> None:
     completions = generate.generate(
         run.model, param_groups.combine(run.state.params, run.frozen), run.sample_prompts,
         max_new_tokens=config.samples.max_new_tokens, stop_tokens=[tokenizer.eos_token_id],
-        pad_id=tokenizer.pad_token_id or 0, compute_dtype=_DTYPES[config.compute_dtype])
+        pad_id=tokenizer.pad_token_id or 0, compute_dtype=build.DTYPES[config.compute_dtype])
   samples = [{"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)}
              for prompt, completion in zip(run.sample_prompts, completions)]
   run.writer.write_samples(step, samples)
@@ -234,7 +220,8 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[int], None] | None = None,
+        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Fine-tunes, evaluates, stops early, and tests the best parameters.
 
   A run started again in the same `workdir` resumes from its latest checkpoint
@@ -245,6 +232,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     config: a run config (see configs/).
     workdir: where the resolved config, checkpoints and metrics go.
     on_step: optional callback after each train step (used by tests).
+    devices: the devices of the mesh (`config.mesh`); by default every device of
+      every process.
 
   Returns:
     The final metrics: best validation metrics and test metrics of the best parameters.
@@ -253,9 +242,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
   started = time.perf_counter()
-  run_ = _Run(config, workdir)
+  run_ = _Run(config, workdir, devices)
   log_line(f"{run_.total_steps} steps ({run_.steps_per_epoch} per epoch), batch "
-           f"{config.batch_size}, {run_.mesh.size} device(s), {run_.num_processes} process(es)")
+           f"{config.batch_size}, {run_.mesh.size} device(s), {jax.process_count()} "
+           "process(es)")
   try:
     return _train_and_test(run_, on_step, started)
   finally:  # also on errors: pending checkpoint writes complete, files are closed

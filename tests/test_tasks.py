@@ -74,8 +74,9 @@ def test_chunked_loss_equals_full_logits_loss_and_gradient(tiny_lm, chunk):
 
   def loss(p, chunked):
     if chunked:
-      hidden, unembed = model.apply(p, batch, train=False, features=True)
-      return tasks.chunked_token_sums(hidden, unembed, batch["targets"], weights, chunk)["loss"]
+      features = model.apply(p, batch, train=False, features=True)
+      return tasks.chunked_token_sums(features.hidden, features.unembed, batch["targets"],
+                                      weights, chunk)["loss"]
     logits = model.apply(p, batch, train=False)  # [B, L, V] at once
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return (ce * weights).sum()

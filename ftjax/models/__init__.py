@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
@@ -63,12 +63,23 @@ class Layout:
     return param_groups.map_with_path(lambda path, _: self.depth(path, num_blocks), tree)
 
 
+class Features(NamedTuple):
+  """A language model's final hidden states and how to turn them into logits."""
+
+  hidden: jax.Array  # [B, L, hidden] in the compute dtype
+  unembed: Callable[[jax.Array], jax.Array]  # hidden [..., hidden] -> float32 logits
+  kernel: jax.Array | None  # the [hidden, vocab] unembedding matrix; None if adapted
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
   """A module's static graph; `apply` is a pure function of the parameters."""
 
   graphdef: nnx.GraphDef
   layout: Layout
+  # (regex, logical axes) for every parameter, e.g. ("encoder/.*/query/kernel",
+  # ("embed", "heads")); `ftjax.sharding` maps them to mesh axes.
+  axes: param_groups.Rules = ()
 
   def module(self, params: Any) -> nnx.Module:
     """The module holding `params` (a nested dict of every parameter)."""
@@ -79,15 +90,14 @@ class Model:
     """Runs the model on `batch`; `rng` drives dropout when `train` is True.
 
     Returns:
-      The module's output (logits), or with `features` (language models) the
-      pair (hidden states, unembed function from hidden states to logits), for
-      losses that compute logits a chunk at a time.
+      The module's output (logits), or with `features` (language models) its
+      `Features`, for losses that compute logits a chunk at a time.
     """
     module = nnx.merge(self.graphdef, params)
     rngs = nnx.Rngs(dropout=rng) if train else None
     lora.bind_dropout(module, train=train, rngs=rngs)
     if features:
-      return module.features(batch), module.unembed
+      return Features(module.features(batch), module.unembed, module.unembed_kernel())
     return module(batch, deterministic=not train, rngs=rngs)
 
 
@@ -105,7 +115,7 @@ def _bert_classifier(config: ml_collections.ConfigDict):
     return bert_hub.load_pretrained_into(params, directory, config.dont_load) if directory else params
 
   return build, load, Layout(embeddings="encoder/embeddings/.*", block="encoder/layers/{}",
-                             head="head/.*")
+                             head="head/.*"), bert.PARAM_AXES
 
 
 def _llama_lm(config: ml_collections.ConfigDict):
@@ -135,7 +145,7 @@ def _llama_lm(config: ml_collections.ConfigDict):
             if directory else params)
 
   return build, load, Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
-                             head="lm_head/.*|model/norm/.*", head_is_new=False)
+                             head="lm_head/.*|model/norm/.*", head_is_new=False), llama.PARAM_AXES
 
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
@@ -160,32 +170,39 @@ def hf_format(config: ml_collections.ConfigDict) -> tuple[str, Any, dict]:
   return assets.model_dir(config.pretrained), name_map, extra
 
 
-def create(config: ml_collections.ConfigDict, seed: int) -> tuple[Model, Any]:
+def create(config: ml_collections.ConfigDict, seed: int,
+           shardings: Callable[[Model, Any], Any] | None = None) -> tuple[Model, Any]:
   """Builds the model named by `config.name` and its (pretrained) parameters.
 
   Args:
     config: the `model` section of a run config.
     seed: seeds the initialisation of parameters the checkpoint does not provide.
+    shardings: optional (model, parameter shapes) -> their shardings; freshly
+      initialised parameters are then created directly in their shards.
 
   Returns:
     (model, params) with params a nested dict of float32 arrays: checkpoint
-    tensors where the model has a pretrained checkpoint, fresh initial values
-    for the rest (and for everything without one).
+    tensors (host numpy arrays) where the model has a pretrained checkpoint,
+    fresh initial values for the rest (and for everything without one).
   """
   if config.name not in _REGISTRY:
     raise ConfigError(f"config.model.name={config.name!r}: unknown model; "
                       f"known: {sorted(_REGISTRY)}")
-  build, load, layout = _REGISTRY[config.name](config)
+  build, load, layout, axes = _REGISTRY[config.name](config)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(params=seed))))
+  model = Model(graphdef, layout, axes)
   params = load(nnx.to_pure_dict(abstract))
-  todo = {path for path, leaf in param_groups.flatten(params).items()
+  todo = {path: leaf for path, leaf in param_groups.flatten(params).items()
           if isinstance(leaf, jax.ShapeDtypeStruct)}
 
-  @jax.jit
   def initialise():
     # Only the parameters the checkpoint does not provide: XLA drops the rest.
     state = nnx.to_pure_dict(nnx.state(build(nnx.Rngs(params=seed))))
     return {path: leaf for path, leaf in param_groups.flatten(state).items() if path in todo}
 
-  fresh = initialise() if todo else {}
-  return Model(graphdef, layout), param_groups.map_with_path(lambda p, x: fresh.get(p, x), params)
+  out_shardings = None
+  if shardings is not None and todo:
+    placed = param_groups.flatten(shardings(model, nnx.to_pure_dict(abstract)))
+    out_shardings = {path: placed[path] for path in todo}
+  fresh = jax.jit(initialise, out_shardings=out_shardings)() if todo else {}
+  return model, param_groups.map_with_path(lambda p, x: fresh.get(p, x), params)

@@ -16,6 +16,22 @@ from flax import nnx
 
 from ftjax.errors import ConfigError
 
+# Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
+PARAM_AXES = (
+    (r"encoder/embeddings/word_embeddings/embedding", ("vocab", "embed")),
+    (r"encoder/embeddings/(position|token_type)_embeddings/embedding", (None, "embed")),
+    (r".*(layer_norm|_norm)/(scale|bias)", ("norm",)),
+    (r".*/attention/(query|key|value)/kernel", ("embed", "heads")),
+    (r".*/attention/(query|key|value)/bias", ("heads",)),
+    (r".*/attention/output/kernel", ("heads", "embed")),
+    (r".*/intermediate/kernel", ("embed", "mlp")),
+    (r".*/intermediate/bias", ("mlp",)),
+    (r"encoder/layers/\d+/output/kernel", ("mlp", "embed")),
+    (r".*/output/bias", ("embed",)),
+    (r"head/kernel", ("embed", "classes")),
+    (r"head/bias", ("classes",)),
+)
+
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),

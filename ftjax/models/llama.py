@@ -31,6 +31,22 @@ from ftjax.errors import ConfigError
 # Model types whose checkpoints this decoder reproduces.
 _MODEL_TYPES = ("llama", "qwen2")
 
+# Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
+PARAM_AXES = (
+    (r"model/embed_tokens/embedding", ("vocab", "embed")),
+    (r".*(layernorm|norm)/scale", ("norm",)),
+    (r".*/q_proj/kernel", ("embed", "heads")),
+    (r".*/q_proj/bias", ("heads",)),
+    (r".*/(k_proj|v_proj)/kernel", ("embed", "kv_heads")),
+    (r".*/(k_proj|v_proj)/bias", ("kv_heads",)),
+    (r".*/o_proj/kernel", ("heads", "embed")),
+    (r".*/(o_proj|down_proj)/bias", ("embed",)),
+    (r".*/(gate_proj|up_proj)/kernel", ("embed", "mlp")),
+    (r".*/(gate_proj|up_proj)/bias", ("mlp",)),
+    (r".*/down_proj/kernel", ("mlp", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
+
 # Gradient checkpointing of each decoder block: config value -> `jax.checkpoint` policy.
 REMAT_POLICIES = {
     "full": None,  # save only the block's inputs; recompute everything else
@@ -489,6 +505,14 @@ class CausalLM(nnx.Module):
     if valid is None:
       valid = jnp.ones(input_ids.shape, bool)
     return self.model.decode(input_ids, positions, valid, cache)
+
+  def unembed_kernel(self) -> jax.Array | None:
+    """The [hidden, vocab] unembedding matrix, or None when the head is adapted
+    (then only `unembed` computes its logits)."""
+    if self.tied:
+      return self.model.embed_tokens.embedding[...].T
+    kernel = self.lm_head.kernel
+    return kernel[...] if isinstance(kernel, nnx.Param) else None
 
   def unembed(self, hidden: jax.Array) -> jax.Array:
     """Float32 next-token logits [..., vocab] of hidden states [..., hidden]."""

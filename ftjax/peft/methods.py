@@ -12,6 +12,7 @@ no update.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
@@ -37,7 +38,7 @@ def adapt(config: ml_collections.ConfigDict, model: Model, params: dict,
   module = model.module(params)
   lora.inject(module, lora.LoraSpec.from_config(config.peft), nnx.Rngs(params=seed + 1))
   graphdef, state = nnx.split(module)
-  return Model(graphdef, model.layout), nnx.to_pure_dict(state)
+  return dataclasses.replace(model, graphdef=graphdef), nnx.to_pure_dict(state)
 
 
 def trainable_rules(config: ml_collections.ConfigDict, layout: Layout,

@@ -1,0 +1,141 @@
+"""From a run config and a device mesh to the model, optimizer and sharded training state.
+
+The shardings of every parameter and optimizer-state leaf are derived from
+shapes alone (`jax.eval_shape` and the axis rules), then each array is created
+directly in its shards: pretrained tensors go from host memory to their shards,
+fresh parameters and optimizer moments are computed by `jax.jit` with those
+`out_shardings`, so no device ever holds a full copy of a sharded model.
+
+`build(..., abstract=True)` stops before creating any array: the result holds
+`jax.ShapeDtypeStruct`s with shardings, enough to compile the train step for a
+mesh whose devices are not there (`launch/aot_check.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ftjax import models, optim, sharding, tasks
+from ftjax import state as state_lib
+from ftjax import step as step_lib
+from ftjax.errors import ConfigError
+from ftjax.peft import methods as peft_methods
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Built:
+  """What a run trains, and where each piece of it lives."""
+
+  model: models.Model
+  base: Any  # the unadapted model's parameters (or shapes), for the parameter summary
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state: state_lib.TrainState  # trainable parameters, optimizer state, step, rng
+  frozen: Any  # the frozen parameters
+  state_shardings: state_lib.TrainState
+  frozen_shardings: Any
+
+
+def param_shardings(model: models.Model, tree: Any, rules: sharding.Rules, mesh: Mesh) -> Any:
+  """The shardings of `model`'s parameters (or their shapes) `tree` on `mesh`."""
+  return sharding.param_shardings(tree, model.axes, rules, mesh)
+
+
+def _with_shardings(shapes: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def _adapted_shapes(config: ml_collections.ConfigDict) -> tuple[models.Model, Any, Any]:
+  """(model, base parameter shapes, adapted parameter shapes) without creating arrays."""
+  built = {}
+
+  def create():
+    model, base = models.create(config.model, config.seed)
+    built["model"], params = peft_methods.adapt(config, model, base, config.seed)
+    return base, params
+
+  try:
+    base, params = jax.eval_shape(create)
+  except jax.errors.TracerArrayConversionError as e:
+    raise ConfigError(f"config.peft.method={config.peft.method!r}: its parameters are "
+                      "computed on the host (quantization) and cannot be derived from shapes "
+                      "alone") from e
+  return built["model"], base, params
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
+          total_steps: int, *, abstract: bool = False) -> Built:
+  """The model, optimizer and training state of `config` on `mesh`.
+
+  Args:
+    config: a run config.
+    mesh: the device mesh (`sharding.make_mesh`).
+    rules: the logical-to-mesh axis rules.
+    total_steps: optimizer steps of the run (the schedule's length).
+    abstract: return shapes with shardings instead of arrays.
+
+  Returns:
+    A `Built` whose `state` and `frozen` are sharded arrays (or their shapes).
+  """
+  shardings_of = functools.partial(param_shardings, rules=rules, mesh=mesh)
+  if abstract:
+    model, base, params = _adapted_shapes(config)
+  else:
+    model, base = models.create(config.model, config.seed,
+                                lambda m, tree: shardings_of(m, tree))
+    model, params = peft_methods.adapt(config, model, base, config.seed)
+  trainable, frozen = peft_methods.split(config, model, params)
+  depths = model.layout.depths(trainable, params)
+  tx, schedule = optim.make_optimizer(config.optimizer, trainable, total_steps, depths)
+  replicated = NamedSharding(mesh, P())
+  trainable_shardings = shardings_of(model, trainable)
+  state_shardings = state_lib.TrainState(
+      step=replicated, params=trainable_shardings,
+      opt_state=sharding.optimizer_shardings(tx, trainable, trainable_shardings, mesh),
+      rng=replicated)
+  frozen_shardings = shardings_of(model, frozen)
+  create = functools.partial(state_lib.create, tx=tx, seed=config.seed)
+  if abstract:
+    state = _with_shardings(jax.eval_shape(create, trainable), state_shardings)
+    frozen = _with_shardings(frozen, frozen_shardings)
+  else:
+    frozen = jax.device_put(frozen, frozen_shardings)
+    state = jax.jit(create, out_shardings=state_shardings, donate_argnums=0)(
+        jax.device_put(trainable, trainable_shardings))
+  return Built(model=model, base=base, tx=tx, schedule=schedule, state=state, frozen=frozen,
+               state_shardings=state_shardings, frozen_shardings=frozen_shardings)
+
+
+def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
+              batch_sharding: NamedSharding) -> tuple[Any, Any]:
+  """The train and eval steps jitted with explicit input and output shardings.
+
+  Returns:
+    (train, eval): `train(state, frozen, batch) -> (state, metrics)` donating the
+    state, and `eval(params, frozen, batch) -> sums`; lower and compile each once.
+  """
+  dtype = DTYPES[config.compute_dtype]
+  replicated = NamedSharding(batch_sharding.mesh, P())
+  train = functools.partial(step_lib.train_step, model=built.model, task=task, tx=built.tx,
+                            schedule=built.schedule, grad_accum_steps=config.grad_accum_steps,
+                            compute_dtype=dtype)
+  evaluate = functools.partial(step_lib.eval_step, model=built.model, task=task,
+                               compute_dtype=dtype)
+  return (jax.jit(train, in_shardings=(built.state_shardings, built.frozen_shardings,
+                                       batch_sharding),
+                  out_shardings=(built.state_shardings, replicated), donate_argnums=0),
+          jax.jit(evaluate, in_shardings=(built.state_shardings.params, built.frozen_shardings,
+                                          batch_sharding),
+                  out_shardings=replicated))

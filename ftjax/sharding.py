@@ -1,0 +1,271 @@
+"""Device meshes and shardings: named mesh axes, logical parameter axes, rules between them.
+
+A run's mesh has three named axes (`config.mesh`):
+
+* `data`: pure data parallelism; each group of devices holds a full model replica.
+* `fsdp`: the batch is split over it too, and parameters (with their optimizer
+  state) are sharded over it, gathered layer by layer when used (ZeRO-3 / FSDP).
+* `tensor`: weight matrices are split along heads, MLP width and vocabulary
+  (Megatron-style tensor parallelism); the batch is replicated over it.
+
+Each model names the logical axes of its parameters (`Model.axes`: regexes over
+parameter paths -> names such as `("embed", "mlp")`); `config.axis_rules` maps
+logical names to mesh axes. Adapter factors and quantized weights follow the
+axes of the kernel they belong to. Everything is derived once from shapes
+(`jax.eval_shape`), before any array is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ftjax import param_groups
+from ftjax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Every logical axis name a model may use, and `batch` for the inputs' leading dimension.
+LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp", "classes", "norm")
+# FSDP over `fsdp`, tensor parallelism over `tensor`; norms and class heads replicated.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("classes", None),
+    ("norm", None),
+)
+
+Axes = tuple[str | None, ...]
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+  """`config.mesh`: every device on `data` unless told otherwise."""
+  return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor) from `config.mesh`, with one -1 taking the rest.
+
+  Raises:
+    ConfigError: for unknown axes, non-positive sizes, more than one -1, or sizes
+      whose product is not the number of devices.
+  """
+  unknown = sorted(set(config.keys()) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"config.mesh: unknown axes {unknown}; the mesh axes are {list(MESH_AXES)}")
+  sizes = [config.get(axis, 1) for axis in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if not isinstance(size, int) or isinstance(size, bool) or (size <= 0 and size != -1):
+      raise ConfigError(f"config.mesh.{axis}={size!r}: must be a positive integer or -1 "
+                        "(the remaining devices)")
+  rest = [axis for axis, size in zip(MESH_AXES, sizes) if size == -1]
+  if len(rest) > 1:
+    raise ConfigError(f"config.mesh: only one axis may be -1, got {rest}")
+  known = math.prod(size for size in sizes if size != -1)
+  described = " x ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+  if rest:
+    if num_devices % known:
+      raise ConfigError(f"config.mesh ({described}): the other axes ({known} devices) do not "
+                        f"divide the {num_devices} devices")
+    sizes[MESH_AXES.index(rest[0])] = num_devices // known
+  elif known != num_devices:
+    raise ConfigError(f"config.mesh ({described}) has {known} devices, but the run has "
+                      f"{num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh of `config.mesh` over `devices` (default: all).
+
+  Devices are ordered by `jax.make_mesh`, which keeps the innermost axis
+  (`tensor`) within a host and the outermost (`data`) across hosts.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """Logical axis name -> mesh axes (a name, a tuple of names, or None: replicated)."""
+
+  mapping: dict[str, tuple[str, ...]]
+
+  @classmethod
+  def from_config(cls, rules: Sequence[Sequence[Any]]) -> "Rules":
+    """Checks `config.axis_rules`, a list of (logical name, mesh axis | tuple | None).
+
+    Raises:
+      ConfigError: naming the rule with an unknown logical or mesh axis, or a
+        logical axis given twice.
+    """
+    mapping = {}
+    for rule in rules:
+      if len(rule) != 2:
+        raise ConfigError(f"config.axis_rules: {tuple(rule)!r} is not a (logical axis, mesh "
+                          "axes) pair")
+      logical, target = rule
+      if logical not in LOGICAL_AXES:
+        raise ConfigError(f"config.axis_rules: unknown logical axis {logical!r}; known: "
+                          f"{list(LOGICAL_AXES)}")
+      if logical in mapping:
+        raise ConfigError(f"config.axis_rules: logical axis {logical!r} has two rules")
+      targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+      unknown = [t for t in targets if t not in MESH_AXES]
+      if unknown:
+        raise ConfigError(f"config.axis_rules: ({logical!r}, {target!r}) names unknown mesh "
+                          f"axes {unknown}; mesh axes are {list(MESH_AXES)}")
+      mapping[logical] = targets
+    return cls(mapping)
+
+  def spec(self, axes: Axes, shape: Sequence[int], mesh: Mesh) -> P:
+    """The PartitionSpec of an array of `shape` whose dimensions have logical `axes`.
+
+    A dimension stays replicated when its mesh axes have size 1, are already used
+    by an earlier dimension, or do not divide it (e.g. 2 classes over 4 devices).
+    """
+    used: set[str] = set()
+    parts = []
+    for name, size in zip(axes, shape):
+      targets = tuple(t for t in self.mapping.get(name, ()) if mesh.shape[t] > 1
+                      and t not in used) if name else ()
+      if not targets or size % math.prod(mesh.shape[t] for t in targets):
+        parts.append(None)
+        continue
+      used.update(targets)
+      parts.append(targets[0] if len(targets) == 1 else targets)
+    while parts and parts[-1] is None:
+      parts.pop()
+    return P(*parts)
+
+  def batch_axes(self, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is split over."""
+    return tuple(t for t in self.mapping.get("batch", ()) if t in mesh.shape)
+
+
+# Parameters an adapter or quantization adds next to (or in place of) a kernel,
+# and which of the kernel's [in, out] logical axes each dimension follows.
+_DERIVED = (
+    (r"(.*)/lora_a", "kernel", lambda a: (a[0], None)),
+    (r"(.*)/lora_b", "kernel", lambda a: (None, a[1])),
+    (r"(.*)/lora_magnitude", "kernel", lambda a: (a[1],)),
+    (r"(.*/kernel)/codes", "", lambda a: (a[0], None)),  # int8 [in, out]; nf4 [blocks, bytes]
+    (r"(.*/kernel)/scale", "", lambda a: (a[1],)),  # int8 per output column
+    (r"(.*/kernel)/absmax", "", lambda a: (a[0],)),  # nf4 per block, blocks follow rows
+    (r"(.*/kernel)/absmax_(codes|scale|mean)", "", lambda a: (None, None)),
+)
+
+
+def logical_axes(params: Any, model_axes: param_groups.Rules) -> Any:
+  """Each parameter's logical axes, a tree like `params` of tuples (one name per dim).
+
+  Args:
+    params: parameters or their shapes (nested dicts).
+    model_axes: the model's `(regex, axes)` rules over parameter paths.
+
+  Raises:
+    ConfigError: if a parameter matches no rule or its axes do not fit its rank.
+  """
+
+  def kernel_axes(path: str) -> Axes | None:
+    found, axes = param_groups.first_match(path, model_axes)
+    return tuple(axes) if found else None
+
+  def axes_of(path: str, leaf: Any) -> Axes:
+    axes = kernel_axes(path)
+    if axes is None:
+      for pattern, suffix, derive in _DERIVED:
+        match = re.fullmatch(pattern, path)
+        base = match and kernel_axes(match.group(1) + ("/" + suffix if suffix else ""))
+        if base:
+          axes = derive(base)
+          break
+    if axes is None:
+      raise ConfigError(f"parameter {path} has no logical axes: no rule of the model matches "
+                        "it")
+    axes = tuple(axes)[:len(leaf.shape)] + (None,) * max(len(leaf.shape) - len(axes), 0)
+    if len(axes) != len(leaf.shape):
+      raise ConfigError(f"parameter {path}: logical axes {axes} do not fit shape {leaf.shape}")
+    return axes
+
+  return param_groups.map_with_path(axes_of, params)
+
+
+def param_shardings(params: Any, model_axes: param_groups.Rules, rules: Rules,
+                    mesh: Mesh) -> Any:
+  """NamedShardings for a tree of parameters (arrays or ShapeDtypeStructs)."""
+  axes = logical_axes(params, model_axes)
+  return jax.tree.map(lambda a, leaf: NamedSharding(mesh, rules.spec(a, leaf.shape, mesh)),
+                      axes, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params: Any, shardings: Any,
+                        mesh: Mesh) -> Any:
+  """Shardings of `tx`'s state: each moment like its parameter, counters replicated."""
+  abstract = jax.eval_shape(tx.init, params)
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract, shardings,
+                               transform_non_params=lambda _: replicated)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Inputs are split along their leading (batch) dimension over the batch axes."""
+  axes = rules.batch_axes(mesh)
+  return NamedSharding(mesh, P(axes if axes else None))
+
+
+def batch_parallelism(mesh: Mesh, rules: Rules) -> int:
+  """Into how many parts a batch is split (the product of the batch axes' sizes)."""
+  return math.prod(mesh.shape[a] for a in rules.batch_axes(mesh))
+
+
+def process_batch_slice(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+  """Which contiguous part of a global batch this process feeds: (index, count).
+
+  The process's devices hold rows `index * global_batch / count` onwards,
+  `global_batch / count` of them; processes whose devices hold the same rows
+  (a `tensor` axis spanning hosts) read the same part.
+
+  Raises:
+    ConfigError: if this process's rows are not one contiguous block.
+  """
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((global_batch,)).values():
+    part = index[0]
+    rows.update(range(*part.indices(global_batch)))
+  start, stop = min(rows), max(rows) + 1
+  if len(rows) != stop - start or global_batch % (stop - start) or start % (stop - start):
+    raise ConfigError(f"process {jax.process_index()} holds batch rows {sorted(rows)[:8]}... "
+                      f"of {global_batch}: not one aligned block; order the mesh so that each "
+                      "host's devices are contiguous on the batch axes")
+  size = stop - start
+  return start // size, global_batch // size
+
+
+def describe(shardings: Any, params: Any) -> dict[str, str]:
+  """{path: "shape -> spec"} for logs and tests."""
+  return param_groups.flatten(jax.tree.map(
+      lambda s, x: f"{tuple(x.shape)} -> {tuple(s.spec)}", shardings, params))
+
+
+def local_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded arrays (or ShapeDtypeStructs with
+  shardings): the largest shard of each leaf."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(tuple(leaf.shape))
+    total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
+  return total

@@ -1,0 +1,224 @@
+"""Meshes, axis rules and parameter shardings; sharded training equals one device.
+
+Runs on the 8 fake CPU devices of tests/conftest.py.
+"""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ftjax import build, param_groups, sharding, trainer
+from ftjax.errors import ConfigError
+
+MESHES = [dict(data=8), dict(fsdp=8), dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]
+STEPS = 3
+
+
+def _mesh_config(**sizes):
+  config = sharding.default_mesh_config()
+  config.data = 1
+  config.update(sizes)
+  return config
+
+
+def _with(config, **overrides):
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  for key, value in overrides.items():
+    target = config
+    *parents, last = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[last] = value
+  config.lock()
+  return config
+
+
+@pytest.fixture
+def llama_debug_config(data_dir):
+  from configs import smollm2_chat  # pylint: disable=g-import-not-at-top
+  return _with(smollm2_chat.get_config("debug"), **{"data.data_dir": data_dir,
+                                                     "samples.count": 0})
+
+
+def test_mesh_sizes_fill_the_rest_and_reject_mismatches():
+  assert sharding.mesh_shape(_mesh_config(data=-1, tensor=2), 8) == (4, 1, 2)
+  assert sharding.mesh_shape(_mesh_config(fsdp=8), 8) == (1, 8, 1)
+  with pytest.raises(ConfigError, match=r"data=2 x fsdp=2 x tensor=1\) has 4 devices, but the "
+                     r"run has 8"):
+    sharding.mesh_shape(_mesh_config(data=2, fsdp=2), 8)
+  with pytest.raises(ConfigError, match="other axes \\(3 devices\\) do not divide the 8"):
+    sharding.mesh_shape(_mesh_config(data=-1, tensor=3), 8)
+  with pytest.raises(ConfigError, match="only one axis may be -1"):
+    sharding.mesh_shape(_mesh_config(data=-1, fsdp=-1), 8)
+  with pytest.raises(ConfigError, match="config.mesh.tensor=0"):
+    sharding.mesh_shape(_mesh_config(tensor=0), 8)
+  bad = sharding.default_mesh_config()
+  bad.unlock()
+  bad.pipeline = 2
+  with pytest.raises(ConfigError, match="unknown axes \\['pipeline'\\]"):
+    sharding.mesh_shape(bad, 8)
+
+
+def test_axis_rules_name_what_is_wrong():
+  with pytest.raises(ConfigError, match="\\('mlp', 'model'\\) names unknown mesh axes \\['model'\\]"):
+    sharding.Rules.from_config([("mlp", "model")])
+  with pytest.raises(ConfigError, match="unknown logical axis 'hidden'"):
+    sharding.Rules.from_config([("hidden", "fsdp")])
+  with pytest.raises(ConfigError, match="'embed' has two rules"):
+    sharding.Rules.from_config([("embed", "fsdp"), ("embed", None)])
+
+
+def test_spec_replicates_dimensions_an_axis_cannot_split():
+  mesh = sharding.make_mesh(_mesh_config(fsdp=4, tensor=2))
+  rules = sharding.Rules.from_config(sharding.DEFAULT_RULES)
+  assert rules.spec(("embed", "mlp"), (384, 1536), mesh) == P("fsdp", "tensor")
+  assert rules.spec(("embed", "classes"), (384, 2), mesh) == P("fsdp")
+  assert rules.spec(("embed", "mlp"), (6, 1536), mesh) == P(None, "tensor")  # 6 % 4
+  assert rules.spec(("embed", "embed"), (8, 8), mesh) == P("fsdp")  # fsdp used once
+  assert rules.spec(("norm",), (384,), mesh) == P()
+  assert rules.batch_axes(mesh) == ("data", "fsdp")
+
+
+def _built(config, **mesh_sizes):
+  mesh = sharding.make_mesh(_mesh_config(**mesh_sizes))
+  rules = sharding.Rules.from_config(config.axis_rules)
+  return build.build(config, mesh, rules, total_steps=10, abstract=True)
+
+
+def _specs(tree):
+  return {path: tuple(leaf.sharding.spec) for path, leaf in param_groups.flatten(tree).items()}
+
+
+def test_bert_parameters_and_adam_moments_are_sharded_as_the_rules_say(debug_config):
+  built = _built(debug_config, fsdp=4, tensor=2)
+  specs = _specs(built.state.params)
+  assert specs["encoder/embeddings/word_embeddings/embedding"] == ("tensor", "fsdp")
+  assert specs["encoder/layers/0/attention/query/kernel"] == ("fsdp", "tensor")
+  assert specs["encoder/layers/0/attention/output/kernel"] == ("tensor", "fsdp")
+  assert specs["encoder/layers/3/intermediate/kernel"] == ("fsdp", "tensor")
+  assert specs["encoder/layers/3/output/kernel"] == ("tensor", "fsdp")
+  assert specs["encoder/layers/0/attention/query/bias"] == ("tensor",)
+  assert specs["encoder/layers/0/output_norm/scale"] == ()
+  assert specs["head/kernel"] == ("fsdp",)  # 2 classes stay whole
+  moments = [s for s in jax.tree.leaves(built.state.opt_state)
+             if s.shape == (384, 1536)]
+  assert moments and all(tuple(m.sharding.spec) == ("fsdp", "tensor") for m in moments)
+  assert all(s.sharding.spec == P() for s in jax.tree.leaves(built.state.opt_state)
+             if s.shape == ())
+  # Each device holds an eighth of the big matrices.
+  assert sharding.local_bytes(built.state.params) < 0.2 * sum(
+      x.size * 4 for x in jax.tree.leaves(built.state.params))
+
+
+def test_adapter_factors_and_quantized_kernels_follow_their_kernel(debug_config):
+  lora = _built(_with(debug_config, **{"peft.method": "dora"}), fsdp=4, tensor=2)
+  specs = _specs(lora.state.params)
+  assert specs["encoder/layers/0/attention/query/lora_a"] == ("fsdp",)
+  assert specs["encoder/layers/0/attention/query/lora_b"] == (None, "tensor")
+  assert specs["encoder/layers/0/attention/query/lora_magnitude"] == ("tensor",)
+  frozen = _specs(lora.frozen)
+  assert frozen["encoder/layers/0/attention/query/kernel"] == ("fsdp", "tensor")
+  qlora = _built(_with(debug_config, **{"peft.method": "qlora", "peft.quant": "int8"}),
+                 fsdp=4, tensor=2)
+  frozen = _specs(qlora.frozen)
+  assert frozen["encoder/layers/0/attention/key/kernel/codes"] == ("fsdp",)
+  assert frozen["encoder/layers/0/attention/key/kernel/scale"] == ("tensor",)
+  nf4 = _specs(_built(_with(debug_config, **{"peft.method": "qlora"}), fsdp=8).frozen)
+  assert nf4["encoder/layers/0/intermediate/kernel/codes"] == ("fsdp",)
+  assert nf4["encoder/layers/0/intermediate/kernel/absmax"] == ("fsdp",)
+
+
+def test_quantizing_randomly_initialised_weights_needs_arrays(llama_debug_config):
+  with pytest.raises(ConfigError, match="computed on the host"):
+    _built(_with(llama_debug_config, **{"peft.method": "qlora"}), fsdp=8)
+
+
+def test_llama_parameters_are_sharded_as_the_rules_say(llama_debug_config):
+  specs = _specs(_built(_with(llama_debug_config, **{"peft.method": "full"}),
+                        fsdp=4, tensor=2).state.params)
+  assert specs["model/embed_tokens/embedding"] == ("tensor", "fsdp")
+  assert specs["model/layers/0/self_attn/q_proj/kernel"] == ("fsdp", "tensor")
+  assert specs["model/layers/0/self_attn/k_proj/kernel"] == ("fsdp", "tensor")
+  assert specs["model/layers/1/mlp/down_proj/kernel"] == ("tensor", "fsdp")
+  assert specs["model/norm/scale"] == ()
+
+
+def test_batch_not_divisible_by_the_batch_parallel_size_is_refused(debug_config, tmp_path):
+  config = _with(debug_config, **{"mesh.data": 4, "mesh.fsdp": 2, "grad_accum_steps": 2})
+  with pytest.raises(ConfigError, match=r"config.batch_size=8 is not divisible by the "
+                     r"batch-parallel size \(8 = .*\) times grad_accum_steps \(2\)"):
+    trainer.run(config, str(tmp_path))
+
+
+# --- a few steps on each mesh equal the same steps on one device -------------------------
+
+class _CompileCounter(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.train_steps = 0
+
+  def emit(self, record):
+    if "Compiling" in record.getMessage() and "train_step" in record.getMessage():
+      self.train_steps += 1
+
+
+def _steps(config, tmp_path, mesh_sizes, devices):
+  """Builds a run on `devices` and trains STEPS steps; (losses, params, compiles, specs)."""
+  config = _with(config, **{f"mesh.{k}": v for k, v in _mesh_config(**mesh_sizes).items()})
+  counter = _CompileCounter()
+  logger = logging.getLogger("jax")
+  logger.addHandler(counter)
+  try:
+    with jax.log_compiles(True):
+      run = trainer._Run(config, str(tmp_path), devices)  # pylint: disable=protected-access
+      iterator = run.train_iterator()
+      losses = []
+      for _ in range(STEPS):
+        run.state, metrics = run.train_step(run.state, run.frozen,
+                                            trainer._put_batch(next(iterator),  # pylint: disable=protected-access
+                                                               run.batch_sharding))
+        losses.append(float(metrics["loss"]))
+  finally:
+    logger.removeHandler(counter)
+  run.writer.close()
+  run.checkpointer.close()
+  return losses, jax.device_get(run.state.params), counter.train_steps, _specs(run.state.params)
+
+
+@pytest.fixture(scope="module")
+def _reference_cache():
+  return {}
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+@pytest.mark.parametrize("mesh_sizes", MESHES, ids=lambda m: "-".join(f"{k}{v}" for k, v in
+                                                                     m.items()))
+def test_sharded_steps_equal_one_device(model, mesh_sizes, debug_config, llama_debug_config,
+                                        tmp_path, _reference_cache):
+  config = debug_config if model == "bert" else _with(llama_debug_config,
+                                                      **{"peft.method": "full"})
+  if model not in _reference_cache:
+    _reference_cache[model] = _steps(config, tmp_path / "one", dict(data=1),
+                                     jax.devices()[:1])
+  ref_losses, ref_params, _, _ = _reference_cache[model]
+  losses, params, compiles, specs = _steps(config, tmp_path / "mesh", mesh_sizes,
+                                           jax.devices())
+  # Float32 sums in another order: losses within 1e-5 relative, parameters within 1e-6.
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  flat, ref_flat = param_groups.flatten(params), param_groups.flatten(ref_params)
+  for path, value in flat.items():
+    np.testing.assert_allclose(value, ref_flat[path], rtol=0, atol=1e-6, err_msg=path)
+  assert compiles == 1
+  mesh = sharding.make_mesh(_mesh_config(**mesh_sizes))
+  rules = sharding.Rules.from_config(config.axis_rules)
+  expected = sharding.param_shardings(ref_params, config_model_axes(model), rules, mesh)
+  assert specs == {p: tuple(s.spec) for p, s in param_groups.flatten(expected).items()}
+
+
+def config_model_axes(model):
+  from ftjax.models import bert, llama  # pylint: disable=g-import-not-at-top
+  return bert.PARAM_AXES if model == "bert" else llama.PARAM_AXES
