@@ -49,6 +49,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.pooling = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
   config.model.head_init = "zeros"
   config.model.dont_load = ["head/.*"]  # regexes: parameters not taken from the checkpoint
+  # HF config fields of a randomly initialised encoder, used when `pretrained` is empty
+  # (MiniLM-L6's sizes; e.g. --config.model.arch.hidden_size=768 for BERT-base).
+  config.model.arch = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                           num_attention_heads=12, intermediate_size=1536,
+                           max_position_embeddings=512)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "rotten_tomatoes"

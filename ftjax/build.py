@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ftjax import models, optim, sharding, tasks
 from ftjax import state as state_lib
 from ftjax import step as step_lib
+from ftjax.data import inputs as inputs_lib
 from ftjax.errors import ConfigError
 from ftjax.peft import methods as peft_methods
 
@@ -118,8 +119,43 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
                state_shardings=state_shardings, frozen_shardings=frozen_shardings)
 
 
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh,
+                      rules: sharding.Rules) -> None:
+  """Raises ConfigError unless the batch sizes split evenly over the batch axes."""
+  parallel = sharding.batch_parallelism(mesh, rules)
+  shape = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+  split = (f"the batch-parallel size ({parallel} = the product of mesh axes "
+           f"{rules.batch_axes(mesh)} of mesh {shape})")
+  if config.batch_size % (parallel * config.grad_accum_steps):
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by {split} "
+                      f"times grad_accum_steps ({config.grad_accum_steps})")
+  if config.eval_batch_size % parallel:
+    raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by "
+                      f"{split}")
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
+                   batch_sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """A global batch of `batch_size` rows of `config`'s data, as sharded shapes."""
+  return {key: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=batch_sharding)
+          for key, (shape, dtype) in inputs_lib.batch_spec(config).items()}
+
+
+def _with_activation_sharding(fn: functools.partial, mesh: Mesh,
+                              rules: sharding.Rules) -> Any:
+  """`fn` traced with the models' activation constraints pinned to `mesh`."""
+
+  def traced(*args, **kwargs):
+    with sharding.activation_sharding(mesh, rules):
+      return fn(*args, **kwargs)
+
+  # Named like the step, for compile logs and profiles.
+  traced.__name__ = traced.__qualname__ = fn.func.__name__
+  return traced
+
+
 def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
-              batch_sharding: NamedSharding) -> tuple[Any, Any]:
+              rules: sharding.Rules, batch_sharding: NamedSharding) -> tuple[Any, Any]:
   """The train and eval steps jitted with explicit input and output shardings.
 
   Returns:
@@ -127,12 +163,13 @@ def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
     state, and `eval(params, frozen, batch) -> sums`; lower and compile each once.
   """
   dtype = DTYPES[config.compute_dtype]
-  replicated = NamedSharding(batch_sharding.mesh, P())
-  train = functools.partial(step_lib.train_step, model=built.model, task=task, tx=built.tx,
-                            schedule=built.schedule, grad_accum_steps=config.grad_accum_steps,
-                            compute_dtype=dtype)
-  evaluate = functools.partial(step_lib.eval_step, model=built.model, task=task,
-                               compute_dtype=dtype)
+  mesh = batch_sharding.mesh
+  replicated = NamedSharding(mesh, P())
+  train = _with_activation_sharding(functools.partial(
+      step_lib.train_step, model=built.model, task=task, tx=built.tx, schedule=built.schedule,
+      grad_accum_steps=config.grad_accum_steps, compute_dtype=dtype), mesh, rules)
+  evaluate = _with_activation_sharding(functools.partial(
+      step_lib.eval_step, model=built.model, task=task, compute_dtype=dtype), mesh, rules)
   return (jax.jit(train, in_shardings=(built.state_shardings, built.frozen_shardings,
                                        batch_sharding),
                   out_shardings=(built.state_shardings, replicated), donate_argnums=0),

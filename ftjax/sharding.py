@@ -8,6 +8,12 @@ A run's mesh has three named axes (`config.mesh`):
 * `tensor`: weight matrices are split along heads, MLP width and vocabulary
   (Megatron-style tensor parallelism); the batch is replicated over it.
 
+Models also mark their activations at block boundaries with `constrain(x,
+("batch", None, None))`: while a step is traced inside `activation_sharding(mesh,
+rules)`, that pins the batch dimension to the batch axes, so the compiler keeps
+activations split over `fsdp` (gathering weights instead) rather than
+gathering the batch; outside it, `constrain` does nothing.
+
 Each model names the logical axes of its parameters (`Model.axes`: regexes over
 parameter paths -> names such as `("embed", "mlp")`); `config.axis_rules` maps
 logical names to mesh axes. Adapter factors and quantized weights follow the
@@ -17,10 +23,12 @@ axes of the kernel they belong to. Everything is derived once from shapes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+import threading
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -269,3 +277,28 @@ def local_bytes(tree: Any) -> int:
     shard = leaf.sharding.shard_shape(tuple(leaf.shape))
     total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
   return total
+
+
+_ACTIVATIONS = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Within this context, `constrain` pins activations to `mesh` by `rules`."""
+  previous = getattr(_ACTIVATIONS, "current", None)
+  _ACTIVATIONS.current = (mesh, rules)
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.current = previous
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """`x` with a sharding constraint from its logical `axes` (one name or None per dim)
+  when traced inside `activation_sharding`; `x` unchanged otherwise."""
+  current = getattr(_ACTIVATIONS, "current", None)
+  if current is None:
+    return x
+  mesh, rules = current
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(axes, x.shape,
+                                                                            mesh)))

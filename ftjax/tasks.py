@@ -95,7 +95,11 @@ def _token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Su
 
 def chunked_token_sums(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Array],
                        targets: jax.Array, weights: jax.Array, chunk: int) -> Sums:
-  """Summed next-token cross-entropy and accuracy, `chunk` tokens of logits at a time.
+  """Summed next-token cross-entropy and accuracy, about `chunk` tokens of logits at a time.
+
+  The chunks run along the sequence: each holds every row's next
+  ceil(chunk / B) positions, so the batch dimension (split over devices) is
+  never gathered.
 
   Args:
     hidden: [B, L, H] final hidden states.
@@ -107,24 +111,25 @@ def chunked_token_sums(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Arr
   Returns:
     {"loss", "accuracy", "weight"}: sums over the weighted tokens.
   """
-  hidden = hidden.reshape(-1, hidden.shape[-1])
-  targets, weights = targets.reshape(-1), weights.reshape(-1)
-  tokens = hidden.shape[0]
-  if chunk <= 0 or chunk >= tokens:
+  batch, length = targets.shape
+  if chunk <= 0 or chunk >= batch * length:
     return _token_sums(unembed(hidden), targets, weights)
-  pad = -tokens % chunk  # padded tokens carry weight 0
+  span = -(-chunk // batch)  # positions per chunk
+  pad = -length % span  # padded positions carry weight 0
   if pad:
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-    targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
-  chunks = (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk),
-            weights.reshape(-1, chunk))
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+  pieces = (length + pad) // span
+  # [pieces, B, span, ...]: the scan runs over the unsplit sequence axis.
+  split = lambda x: jnp.moveaxis(x.reshape(batch, pieces, span, *x.shape[2:]), 1, 0)
 
   @jax.checkpoint  # the backward pass recomputes a chunk's logits instead of storing them
   def one(xs):
     h, t, w = xs
     return _token_sums(unembed(h), t, w)
 
-  return jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, chunks))
+  return jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, (split(hidden), split(targets),
+                                                            split(weights))))
 
 
 def _causal_lm(loss_chunk: int, mesh: Mesh | None, vocab_axes: tuple[str, ...],

@@ -26,12 +26,6 @@ def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def _check_divisible(config: ml_collections.ConfigDict, key: str, divisor: int,
-                     what: str) -> None:
-  if config[key] % divisor:
-    raise ConfigError(f"config.{key}={config[key]} is not divisible by {what}")
-
-
 def _bytes(tree: Any) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -63,14 +57,7 @@ class _Run:
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     self.replicated = NamedSharding(self.mesh, P())
     self.process = jax.process_index()
-    parallel = sharding.batch_parallelism(self.mesh, self.rules)
-    shape = ", ".join(f"{axis}={size}" for axis, size in self.mesh.shape.items())
-    _check_divisible(config, "batch_size", parallel * config.grad_accum_steps,
-                     f"the batch-parallel size ({parallel} = the product of mesh axes "
-                     f"{self.rules.batch_axes(self.mesh)} of mesh {shape}) times "
-                     f"grad_accum_steps ({config.grad_accum_steps})")
-    _check_divisible(config, "eval_batch_size", parallel,
-                     f"the batch-parallel size ({parallel}, mesh {shape})")
+    build.check_batch_sizes(config, self.mesh, self.rules)
     # Which part of each global batch this process reads.
     self.data_shard = sharding.process_batch_slice(self.batch_sharding, config.batch_size)
     self.task = tasks.get(config, self.mesh, self.rules)
@@ -120,18 +107,14 @@ class _Run:
         batch_size=self.config.eval_batch_size // self.data_shard[1],
         shard_index=self.data_shard[0], shard_count=self.data_shard[1])
 
-  def _example_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    host = next(iter(self.eval_batches("validation")))
-    return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype,
-                                    sharding=self.batch_sharding) for k, v in host.items()}
-
   def _compile(self) -> None:
     """Compiles the train and eval steps once, ahead of time, with explicit shardings."""
-    train, evaluate = build.jit_steps(self.built, self.task, self.config, self.batch_sharding)
-    self.train_step = train.lower(self.state, self.frozen,
-                                  self._example_batch(self.config.batch_size)).compile()
+    train, evaluate = build.jit_steps(self.built, self.task, self.config, self.rules,
+                                      self.batch_sharding)
+    batch = lambda size: build.abstract_batch(self.config, size, self.batch_sharding)
+    self.train_step = train.lower(self.state, self.frozen, batch(self.config.batch_size)).compile()
     self.eval_step = evaluate.lower(self.state.params, self.frozen,
-                                    self._example_batch(self.config.eval_batch_size)).compile()
+                                    batch(self.config.eval_batch_size)).compile()
 
   def evaluate(self, params: Any, split: str) -> dict[str, float]:
     """The task's metrics over every example of `split`, each counted once."""

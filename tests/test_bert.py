@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from ftjax import models, param_groups
-from ftjax.errors import WeightsError
+from ftjax.errors import ConfigError, WeightsError
 from ftjax.hub import assets, bert as bert_hub, safetensors_io
 from ftjax.models import bert
 
@@ -137,3 +137,16 @@ def test_missing_or_corrupt_weights_file_is_named(tmp_path):
   (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
   with pytest.raises(WeightsError, match="cannot read safetensors file"):
     models.create(_model_config(pretrained=str(tmp_path)), seed=0)
+
+
+def test_random_encoder_of_the_configured_architecture():
+  arch = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=16)
+  _, params = models.create(_model_config(pretrained="", arch=arch), seed=0)
+  flat = param_groups.flatten(params)
+  assert flat["encoder/embeddings/word_embeddings/embedding"].shape == (100, 32)
+  assert flat["encoder/layers/2/intermediate/kernel"].shape == (32, 64)
+  assert "encoder/layers/3/intermediate/kernel" not in flat
+  with pytest.raises(ConfigError, match="config.model.arch: hidden_size 30 is not divisible "
+                     "by num_attention_heads 4"):
+    models.create(_model_config(pretrained="", arch=dict(arch, hidden_size=30)), seed=0)

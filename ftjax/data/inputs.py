@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from ftjax.data import lm, pipeline, sources, tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
@@ -74,6 +75,28 @@ def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
       prompts.append(inputs.tokenizer(passage, add_special_tokens=False)["input_ids"]
                      [:prompt_tokens])
   return prompts
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Each array of a batch of `config`'s data: {key: (shape after the batch dim, dtype)}.
+
+  Tokenized classification examples or packed language-model rows
+  (`lm.ROW_KEYS`), plus the pipeline's `mask`; known from the config alone.
+
+  Raises:
+    ConfigError: for an unknown data set.
+  """
+  name = config.data.name
+  if name not in KINDS:
+    raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(KINDS)}")
+  length = (config.data.max_length,)
+  if KINDS[name][0] == "classification":
+    spec = {key: (length, np.int32) for key in tokenizer_lib.OUTPUT_KEYS}
+    spec["label"] = ((), np.int32)
+  else:
+    spec = {key: (length, np.bool_ if key == "loss_mask" else np.int32) for key in lm.ROW_KEYS}
+  spec["mask"] = ((), np.bool_)
+  return spec
 
 
 def _rows_unchanged(batch: pipeline.Batch) -> pipeline.Batch:

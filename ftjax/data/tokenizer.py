@@ -17,7 +17,7 @@ import tokenizers
 
 from ftjax.errors import DataError
 
-_OUTPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class TextTokenizer:
@@ -47,7 +47,7 @@ class TextTokenizer:
     """
     shape = (len(texts), self.max_length)
     if not texts:
-      return {key: np.zeros(shape, np.int32) for key in _OUTPUT_KEYS}
+      return {key: np.zeros(shape, np.int32) for key in OUTPUT_KEYS}
     # One batched call: the Rust side parallelises across the batch.
     encodings = self._tokenizer.encode_batch(list(texts))
     return {

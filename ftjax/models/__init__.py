@@ -103,8 +103,10 @@ class Model:
 
 def _bert_classifier(config: ml_collections.ConfigDict):
   directory = assets.model_dir(config.pretrained) if config.pretrained else ""
-  arch = (bert.BertConfig.from_json(os.path.join(directory, "config.json"))
-          if directory else bert.BertConfig())
+  if directory:
+    arch = bert.BertConfig.from_json(os.path.join(directory, "config.json"))
+  else:  # a randomly initialised encoder of the architecture in config.arch
+    arch = bert.BertConfig.from_dict(ml_collections.ConfigDict(config.get("arch", {})).to_dict())
 
   def build(rngs: nnx.Rngs) -> nnx.Module:
     return bert.SequenceClassifier(arch, num_classes=config.num_classes,

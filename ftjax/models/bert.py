@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax import sharding
 from ftjax.errors import ConfigError
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
@@ -31,6 +32,9 @@ PARAM_AXES = (
     (r"head/kernel", ("embed", "classes")),
     (r"head/bias", ("classes",)),
 )
+
+# Hidden states between blocks: split along the batch, whole along length and width.
+_ACTIVATION_AXES = ("batch", None, None)
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -59,14 +63,18 @@ class BertConfig:
   def from_json(cls, path: str) -> "BertConfig":
     """Reads the fields this encoder uses from a Hugging Face `config.json`."""
     with open(path) as f:
-      raw = json.load(f)
+      return cls.from_dict(json.load(f), source=path)
+
+  @classmethod
+  def from_dict(cls, raw: dict[str, Any], source: str = "config.model.arch") -> "BertConfig":
+    """Builds and checks a config from HF-named fields; `source` names it in errors."""
     fields = {f.name for f in dataclasses.fields(cls)}
     config = cls(**{k: v for k, v in raw.items() if k in fields})
     if config.hidden_act not in _ACTIVATIONS:
-      raise ConfigError(f"{path}: hidden_act={config.hidden_act!r} is not supported; "
+      raise ConfigError(f"{source}: hidden_act={config.hidden_act!r} is not supported; "
                         f"supported: {sorted(_ACTIVATIONS)}")
     if config.hidden_size % config.num_attention_heads:
-      raise ConfigError(f"{path}: hidden_size {config.hidden_size} is not divisible by "
+      raise ConfigError(f"{source}: hidden_size {config.hidden_size} is not divisible by "
                         f"num_attention_heads {config.num_attention_heads}")
     return config
 
@@ -159,8 +167,10 @@ class Encoder(nnx.Module):
   def __call__(self, input_ids, attention_mask, token_type_ids, *, deterministic=True,
                rngs=None):
     x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+    x = sharding.constrain(x, _ACTIVATION_AXES)
     for layer in self.layers:
-      x = layer(x, attention_mask, deterministic=deterministic, rngs=rngs)
+      x = sharding.constrain(layer(x, attention_mask, deterministic=deterministic, rngs=rngs),
+                             _ACTIVATION_AXES)
     return x
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax import sharding
 from ftjax.errors import ConfigError
 
 # Model types whose checkpoints this decoder reproduces.
@@ -46,6 +47,9 @@ PARAM_AXES = (
     (r".*/down_proj/kernel", ("mlp", "embed")),
     (r"lm_head/kernel", ("embed", "vocab")),
 )
+
+# Hidden states between blocks: split along the batch, whole along length and width.
+_ACTIVATION_AXES = ("batch", None, None)
 
 # Gradient checkpointing of each decoder block: config value -> `jax.checkpoint` policy.
 REMAT_POLICIES = {
@@ -402,8 +406,9 @@ class Decoder(nnx.Module):
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     run = (_run_layer if self.remat == "none"
            else nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat]))
+    x = sharding.constrain(x, _ACTIVATION_AXES)
     for layer in self.layers:
-      x = run(layer, x, cos, sin, mask)
+      x = sharding.constrain(run(layer, x, cos, sin, mask), _ACTIVATION_AXES)
     return self.norm(x)
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, valid: jax.Array,
