@@ -23,7 +23,8 @@ from ftjax.metrics import MetricWriter, Progress, log_line
 
 def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each host's slice of the batch into one global array (explicit transfer)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  with jax.transfer_guard_host_to_device("allow"):  # several processes: a batched device_put
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 def _bytes(tree: Any) -> int:

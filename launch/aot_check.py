@@ -34,14 +34,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
 from ftjax import build, cli, sharding, tasks
 from ftjax.config import validate
-from ftjax.data import inputs as inputs_lib
-from ftjax.data import lm
-from ftjax.errors import ConfigError, FtjaxError
+from ftjax.errors import ConfigError
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -358,23 +355,6 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   return "\n".join(lines), verdict
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a one-line error for an override of a key the config lacks."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # raised by the locked ConfigDict
-    detail = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-    overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
-    sys.exit(f"FATAL Flags parsing error: unknown config key in {overrides}: {detail}")
-  except flags.Error as e:
-    message, cause = str(e), e.__context__
-    while cause is not None:
-      if isinstance(cause, FtjaxError):
-        message = str(cause)
-      cause = cause.__context__
-    sys.exit(f"FATAL Flags parsing error: {message}")
-
-
 def _main() -> None:
   report, failure = check(_CONFIG.value, _TOPOLOGY.value, _MEMORY.value,
                           _CHIPS_PER_HOST.value)
@@ -385,4 +365,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-  app.run(cli.main(_main), flags_parser=parse_flags)
+  app.run(cli.main(_main), flags_parser=cli.parse_flags)

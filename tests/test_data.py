@@ -320,20 +320,21 @@ def test_train_drops_remainder_and_is_deterministic():
                                 np.concatenate([b["id"] for b in again]))
 
 
-def test_train_hosts_read_disjoint_slices():
+def test_train_hosts_read_their_rows_of_the_same_global_batches():
   source = _toy_source(48)
-  seen = []
-  for host in range(3):
-    ids = np.concatenate([b["id"] for b in _train(source, num_epochs=1, shard_index=host,
-                                                  shard_count=3)])
-    assert all(i % 3 == host for i in ids)
-    seen.extend(ids.tolist())
-  assert sorted(seen) == list(range(48))
+  one_host = [b["id"] for b in _train(source, num_epochs=1, batch_size=12)]
+  hosts = [[b["id"] for b in _train(source, num_epochs=1, batch_size=4, shard_index=host,
+                                    shard_count=3)] for host in range(3)]
+  assert len(one_host) == 4 and all(len(h) == 4 for h in hosts)
+  for step, expected in enumerate(one_host):  # host i holds rows 4i .. 4i + 3
+    np.testing.assert_array_equal(np.concatenate([h[step] for h in hosts]), expected)
+  assert sorted(np.concatenate(one_host).tolist()) == list(range(48))
 
 
 def test_train_iterator_rejects_bad_arguments():
-  with pytest.raises(ConfigError, match="fewer than batch_size"):
-    _train(_toy_source(10), batch_size=16)
+  with pytest.raises(ConfigError, match="holds 10 examples, fewer than one global batch of 16 "
+                     r"\(2 host part\(s\) of 8\)"):
+    _train(_toy_source(10), batch_size=8, shard_count=2)
   with pytest.raises(ConfigError, match="shard_index"):
     _train(_toy_source(10), shard_index=2, shard_count=2)
   bad = data.train_iterator(_toy_source(16), lambda b: {"mask": b["label"]}, batch_size=8,

@@ -13,9 +13,10 @@ The batch contract, shared by training and evaluation:
 * Every yielded batch is that dict plus "mask": bool [B], True for a real
   example and False for an eval padding row.
 
-`batch_size` is always the per-host batch size; host `shard_index` of
-`shard_count` reads only the examples whose index is congruent to
-`shard_index` modulo `shard_count`.
+`batch_size` is always the per-host batch size. In training, host
+`shard_index` of `shard_count` reads its rows of each global batch; in
+evaluation, the examples whose index is congruent to `shard_index` modulo
+`shard_count`.
 """
 
 from __future__ import annotations
@@ -83,12 +84,15 @@ def train_iterator(source: Sequence[Any], preprocess: Preprocess, *, batch_size:
                    seed: int, num_epochs: int | None, shard_index: int, shard_count: int,
                    read_options: grain.ReadOptions | None = None
                    ) -> grain.DatasetIterator:
-  """Returns a checkpointable iterator over shuffled training batches.
+  """Returns a checkpointable iterator over this host's part of shuffled training batches.
 
-  The host's slice is reshuffled every epoch (the seed is folded with the
-  epoch number). Epochs are concatenated before batching, so a batch may span
-  an epoch boundary; only the last incomplete batch of the whole run is
-  dropped. The iterator's `get_state()` is a JSON-serialisable dict, and
+  The whole split is shuffled (again every epoch: the seed is folded with the
+  epoch number) and cut into global batches of `batch_size * shard_count`
+  examples; host `shard_index` reads and yields rows `shard_index * batch_size`
+  onwards of each. The global batches, and so training, do not depend on how
+  many hosts share them. Epochs are concatenated before batching, so a batch
+  may span an epoch boundary; only the last incomplete batch of the whole run
+  is dropped. The iterator's `get_state()` is a JSON-serialisable dict, and
   `set_state(state)` on a freshly built iterator with the same arguments
   resumes at the next batch.
 
@@ -97,25 +101,31 @@ def train_iterator(source: Sequence[Any], preprocess: Preprocess, *, batch_size:
     preprocess: raw batch -> dict of arrays (see the module docstring).
     batch_size: examples per batch on this host.
     seed: the shuffle seed, in [0, 2**32).
-    num_epochs: passes over the host's slice; None repeats forever.
-    shard_index: this host's index, usually `jax.process_index()`.
-    shard_count: the number of hosts, usually `jax.process_count()`.
+    num_epochs: passes over the split; None repeats forever.
+    shard_index: this host's part of each global batch.
+    shard_count: the number of parts (hosts holding different rows).
     read_options: grain threading and prefetch; DEFAULT_READ_OPTIONS if None.
 
   Returns:
     A grain DatasetIterator yielding preprocess(batch) plus "mask" (all True).
   """
   _check_shard(shard_index, shard_count, batch_size)
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  if len(ds) < batch_size:
-    raise ConfigError(f"host {shard_index} of {shard_count} holds {len(ds)} training "
-                      f"examples, fewer than batch_size={batch_size}")
+  global_batch = batch_size * shard_count
+  if len(source) < global_batch:
+    raise ConfigError(f"the training split holds {len(source)} examples, fewer than one "
+                      f"global batch of {global_batch} ({shard_count} host part(s) of "
+                      f"{batch_size})")
   if num_epochs is not None and num_epochs < 1:
     raise ConfigError(f"num_epochs={num_epochs} must be positive or None")
   mask = np.ones(batch_size, bool)
-  ds = (ds.shuffle(seed).repeat(num_epochs)
-        .batch(batch_size, drop_remainder=True, batch_fn=stack_examples)
-        .map(lambda batch: _finish(preprocess, batch, mask)))
+  rows = slice(shard_index * batch_size, (shard_index + 1) * batch_size)
+
+  def load(indices: np.ndarray) -> Batch:
+    examples = _read(source, [int(i) for i in indices[rows]])
+    return _finish(preprocess, stack_examples(examples), mask)
+
+  ds = (grain.MapDataset.range(len(source)).shuffle(seed).repeat(num_epochs)
+        .batch(global_batch, drop_remainder=True).map(load))
   return iter(ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS))
 
 
