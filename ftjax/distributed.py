@@ -42,6 +42,7 @@ import inspect
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import traceback
@@ -66,6 +67,8 @@ _JAX_DETECTION = {"slurm": "slurm", "tpu": None, "ompi": "ompi"}
 DEFAULT_HEARTBEAT_TIMEOUT = 30
 DEFAULT_INITIALIZATION_TIMEOUT = 300
 _CPU_COLLECTIVES = "jax_cpu_collectives_implementation"
+# XLA flag giving a CPU process that many devices.
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 class StartupError(FtjaxError, RuntimeError):
@@ -455,3 +458,26 @@ def exit_on_failure() -> Iterator[None]:
     sys.stdout.flush()
     logging.flush()
     os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+  """A TCP port that is free on `host` now."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind((host, 0))
+    return s.getsockname()[1]
+
+
+def cpu_process_env(devices: int, base: dict[str, str] | None = None) -> dict[str, str]:
+  """The environment of a local CPU process with `devices` devices, on top of `base`
+  (default: os.environ), for multi-process runs on one machine.
+
+  Returns:
+    Only the variables that are set or changed: JAX_PLATFORMS and XLA_FLAGS (with
+    any earlier host device count replaced), or nothing when `devices` is 0.
+  """
+  if devices == 0:
+    return {}
+  base = os.environ if base is None else base
+  xla_flags = re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", base.get("XLA_FLAGS", "")).split()
+  xla_flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
+  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(xla_flags)}

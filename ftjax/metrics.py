@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -106,6 +107,8 @@ def _duration(seconds: float) -> str:
 
 
 def log_line(text: str) -> None:
-  """Logs and prints `text` (absl logging is not shown by default outside launchers)."""
+  """Logs `text` and prints it on process 0 (absl logging is not shown by default
+  outside launchers; the processes of a multi-process run print each line once)."""
   logging.info("%s", text)
-  print(text, flush=True)
+  if jax.process_index() == 0:
+    print(text, flush=True)

@@ -50,7 +50,7 @@ class _Run:
   """Everything a run builds once: mesh, data, sharded state, compiled steps, writers."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               devices: Sequence[jax.Device] | None):
+               devices: Sequence[jax.Device] | None = None):
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh(config.mesh, devices)

@@ -17,10 +17,8 @@ command with its environment and runs nothing.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +31,6 @@ from ftjax import cli, distributed
 from ftjax.errors import ConfigError
 
 _TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "How many processes to start.")
 _DEVICES = flags.DEFINE_integer(
@@ -53,28 +50,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 _PASSTHROUGH: list[str] = []
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-  """A TCP port that is free on `host` now."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind((host, 0))
-    return s.getsockname()[1]
-
-
-def process_env(devices: int, base: dict[str, str] | None = None) -> dict[str, str]:
-  """The environment variables a process gets on top of `base` (default: os.environ).
-
-  Returns:
-    Only the variables that are set or changed: JAX_PLATFORMS and XLA_FLAGS (with
-    any earlier host device count replaced), or nothing when `devices` is 0.
-  """
-  if devices == 0:
-    return {}
-  base = os.environ if base is None else base
-  xla_flags = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", base.get("XLA_FLAGS", "")).split()
-  xla_flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")
-  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(xla_flags)}
-
-
 def commands(num_processes: int, devices: int, config: str, workdir: str, address: str,
              passthrough: Sequence[str], python: str = sys.executable
              ) -> list[tuple[dict[str, str], list[str]]]:
@@ -88,7 +63,7 @@ def commands(num_processes: int, devices: int, config: str, workdir: str, addres
   if devices < 0:
     raise ConfigError(f"--devices_per_process={devices}: must be >= 0")
   distributed.check_address(address, "--host/--port")
-  env = process_env(devices)
+  env = distributed.cpu_process_env(devices)
   return [(env, [python, _TRAIN, f"--config={config}", f"--workdir={workdir}",
                  *cli.train_flags(address, num_processes, i), *passthrough])
           for i in range(num_processes)]
@@ -175,7 +150,7 @@ def run(specs: list[tuple[dict[str, str], list[str]]], grace: float) -> int:
 
 
 def _main() -> None:
-  port = _PORT.value or free_port(_HOST.value)
+  port = _PORT.value or distributed.free_port(_HOST.value)
   specs = commands(_NUM_PROCESSES.value, _DEVICES.value, _CONFIG.value, _WORKDIR.value,
                    f"{_HOST.value}:{port}", _PASSTHROUGH, _PYTHON.value)
   if _DRY_RUN.value:
