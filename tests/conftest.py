@@ -12,6 +12,20 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def with_overrides(config, **overrides):
+  """A locked copy of `config` with dotted keys set, e.g. `**{"mesh.fsdp": 8}`."""
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  config.lock()
+  return config
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """One prepared-datasets folder shared by every test of the session."""

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import minilm_sentiment, smollm2_chat
+from conftest import with_overrides
 from ftjax import models, optim, param_groups, state as state_lib, step as step_lib, tasks
 from ftjax.errors import ConfigError
 from ftjax.peft import lora, methods, quant
@@ -18,15 +19,7 @@ TOKENS = {"input_ids": jnp.asarray([[101, 2023, 3185, 2001, 2307, 102, 0, 0],
 
 
 def _config(arg="", **overrides):
-  config = minilm_sentiment.get_config(arg)
-  config.unlock()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return with_overrides(minilm_sentiment.get_config(arg), **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import with_overrides
 from ftjax import build, param_groups, sharding, trainer
 from ftjax.errors import ConfigError
 
@@ -26,23 +27,10 @@ def _mesh_config(**sizes):
   return config
 
 
-def _with(config, **overrides):
-  config = config.copy_and_resolve_references()
-  config.unlock()
-  for key, value in overrides.items():
-    target = config
-    *parents, last = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[last] = value
-  config.lock()
-  return config
-
-
 @pytest.fixture
 def llama_debug_config(data_dir):
   from configs import smollm2_chat  # pylint: disable=g-import-not-at-top
-  return _with(smollm2_chat.get_config("debug"), **{"data.data_dir": data_dir,
+  return with_overrides(smollm2_chat.get_config("debug"), **{"data.data_dir": data_dir,
                                                      "samples.count": 0})
 
 
@@ -117,30 +105,30 @@ def test_bert_parameters_and_adam_moments_are_sharded_as_the_rules_say(debug_con
 
 
 def test_adapter_factors_and_quantized_kernels_follow_their_kernel(debug_config):
-  lora = _built(_with(debug_config, **{"peft.method": "dora"}), fsdp=4, tensor=2)
+  lora = _built(with_overrides(debug_config, **{"peft.method": "dora"}), fsdp=4, tensor=2)
   specs = _specs(lora.state.params)
   assert specs["encoder/layers/0/attention/query/lora_a"] == ("fsdp",)
   assert specs["encoder/layers/0/attention/query/lora_b"] == (None, "tensor")
   assert specs["encoder/layers/0/attention/query/lora_magnitude"] == ("tensor",)
   frozen = _specs(lora.frozen)
   assert frozen["encoder/layers/0/attention/query/kernel"] == ("fsdp", "tensor")
-  qlora = _built(_with(debug_config, **{"peft.method": "qlora", "peft.quant": "int8"}),
+  qlora = _built(with_overrides(debug_config, **{"peft.method": "qlora", "peft.quant": "int8"}),
                  fsdp=4, tensor=2)
   frozen = _specs(qlora.frozen)
   assert frozen["encoder/layers/0/attention/key/kernel/codes"] == ("fsdp",)
   assert frozen["encoder/layers/0/attention/key/kernel/scale"] == ("tensor",)
-  nf4 = _specs(_built(_with(debug_config, **{"peft.method": "qlora"}), fsdp=8).frozen)
+  nf4 = _specs(_built(with_overrides(debug_config, **{"peft.method": "qlora"}), fsdp=8).frozen)
   assert nf4["encoder/layers/0/intermediate/kernel/codes"] == ("fsdp",)
   assert nf4["encoder/layers/0/intermediate/kernel/absmax"] == ("fsdp",)
 
 
 def test_quantizing_randomly_initialised_weights_needs_arrays(llama_debug_config):
   with pytest.raises(ConfigError, match="computed on the host"):
-    _built(_with(llama_debug_config, **{"peft.method": "qlora"}), fsdp=8)
+    _built(with_overrides(llama_debug_config, **{"peft.method": "qlora"}), fsdp=8)
 
 
 def test_llama_parameters_are_sharded_as_the_rules_say(llama_debug_config):
-  specs = _specs(_built(_with(llama_debug_config, **{"peft.method": "full"}),
+  specs = _specs(_built(with_overrides(llama_debug_config, **{"peft.method": "full"}),
                         fsdp=4, tensor=2).state.params)
   assert specs["model/embed_tokens/embedding"] == ("tensor", "fsdp")
   assert specs["model/layers/0/self_attn/q_proj/kernel"] == ("fsdp", "tensor")
@@ -150,7 +138,7 @@ def test_llama_parameters_are_sharded_as_the_rules_say(llama_debug_config):
 
 
 def test_batch_not_divisible_by_the_batch_parallel_size_is_refused(debug_config, tmp_path):
-  config = _with(debug_config, **{"mesh.data": 4, "mesh.fsdp": 2, "grad_accum_steps": 2})
+  config = with_overrides(debug_config, **{"mesh.data": 4, "mesh.fsdp": 2, "grad_accum_steps": 2})
   with pytest.raises(ConfigError, match=r"config.batch_size=8 is not divisible by the "
                      r"batch-parallel size \(8 = .*\) times grad_accum_steps \(2\)"):
     trainer.run(config, str(tmp_path))
@@ -170,7 +158,7 @@ class _CompileCounter(logging.Handler):
 
 def _steps(config, tmp_path, mesh_sizes, devices):
   """Builds a run on `devices` and trains STEPS steps; (losses, params, compiles, specs)."""
-  config = _with(config, **{f"mesh.{k}": v for k, v in _mesh_config(**mesh_sizes).items()})
+  config = with_overrides(config, **{f"mesh.{k}": v for k, v in _mesh_config(**mesh_sizes).items()})
   counter = _CompileCounter()
   logger = logging.getLogger("jax")
   logger.addHandler(counter)
@@ -201,7 +189,7 @@ def _reference_cache():
                                                                      m.items()))
 def test_sharded_steps_equal_one_device(model, mesh_sizes, debug_config, llama_debug_config,
                                         tmp_path, _reference_cache):
-  config = debug_config if model == "bert" else _with(llama_debug_config,
+  config = debug_config if model == "bert" else with_overrides(llama_debug_config,
                                                       **{"peft.method": "full"})
   if model not in _reference_cache:
     _reference_cache[model] = _steps(config, tmp_path / "one", dict(data=1),
@@ -251,9 +239,9 @@ def _train_losses(workdir):
 
 def test_checkpoints_resume_across_meshes(llama_debug_config, tmp_path, capfd):
   """fsdp=8 on 8 devices -> data=4 on 4 devices -> 1 device equals 1 device throughout."""
-  config = _with(llama_debug_config, **{"total_steps": 6, "checkpoint.every": 2,
+  config = with_overrides(llama_debug_config, **{"total_steps": 6, "checkpoint.every": 2,
                                         "log_every": 1, "checkpoint.use_async": False})
-  on = lambda **sizes: _with(config, **{f"mesh.{k}": v
+  on = lambda **sizes: with_overrides(config, **{f"mesh.{k}": v
                                         for k, v in _mesh_config(**sizes).items()})
   reference = tmp_path / "reference"
   trainer.run(on(data=1), str(reference), devices=jax.devices()[:1])
