@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from ftjax import build, checkpoint, data, generate, param_groups, sharding, tasks
 from ftjax.config import validate
@@ -20,6 +20,7 @@ from ftjax.early_stopping import EarlyStopping
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.metrics import MetricWriter, Progress, log_line
+
 
 def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each host's slice of the batch into one global array (explicit transfer)."""
@@ -56,7 +57,6 @@ class _Run:
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.Rules.from_config(config.axis_rules)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-    self.replicated = NamedSharding(self.mesh, P())
     self.process = jax.process_index()
     build.check_batch_sizes(config, self.mesh, self.rules)
     # Which part of each global batch this process reads.

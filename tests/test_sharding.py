@@ -13,8 +13,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import with_overrides
-from ftjax import build, param_groups, sharding, trainer
+from ftjax import build, data, param_groups, sharding, tasks, trainer
+from ftjax.data import inputs as inputs_lib
 from ftjax.errors import ConfigError
+from ftjax.hub import assets
 
 MESHES = [dict(data=8), dict(fsdp=8), dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]
 STEPS = 3
@@ -156,27 +158,42 @@ class _CompileCounter(logging.Handler):
       self.train_steps += 1
 
 
-def _steps(config, tmp_path, mesh_sizes, devices):
-  """Builds a run on `devices` and trains STEPS steps; (losses, params, compiles, specs)."""
-  config = with_overrides(config, **{f"mesh.{k}": v for k, v in _mesh_config(**mesh_sizes).items()})
+def _host_batches(config):
+  """The first STEPS training batches of `config`'s data, as host arrays."""
+  model_dir = assets.model_dir(config.model.pretrained) if config.model.pretrained else ""
+  inputs = inputs_lib.build(config, model_dir)
+  iterator = data.train_iterator(inputs.splits["train"], inputs.preprocess,
+                                 batch_size=config.batch_size, seed=config.seed,
+                                 num_epochs=None, shard_index=0, shard_count=1)
+  return [next(iterator) for _ in range(STEPS)]
+
+
+def _steps(config, batches, mesh_sizes, devices):
+  """Builds the state on a mesh of `devices` and trains on `batches`;
+  (losses, params, train-step compilations, parameter specs)."""
+  config = with_overrides(config, **{f"mesh.{k}": v
+                                     for k, v in _mesh_config(**mesh_sizes).items()})
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.Rules.from_config(config.axis_rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
   counter = _CompileCounter()
   logger = logging.getLogger("jax")
   logger.addHandler(counter)
   try:
     with jax.log_compiles(True):
-      run = trainer._Run(config, str(tmp_path), devices)  # pylint: disable=protected-access
-      iterator = run.train_iterator()
-      losses = []
-      for _ in range(STEPS):
-        run.state, metrics = run.train_step(run.state, run.frozen,
-                                            trainer._put_batch(next(iterator),  # pylint: disable=protected-access
-                                                               run.batch_sharding))
+      built = build.build(config, mesh, rules, total_steps=10)
+      train, _ = build.jit_steps(built, tasks.get(config, mesh, rules), config, rules,
+                                 batch_sharding)
+      step = train.lower(built.state, built.frozen,
+                         build.abstract_batch(config, config.batch_size,
+                                              batch_sharding)).compile()
+      state, losses = built.state, []
+      for batch in batches:
+        state, metrics = step(state, built.frozen, jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
   finally:
     logger.removeHandler(counter)
-  run.writer.close()
-  run.checkpointer.close()
-  return losses, jax.device_get(run.state.params), counter.train_steps, _specs(run.state.params)
+  return losses, jax.device_get(state.params), counter.train_steps, _specs(state.params)
 
 
 @pytest.fixture(scope="module")
@@ -188,15 +205,15 @@ def _reference_cache():
 @pytest.mark.parametrize("mesh_sizes", MESHES, ids=lambda m: "-".join(f"{k}{v}" for k, v in
                                                                      m.items()))
 def test_sharded_steps_equal_one_device(model, mesh_sizes, debug_config, llama_debug_config,
-                                        tmp_path, _reference_cache):
+                                        _reference_cache):
   config = debug_config if model == "bert" else with_overrides(llama_debug_config,
-                                                      **{"peft.method": "full"})
+                                                               **{"peft.method": "full"})
   if model not in _reference_cache:
-    _reference_cache[model] = _steps(config, tmp_path / "one", dict(data=1),
-                                     jax.devices()[:1])
-  ref_losses, ref_params, _, _ = _reference_cache[model]
-  losses, params, compiles, specs = _steps(config, tmp_path / "mesh", mesh_sizes,
-                                           jax.devices())
+    batches = _host_batches(config)
+    _reference_cache[model] = batches, _steps(config, batches, dict(data=1),
+                                              jax.devices()[:1])
+  batches, (ref_losses, ref_params, _, _) = _reference_cache[model]
+  losses, params, compiles, specs = _steps(config, batches, mesh_sizes, jax.devices())
   # Float32 sums in another order: losses within 1e-5 relative, parameters within 1e-6.
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   flat, ref_flat = param_groups.flatten(params), param_groups.flatten(ref_params)
@@ -239,8 +256,9 @@ def _train_losses(workdir):
 
 def test_checkpoints_resume_across_meshes(llama_debug_config, tmp_path, capfd):
   """fsdp=8 on 8 devices -> data=4 on 4 devices -> 1 device equals 1 device throughout."""
-  config = with_overrides(llama_debug_config, **{"total_steps": 6, "checkpoint.every": 2,
-                                        "log_every": 1, "checkpoint.use_async": False})
+  config = with_overrides(llama_debug_config, **{
+      "total_steps": 6, "checkpoint.every": 2, "log_every": 1, "checkpoint.use_async": False,
+      "eval_at_start": False, "eval_every": 6})  # one evaluation: at the end
   on = lambda **sizes: with_overrides(config, **{f"mesh.{k}": v
                                         for k, v in _mesh_config(**sizes).items()})
   reference = tmp_path / "reference"
