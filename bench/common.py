@@ -35,11 +35,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from ftjax import models, optim, param_groups, step as step_lib, tasks  # noqa: E402
+from ftjax import build, models, optim, param_groups, step as step_lib, tasks  # noqa: E402
 from ftjax import state as state_lib  # noqa: E402
 from ftjax.peft import methods  # noqa: E402
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = build.DTYPES
 # Long enough that the timed steps stay inside the schedule (warmup, then decay).
 SCHEDULE_STEPS = 10_000
 

@@ -48,11 +48,6 @@ class Built:
   frozen_shardings: Any
 
 
-def param_shardings(model: models.Model, tree: Any, rules: sharding.Rules, mesh: Mesh) -> Any:
-  """The shardings of `model`'s parameters (or their shapes) `tree` on `mesh`."""
-  return sharding.param_shardings(tree, model.axes, rules, mesh)
-
-
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
@@ -90,12 +85,14 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
   Returns:
     A `Built` whose `state` and `frozen` are sharded arrays (or their shapes).
   """
-  shardings_of = functools.partial(param_shardings, rules=rules, mesh=mesh)
+
+  def shardings_of(model: models.Model, tree: Any) -> Any:
+    return sharding.param_shardings(tree, model.axes, rules, mesh)
+
   if abstract:
     model, base, params = _adapted_shapes(config)
   else:
-    model, base = models.create(config.model, config.seed,
-                                lambda m, tree: shardings_of(m, tree))
+    model, base = models.create(config.model, config.seed, shardings_of)
     model, params = peft_methods.adapt(config, model, base, config.seed)
   trainable, frozen = peft_methods.split(config, model, params)
   depths = model.layout.depths(trainable, params)
@@ -123,9 +120,8 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh,
                       rules: sharding.Rules) -> None:
   """Raises ConfigError unless the batch sizes split evenly over the batch axes."""
   parallel = sharding.batch_parallelism(mesh, rules)
-  shape = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
   split = (f"the batch-parallel size ({parallel} = the product of mesh axes "
-           f"{rules.batch_axes(mesh)} of mesh {shape})")
+           f"{rules.batch_axes(mesh)} of mesh {sharding.describe_mesh(mesh)})")
   if config.batch_size % (parallel * config.grad_accum_steps):
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by {split} "
                       f"times grad_accum_steps ({config.grad_accum_steps})")

@@ -370,7 +370,8 @@ def _follow_supervisor() -> None:
     os._exit(1)
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
+  """"SIGKILL" for 9; "signal N" for a number that names no signal."""
   try:
     return signal.Signals(number).name
   except ValueError:
@@ -402,7 +403,7 @@ def supervise(setup: Setup, command: Sequence[str] | None = None) -> int:
   code = child.wait()
   if code >= 0:
     return code
-  name = _signal_name(-code)
+  name = signal_name(-code)
   if -code == signal.SIGABRT:
     cause = ("most likely another process of the run stopped first and the coordination "
              "service or a cross-process collective lost it; see the lines above and the "

@@ -173,7 +173,8 @@ _DERIVED = (
     (r"(.*/kernel)/codes", "", lambda a: (a[0], None)),  # int8 [in, out]; nf4 [blocks, bytes]
     (r"(.*/kernel)/scale", "", lambda a: (a[1],)),  # int8 per output column
     (r"(.*/kernel)/absmax", "", lambda a: (a[0],)),  # nf4 per block, blocks follow rows
-    (r"(.*/kernel)/absmax_(codes|scale|mean)", "", lambda a: (None, None)),
+    (r"(.*/kernel)/absmax_codes", "", lambda a: (None, None)),  # nf4 double quantization
+    (r"(.*/kernel)/absmax_(scale|mean)", "", lambda a: (None,)),
 )
 
 
@@ -204,7 +205,7 @@ def logical_axes(params: Any, model_axes: param_groups.Rules) -> Any:
     if axes is None:
       raise ConfigError(f"parameter {path} has no logical axes: no rule of the model matches "
                         "it")
-    axes = tuple(axes)[:len(leaf.shape)] + (None,) * max(len(leaf.shape) - len(axes), 0)
+    axes = tuple(axes)
     if len(axes) != len(leaf.shape):
       raise ConfigError(f"parameter {path}: logical axes {axes} do not fit shape {leaf.shape}")
     return axes
@@ -263,10 +264,14 @@ def process_batch_slice(sharding: NamedSharding, global_batch: int) -> tuple[int
   return start // size, global_batch // size
 
 
-def describe(shardings: Any, params: Any) -> dict[str, str]:
-  """{path: "shape -> spec"} for logs and tests."""
-  return param_groups.flatten(jax.tree.map(
-      lambda s, x: f"{tuple(x.shape)} -> {tuple(s.spec)}", shardings, params))
+def describe_mesh(mesh: Mesh) -> str:
+  """"data=2 x fsdp=2 x tensor=2", for messages."""
+  return " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of all the leaves of a tree of arrays (or ShapeDtypeStructs), unsharded."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def local_bytes(tree: Any) -> int:

@@ -28,17 +28,13 @@ def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def _bytes(tree: Any) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def _parameter_summary(base: Any, trainable: Any, frozen: Any, opt_state: Any) -> str:
   """Trainable share, parameter memory (vs the unadapted float32 model) and optimizer memory."""
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   mib = lambda n: f"{n / 2**20:.1f} MiB"
   return (f"parameters: {count(trainable):,} trainable, {count(base):,} in the base model; "
-          f"parameter memory {mib(_bytes(trainable) + _bytes(frozen))} (float32 base "
-          f"{mib(4 * count(base))}); optimizer state {mib(_bytes(opt_state))}")
+          f"parameter memory {mib(sharding.tree_bytes((trainable, frozen)))} (float32 base "
+          f"{mib(4 * count(base))}); optimizer state {mib(sharding.tree_bytes(opt_state))}")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -23,7 +23,6 @@ Bad flags, configs or topologies end with "error: ..." and exit code 1.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -32,11 +31,10 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import build, cli, sharding, tasks
+from ftjax import build, cli, distributed, sharding, tasks
 from ftjax.config import validate
 from ftjax.errors import ConfigError
 
@@ -86,10 +84,7 @@ def format_bytes(n: float) -> str:
 
 def _cpu_devices(count: int) -> list[jax.Device]:
   """`count` fake CPU devices; the backend must not have started with another count."""
-  flag = f"--xla_force_host_platform_device_count={count}"
-  others = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
-                  os.environ.get("XLA_FLAGS", ""))
-  os.environ["XLA_FLAGS"] = f"{others} {flag}".strip()
+  os.environ.update(distributed.cpu_process_env(count))
   try:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
@@ -146,10 +141,6 @@ def target_devices(topology: str, chips_per_host: Sequence[str] | None = None
     return _tpu_devices(topology, chips_per_host)
   raise ConfigError(f"--topology={topology!r}: expected cpu:N (N fake CPU devices, e.g. "
                     "cpu:8) or a TPU topology name such as v5e:2x2, v4:2x2x1 or v6e:4x4")
-
-
-def _tree_bytes(tree: Any) -> int:
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _compile(jitted: Any, *args: Any) -> tuple[Any, str]:
@@ -307,7 +298,7 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.Rules.from_config(config.axis_rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  mesh_text = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+  mesh_text = sharding.describe_mesh(mesh)
   build.check_batch_sizes(config, mesh, rules)
   parallel = sharding.batch_parallelism(mesh, rules)
   task = tasks.get(config, mesh, rules)
@@ -325,7 +316,7 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   trees = {"trainable parameters": state.params, "frozen parameters": built.frozen,
            "optimizer state": state.opt_state}
   local = {k: sharding.local_bytes(tree) for k, tree in trees.items()}
-  whole = {k: _tree_bytes(tree) for k, tree in trees.items()}
+  whole = {k: sharding.tree_bytes(tree) for k, tree in trees.items()}
   held = sharding.local_bytes((state.opt_state, state.step, state.rng))
   steps = {
       "train step": StepMemory(

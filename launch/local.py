@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -86,10 +85,7 @@ def _pump(stream: IO[bytes], prefix: bytes, lock: threading.Lock) -> None:
 
 def _describe(code: int) -> str:
   if code < 0:
-    try:
-      return f"was killed by {signal.Signals(-code).name}"
-    except ValueError:
-      return f"was killed by signal {-code}"
+    return f"was killed by {distributed.signal_name(-code)}"
   return f"exited with code {code}"
 
 
