@@ -28,6 +28,7 @@ from ftjax import state as state_lib
 from ftjax import step as step_lib
 from ftjax.data import inputs as inputs_lib
 from ftjax.errors import ConfigError
+from ftjax.models import batch_norm
 from ftjax.peft import methods as peft_methods
 
 
@@ -42,7 +43,7 @@ class Built:
   base: Any  # the unadapted model's parameters (or shapes), for the parameter summary
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  state: state_lib.TrainState  # trainable parameters, optimizer state, step, rng
+  state: state_lib.TrainState  # trainable parameters, optimizer state, step, rng, stats
   frozen: Any  # the frozen parameters
   state_shardings: state_lib.TrainState
   frozen_shardings: Any
@@ -94,7 +95,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
   else:
     model, base = models.create(config.model, config.seed, shardings_of)
     model, params = peft_methods.adapt(config, model, base, config.seed)
+  params, stats = model.split_stats(params)
   trainable, frozen = peft_methods.split(config, model, params)
+  model = dataclasses.replace(model, updating=batch_norm.updating_layers(
+      config.model.get("batch_norm", "frozen"), stats, trainable))
   depths = model.layout.depths(trainable, params)
   tx, schedule = optim.make_optimizer(config.optimizer, trainable, total_steps, depths)
   replicated = NamedSharding(mesh, P())
@@ -102,16 +106,17 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
   state_shardings = state_lib.TrainState(
       step=replicated, params=trainable_shardings,
       opt_state=sharding.optimizer_shardings(tx, trainable, trainable_shardings, mesh),
-      rng=replicated)
+      rng=replicated, stats=shardings_of(model, stats))
   frozen_shardings = shardings_of(model, frozen)
-  create = functools.partial(state_lib.create, tx=tx, seed=config.seed)
+  create = lambda params, stats: state_lib.create(params, tx, config.seed, stats)
   if abstract:
-    state = _with_shardings(jax.eval_shape(create, trainable), state_shardings)
+    state = _with_shardings(jax.eval_shape(create, trainable, stats), state_shardings)
     frozen = _with_shardings(frozen, frozen_shardings)
   else:
     frozen = jax.device_put(frozen, frozen_shardings)
-    state = jax.jit(create, out_shardings=state_shardings, donate_argnums=0)(
-        jax.device_put(trainable, trainable_shardings))
+    state = jax.jit(create, out_shardings=state_shardings, donate_argnums=(0, 1))(
+        jax.device_put(trainable, trainable_shardings),
+        jax.device_put(stats, state_shardings.stats))
   return Built(model=model, base=base, tx=tx, schedule=schedule, state=state, frozen=frozen,
                state_shardings=state_shardings, frozen_shardings=frozen_shardings)
 
@@ -156,7 +161,7 @@ def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
 
   Returns:
     (train, eval): `train(state, frozen, batch) -> (state, metrics)` donating the
-    state, and `eval(params, frozen, batch) -> sums`; lower and compile each once.
+    state, and `eval(params, stats, frozen, batch) -> sums`; lower and compile each once.
   """
   dtype = DTYPES[config.compute_dtype]
   mesh = batch_sharding.mesh
@@ -169,6 +174,7 @@ def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
   return (jax.jit(train, in_shardings=(built.state_shardings, built.frozen_shardings,
                                        batch_sharding),
                   out_shardings=(built.state_shardings, replicated), donate_argnums=0),
-          jax.jit(evaluate, in_shardings=(built.state_shardings.params, built.frozen_shardings,
+          jax.jit(evaluate, in_shardings=(built.state_shardings.params,
+                                          built.state_shardings.stats, built.frozen_shardings,
                                           batch_sharding),
                   out_shardings=replicated))

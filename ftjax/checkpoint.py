@@ -10,6 +10,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ftjax import param_groups
 from ftjax.errors import CheckpointError
 
 
@@ -23,8 +24,9 @@ class Checkpointer:
 
   `checkpoints/` keeps the latest `max_to_keep` full training states plus a JSON
   record of host-side progress (data iterator position, early stopping), which is
-  what a resumed run needs to continue exactly. `best/` keeps the parameters of
-  the best evaluation, restored at the end of training.
+  what a resumed run needs to continue exactly. `best/` keeps the trainable
+  parameters (and batch statistics) of the best evaluation, restored at the end
+  of training.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
@@ -64,23 +66,35 @@ class Checkpointer:
     logging.info("restored checkpoint %s", path)
     return restored.state, restored.progress
 
-  def save_best(self, step: int, params: Any) -> None:
-    self._best.save(step, args=ocp.args.StandardSave(params), force=True)
+  def save_best(self, step: int, params: Any, stats: Any = None) -> None:
+    """Saves the best parameters with the model's batch statistics, as one tree."""
+    self._best.save(step, args=ocp.args.StandardSave(param_groups.combine(params, stats or {})),
+                    force=True)
 
   def best_step(self) -> int | None:
     return self._best.latest_step()
 
-  def restore_best(self, params: Any) -> Any:
-    """Restores the best parameters into the structure and shardings of `params`."""
+  def restore_best(self, params: Any, stats: Any = None) -> tuple[Any, Any]:
+    """Restores the best parameters and batch statistics into the structure and
+    shardings of `params` and `stats`.
+
+    Returns:
+      (params, stats).
+    """
     step = self._best.latest_step()
     if step is None:
       raise CheckpointError(f"no best checkpoint in {self._best.directory}")
     path = os.path.join(str(self._best.directory), str(step))
+    stats = stats or {}
     try:
-      return self._best.restore(step, args=ocp.args.StandardRestore(_abstract(params)))
+      restored = self._best.restore(step, args=ocp.args.StandardRestore(
+          _abstract(param_groups.combine(params, stats))))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
       raise CheckpointError(f"cannot restore the best parameters {path} into this run's "
                             f"trainable parameters: {e}") from e
+    stat_paths = set(param_groups.flatten(stats))
+    return param_groups.partition(
+        restored, param_groups.map_with_path(lambda p, _: p not in stat_paths, restored))
 
   def wait(self) -> None:
     """Blocks until every asynchronous save has been written."""

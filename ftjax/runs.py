@@ -34,10 +34,12 @@ def restore_module(workdir: str) -> tuple[ml_collections.ConfigDict, models.Mode
   config = load_config(workdir)
   model, params = models.create(config.model, config.seed)
   model, params = methods.adapt(config, model, params, config.seed)
+  params, stats = model.split_stats(params)
   trainable, frozen = methods.split(config, model, params)
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
   try:
-    trainable = checkpointer.restore_best(jax.tree.map(jnp.asarray, trainable))
+    trainable, stats = checkpointer.restore_best(*jax.tree.map(jnp.asarray, (trainable, stats)))
   finally:
     checkpointer.close()
-  return config, model, model.module(param_groups.combine(trainable, frozen))
+  return config, model, model.module(param_groups.combine(param_groups.combine(trainable, stats),
+                                                          frozen))

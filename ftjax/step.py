@@ -42,7 +42,8 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
   forward pass runs in `compute_dtype`.
 
   Args:
-    state: the training state; `state.params` holds the trainable parameters.
+    state: the training state; `state.params` holds the trainable parameters,
+      `state.stats` the batch statistics (updated by the forward pass).
     frozen: the frozen parameters (no gradient is computed for them).
     batch: arrays with leading batch dimension (see `ftjax.tasks`).
     model: the model (static).
@@ -57,43 +58,45 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
-  def loss_sum(params, micro, rng):
-    everything = param_groups.combine(params, frozen)
-    outputs = model.apply(cast_floats(everything, compute_dtype), micro, train=True, rng=rng,
-                          features=task.features)
+  def loss_sum(params, stats, micro, rng):
+    everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
+    outputs, stats = model.apply_with_stats(everything, stats, micro, train=True, rng=rng,
+                                            features=task.features)
     sums = task.train_sums(outputs, micro)
-    return sums["loss"], sums
+    return sums["loss"], (sums, stats)
 
   value_and_grad = jax.value_and_grad(loss_sum, has_aux=True)
 
   def accumulate(carry, xs):
     index, micro = xs
-    (_, sums), grads = value_and_grad(state.params, micro, jax.random.fold_in(step_rng, index))
-    return jax.tree.map(jnp.add, carry, (sums, grads)), None
+    total, stats = carry
+    (_, (sums, stats)), grads = value_and_grad(state.params, stats, micro,
+                                               jax.random.fold_in(step_rng, index))
+    return (jax.tree.map(jnp.add, total, (sums, grads)), stats), None
 
   if grad_accum_steps == 1:  # no scan, no zero-initialised gradient accumulator
-    (_, sums), grads = value_and_grad(state.params, batch, step_rng)
-  else:
+    (_, (sums, stats)), grads = value_and_grad(state.params, state.stats, batch, step_rng)
+  else:  # batch statistics carry from one micro-batch to the next
     micro_batches = _split_micro_batches(batch, grad_accum_steps)
-    shapes = jax.eval_shape(value_and_grad, state.params,
+    shapes = jax.eval_shape(value_and_grad, state.params, state.stats,
                             jax.tree.map(lambda x: x[0], micro_batches), step_rng)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
-    (sums, grads), _ = jax.lax.scan(
-        accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1][0], shapes[1]))
+    ((sums, grads), stats), _ = jax.lax.scan(
+        accumulate, (zeros, state.stats), (jnp.arange(grad_accum_steps), micro_batches))
   denom = jnp.maximum(sums["weight"], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {k: v / denom for k, v in sums.items() if k != "weight"}
   metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            stats=stats)
   return new_state, metrics
 
 
-def eval_step(params: Any, frozen: Any, batch: Batch, *, model: Model, task: Task,
+def eval_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Model, task: Task,
               compute_dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
   """The task's evaluation sums over the real (mask=True) examples of `batch`."""
-  everything = param_groups.combine(params, frozen)
-  outputs = model.apply(cast_floats(everything, compute_dtype), batch, train=False,
-                        features=task.features)
+  everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
+  outputs = model.apply(everything, batch, train=False, features=task.features, stats=stats)
   return task.eval_sums(outputs, batch)

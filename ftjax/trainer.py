@@ -110,14 +110,19 @@ class _Run:
                                       self.batch_sharding)
     batch = lambda size: build.abstract_batch(self.config, size, self.batch_sharding)
     self.train_step = train.lower(self.state, self.frozen, batch(self.config.batch_size)).compile()
-    self.eval_step = evaluate.lower(self.state.params, self.frozen,
+    self.eval_step = evaluate.lower(self.state.params, self.state.stats, self.frozen,
                                     batch(self.config.eval_batch_size)).compile()
 
-  def evaluate(self, params: Any, split: str) -> dict[str, float]:
-    """The task's metrics over every example of `split`, each counted once."""
+  def evaluate(self, weights: tuple[Any, Any], split: str) -> dict[str, float]:
+    """The task's metrics over every example of `split`, each counted once.
+
+    Args:
+      weights: (trainable parameters, batch statistics).
+      split: "validation" or "test".
+    """
     sums = None
     for batch in self.eval_batches(split):
-      out = self.eval_step(params, self.frozen, _put_batch(batch, self.batch_sharding))
+      out = self.eval_step(*weights, self.frozen, _put_batch(batch, self.batch_sharding))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     return self.task.summarize(sums)
@@ -156,13 +161,13 @@ def _write_samples(run: _Run, step: int) -> None:
 
 def _validate(run: _Run, step: int, stopper: EarlyStopping) -> None:
   """Evaluates on validation, saves the best parameters and updates early stopping."""
-  metrics = run.evaluate(run.state.params, "validation")
+  metrics = run.evaluate((run.state.params, run.state.stats), "validation")
   run.writer.write(step, "validation", metrics)
   if run.config.early_stopping.metric not in metrics:
     raise ConfigError(f"config.early_stopping.metric={run.config.early_stopping.metric!r}: "
                      f"not an evaluation metric; choose from {sorted(metrics)}")
   if stopper.update(step, metrics):
-    run.checkpointer.save_best(step, run.state.params)
+    run.checkpointer.save_best(step, run.state.params, run.state.stats)
   log_line(f"validation step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
            + f" (best {stopper.metric}={stopper.best} at step {stopper.best_step})")
   if run.sample_prompts:
@@ -240,13 +245,13 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
   stopper = _train(run_, iterator, stopper, on_step)
   run_.checkpointer.wait()
-  best_params = run_.checkpointer.restore_best(run_.state.params)
+  best = run_.checkpointer.restore_best(run_.state.params, run_.state.stats)
   final = {
       "best_step": stopper.best_step,
       "stopped_early": stopper.stop,
       # The best evaluation's metrics are those of the restored best parameters.
-      "validation": stopper.best_metrics or run_.evaluate(best_params, "validation"),
-      "test": run_.evaluate(best_params, "test"),
+      "validation": stopper.best_metrics or run_.evaluate(best, "validation"),
+      "test": run_.evaluate(best, "test"),
       "train_seconds": time.perf_counter() - started,
   }
   step = int(jax.device_get(run_.state.step))

@@ -16,11 +16,12 @@ CLASSIFICATION = tasks.get(ml_collections.ConfigDict(
 
 
 class LinearClassifier:
-  """A model with the `Model.apply` contract and no dropout, so steps are comparable."""
+  """A model with the `Model.apply_with_stats` contract and no dropout, so steps are
+  comparable."""
 
-  def apply(self, params, batch, *, train, rng=None, features=False):
+  def apply_with_stats(self, params, stats, batch, *, train, rng=None, features=False):
     del train, rng, features
-    return batch["features"] @ params["head"]["kernel"] + params["head"]["bias"]
+    return batch["features"] @ params["head"]["kernel"] + params["head"]["bias"], stats
 
 
 def _setup(lr=0.1, clip_norm=0.0):

@@ -18,7 +18,7 @@ from ftjax.hub import bert as bert_hub
 from ftjax.hub import gguf as gguf_hub
 from ftjax.hub import llama as llama_hub
 from ftjax.hub import loading
-from ftjax.models import bert, llama
+from ftjax.models import batch_norm, bert, llama
 from ftjax.peft import lora
 
 
@@ -73,32 +73,73 @@ class Features(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A module's static graph; `apply` is a pure function of the parameters."""
+  """A module's static graph; `apply` is a pure function of the parameters.
+
+  Parameter trees handed to a Model hold every variable of the module. Batch
+  statistics (BatchNorm running means and variances, at `stat_paths`) are kept
+  apart from the parameters during training (`split_stats`): they get no
+  gradient, stay float32 and are updated by the forward pass itself in the
+  BatchNorm layers named by `updating`.
+  """
 
   graphdef: nnx.GraphDef
   layout: Layout
   # (regex, logical axes) for every parameter, e.g. ("encoder/.*/query/kernel",
   # ("embed", "heads")); `ftjax.sharding` maps them to mesh axes.
   axes: param_groups.Rules = ()
+  stat_paths: frozenset[str] = frozenset()
+  # BatchNorm layers that normalise with batch statistics and update their running
+  # ones in training (`batch_norm.updating_layers`); the others keep them.
+  updating: frozenset[str] = frozenset()
 
   def module(self, params: Any) -> nnx.Module:
     """The module holding `params` (a nested dict of every parameter)."""
     return nnx.merge(self.graphdef, params)
 
+  def split_stats(self, params: dict) -> tuple[dict, dict]:
+    """(parameters, batch statistics) of a tree of every variable of the module."""
+    mask = param_groups.map_with_path(lambda path, _: path not in self.stat_paths, params)
+    return param_groups.partition(params, mask)
+
   def apply(self, params: Any, batch: dict[str, jax.Array], *, train: bool,
-            rng: jax.Array | None = None, features: bool = False) -> Any:
+            rng: jax.Array | None = None, features: bool = False, stats: Any = None) -> Any:
     """Runs the model on `batch`; `rng` drives dropout when `train` is True.
+
+    Args:
+      params: the parameters (with the batch statistics, or those in `stats`).
+      batch: the model's inputs.
+      train: training mode (dropout; batch statistics in the `updating` layers).
+      rng: the dropout key.
+      features: return a language model's `Features` instead of logits.
+      stats: the batch statistics when `params` does not hold them.
 
     Returns:
       The module's output (logits), or with `features` (language models) its
       `Features`, for losses that compute logits a chunk at a time.
     """
-    module = nnx.merge(self.graphdef, params)
+    return self.apply_with_stats(params, stats or {}, batch, train=train, rng=rng,
+                                 features=features)[0]
+
+  def apply_with_stats(self, params: Any, stats: Any, batch: dict[str, jax.Array], *,
+                       train: bool, rng: jax.Array | None = None,
+                       features: bool = False) -> tuple[Any, Any]:
+    """Like `apply`, also returning the batch statistics after the call.
+
+    Returns:
+      (output, stats): in training, the `updating` layers' running statistics
+      have moved toward the batch's; everything else is `stats` unchanged.
+    """
+    module = nnx.merge(self.graphdef, param_groups.combine(params, stats) if stats else params)
     rngs = nnx.Rngs(dropout=rng) if train else None
     lora.bind_dropout(module, train=train, rngs=rngs)
+    batch_norm.set_updating(module, self.updating if train else frozenset())
     if features:
-      return Features(module.features(batch), module.unembed, module.unembed_kernel())
-    return module(batch, deterministic=not train, rngs=rngs)
+      out = Features(module.features(batch), module.unembed, module.unembed_kernel())
+    else:
+      out = module(batch, deterministic=not train, rngs=rngs)
+    if train and self.updating:
+      stats = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+    return out, stats
 
 
 def _bert_classifier(config: ml_collections.ConfigDict):
@@ -192,7 +233,9 @@ def create(config: ml_collections.ConfigDict, seed: int,
                       f"known: {sorted(_REGISTRY)}")
   build, load, layout, axes = _REGISTRY[config.name](config)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(params=seed))))
-  model = Model(graphdef, layout, axes)
+  stat_paths = frozenset(param_groups.flatten(nnx.to_pure_dict(nnx.state(
+      nnx.merge(graphdef, abstract), nnx.BatchStat))))
+  model = Model(graphdef, layout, axes, stat_paths)
   params = load(nnx.to_pure_dict(abstract))
   todo = {path: leaf for path, leaf in param_groups.flatten(params).items()
           if isinstance(leaf, jax.ShapeDtypeStruct)}
