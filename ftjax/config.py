@@ -93,8 +93,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   `--config.key=value` override is rejected by the flag parser.
   """
   for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every", "eval_every",
-              "checkpoint.every", "checkpoint.max_to_keep", "data.max_length"):
+              "checkpoint.every", "checkpoint.max_to_keep"):
     _check_positive(config, key)
+  for key in ("max_length", "image_size"):  # text / image data
+    if key in config.data:
+      _check_positive(config, f"data.{key}")
   if config.task == "classification":
     _check_positive(config, "model.num_classes")
   if config.total_steps <= 0:

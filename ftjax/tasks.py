@@ -7,7 +7,9 @@ modelling), so micro-batches, devices and hosts combine by addition and every
 unit counts exactly once.
 
 Batches carry `mask` [B] (False for evaluation padding rows). Classification
-batches carry `label` [B]; language-model batches carry `targets` [B, L] (the
+batches carry `label` [B], and image batches also `label_mix` [B] and `mix` [B]:
+a training image blended by mixup or cutmix is scored as `mix` parts `label` and
+`1 - mix` parts `label_mix` (evaluation batches have mix 1); language-model batches carry `targets` [B, L] (the
 next token at each position) and `loss_mask` [B, L] (which targets count, e.g.
 only assistant tokens in chat data).
 
@@ -70,6 +72,12 @@ def _classification(num_classes: int) -> Task:
   def train_sums(logits, batch):
     losses, predictions, weights = scored(logits, batch)
     correct = (predictions == batch["label"]).astype(jnp.float32)
+    if "mix" in batch:  # mixup / cutmix: a blend of two examples scores both labels
+      mix = batch["mix"].astype(jnp.float32)
+      other = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                              batch["label_mix"])
+      losses = mix * losses + (1 - mix) * other
+      correct = mix * correct + (1 - mix) * (predictions == batch["label_mix"])
     return {"loss": (losses * weights).sum(), "accuracy": (correct * weights).sum(),
             "weight": weights.sum()}
 

@@ -18,7 +18,6 @@ from ftjax.config import validate
 from ftjax.data import inputs as inputs_lib
 from ftjax.early_stopping import EarlyStopping
 from ftjax.errors import ConfigError
-from ftjax.hub import assets
 from ftjax.metrics import MetricWriter, Progress, log_line
 
 
@@ -81,8 +80,7 @@ class _Run:
 
   def _build_data(self) -> None:
     config = self.config
-    model_path = assets.model_dir(config.model.pretrained) if config.model.pretrained else ""
-    self.inputs = inputs_lib.build(config, model_path)
+    self.inputs = inputs_lib.build(config)
     self.splits, self.preprocess = self.inputs.splits, self.inputs.preprocess
     self.host_batch = config.batch_size // self.data_shard[1]
     self.steps_per_epoch = len(self.splits["train"]) // config.batch_size
@@ -96,7 +94,7 @@ class _Run:
     return data.train_iterator(
         self.splits["train"], self.preprocess, batch_size=self.host_batch,
         seed=self.config.seed, num_epochs=None, shard_index=self.data_shard[0],
-        shard_count=self.data_shard[1])
+        shard_count=self.data_shard[1], augment=self.inputs.augment)
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     return data.eval_batches(

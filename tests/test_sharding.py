@@ -16,7 +16,6 @@ from conftest import with_overrides
 from ftjax import build, data, param_groups, sharding, tasks, trainer
 from ftjax.data import inputs as inputs_lib
 from ftjax.errors import ConfigError
-from ftjax.hub import assets
 
 MESHES = [dict(data=8), dict(fsdp=8), dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]
 STEPS = 3
@@ -160,8 +159,7 @@ class _CompileCounter(logging.Handler):
 
 def _host_batches(config):
   """The first STEPS training batches of `config`'s data, as host arrays."""
-  model_dir = assets.model_dir(config.model.pretrained) if config.model.pretrained else ""
-  inputs = inputs_lib.build(config, model_dir)
+  inputs = inputs_lib.build(config)
   iterator = data.train_iterator(inputs.splits["train"], inputs.preprocess,
                                  batch_size=config.batch_size, seed=config.seed,
                                  num_epochs=None, shard_index=0, shard_count=1)

@@ -1,7 +1,10 @@
 """What a run feeds its model: the splits, the per-batch preprocessing and the tokenizer.
 
-Data sets come in three kinds. Classification data (texts with labels) is
-tokenized batch by batch to a fixed length. Chat and plain-text data for
+Data sets come in four kinds. Classification data (texts with labels) is
+tokenized batch by batch to a fixed length. Image data (images with labels) is
+resized and normalised batch by batch for the model (`ftjax.data.images`), and
+training batches may be augmented (`ftjax.data.augment`); `config.data.shots`
+> 0 trains on that many examples per class. Chat and plain-text data for
 language models is tokenized and packed once, when the run starts, into rows
 of `config.data.max_length` tokens (see `ftjax.data.lm`); the packed rows are
 then the examples the grain pipelines shuffle, shard across hosts and batch.
@@ -17,7 +20,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ftjax.data import lm, pipeline, sources, tokenizer as tokenizer_lib
+from ftjax.data import augment as augment_lib
+from ftjax.data import images, lm, pipeline, sources, tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.metrics import log_line
@@ -25,6 +29,8 @@ from ftjax.metrics import log_line
 # data set -> (kind, the task its examples are scored by)
 KINDS = {
     "rotten_tomatoes": ("classification", "classification"),
+    "fashion_mnist": ("image", "classification"),
+    "mnist_digits": ("image", "classification"),
     "chat": ("chat", "causal_lm"),
     "shakespeare": ("text", "causal_lm"),
 }
@@ -35,14 +41,16 @@ class Inputs:
   """A run's input side.
 
   Attributes:
-    kind: "classification", "chat" or "text".
+    kind: "classification", "image", "chat" or "text".
     splits: {"train", "validation", "test"}: random-access sources of examples
       (packed rows for language models); evaluation splits hold at most
       `config.data.max_eval_examples` examples when that is positive.
     preprocess: a batch of examples -> model inputs (see `ftjax.data.pipeline`).
-    tokenizer: the tokenizer (a transformers tokenizer for language models).
+    tokenizer: the tokenizer (a transformers tokenizer for language models; None
+      for images).
     raw: the unpacked splits (language models only: prompts for samples).
     chat: renders conversations with the model's chat template (chat data only).
+    augment: random augmentation of training batches (images only), or None.
   """
 
   kind: str
@@ -51,6 +59,7 @@ class Inputs:
   tokenizer: Any
   raw: dict[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
   chat: lm.ChatFormatter | None = None
+  augment: pipeline.Augment | None = None
 
 
 def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
@@ -80,8 +89,9 @@ def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Each array of a batch of `config`'s data: {key: (shape after the batch dim, dtype)}.
 
-  Tokenized classification examples or packed language-model rows
-  (`lm.ROW_KEYS`), plus the pipeline's `mask`; known from the config alone.
+  Tokenized classification examples, images with their labels, or packed
+  language-model rows (`lm.ROW_KEYS`), plus the pipeline's `mask`; known from
+  the config alone.
 
   Raises:
     ConfigError: for an unknown data set.
@@ -89,11 +99,16 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, 
   name = config.data.name
   if name not in KINDS:
     raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(KINDS)}")
-  length = (config.data.max_length,)
   if KINDS[name][0] == "classification":
+    length = (config.data.max_length,)
     spec = {key: (length, np.int32) for key in tokenizer_lib.OUTPUT_KEYS}
     spec["label"] = ((), np.int32)
+  elif KINDS[name][0] == "image":
+    size = config.data.image_size
+    spec = {"image": ((size, size, 3), np.float32), "label": ((), np.int32),
+            "label_mix": ((), np.int32), "mix": ((), np.float32)}
   else:
+    length = (config.data.max_length,)
     spec = {key: (length, np.bool_ if key == "loss_mask" else np.int32) for key in lm.ROW_KEYS}
   spec["mask"] = ((), np.bool_)
   return spec
@@ -103,14 +118,16 @@ def _rows_unchanged(batch: pipeline.Batch) -> pipeline.Batch:
   return batch
 
 
-def build(config: ml_collections.ConfigDict, model_dir: str) -> Inputs:
-  """Loads the data set of `config.data` and prepares it for the model in `model_dir`.
+def build(config: ml_collections.ConfigDict) -> Inputs:
+  """Loads the data set of `config.data` and prepares it for the model.
+
+  Text is tokenized with the tokenizer of the pretrained model folder
+  (`config.model.pretrained`) unless `config.data.tokenizer` names one (a
+  tokenizer file for classification; a model folder or packaged model name for
+  language models).
 
   Args:
-    config: a run config (`task`, `seed` and the `data` section are read).
-    model_dir: the pretrained model folder ('' for none); its tokenizer is used
-      unless `config.data.tokenizer` names one (a tokenizer file for
-      classification; a model folder or packaged model name for language models).
+    config: a run config (`task`, `seed`, `model` and the `data` section are read).
 
   Returns:
     The run's Inputs.
@@ -125,6 +142,10 @@ def build(config: ml_collections.ConfigDict, model_dir: str) -> Inputs:
                       f"{task!r}, but config.task={config.task!r}")
   splits = sources.load_splits(data.name, os.path.expanduser(data.data_dir),
                                data.source_path or None)
+  if kind == "image":
+    return _image_inputs(config, splits)
+  pretrained = config.model.pretrained
+  model_dir = assets.model_dir(pretrained) if pretrained and not data.tokenizer else ""
   if kind == "classification":
     path = data.tokenizer or os.path.join(model_dir, "tokenizer.json")
     tokenizer = tokenizer_lib.load_tokenizer(path, data.max_length)
@@ -133,6 +154,21 @@ def build(config: ml_collections.ConfigDict, model_dir: str) -> Inputs:
     return Inputs(kind, splits, pipeline.text_classification_preprocess(tokenizer), tokenizer)
   tokenizer_dir = assets.model_dir(data.tokenizer) if data.tokenizer else model_dir
   return _language_model_inputs(config, kind, splits, tokenizer_dir)
+
+
+def _image_inputs(config: ml_collections.ConfigDict,
+                  splits: dict[str, Sequence[Any]]) -> Inputs:
+  data, num_classes = config.data, config.model.num_classes
+  if data.shots > 0:
+    splits["train"] = images.few_shot(splits["train"], data.shots, config.seed, num_classes)
+    log_line(f"{data.name}: training on {data.shots} examples per class "
+             f"({len(splits['train'])} in all, seed {config.seed})")
+  for split in ("validation", "test"):
+    splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
+  preprocess = images.image_classification_preprocess(data.image_size, data.mean, data.std,
+                                                      num_classes)
+  return Inputs("image", splits, preprocess, None,
+                augment=augment_lib.from_config(data.augment))
 
 
 def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,

@@ -32,6 +32,10 @@ from ftjax.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
 Preprocess = Callable[[Batch], Batch]
+# Training-time augmentation of one host's preprocessed rows of a global batch:
+# (batch, rng shared by every host for this global batch, the host's rows, global
+# batch size) -> batch. See `ftjax.data.augment`.
+Augment = Callable[[Batch, np.random.Generator, slice, int], Batch]
 
 # Each element of these pipelines is a whole batch, so a short buffer already
 # keeps the accelerator fed; a few threads overlap reading with tokenizing.
@@ -82,8 +86,8 @@ def _finish(preprocess: Preprocess, batch: Batch, mask: np.ndarray) -> Batch:
 
 def train_iterator(source: Sequence[Any], preprocess: Preprocess, *, batch_size: int,
                    seed: int, num_epochs: int | None, shard_index: int, shard_count: int,
-                   read_options: grain.ReadOptions | None = None
-                   ) -> grain.DatasetIterator:
+                   read_options: grain.ReadOptions | None = None,
+                   augment: Augment | None = None) -> grain.DatasetIterator:
   """Returns a checkpointable iterator over this host's part of shuffled training batches.
 
   The whole split is shuffled (again every epoch: the seed is folded with the
@@ -105,6 +109,9 @@ def train_iterator(source: Sequence[Any], preprocess: Preprocess, *, batch_size:
     shard_index: this host's part of each global batch.
     shard_count: the number of parts (hosts holding different rows).
     read_options: grain threading and prefetch; DEFAULT_READ_OPTIONS if None.
+    augment: optional random augmentation applied after `preprocess`, with a
+      generator seeded by `seed` and the global batch's index (the same on every
+      host, in every run, and after a resume).
 
   Returns:
     A grain DatasetIterator yielding preprocess(batch) plus "mask" (all True).
@@ -120,39 +127,55 @@ def train_iterator(source: Sequence[Any], preprocess: Preprocess, *, batch_size:
   mask = np.ones(batch_size, bool)
   rows = slice(shard_index * batch_size, (shard_index + 1) * batch_size)
 
-  def load(indices: np.ndarray) -> Batch:
-    examples = _read(source, [int(i) for i in indices[rows]])
-    return _finish(preprocess, stack_examples(examples), mask)
+  def load(indices: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
+    examples = read_examples(source, [int(i) for i in indices[rows]])
+    if augment is None:
+      return _finish(preprocess, stack_examples(examples), mask)
+    augmented = lambda batch: augment(preprocess(batch), rng, rows, global_batch)
+    return _finish(augmented, stack_examples(examples), mask)
 
   ds = (grain.MapDataset.range(len(source)).shuffle(seed).repeat(num_epochs)
-        .batch(global_batch, drop_remainder=True).map(load))
+        .batch(global_batch, drop_remainder=True))
+  ds = ds.map(load) if augment is None else ds.random_map(load, seed=seed)
   return iter(ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS))
 
 
-class Head(Sequence):
-  """The first `n` examples of a random-access source (all of them if `n` <= 0)."""
+class Subset(Sequence):
+  """The examples of a random-access source at the given indices, in that order."""
 
-  def __init__(self, source: Sequence[Any], n: int):
+  def __init__(self, source: Sequence[Any], indices: Sequence[int]):
     self._source = source
-    self._len = len(source) if n <= 0 else min(n, len(source))
+    self._indices = [int(i) for i in indices]
+
+  @property
+  def indices(self) -> list[int]:
+    """The source index of each example."""
+    return list(self._indices)
 
   def __len__(self) -> int:
-    return self._len
+    return len(self._indices)
 
   def _position(self, index: int) -> int:
-    if not -self._len <= index < self._len:
-      raise IndexError(f"index {index} out of range for {self._len} examples")
-    return index % self._len
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} examples")
+    return self._indices[index]
 
   def __getitem__(self, index: int) -> Any:
     return self._source[self._position(index)]
 
   def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-    return _read(self._source, [self._position(i) for i in indices])
+    return read_examples(self._source, [self._position(i) for i in indices])
 
 
-def _read(source: Sequence[Any], indices: list[int]) -> list[Any]:
-  # ArrayRecord sources read a batch of records in one call.
+class Head(Subset):
+  """The first `n` examples of a random-access source (all of them if `n` <= 0)."""
+
+  def __init__(self, source: Sequence[Any], n: int):
+    super().__init__(source, range(len(source) if n <= 0 else min(n, len(source))))
+
+
+def read_examples(source: Sequence[Any], indices: list[int]) -> list[Any]:
+  """The examples at `indices`, read in one call where the source can (ArrayRecord)."""
   getitems = getattr(source, "__getitems__", None)
   return list(getitems(indices)) if getitems else [source[i] for i in indices]
 
@@ -204,7 +227,7 @@ def eval_batches(source: Sequence[Any], preprocess: Preprocess, *, batch_size: i
 
   def load(b: int) -> Batch:
     rows = slice(b * batch_size, (b + 1) * batch_size)
-    examples = _read(source, [int(i) for i in indices[rows]])
+    examples = read_examples(source, [int(i) for i in indices[rows]])
     return _finish(preprocess, stack_examples(examples), masks[rows])
 
   ds = grain.MapDataset.range(num_batches).map(load)

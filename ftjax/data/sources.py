@@ -15,7 +15,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import chat, rotten_tomatoes, shakespeare
+from ftjax.data import chat, fashion_mnist, mnist_digits, rotten_tomatoes, shakespeare
 from ftjax.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
@@ -24,6 +24,8 @@ SPLITS = ("train", "validation", "test")
 _REGISTRY: dict[str, tuple[type[tfds.core.DatasetBuilder],
                            Callable[[str | None], tfds.core.BuilderConfig]]] = {
     "chat": (chat.Chat, chat.config_for),
+    "fashion_mnist": (fashion_mnist.FashionMnist, fashion_mnist.config_for),
+    "mnist_digits": (mnist_digits.MnistDigits, mnist_digits.config_for),
     "rotten_tomatoes": (rotten_tomatoes.RottenTomatoes, rotten_tomatoes.config_for),
     "shakespeare": (shakespeare.Shakespeare, shakespeare.config_for),
 }
