@@ -18,7 +18,9 @@ from ftjax.hub import bert as bert_hub
 from ftjax.hub import gguf as gguf_hub
 from ftjax.hub import llama as llama_hub
 from ftjax.hub import loading
-from ftjax.models import batch_norm, bert, llama
+from ftjax.hub import vision as vision_hub
+from ftjax.hub import vit as vit_hub
+from ftjax.models import batch_norm, bert, llama, mobilenet, vit
 from ftjax.peft import lora
 
 
@@ -191,9 +193,52 @@ def _llama_lm(config: ml_collections.ConfigDict):
                              head="lm_head/.*|model/norm/.*", head_is_new=False), llama.PARAM_AXES
 
 
+def _convnet(config: ml_collections.ConfigDict):
+  """MobileNetV2 / EfficientNet-lite0 (by `config.name`), from ImageNet weights if
+  `config.pretrained` names a packaged checkpoint or a .pth file, else random."""
+  arch = mobilenet.get_arch(config.name)
+  weights = vision_hub.weights_file(config.pretrained) if config.pretrained else ""
+
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return mobilenet.ImageClassifier(arch, config.num_classes, head_init=config.head_init,
+                                     rngs=rngs)
+
+  def load(params):
+    return (vision_hub.load_pretrained_into(params, weights, config.name, config.dont_load)
+            if weights else params)
+
+  return build, load, Layout(embeddings="stem/.*", block="blocks/{}",
+                             head="head/.*"), mobilenet.PARAM_AXES
+
+
+def _vit(config: ml_collections.ConfigDict):
+  """A ViT from a Hugging Face ViT folder (`config.pretrained`), at `config.image_size`
+  (the position table is interpolated when it differs from the checkpoint's), or
+  randomly initialised from `config.arch`."""
+  directory = assets.model_dir(config.pretrained) if config.pretrained else ""
+  image_size = config.get("image_size", 0) or None
+  if directory:
+    arch = vit_hub.model_config(directory, image_size)
+  else:
+    arch = vit.ViTConfig.from_dict(ml_collections.ConfigDict(config.get("arch", {})).to_dict())
+
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return vit.ImageClassifier(arch, config.num_classes, head_init=config.head_init, rngs=rngs)
+
+  def load(params):
+    return (vit_hub.load_pretrained_into(params, directory, arch, config.dont_load)
+            if directory else params)
+
+  return build, load, Layout(embeddings="embeddings/.*", block="layers/{}",
+                             head="head/.*"), vit.PARAM_AXES
+
+
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "bert_classifier": _bert_classifier,
     "llama_lm": _llama_lm,
+    "mobilenet_v2": _convnet,
+    "efficientnet_lite0": _convnet,
+    "vit": _vit,
 }
 
 
@@ -201,6 +246,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
 _HF_FORMATS = {
     "bert_classifier": (bert_hub.hf_name_to_path, bert_hub.EXPORT_EXTRA),
     "llama_lm": (llama_hub.hf_name_to_path, llama_hub.EXPORT_EXTRA),
+    "vit": (vit_hub.hf_name_to_path, vit_hub.EXPORT_EXTRA),
 }
 
 
@@ -209,6 +255,9 @@ def hf_format(config: ml_collections.ConfigDict) -> tuple[str, Any, dict]:
   if not config.pretrained:
     raise ConfigError(f"config.model.pretrained is empty: {config.name} has no checkpoint "
                       "whose tensor names an export could follow")
+  if config.name not in _HF_FORMATS:
+    raise ConfigError(f"config.model.name={config.name!r}: no Hugging Face checkpoint format "
+                      f"to export to; exportable: {sorted(_HF_FORMATS)}")
   name_map, extra = _HF_FORMATS[config.name]
   return assets.model_dir(config.pretrained), name_map, extra
 
