@@ -41,7 +41,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, debug=False, full=False, linear_probe=False, lora=False, shots=0,
                   arch="mobilenet_v2", random_init=False, batch_norm="update", image_size=64,
-                  steps=600, batch_size=64, lr=0.0, seed=0, dtype="float32", flip=True,
+                  steps=400, batch_size=64, lr=0.0, seed=0, dtype="float32", flip=True,
                   crop=0.8, mixup=0.0, cutmix=0.0, data="fashion_mnist", rank=8)
   chosen = [name for name in ("full", "linear_probe", "lora") if arg[name]]
   if len(chosen) > 1:

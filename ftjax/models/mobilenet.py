@@ -163,6 +163,51 @@ def _batch_norm(arch: ConvNetConfig, features: int) -> BatchNorm:
   return BatchNorm(features, eps=arch.bn_eps, momentum=arch.bn_momentum)
 
 
+class DepthwiseConv(nnx.Module):
+  """A k x k depthwise convolution (one filter per channel), kernel [k, k, 1, C].
+
+  On CPU it is computed as k * k shifted, strided slices of the padded input
+  scaled per channel and summed: XLA fuses these into a few loops, and the
+  backward pass is as simple, which trains MobileNetV2 several times faster
+  than XLA's CPU grouped convolution. Other backends use the grouped convolution.
+  Both give the same result up to float rounding.
+  """
+
+  def __init__(self, channels: int, kernel_size: int, stride: int, padding: str,
+               rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_conv_init(rngs.params(), (kernel_size, kernel_size, 1, channels)))
+    self.stride = stride
+    self.padding = padding
+
+  def _pads(self, size: int) -> tuple[int, int]:
+    k = self.kernel.shape[0]
+    if self.padding == "same":  # TensorFlow: the extra row / column at the end
+      total = max((-(-size // self.stride) - 1) * self.stride + k - size, 0)
+      return total // 2, total - total // 2
+    return (k - 1) // 2, (k - 1) // 2
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pads = (self._pads(x.shape[1]), self._pads(x.shape[2]))
+    kernel = self.kernel[...].astype(x.dtype)
+    if jax.default_backend() != "cpu":
+      return jax.lax.conv_general_dilated(
+          x, kernel, (self.stride, self.stride), pads,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+    padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    k, s = kernel.shape[0], self.stride
+    out_h = (padded.shape[1] - k) // s + 1
+    out_w = (padded.shape[2] - k) // s + 1
+    out = None
+    for i in range(k):
+      for j in range(k):
+        window = jax.lax.slice(padded, (0, i, j, 0),
+                               (x.shape[0], i + (out_h - 1) * s + 1, j + (out_w - 1) * s + 1,
+                                x.shape[3]), (1, s, s, 1))
+        term = window * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
+
+
 class Stem(nnx.Module):
   """3x3 convolution with stride 2, BatchNorm, ReLU6."""
 
@@ -187,9 +232,7 @@ class InvertedResidual(nnx.Module):
     else:
       self.expand = self.expand_bn = None
     k = block.kernel_size
-    self.depthwise = nnx.Conv(hidden, hidden, (k, k), strides=block.stride,
-                              padding=arch.conv_padding(k), feature_group_count=hidden,
-                              use_bias=False, kernel_init=_conv_init, rngs=rngs)
+    self.depthwise = DepthwiseConv(hidden, k, block.stride, arch.padding, rngs)
     self.depthwise_bn = _batch_norm(arch, hidden)
     self.project = _pointwise(hidden, block.out_channels, rngs)
     self.project_bn = _batch_norm(arch, block.out_channels)
