@@ -7,7 +7,6 @@ Parameter names follow ftjax's layout (``encoder/layers/0/attention/query/kernel
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
@@ -16,6 +15,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
+from ftjax.models import hf_config
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
 PARAM_AXES = (
@@ -36,15 +36,8 @@ PARAM_AXES = (
 # Hidden states between blocks: split along the batch, whole along length and width.
 _ACTIVATION_AXES = ("batch", None, None)
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
-
-
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(hf_config.HfConfig):
   """Architecture hyper-parameters, named as in Hugging Face's `config.json`."""
 
   vocab_size: int = 30522
@@ -59,24 +52,8 @@ class BertConfig:
   attention_probs_dropout_prob: float = 0.1
   hidden_act: str = "gelu"
 
-  @classmethod
-  def from_json(cls, path: str) -> "BertConfig":
-    """Reads the fields this encoder uses from a Hugging Face `config.json`."""
-    with open(path) as f:
-      return cls.from_dict(json.load(f), source=path)
-
-  @classmethod
-  def from_dict(cls, raw: dict[str, Any], source: str = "config.model.arch") -> "BertConfig":
-    """Builds and checks a config from HF-named fields; `source` names it in errors."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    config = cls(**{k: v for k, v in raw.items() if k in fields})
-    if config.hidden_act not in _ACTIVATIONS:
-      raise ConfigError(f"{source}: hidden_act={config.hidden_act!r} is not supported; "
-                        f"supported: {sorted(_ACTIVATIONS)}")
-    if config.hidden_size % config.num_attention_heads:
-      raise ConfigError(f"{source}: hidden_size {config.hidden_size} is not divisible by "
-                        f"num_attention_heads {config.num_attention_heads}")
-    return config
+  def check(self, source: str) -> None:
+    hf_config.check_encoder(self, source)
 
 
 def _dense(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -152,7 +129,7 @@ class EncoderLayer(nnx.Module):
     drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
     y = self.attention(x, attention_mask, deterministic=deterministic, rngs=rngs)
     x = self.attention_norm(x + drop(y))
-    y = self.output(_ACTIVATIONS[self.activation](self.intermediate(x)))
+    y = self.output(hf_config.ACTIVATIONS[self.activation](self.intermediate(x)))
     return self.output_norm(x + drop(y))
 
 

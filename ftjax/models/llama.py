@@ -18,7 +18,6 @@ then one token per step), attending to every earlier cached token of its row.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -28,6 +27,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
+from ftjax.models import hf_config
 
 # Model types whose checkpoints this decoder reproduces.
 _MODEL_TYPES = ("llama", "qwen2")
@@ -174,7 +174,7 @@ class KVCache:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(hf_config.HfConfig):
   """Architecture hyper-parameters, named as in Hugging Face's `config.json`.
 
   `rope_scaling` is None for plain RoPE, else a dict with `rope_type` and its
@@ -216,12 +216,6 @@ class LlamaConfig:
     """The rotary embedding this config describes (raises ConfigError if unsupported)."""
     return Rope.from_scaling(self.rope_scaling, theta=self.rope_theta, head_dim=self.head_dim,
                              max_position_embeddings=self.max_position_embeddings)
-
-  @classmethod
-  def from_json(cls, path: str) -> "LlamaConfig":
-    """Reads the fields this decoder uses from a Hugging Face `config.json`."""
-    with open(path) as f:
-      return cls.from_dict(json.load(f), source=path)
 
   @classmethod
   def from_dict(cls, raw: dict[str, Any], source: str = "config.model.arch") -> "LlamaConfig":

@@ -17,7 +17,6 @@ adapt them.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
+from ftjax.models import hf_config
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
 PARAM_AXES = (
@@ -53,15 +53,8 @@ _ACTIVATION_AXES = ("batch", None, None)
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
-
-
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(hf_config.HfConfig):
   """Architecture hyper-parameters, named as in Hugging Face's `config.json`."""
 
   image_size: int = 224
@@ -83,27 +76,11 @@ class ViTConfig:
     side = self.image_size // self.patch_size
     return side, side
 
-  @classmethod
-  def from_json(cls, path: str) -> "ViTConfig":
-    """Reads the fields this model uses from a Hugging Face `config.json`."""
-    with open(path) as f:
-      return cls.from_dict(json.load(f), source=path)
-
-  @classmethod
-  def from_dict(cls, raw: dict[str, Any], source: str = "config.model.arch") -> "ViTConfig":
-    """Builds and checks a config from HF-named fields; `source` names it in errors."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    config = cls(**{k: v for k, v in raw.items() if k in fields})
-    if config.hidden_act not in _ACTIVATIONS:
-      raise ConfigError(f"{source}: hidden_act={config.hidden_act!r} is not supported; "
-                        f"supported: {sorted(_ACTIVATIONS)}")
-    if config.hidden_size % config.num_attention_heads:
-      raise ConfigError(f"{source}: hidden_size {config.hidden_size} is not divisible by "
-                        f"num_attention_heads {config.num_attention_heads}")
-    if not isinstance(config.image_size, int) or config.image_size % config.patch_size:
-      raise ConfigError(f"{source}: image_size {config.image_size!r} is not a multiple of "
-                        f"patch_size {config.patch_size}")
-    return config
+  def check(self, source: str) -> None:
+    hf_config.check_encoder(self, source)
+    if not isinstance(self.image_size, int) or self.image_size % self.patch_size:
+      raise ConfigError(f"{source}: image_size {self.image_size!r} is not a multiple of "
+                        f"patch_size {self.patch_size}")
 
 
 def interpolate_pos_embedding(pos: np.ndarray, old_grid: tuple[int, int],
@@ -204,7 +181,7 @@ class Mlp(nnx.Module):
     self.activation = config.hidden_act
 
   def __call__(self, x):
-    return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))
+    return self.fc2(hf_config.ACTIVATIONS[self.activation](self.fc1(x)))
 
 
 class EncoderLayer(nnx.Module):
