@@ -9,9 +9,10 @@ unit counts exactly once.
 Batches carry `mask` [B] (False for evaluation padding rows). Classification
 batches carry `label` [B], and image batches also `label_mix` [B] and `mix` [B]:
 a training image blended by mixup or cutmix is scored as `mix` parts `label` and
-`1 - mix` parts `label_mix` (evaluation batches have mix 1); language-model batches carry `targets` [B, L] (the
-next token at each position) and `loss_mask` [B, L] (which targets count, e.g.
-only assistant tokens in chat data).
+`1 - mix` parts `label_mix` (evaluation batches have mix 1). Language-model
+batches carry `targets` [B, L] (the next token at each position) and
+`loss_mask` [B, L] (which targets count, e.g. only assistant tokens in chat
+data).
 
 A classification task scores logits. The language-model task scores hidden
 states (`ftjax.models.Features`) with the model's unembedding, a chunk of tokens at a time under

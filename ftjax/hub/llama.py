@@ -13,24 +13,22 @@ import numpy as np
 
 from ftjax.hub import loading
 
-_identity = lambda x: x
-_transpose = lambda x: x.T
 
 # (HF name regex, ftjax path template, transform)
 _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
-    (r"model\.embed_tokens\.weight", "model/embed_tokens/embedding", _identity),
+    (r"model\.embed_tokens\.weight", "model/embed_tokens/embedding", loading.identity),
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.weight",
-     r"model/layers/\1/self_attn/\2/kernel", _transpose),
+     r"model/layers/\1/self_attn/\2/kernel", loading.transpose),
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.bias",
-     r"model/layers/\1/self_attn/\2/bias", _identity),
+     r"model/layers/\1/self_attn/\2/bias", loading.identity),
     (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.weight",
-     r"model/layers/\1/mlp/\2/kernel", _transpose),
+     r"model/layers/\1/mlp/\2/kernel", loading.transpose),
     (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.bias",
-     r"model/layers/\1/mlp/\2/bias", _identity),
+     r"model/layers/\1/mlp/\2/bias", loading.identity),
     (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-     r"model/layers/\1/\2/scale", _identity),
-    (r"model\.norm\.weight", "model/norm/scale", _identity),
-    (r"lm_head\.weight", "lm_head/kernel", _transpose),
+     r"model/layers/\1/\2/scale", loading.identity),
+    (r"model\.norm\.weight", "model/norm/scale", loading.identity),
+    (r"lm_head\.weight", "lm_head/kernel", loading.transpose),
 ]
 
 # Every parameter of a causal LM comes from its checkpoint: nothing new to name.

@@ -20,6 +20,21 @@ NameMap = Callable[[str], "tuple[str, Transform] | None"]
 Rules = Sequence[tuple[str, str, Transform]]
 
 
+def identity(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+  """A linear layer's [out, in] weight as an [in, out] kernel (and back)."""
+  return x.T
+
+
+def conv_kernel(x: np.ndarray) -> np.ndarray:
+  """A PyTorch convolution weight [out, in, kh, kw] as a Flax kernel [kh, kw, in, out];
+  a tensor of another rank passes unchanged (`load_tensors` reports its shape)."""
+  return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
+
+
 def rename(name: str, rules: Rules) -> tuple[str, Transform] | None:
   """The ftjax path and transform of the first rule whose regex fully matches `name`."""
   for pattern, template, transform in rules:

@@ -45,33 +45,21 @@ _REQUIREMENTS = {
 # it in its shape-mismatch error.
 
 
-def _conv(x: np.ndarray) -> np.ndarray:
-  """(out, in, kh, kw) -> (kh, kw, in, out)."""
-  return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
-
-
 def _pointwise(x: np.ndarray) -> np.ndarray:
   """(out, in, 1, 1) -> [in, out]; a larger kernel keeps its extra elements (and misfits)."""
   return x.reshape(x.shape[0], -1).T if x.ndim == 4 else x
 
 
-def _transpose(x: np.ndarray) -> np.ndarray:
-  return x.T
-
-
-def _identity(x: np.ndarray) -> np.ndarray:
-  return x
-
-
 def _batch_norm(prefix: str, path: str) -> list[tuple[str, str, loading.Transform]]:
   """Rules for a BatchNorm2d at checkpoint-name regex `prefix` -> ftjax `path`."""
   names = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
-  return [(rf"{prefix}\.{name}", f"{path}/{ours}", _identity) for name, ours in names.items()]
+  return [(rf"{prefix}\.{name}", f"{path}/{ours}", loading.identity)
+          for name, ours in names.items()]
 
 
 def _torchvision_rules(arch: mobilenet.ConvNetConfig) -> list[tuple[str, str, loading.Transform]]:
   """Rules for torchvision's MobileNetV2 layout of `arch`'s blocks."""
-  rules = [(r"features\.0\.0\.weight", "stem/conv/kernel", _conv),
+  rules = [(r"features\.0\.0\.weight", "stem/conv/kernel", loading.conv_kernel),
            *_batch_norm(r"features\.0\.1", "stem/bn")]
   blocks = arch.blocks()
   for i, block in enumerate(blocks):
@@ -83,31 +71,32 @@ def _torchvision_rules(arch: mobilenet.ConvNetConfig) -> list[tuple[str, str, lo
       rules += [(rf"{conv}\.0\.0\.weight", f"blocks/{i}/expand/kernel", _pointwise),
                 *_batch_norm(rf"{conv}\.0\.1", f"blocks/{i}/expand_bn")]
       layer = 1
-    rules += [(rf"{conv}\.{layer}\.0\.weight", f"blocks/{i}/depthwise/kernel", _conv),
+    rules += [(rf"{conv}\.{layer}\.0\.weight", f"blocks/{i}/depthwise/kernel", loading.conv_kernel),
               *_batch_norm(rf"{conv}\.{layer}\.1", f"blocks/{i}/depthwise_bn"),
               (rf"{conv}\.{layer + 1}\.weight", f"blocks/{i}/project/kernel", _pointwise),
               *_batch_norm(rf"{conv}\.{layer + 2}", f"blocks/{i}/project_bn")]
   top = len(blocks) + 1
   rules += [(rf"features\.{top}\.0\.weight", "top/kernel", _pointwise),
             *_batch_norm(rf"features\.{top}\.1", "top_bn"),
-            (r"classifier\.1\.weight", "head/kernel", _transpose),
-            (r"classifier\.1\.bias", "head/bias", _identity)]
+            (r"classifier\.1\.weight", "head/kernel", loading.transpose),
+            (r"classifier\.1\.bias", "head/bias", loading.identity)]
   return rules
 
 
 _EFFICIENTNET_RULES: list[tuple[str, str, loading.Transform]] = [
-    (r"_conv_stem\.weight", "stem/conv/kernel", _conv),
+    (r"_conv_stem\.weight", "stem/conv/kernel", loading.conv_kernel),
     *_batch_norm(r"_bn0", "stem/bn"),
     (r"_blocks\.(\d+)\._expand_conv\.weight", r"blocks/\1/expand/kernel", _pointwise),
     *_batch_norm(r"_blocks\.(\d+)\._bn0", r"blocks/\1/expand_bn"),
-    (r"_blocks\.(\d+)\._depthwise_conv\.weight", r"blocks/\1/depthwise/kernel", _conv),
+    (r"_blocks\.(\d+)\._depthwise_conv\.weight", r"blocks/\1/depthwise/kernel",
+     loading.conv_kernel),
     *_batch_norm(r"_blocks\.(\d+)\._bn1", r"blocks/\1/depthwise_bn"),
     (r"_blocks\.(\d+)\._project_conv\.weight", r"blocks/\1/project/kernel", _pointwise),
     *_batch_norm(r"_blocks\.(\d+)\._bn2", r"blocks/\1/project_bn"),
     (r"_conv_head\.weight", "top/kernel", _pointwise),
     *_batch_norm(r"_bn1", "top_bn"),
-    (r"_fc\.weight", "head/kernel", _transpose),
-    (r"_fc\.bias", "head/bias", _identity),
+    (r"_fc\.weight", "head/kernel", loading.transpose),
+    (r"_fc\.bias", "head/bias", loading.identity),
 ]
 
 # Architecture name -> the rules of its checkpoint format.

@@ -20,47 +20,40 @@ from ftjax.errors import ConfigError, WeightsError
 from ftjax.hub import loading, safetensors_io
 from ftjax.models import vit
 
-_identity = lambda x: x
-_transpose = lambda x: x.T
-
-
-def _conv(x: np.ndarray) -> np.ndarray:
-  """(out, in, kh, kw) -> (kh, kw, in, out); another rank passes (and misfits) unchanged."""
-  return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
-
 
 _LAYER = r"encoder\.layer\.(\d+)"
 # (HF name regex after any 'vit.' prefix, ftjax path template, transform)
 _RULES: list[tuple[str, str, loading.Transform]] = [
-    (r"embeddings\.cls_token", "embeddings/cls_token", _identity),
-    (r"embeddings\.position_embeddings", "embeddings/position", _identity),
-    (r"embeddings\.patch_embeddings\.projection\.weight", "embeddings/patch/kernel", _conv),
-    (r"embeddings\.patch_embeddings\.projection\.bias", "embeddings/patch/bias", _identity),
+    (r"embeddings\.cls_token", "embeddings/cls_token", loading.identity),
+    (r"embeddings\.position_embeddings", "embeddings/position", loading.identity),
+    (r"embeddings\.patch_embeddings\.projection\.weight", "embeddings/patch/kernel",
+     loading.conv_kernel),
+    (r"embeddings\.patch_embeddings\.projection\.bias", "embeddings/patch/bias", loading.identity),
     (rf"{_LAYER}\.attention\.attention\.(query|key|value)\.weight",
-     r"layers/\1/attention/\2/kernel", _transpose),
+     r"layers/\1/attention/\2/kernel", loading.transpose),
     (rf"{_LAYER}\.attention\.attention\.(query|key|value)\.bias",
-     r"layers/\1/attention/\2/bias", _identity),
+     r"layers/\1/attention/\2/bias", loading.identity),
     (rf"{_LAYER}\.attention\.output\.dense\.weight", r"layers/\1/attention/output/kernel",
-     _transpose),
+     loading.transpose),
     (rf"{_LAYER}\.attention\.output\.dense\.bias", r"layers/\1/attention/output/bias",
-     _identity),
-    (rf"{_LAYER}\.layernorm_before\.weight", r"layers/\1/attention_norm/scale", _identity),
-    (rf"{_LAYER}\.layernorm_before\.bias", r"layers/\1/attention_norm/bias", _identity),
-    (rf"{_LAYER}\.intermediate\.dense\.weight", r"layers/\1/mlp/fc1/kernel", _transpose),
-    (rf"{_LAYER}\.intermediate\.dense\.bias", r"layers/\1/mlp/fc1/bias", _identity),
-    (rf"{_LAYER}\.output\.dense\.weight", r"layers/\1/mlp/fc2/kernel", _transpose),
-    (rf"{_LAYER}\.output\.dense\.bias", r"layers/\1/mlp/fc2/bias", _identity),
-    (rf"{_LAYER}\.layernorm_after\.weight", r"layers/\1/mlp_norm/scale", _identity),
-    (rf"{_LAYER}\.layernorm_after\.bias", r"layers/\1/mlp_norm/bias", _identity),
-    (r"layernorm\.weight", "norm/scale", _identity),
-    (r"layernorm\.bias", "norm/bias", _identity),
-    (r"classifier\.weight", "head/kernel", _transpose),
-    (r"classifier\.bias", "head/bias", _identity),
+     loading.identity),
+    (rf"{_LAYER}\.layernorm_before\.weight", r"layers/\1/attention_norm/scale", loading.identity),
+    (rf"{_LAYER}\.layernorm_before\.bias", r"layers/\1/attention_norm/bias", loading.identity),
+    (rf"{_LAYER}\.intermediate\.dense\.weight", r"layers/\1/mlp/fc1/kernel", loading.transpose),
+    (rf"{_LAYER}\.intermediate\.dense\.bias", r"layers/\1/mlp/fc1/bias", loading.identity),
+    (rf"{_LAYER}\.output\.dense\.weight", r"layers/\1/mlp/fc2/kernel", loading.transpose),
+    (rf"{_LAYER}\.output\.dense\.bias", r"layers/\1/mlp/fc2/bias", loading.identity),
+    (rf"{_LAYER}\.layernorm_after\.weight", r"layers/\1/mlp_norm/scale", loading.identity),
+    (rf"{_LAYER}\.layernorm_after\.bias", r"layers/\1/mlp_norm/bias", loading.identity),
+    (r"layernorm\.weight", "norm/scale", loading.identity),
+    (r"layernorm\.bias", "norm/bias", loading.identity),
+    (r"classifier\.weight", "head/kernel", loading.transpose),
+    (r"classifier\.bias", "head/bias", loading.identity),
 ]
 
 # The classification head, exported as ViTForImageClassification names it.
-EXPORT_EXTRA = {"head/kernel": ("classifier.weight", _transpose),
-                "head/bias": ("classifier.bias", _identity)}
+EXPORT_EXTRA = {"head/kernel": ("classifier.weight", loading.transpose),
+                "head/bias": ("classifier.bias", loading.identity)}
 
 
 def hf_name_to_path(name: str) -> tuple[str, loading.Transform] | None:

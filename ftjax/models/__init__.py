@@ -157,7 +157,8 @@ def _bert_classifier(config: ml_collections.ConfigDict):
                                    rngs=rngs)
 
   def load(params):
-    return bert_hub.load_pretrained_into(params, directory, config.dont_load) if directory else params
+    return (bert_hub.load_pretrained_into(params, directory, config.dont_load)
+            if directory else params)
 
   return build, load, Layout(embeddings="encoder/embeddings/.*", block="encoder/layers/{}",
                              head="head/.*"), bert.PARAM_AXES
