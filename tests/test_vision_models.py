@@ -342,3 +342,23 @@ def test_vit_position_table_interpolated_at_load(hf_vit):
   assert logits.shape == (1, 5) and np.all(np.isfinite(np.asarray(logits)))
   with pytest.raises(ConfigError, match="patch size"):
     vit_hub.model_config(directory, image_size=50)
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+@pytest.mark.parametrize("kernel_size,stride", [(3, 1), (3, 2), (5, 2)])
+def test_depthwise_conv_slices_equal_the_grouped_convolution(monkeypatch, padding, kernel_size,
+                                                             stride):
+  # CPU computes shifted slices; other backends XLA's grouped convolution: same values
+  # and gradients on an odd-sized input.
+  layer = mobilenet.DepthwiseConv(6, kernel_size, stride, padding, nnx.Rngs(params=0))
+  graphdef, params = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (2, 11, 8, 6))
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
+
+  sliced = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  grouped = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(sliced), jax.tree.leaves(grouped)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
