@@ -118,7 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 1.0
 
   config.log_every = 50
-  config.eval_every = 200  # also at the end of every epoch
+  config.eval_every = 200
+  config.eval_at_epoch_end = True  # also evaluate when an epoch ends
 
   config.early_stopping = ml_collections.ConfigDict()
   config.early_stopping.metric = "accuracy"
@@ -131,8 +132,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.max_to_keep = 2
   config.checkpoint.use_async = True
 
-  if arg.shots:  # a few batches per epoch: evaluate every 10 epochs
+  if arg.shots:  # an epoch is a batch or two: evaluate by steps only
     config.batch_size = min(arg.batch_size, 10 * arg.shots)
+    config.eval_at_epoch_end = False
     config.eval_every = config.checkpoint.every = 100
   if arg.debug:
     config.data.image_size = 32

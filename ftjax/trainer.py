@@ -190,7 +190,8 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
         metrics = jax.device_get(metrics)
         run.writer.write(step, "train", metrics)
         log_line(progress.line(step, metrics))
-      if step % config.eval_every == 0 or step % run.steps_per_epoch == 0 or last:
+      epoch_end = config.get("eval_at_epoch_end", True) and step % run.steps_per_epoch == 0
+      if step % config.eval_every == 0 or epoch_end or last:
         _validate(run, step, stopper)
         if stopper.stop:
           log_line(f"early stopping at step {step}: no {stopper.metric} improvement "
