@@ -46,8 +46,9 @@ data:
 demo: $(VENV)/.runtime
 	$(PY) launch/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# Two workers (one per core on a small machine); a test file's tests share a worker.
 test: $(VENV)/.test data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(VENV)/.test
 	$(PY) bench/bert_train_step.py

@@ -311,10 +311,13 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   eval_batch = build.abstract_batch(config, config.eval_batch_size, batch_sharding)
   train, evaluate = build.jit_steps(built, task, config, rules, batch_sharding)
   train_compiled, train_seconds = _compile(train, state, built.frozen, train_batch)
-  eval_compiled, eval_seconds = _compile(evaluate, state.params, built.frozen, eval_batch)
+  eval_compiled, eval_seconds = _compile(evaluate, state.params, state.stats, built.frozen,
+                                         eval_batch)
 
   trees = {"trainable parameters": state.params, "frozen parameters": built.frozen,
            "optimizer state": state.opt_state}
+  if state.stats:  # BatchNorm running statistics
+    trees["batch statistics"] = state.stats
   local = {k: sharding.local_bytes(tree) for k, tree in trees.items()}
   whole = {k: sharding.tree_bytes(tree) for k, tree in trees.items()}
   held = sharding.local_bytes((state.opt_state, state.step, state.rng))

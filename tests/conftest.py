@@ -28,8 +28,12 @@ def with_overrides(config, **overrides):
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """One prepared-datasets folder shared by every test of the session."""
-  return str(tmp_path_factory.getbasetemp() / "tensorflow_datasets")
+  """One prepared-datasets folder shared by every test of the session (and by every
+  pytest-xdist worker: preparation takes a file lock, see `ftjax.data.sources`)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is <session root>/<worker id>
+    root = root.parent
+  return str(root / "tensorflow_datasets")
 
 
 @pytest.fixture

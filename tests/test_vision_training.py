@@ -56,8 +56,15 @@ def test_frozen_batch_norm_keeps_the_running_statistics(vision_config):
   assert not model.updating and not _changed_layers(before, after)
 
 
-def test_updating_batch_norm_moves_every_trained_layers_statistics(vision_config):
-  model, before, after, _ = _train(vision_config)
+@pytest.fixture(scope="module")
+def one_device_run(data_dir):
+  """The default (updating) debug config trained on one device, shared by two tests."""
+  config = with_overrides(mobilenet_fashion.get_config("debug"), **{"data.data_dir": data_dir})
+  return _train(config)
+
+
+def test_updating_batch_norm_moves_every_trained_layers_statistics(one_device_run):
+  model, before, after, _ = one_device_run
   layers = {path.rsplit("/", 1)[0] for path in param_groups.flatten(before)}
   assert len(layers) == 52  # stem, 3 per block (2 in the first), top
   assert model.updating == layers and _changed_layers(before, after) == layers
@@ -65,8 +72,10 @@ def test_updating_batch_norm_moves_every_trained_layers_statistics(vision_config
 
 def test_frozen_layers_never_update_their_statistics(vision_config):
   probe = with_overrides(vision_config, **{"freeze": "all_but_head"})
-  model, before, after, _ = _train(probe)
-  assert not model.updating and not _changed_layers(before, after)
+  mesh = sharding.make_mesh(probe.mesh, jax.devices()[:1])
+  built = build.build(probe, mesh, sharding.Rules.from_config(probe.axis_rules),
+                      total_steps=10, abstract=True)
+  assert not built.model.updating  # a linear probe keeps every pretrained statistic
   bottom = with_overrides(vision_config, **{"freeze_blocks": 3})
   model, before, after, _ = _train(bottom)
   frozen = {layer for layer in param_groups.flatten(before)
@@ -76,8 +85,9 @@ def test_frozen_layers_never_update_their_statistics(vision_config):
   assert changed == set(model.updating)
 
 
-def test_statistics_are_synchronised_across_data_parallel_devices(vision_config):
-  _, _, one_stats, one_params = _train(vision_config, devices=1)
+def test_statistics_are_synchronised_across_data_parallel_devices(vision_config,
+                                                                  one_device_run):
+  _, _, one_stats, one_params = one_device_run
   _, _, many_stats, many_params = _train(vision_config, devices=8)
   for one, many in ((one_stats, many_stats), (one_params, many_params)):
     flat, ref = param_groups.flatten(many), param_groups.flatten(one)
