@@ -15,7 +15,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
-from ftjax.models import hf_config
+from ftjax.models import heads, hf_config
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
 PARAM_AXES = (
@@ -35,6 +35,7 @@ PARAM_AXES = (
 
 # Hidden states between blocks: split along the batch, whole along length and width.
 _ACTIVATION_AXES = ("batch", None, None)
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig(hf_config.HfConfig):
@@ -166,16 +167,11 @@ class SequenceClassifier(nnx.Module):
                head_init: str = "zeros", rngs: nnx.Rngs):
     if pooling not in ("mean", "cls"):
       raise ConfigError(f"config.model.pooling={pooling!r}: must be 'mean' or 'cls'")
-    initializers = {"zeros": nnx.initializers.zeros_init(),
-                    "normal": nnx.initializers.normal(stddev=0.02)}
-    if head_init not in initializers:
-      raise ConfigError(f"config.model.head_init={head_init!r}: must be one of "
-                        f"{sorted(initializers)}")
     self.encoder = Encoder(config, rngs)
     self.pooling = pooling
     self.dropout = nnx.Dropout(config.hidden_dropout_prob)
     self.head = nnx.Linear(config.hidden_size, num_classes,
-                           kernel_init=initializers[head_init], rngs=rngs)
+                           kernel_init=heads.kernel_init(head_init, 0.02), rngs=rngs)
 
   def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:

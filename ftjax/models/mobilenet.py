@@ -28,6 +28,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
+from ftjax.models import heads
 from ftjax.models.batch_norm import BatchNorm
 
 # Logical axes of every parameter and batch statistic (see `ftjax.sharding`).
@@ -264,19 +265,14 @@ class ImageClassifier(nnx.Module):
     Raises:
       ConfigError: for an unknown `head_init`.
     """
-    initializers = {"zeros": nnx.initializers.zeros_init(),
-                    "normal": nnx.initializers.normal(stddev=0.01)}
-    if head_init not in initializers:
-      raise ConfigError(f"config.model.head_init={head_init!r}: must be one of "
-                        f"{sorted(initializers)}")
     blocks = arch.blocks()
     self.stem = Stem(arch, rngs)
     self.blocks = nnx.List([InvertedResidual(arch, block, rngs) for block in blocks])
     self.top = _pointwise(blocks[-1].out_channels, arch.top_channels, rngs)
     self.top_bn = _batch_norm(arch, arch.top_channels)
     self.dropout = nnx.Dropout(arch.dropout)
-    self.head = nnx.Linear(arch.top_channels, num_classes, kernel_init=initializers[head_init],
-                           rngs=rngs)
+    self.head = nnx.Linear(arch.top_channels, num_classes,
+                           kernel_init=heads.kernel_init(head_init, 0.01), rngs=rngs)
 
   def features(self, batch: dict[str, Any]) -> jax.Array:
     """Pooled features [B, top_channels] of `batch["image"]` [B, H, W, 3] (normalised)."""

@@ -26,7 +26,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
-from ftjax.models import hf_config
+from ftjax.models import heads, hf_config
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
 PARAM_AXES = (
@@ -52,6 +52,7 @@ _ACTIVATION_AXES = ("batch", None, None)
 # Inputs are RGB in [0, 1], normalised with these per-channel constants.
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig(hf_config.HfConfig):
@@ -218,17 +219,12 @@ class ImageClassifier(nnx.Module):
     Raises:
       ConfigError: for an unknown `head_init`.
     """
-    initializers = {"zeros": nnx.initializers.zeros_init(),
-                    "normal": nnx.initializers.normal(stddev=0.02)}
-    if head_init not in initializers:
-      raise ConfigError(f"config.model.head_init={head_init!r}: must be one of "
-                        f"{sorted(initializers)}")
     self.embeddings = Embeddings(config, rngs)
     self.layers = nnx.List([EncoderLayer(config, rngs)
                             for _ in range(config.num_hidden_layers)])
     self.norm = nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, rngs=rngs)
     self.head = nnx.Linear(config.hidden_size, num_classes,
-                           kernel_init=initializers[head_init], rngs=rngs)
+                           kernel_init=heads.kernel_init(head_init, 0.02), rngs=rngs)
 
   def features(self, batch: dict[str, Any], *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
