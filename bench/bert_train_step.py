@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import statistics
 from typing import Any, Callable
@@ -100,14 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--peft", choices=("full", "lora"), default="full",
                       help="what trains: every parameter, or LoRA r=8 adapters + the head")
-  parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed steps of each configuration before the rounds")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--seq_len", type=int, default=128)
-  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                      help="torch intra-op threads (XLA uses every core by default)")
+  common.add_timing_flags(parser, steps=3)
   parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                       help="also time ftjax with compute_dtype=bfloat16")
   parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,

@@ -53,6 +53,18 @@ class Timed(Protocol):
     """Runs `steps` train steps; returns the wall-clock seconds they took."""
 
 
+def add_timing_flags(parser: argparse.ArgumentParser, steps: int) -> None:
+  """Adds the flags every side-by-side bench times with: --rounds, --steps, --warmup,
+  --threads (`steps`: the default of timed steps per round)."""
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+  parser.add_argument("--steps", type=int, default=steps, help="timed steps per round")
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed steps of each configuration before the rounds")
+  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                      help="torch intra-op threads on CPU (XLA uses every core by default); "
+                      "on a loaded machine use fewer than its idle cores")
+
+
 def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace,
                  positive: Iterable[str]) -> None:
   """Exits with a usage error unless the `positive` flags are >= 1 and --warmup >= 0.

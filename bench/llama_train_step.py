@@ -162,17 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="gradient checkpointing of each decoder block")
   parser.add_argument("--loss_chunk", type=int, default=None,
                       help="tokens of logits at a time in ftjax's loss (default: the config's)")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-  parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed steps of each framework before the rounds")
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="peak FLOP/s (in TFLOP/s) for MFU; default: by device kind, "
                       "else estimated with a large matmul")
   parser.add_argument("--skip_torch", action="store_true", help="time ftjax only")
-  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                      help="torch intra-op threads on CPU (XLA uses every core by default); "
-                      "on a loaded machine use fewer than its idle cores")
+  common.add_timing_flags(parser, steps=3)
   parser.add_argument("--seed", type=int, default=0, help="seeds weights, batch and dropout")
   args = parser.parse_args(argv)
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 from typing import Any, Callable
@@ -97,14 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--arch", choices=ARCHS + ("both",), default="mobilenet_v2")
-  parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed steps of each configuration before the rounds")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--image_size", type=int, default=64)
-  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                      help="torch intra-op threads (XLA uses every core by default)")
+  common.add_timing_flags(parser, steps=10)
   parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                       help="also time ftjax with compute_dtype=bfloat16")
   parser.add_argument("--seed", type=int, default=0, help="seeds the batch and the model")
