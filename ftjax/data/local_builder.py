@@ -1,4 +1,4 @@
-"""What the local TFDS data sets share: source configs, the builder and seeded splits.
+"""What the local TFDS data sets share: source configs, reading sources, the builder and splits.
 
 Each local data set prepares either its packaged corpus, read from an
 installed package that is located but never imported, or a custom source (a
@@ -18,11 +18,14 @@ same example everywhere.
 from __future__ import annotations
 
 import abc
+import bz2
 import collections
+import csv
 import dataclasses
 import hashlib
 import importlib.util
 import inspect
+import io
 import os
 import sys
 from collections.abc import Hashable, Iterable, Iterator, Sequence
@@ -80,6 +83,86 @@ def read_utf8(path: str) -> str:
   except UnicodeDecodeError as e:
     line = data[:e.start].count(b"\n") + 1
     raise DataError(f"{path}: line {line}: bytes that are not valid UTF-8") from e
+
+
+def read_bytes(path: str) -> bytes:
+  """Returns the contents of a file, decompressed if its name ends in `.bz2`.
+
+  Args:
+    path: the file.
+
+  Raises:
+    DataError: naming the file when it is missing, unreadable (a truncated or
+      corrupt bz2 stream included) or empty (nothing but whitespace).
+  """
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: file not found")
+  opener = bz2.open if path.endswith(".bz2") else open
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError) as e:  # A truncated or corrupt bz2 stream.
+    raise DataError(f"{path}: cannot read file: {e}") from e
+  if not data.strip():
+    raise DataError(f"{path}: file is empty")
+  return data
+
+
+def csv_records(path: str, text: str) -> Iterator[tuple[int, int, list[str]]]:
+  """Yields the records of a CSV text with where each one is.
+
+  Row numbers count records from 1, the header being row 1, so they match what
+  a spreadsheet shows; a record's line is where it starts, and differs from
+  its row once a quoted field spans lines. A blank line is an empty record.
+
+  Args:
+    path: the file the text was read from, for error messages.
+    text: the whole file, decoded.
+
+  Yields:
+    (row number, first line number, fields) for each record.
+
+  Raises:
+    DataError: naming the file, row and line of malformed CSV (such as a
+      stray quote).
+  """
+  reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+  line = 1
+  row = 0
+  while True:
+    try:
+      fields = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      raise DataError(f"{path}: row {row + 1} (line {line}): malformed CSV: {e}") from e
+    row += 1
+    yield row, line, fields
+    line = reader.line_num + 1
+
+
+def csv_columns(path: str, header: Sequence[str], required: Sequence[str],
+                expected: str) -> dict[str, int]:
+  """Maps each required column name to its index in a CSV header.
+
+  Args:
+    path: the CSV file, for error messages.
+    header: the fields of the header row; surrounding whitespace is ignored.
+    required: the names of the columns that must be present.
+    expected: the full header the format expects, for error messages.
+
+  Returns:
+    {name: index} for each name in `required`.
+
+  Raises:
+    DataError: naming the file and row 1 when a required column is missing.
+  """
+  names = [name.strip() for name in header]
+  missing = [c for c in required if c not in names]
+  if missing:
+    raise DataError(f"{path}: row 1 (line 1): header {names} lacks columns {missing}; "
+                    f"expected {expected}")
+  return {c: names.index(c) for c in required}
 
 
 def hash_key(seed: int, key: Any) -> bytes:

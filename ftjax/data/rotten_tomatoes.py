@@ -11,9 +11,6 @@ what a spreadsheet shows; an example's `id` is its row number.
 
 from __future__ import annotations
 
-import bz2
-import csv
-import io
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -48,46 +45,15 @@ def source_file() -> str:
 
 def _read_text(path: str) -> str:
   """Reads and decompresses `path`, keeping undecodable bytes as surrogates."""
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: file not found")
-  opener = bz2.open if path.endswith(".bz2") else open
-  try:
-    with opener(path, "rb") as f:
-      data = f.read()
-  except (OSError, EOFError) as e:  # A truncated or corrupt bz2 stream.
-    raise DataError(f"{path}: cannot read file: {e}") from e
-  if not data.strip():
-    raise DataError(f"{path}: file is empty")
-  return data.decode("utf-8", errors="surrogateescape")
+  return local_builder.read_bytes(path).decode("utf-8", errors="surrogateescape")
 
 
 def _rows(path: str, text: str) -> Iterator[tuple[int, int, list[str]]]:
   """Yields (row number, first line number, fields) for each CSV record."""
-  reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-  line = 1
-  row = 0
-  while True:
-    try:
-      fields = next(reader)
-    except StopIteration:
-      return
-    except csv.Error as e:
-      raise DataError(f"{path}: row {row + 1} (line {line}): malformed CSV: {e}") from e
-    row += 1
+  for row, line, fields in local_builder.csv_records(path, text):
     if any(_UNDECODABLE.search(field) for field in fields):
       raise DataError(f"{path}: row {row} (line {line}): bytes that are not valid UTF-8")
     yield row, line, fields
-    line = reader.line_num + 1
-
-
-def _column_indices(path: str, header: list[str]) -> dict[str, int]:
-  """Maps each required column name to its index in `header`."""
-  names = [name.strip() for name in header]
-  missing = [c for c in _REQUIRED_COLUMNS if c not in names]
-  if missing:
-    raise DataError(f"{path}: row 1 (line 1): header {names} lacks columns {missing}; "
-                    f"expected category,text,movie_name,has_plot_and_reviews")
-  return {c: names.index(c) for c in _REQUIRED_COLUMNS}
 
 
 def _parse_row(path: str, row: int, line: int, fields: list[str], width: int,
@@ -126,7 +92,8 @@ def read_examples(path: str) -> list[dict[str, Any]]:
   """
   rows = _rows(path, _read_text(path))
   _, _, header = next(rows)
-  columns = _column_indices(path, header)
+  columns = local_builder.csv_columns(path, header, _REQUIRED_COLUMNS,
+                                      "category,text,movie_name,has_plot_and_reviews")
   examples = []
   for row, line, fields in rows:
     if not fields:  # A blank line is not a record.

@@ -15,7 +15,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import chat, fashion_mnist, mnist_digits, rotten_tomatoes, shakespeare
+from ftjax.data import chat, fashion_mnist, mnist_digits, rotten_tomatoes, shakespeare, tweets
 from ftjax.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
@@ -28,6 +28,7 @@ _REGISTRY: dict[str, tuple[type[tfds.core.DatasetBuilder],
     "mnist_digits": (mnist_digits.MnistDigits, mnist_digits.config_for),
     "rotten_tomatoes": (rotten_tomatoes.RottenTomatoes, rotten_tomatoes.config_for),
     "shakespeare": (shakespeare.Shakespeare, shakespeare.config_for),
+    "tweets": (tweets.Tweets, tweets.config_for),
 }
 
 
