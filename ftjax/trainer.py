@@ -13,7 +13,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from ftjax import build, checkpoint, data, generate, param_groups, sharding, tasks
+from ftjax import (build, checkpoint, data, generate, param_groups, regularizers, sharding,
+                   tasks, tracking)
 from ftjax.config import validate
 from ftjax.data import inputs as inputs_lib
 from ftjax.early_stopping import EarlyStopping
@@ -96,9 +97,10 @@ class _Run:
         seed=self.config.seed, num_epochs=None, shard_index=self.data_shard[0],
         shard_count=self.data_shard[1], augment=self.inputs.augment)
 
-  def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+  def eval_batches(self, split: str | Sequence[Any]) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of a split (by name) or of any source, each example once, padded."""
     return data.eval_batches(
-        self.splits[split], self.preprocess,
+        self.splits[split] if isinstance(split, str) else split, self.preprocess,
         batch_size=self.config.eval_batch_size // self.data_shard[1],
         shard_index=self.data_shard[0], shard_count=self.data_shard[1])
 
@@ -124,6 +126,39 @@ class _Run:
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     return self.task.summarize(sums)
+
+
+def _fisher_weights(run: _Run) -> Any:
+  """EWC's weights: the Fisher information of the starting weights on `fisher_task`."""
+  regularizer = run.config.regularizer
+  sources = run.inputs.task_train or {run.config.data.name: run.splits["train"]}
+  if regularizer.fisher_task not in sources:
+    raise ConfigError(f"config.regularizer.fisher_task={regularizer.fisher_task!r}: not a "
+                      f"task of this run; choose from {sorted(sources)}")
+  examples = data.Head(sources[regularizer.fisher_task], regularizer.fisher_examples)
+  fisher_step = build.jit_fisher_step(run.built, run.task, run.config, run.rules,
+                                      run.batch_sharding)
+  batches = (_put_batch(batch, run.batch_sharding) for batch in run.eval_batches(examples))
+  started = time.perf_counter()
+  weights = regularizers.fisher_weights(fisher_step, run.state.params, run.state.stats,
+                                        run.frozen, batches)
+  log_line(f"EWC: Fisher information of {len(examples)} {regularizer.fisher_task} examples "
+           f"in {time.perf_counter() - started:.1f} s")
+  return weights
+
+
+def _test_at_start(run: _Run) -> dict[str, float]:
+  """Test metrics of the starting weights, measured once (kept in the workdir for resumes)."""
+  path = os.path.join(run.workdir, "test_at_start.json")
+  if os.path.isfile(path) and int(jax.device_get(run.state.step)) > 0:
+    with open(path) as f:
+      return json.load(f)
+  metrics = run.evaluate((run.state.params, run.state.stats), "test")
+  if run.process == 0:
+    with open(path, "w") as f:
+      json.dump(metrics, f, indent=2)
+  log_line("test at start: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+  return metrics
 
 
 def _progress_record(iterator, stopper: EarlyStopping) -> dict[str, Any]:
@@ -225,6 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
+  tracking.record_start(workdir, config.seed)
   started = time.perf_counter()
   run_ = _Run(config, workdir, devices)
   log_line(f"{run_.total_steps} steps ({run_.steps_per_epoch} per epoch), batch "
@@ -242,6 +278,11 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   config, workdir = run_.config, run_.workdir
   iterator = run_.train_iterator()
   stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
+  fresh = int(jax.device_get(run_.state.step)) == 0
+  if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs
+    run_.state = run_.state.replace(anchor={"center": run_.state.anchor["center"],
+                                            "weight": _fisher_weights(run_)})
+  at_start = _test_at_start(run_) if config.get("test_at_start", False) else None
   stopper = _train(run_, iterator, stopper, on_step)
   run_.checkpointer.wait()
   best = run_.checkpointer.restore_best(run_.state.params, run_.state.stats)
@@ -253,6 +294,11 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
       "test": run_.evaluate(best, "test"),
       "train_seconds": time.perf_counter() - started,
   }
+  if at_start is not None:
+    final["test_at_start"] = at_start
+    final["forgetting"] = {  # accuracy lost on each task since the start
+        key[:-len("/accuracy")]: at_start[key] - final["test"][key]
+        for key in at_start if key.endswith("/accuracy")}
   step = int(jax.device_get(run_.state.step))
   run_.writer.write(step, "test", final["test"])
   if run_.process == 0:

@@ -1,0 +1,1 @@
+"""Sweeps: studies as code, their runs, result tables and plots."""
