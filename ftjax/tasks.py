@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from ftjax import sharding, vocab_parallel
 from ftjax.config import check_choice
+from ftjax.data import inputs
 from ftjax.evals import classification as classification_evals
 
 Batch = dict[str, jax.Array]
@@ -62,35 +63,66 @@ class Task:
   summarize: Callable[[dict[str, np.ndarray]], dict[str, float]]
 
 
-def _classification(num_classes: int) -> Task:
+def _classification(num_classes: int, task_classes: Sequence[tuple[str, int]] = ()) -> Task:
+  """Softmax cross-entropy over `num_classes` logits; with `task_classes` (name,
+  count), a multi-task head: each task owns the next `count` logits, and an example
+  (`batch["task"]`) is scored over its own task's logits only."""
+  names = [name for name, _ in task_classes]
+  sizes = np.array([count for _, count in task_classes], np.int32)
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+
+  def own_task(logits, batch):
+    """Logits outside the example's task pushed to -1e9, labels as logit indices."""
+    if not task_classes:
+      return logits, batch["label"]
+    start, size = jnp.asarray(starts)[batch["task"]], jnp.asarray(sizes)[batch["task"]]
+    index = jnp.arange(num_classes)
+    inside = (index >= start[:, None]) & (index < (start + size)[:, None])
+    return jnp.where(inside, logits, -1e9), batch["label"] + start
+
   def scored(logits, batch):
-    logits = logits.astype(jnp.float32)
+    logits, labels = own_task(logits.astype(jnp.float32), batch)
     weights = batch["mask"].astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     predictions = jnp.argmax(logits, -1)
-    return losses, predictions, weights
+    return logits, labels, losses, predictions, weights
 
   def train_sums(logits, batch):
-    losses, predictions, weights = scored(logits, batch)
-    correct = (predictions == batch["label"]).astype(jnp.float32)
+    logits, labels, losses, predictions, weights = scored(logits, batch)
+    correct = (predictions == labels).astype(jnp.float32)
     if "mix" in batch:  # mixup / cutmix: a blend of two examples scores both labels
       mix = batch["mix"].astype(jnp.float32)
-      other = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                              batch["label_mix"])
+      other = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label_mix"])
       losses = mix * losses + (1 - mix) * other
       correct = mix * correct + (1 - mix) * (predictions == batch["label_mix"])
     return {"loss": (losses * weights).sum(), "accuracy": (correct * weights).sum(),
             "weight": weights.sum()}
 
   def eval_sums(logits, batch):
-    losses, predictions, weights = scored(logits, batch)
+    _, labels, losses, predictions, weights = scored(logits, batch)
     confusion = jnp.zeros((num_classes, num_classes), jnp.float32).at[
-        batch["label"], predictions].add(weights)
-    return {"loss_sum": (losses * weights).sum(), "count": weights.sum(),
-            "confusion": confusion}
+        labels, predictions].add(weights)
+    if not task_classes:
+      return {"loss_sum": (losses * weights).sum(), "count": weights.sum(),
+              "confusion": confusion}
+    per_task = lambda values: jnp.zeros(len(names), jnp.float32).at[batch["task"]].add(values)
+    return {"loss_sum": per_task(losses * weights), "count": per_task(weights),
+            "confusion": confusion}  # block-diagonal: predictions stay in their task
 
   def summarize(sums):
-    return classification_evals.summarize(sums["loss_sum"], sums["count"], sums["confusion"])
+    if not task_classes:
+      return classification_evals.summarize(sums["loss_sum"], sums["count"], sums["confusion"])
+    metrics, per_task = {}, []
+    for t, name in enumerate(names):
+      block = slice(starts[t], starts[t] + sizes[t])
+      per_task.append(classification_evals.summarize(
+          sums["loss_sum"][t], sums["count"][t], np.asarray(sums["confusion"])[block, block]))
+      metrics.update({f"{name}/{key}": value for key, value in per_task[-1].items()})
+    # Unweighted means over the tasks: what early stopping and sweeps compare by default.
+    for key in ("loss", "accuracy", "macro_f1"):
+      metrics[key] = float(np.mean([task[key] for task in per_task]))
+    metrics["count"] = float(np.sum(sums["count"]))
+    return metrics
 
   return Task("classification", False, train_sums, eval_sums, summarize)
 
@@ -170,14 +202,15 @@ def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
         rules: sharding.Rules | None = None) -> Task:
   """The task named by `config.task`.
 
-  Classification reads `config.model.num_classes`; causal_lm reads
+  Classification reads `config.model.num_classes` and, for a multi-task run
+  (`config.data.name` joining data sets with "+"), each task's classes; causal_lm reads
   `config.loss_chunk` (tokens of logits per chunk, default 1024; 0 = no chunking).
   Given the run's `mesh` and axis `rules`, a language model whose vocabulary is
   split over a mesh axis computes its loss with `ftjax.vocab_parallel`.
   """
   check_choice(config.task, TASKS, "task")
   if config.task == "classification":
-    return _classification(config.model.num_classes)
+    return _classification(config.model.num_classes, inputs.task_classes(config))
   vocab_axes = rules.mapping.get("vocab", ()) if rules else ()
   batch_axes = rules.batch_axes(mesh) if rules and mesh is not None else ()
   return _causal_lm(config.get("loss_chunk", 1024), mesh, vocab_axes, batch_axes)

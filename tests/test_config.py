@@ -73,7 +73,7 @@ def _launch(*args, workdir):
     (["--config=configs/minilm_sentiment.py:debug", "--config.optimizer.lrr=1"],
      "unknown config key in ['--config.optimizer.lrr']: 'lrr' Did you mean \"lr\""),
     (["--config=configs/minilm_sentiment.py:debug,lrr=1"],
-     "unknown config arg 'lrr' in 'debug,lrr=1'; valid keys: batch_size, debug, dtype"),
+     "unknown config arg 'lrr' in 'debug,lrr=1'; valid keys: batch_size, data, debug, dtype"),
     (["--config=configs/minilm_sentiment.py:debug", "--config.batch_size=abc"],
      "flag --config.batch_size=abc"),
     (["--config=configs/minilm_sentiment.py:debug", "--config.batch_size=0"],

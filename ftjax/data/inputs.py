@@ -8,6 +8,11 @@ training batches may be augmented (`ftjax.data.augment`); `config.data.shots`
 language models is tokenized and packed once, when the run starts, into rows
 of `config.data.max_length` tokens (see `ftjax.data.lm`); the packed rows are
 then the examples the grain pipelines shuffle, shard across hosts and batch.
+
+Text classification data sets joined by "+" (`"rotten_tomatoes+tweets"`) make a
+multi-task run: one model, each task its own block of `config.model.num_classes`
+(in the order named), examples tagged with their task and mixed for training
+as `config.data.mixing` says (see `ftjax.data.mixture`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import ml_collections
 import numpy as np
 
 from ftjax.data import augment as augment_lib
-from ftjax.data import images, lm, pipeline, sources, tokenizer as tokenizer_lib
+from ftjax.data import images, lm, mixture, pipeline, rotten_tomatoes, sources, tweets
+from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.metrics import log_line
@@ -29,11 +35,42 @@ from ftjax.metrics import log_line
 # data set -> (kind, the task its examples are scored by)
 KINDS = {
     "rotten_tomatoes": ("classification", "classification"),
+    "tweets": ("classification", "classification"),
     "fashion_mnist": ("image", "classification"),
     "mnist_digits": ("image", "classification"),
     "chat": ("chat", "causal_lm"),
     "shakespeare": ("text", "causal_lm"),
 }
+
+# Text classification data sets that can be tasks of a multi-task run: their classes.
+TEXT_CLASSES = {"rotten_tomatoes": rotten_tomatoes.LABEL_NAMES, "tweets": tweets.LABEL_NAMES}
+
+
+def task_classes(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
+  """(name, number of classes) of each task of a multi-task run; [] for one data set.
+
+  Raises:
+    ConfigError: a task that is not a text classification data set, or
+      `config.model.num_classes` that is not the tasks' classes together.
+  """
+  if "data" not in config:
+    return []
+  names = mixture.task_names(config.data.name)
+  if len(names) == 1:
+    return []
+  for name in names:
+    if name not in TEXT_CLASSES:
+      raise ConfigError(f"config.data.name={config.data.name!r}: {name!r} cannot be a task of "
+                        f"a multi-task run; choose from {sorted(TEXT_CLASSES)}")
+  classes = [(name, len(TEXT_CLASSES[name])) for name in names]
+  total = sum(count for _, count in classes)
+  if config.model.num_classes != total:
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the tasks of "
+                      f"{config.data.name!r} have {total} classes together "
+                      f"({', '.join(f'{n}: {c}' for n, c in classes)})")
+  mixture.check_weights(config.data.get("mixing", "proportional"),
+                        config.data.get("weights", ()), names)
+  return classes
 
 
 @dataclasses.dataclass
@@ -51,6 +88,8 @@ class Inputs:
     raw: the unpacked splits (language models only: prompts for samples).
     chat: renders conversations with the model's chat template (chat data only).
     augment: random augmentation of training batches (images only), or None.
+    task_train: a multi-task run's training examples of each task, tagged, by
+      data set name; empty for other runs.
   """
 
   kind: str
@@ -60,6 +99,7 @@ class Inputs:
   raw: dict[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
   chat: lm.ChatFormatter | None = None
   augment: pipeline.Augment | None = None
+  task_train: dict[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
 
 
 def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
@@ -96,13 +136,15 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, 
   Raises:
     ConfigError: for an unknown data set.
   """
-  name = config.data.name
+  name = mixture.task_names(config.data.name)[0]
   if name not in KINDS:
     raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(KINDS)}")
   if KINDS[name][0] == "classification":
     length = (config.data.max_length,)
     spec = {key: (length, np.int32) for key in tokenizer_lib.OUTPUT_KEYS}
     spec["label"] = ((), np.int32)
+    if task_classes(config):
+      spec["task"] = ((), np.int32)
   elif KINDS[name][0] == "image":
     size = config.data.image_size
     spec = {"image": ((size, size, 3), np.float32), "label": ((), np.int32),
@@ -133,6 +175,8 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
     The run's Inputs.
   """
   data = config.data
+  if task_classes(config):
+    return _multi_task_inputs(config)
   if data.name not in KINDS:
     raise ConfigError(f"config.data.name={data.name!r}: unknown data set; "
                       f"known: {sorted(KINDS)}")
@@ -144,16 +188,50 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
                                data.source_path or None)
   if kind == "image":
     return _image_inputs(config, splits)
-  pretrained = config.model.pretrained
-  model_dir = assets.model_dir(pretrained) if pretrained and not data.tokenizer else ""
   if kind == "classification":
-    path = data.tokenizer or os.path.join(model_dir, "tokenizer.json")
-    tokenizer = tokenizer_lib.load_tokenizer(path, data.max_length)
+    tokenizer = _text_tokenizer(config)
     for split in ("validation", "test"):
       splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
     return Inputs(kind, splits, pipeline.text_classification_preprocess(tokenizer), tokenizer)
-  tokenizer_dir = assets.model_dir(data.tokenizer) if data.tokenizer else model_dir
+  tokenizer_dir = assets.model_dir(data.tokenizer or config.model.pretrained) if (
+      data.tokenizer or config.model.pretrained) else ""
   return _language_model_inputs(config, kind, splits, tokenizer_dir)
+
+
+def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextTokenizer:
+  """The tokenizer file `config.data.tokenizer`, else the pretrained model's."""
+  pretrained = config.model.pretrained
+  path = config.data.tokenizer or os.path.join(
+      assets.model_dir(pretrained) if pretrained else "", "tokenizer.json")
+  return tokenizer_lib.load_tokenizer(path, config.data.max_length)
+
+
+def _multi_task_inputs(config: ml_collections.ConfigDict) -> Inputs:
+  """Every task's splits, tagged with the task; training examples mixed (`mixture`)."""
+  data = config.data
+  names = mixture.task_names(data.name)
+  train_examples = tuple(data.get("train_examples", ())) or (0,) * len(names)
+  if len(train_examples) != len(names):
+    raise ConfigError(f"config.data.train_examples={train_examples!r}: needs one count per "
+                      f"task of {names} (0: all)")
+  parts: dict[str, list[Sequence[Any]]] = {"train": [], "validation": [], "test": []}
+  for task, name in enumerate(names):
+    splits = sources.load_splits(name, os.path.expanduser(data.data_dir), None)
+    splits["train"] = pipeline.Head(splits["train"], train_examples[task])
+    for split in ("validation", "test"):
+      splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
+    for split, source in splits.items():
+      parts[split].append(mixture.Tagged(source, task))
+  splits = {"train": mixture.training_mixture(parts["train"], data.mixing, data.weights,
+                                              config.seed),
+            "validation": mixture.Concatenation(parts["validation"]),
+            "test": mixture.Concatenation(parts["test"])}
+  log_line(f"tasks {names}: {len(splits['train'])} training entries ({data.mixing} mixing of "
+           f"{[len(p) for p in parts['train']]} examples), "
+           f"{[len(p) for p in parts['validation']]} validation examples")
+  tokenizer = _text_tokenizer(config)
+  return Inputs("classification", splits, pipeline.text_classification_preprocess(tokenizer),
+                tokenizer, task_train=dict(zip(names, parts["train"])))
 
 
 def _image_inputs(config: ml_collections.ConfigDict,

@@ -249,7 +249,8 @@ def text_classification_preprocess(tokenizer: TextTokenizer, text_key: str = "te
 
   Returns:
     batch -> {"input_ids", "attention_mask", "token_type_ids": int32 [B, L],
-    "label": int32 [B]}.
+    "label": int32 [B]}, plus "task": int32 [B] for the examples of a multi-task
+    run (`ftjax.data.mixture`).
   """
 
   def preprocess(batch: Batch) -> Batch:
@@ -260,6 +261,8 @@ def text_classification_preprocess(tokenizer: TextTokenizer, text_key: str = "te
       raise DataError(f"text that is not UTF-8 in the batch of ids {ids}: {e}") from e
     out = tokenizer.encode(texts)
     out["label"] = np.asarray(batch[label_key], np.int32)
+    if "task" in batch:
+      out["task"] = np.asarray(batch["task"], np.int32)
     return out
 
   return preprocess
