@@ -106,9 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.peft.quantize = "encoder/.*/kernel"
 
   # Continual fine-tuning: the workdir of a finished run whose best weights this run
-  # starts from; test_at_start evaluates them on the test split first (for forgetting).
+  # starts from. test_at_start evaluates the starting weights on the test split first
+  # (always done with init_from: the final metrics then show each task's forgetting).
   config.init_from = arg.init_from
-  config.test_at_start = bool(arg.init_from)
+  config.test_at_start = False
   # A penalty strength / 2 * sum(w * (p - p0)**2) toward the starting weights p0:
   # l2sp (w = 1) or ewc (w = the diagonal Fisher information on `fisher_task`'s
   # training examples at the start, scaled to mean 1).

@@ -282,7 +282,8 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs
     run_.state = run_.state.replace(anchor={"center": run_.state.anchor["center"],
                                             "weight": _fisher_weights(run_)})
-  at_start = _test_at_start(run_) if config.get("test_at_start", False) else None
+  measure_start = config.get("test_at_start", False) or config.get("init_from", "")
+  at_start = _test_at_start(run_) if measure_start else None
   stopper = _train(run_, iterator, stopper, on_step)
   run_.checkpointer.wait()
   best = run_.checkpointer.restore_best(run_.state.params, run_.state.stats)

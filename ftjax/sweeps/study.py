@@ -112,6 +112,8 @@ def _format_value(value: Any) -> str:
     return value.name
   if isinstance(value, float):
     return f"{value:.4g}"
+  if isinstance(value, tuple):
+    return "-".join(_format_value(item) for item in value)
   return str(value)
 
 
