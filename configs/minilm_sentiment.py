@@ -51,7 +51,8 @@ _DEFAULT_LR = {"none": 5e-5, "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4, "bitfit"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, debug=False, short=False, lr=0.0, epochs=1, batch_size=32, max_length=64, seed=0,
+  arg = parse_arg(arg, debug=False, short=False, lr=0.0, epochs=1, batch_size=32, max_length=64,
+                  seed=0,
                   dtype="float32", peft="full", quant="nf4", rank=8, rslora=False, freeze="none",
                   freeze_blocks=0, llrd=1.0, unfreeze_every=0,
                   data="rotten_tomatoes", init_from="", regularizer="none", strength=0.0)

@@ -105,14 +105,15 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
   tx, schedule = optim.make_optimizer(config.optimizer, trainable, total_steps, depths)
   replicated = NamedSharding(mesh, P())
   trainable_shardings = shardings_of(model, trainable)
-  anchored = regularizers.kind(config) != "none"
+  anchor = regularizers.anchor_layout(config)
+  anchor_fields = {"": (), "center": ("center",), "weighted": ("center", "weight")}[anchor]
   state_shardings = state_lib.TrainState(
       step=replicated, params=trainable_shardings,
       opt_state=sharding.optimizer_shardings(tx, trainable, trainable_shardings, mesh),
       rng=replicated, stats=shardings_of(model, stats),
-      anchor={"center": trainable_shardings, "weight": trainable_shardings} if anchored else {})
+      anchor={field: trainable_shardings for field in anchor_fields})
   frozen_shardings = shardings_of(model, frozen)
-  create = lambda params, stats: state_lib.create(params, tx, config.seed, stats, anchored)
+  create = lambda params, stats: state_lib.create(params, tx, config.seed, stats, anchor)
   if abstract:
     state = _with_shardings(jax.eval_shape(create, trainable, stats), state_shardings)
     frozen = _with_shardings(frozen, frozen_shardings)
@@ -170,11 +171,12 @@ def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
   dtype = DTYPES[config.compute_dtype]
   mesh = batch_sharding.mesh
   replicated = NamedSharding(mesh, P())
+  penalty_strength = (config.regularizer.strength if regularizers.kind(config) != "none"
+                      else 0.0)
   train = _with_activation_sharding(functools.partial(
       step_lib.train_step, model=built.model, task=task, tx=built.tx, schedule=built.schedule,
       grad_accum_steps=config.grad_accum_steps, compute_dtype=dtype,
-      penalty_strength=config.regularizer.strength if regularizers.kind(config) != "none"
-      else 0.0), mesh, rules)
+      penalty_strength=penalty_strength), mesh, rules)
   evaluate = _with_activation_sharding(functools.partial(
       step_lib.eval_step, model=built.model, task=task, compute_dtype=dtype), mesh, rules)
   return (jax.jit(train, in_shardings=(built.state_shardings, built.frozen_shardings,

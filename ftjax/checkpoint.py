@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -17,6 +18,14 @@ from ftjax.errors import CheckpointError
 def _abstract(tree: Any) -> Any:
   """Shape/dtype/sharding skeleton of `tree`, the restore target."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _empty_fields(state: Any) -> list[str]:
+  """The fields of a dataclass state that hold an empty dict."""
+  if not dataclasses.is_dataclass(state):
+    return []
+  return [f.name for f in dataclasses.fields(state)
+          if isinstance(getattr(state, f.name), dict) and not getattr(state, f.name)]
 
 
 class Checkpointer:
@@ -58,18 +67,48 @@ class Checkpointer:
     if step is None:
       return None
     path = os.path.join(str(self._latest.directory), str(step))
+    restore = lambda target: self._latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(target)), progress=ocp.args.JsonRestore()))
     try:
-      restored = self._latest.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(state)), progress=ocp.args.JsonRestore()))
+      try:
+        restored = restore(state)
+        state, progress = restored.state, restored.progress
+      except ValueError as error:
+        # Written before a state field that is empty here existed (e.g. the anchor
+        # of regularized runs): restore the other fields.
+        state, progress = self._restore_without_empty_field(restore, state, error)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
       raise CheckpointError(f"cannot restore checkpoint {path} into this run's state: {e}") from e
     logging.info("restored checkpoint %s", path)
-    return restored.state, restored.progress
+    return state, progress
+
+  @staticmethod
+  def _restore_without_empty_field(restore: Any, state: Any, error: ValueError
+                                   ) -> tuple[Any, dict[str, Any]]:
+    """Restores `state` less one of its empty fields, the first that the checkpoint
+    lacks; raises `error` when there is none."""
+    for name in _empty_fields(state):
+      others = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+                if f.name != name}
+      try:
+        restored = restore(others)
+      except ValueError:
+        continue
+      return state.replace(**restored.state), restored.progress
+    raise error
 
   def save_best(self, step: int, params: Any, stats: Any = None) -> None:
     """Saves the best parameters with the model's batch statistics, as one tree."""
     self._best.save(step, args=ocp.args.StandardSave(param_groups.combine(params, stats or {})),
                     force=True)
+
+  def drop_best_after(self, step: int) -> list[int]:
+    """Deletes best-parameter checkpoints saved after `step`: when a run resumes from
+    `step`, those belong to steps it will train again. Returns the deleted steps."""
+    dropped = [s for s in self._best.all_steps() if s > step]
+    for s in dropped:
+      self._best.delete(s)
+    return dropped
 
   def best_step(self) -> int | None:
     return self._best.latest_step()

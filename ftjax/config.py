@@ -108,14 +108,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not config.optimizer.lr > 0:
     raise ConfigError(f"config.optimizer.lr={config.optimizer.lr!r}: must be positive")
   if "regularizer" in config:
-    _check_regularizer(config.regularizer)
+    _check_regularizer(config)
 
 
-def _check_regularizer(regularizer: ml_collections.ConfigDict) -> None:
+def _check_regularizer(config: ml_collections.ConfigDict) -> None:
+  """The penalty toward the starting weights (`ftjax.regularizers`)."""
+  regularizer = config.regularizer
   check_choice(regularizer.kind, regularizers.KINDS, "regularizer.kind")
   if regularizer.kind != "none" and not regularizer.strength > 0:
     raise ConfigError(f"config.regularizer.strength={regularizer.strength!r}: must be > 0 "
                       f"for regularizer.kind={regularizer.kind!r}")
   if regularizer.kind == "ewc":
-    _check_positive(ml_collections.ConfigDict({"regularizer": regularizer}),
-                    "regularizer.fisher_examples")
+    _check_positive(config, "regularizer.fisher_examples")
+    if not config.get("init_from"):
+      # A new zero-initialised head passes no gradient to the encoder at the start:
+      # the Fisher information would weigh the head alone.
+      raise ConfigError("config.regularizer.kind='ewc' needs config.init_from: the Fisher "
+                        "information is that of the weights a previous run trained on "
+                        "regularizer.fisher_task")

@@ -29,14 +29,22 @@ KINDS = ("none", "l2sp", "ewc")
 
 
 def kind(config: ml_collections.ConfigDict) -> str:
+  """The run's regularizer: one of KINDS."""
   regularizer = config.get("regularizer")
   return "none" if regularizer is None else regularizer.kind
 
 
+def anchor_layout(config: ml_collections.ConfigDict) -> str:
+  """What the training state's anchor holds (see `ftjax.state.create`)."""
+  return {"none": "", "l2sp": "center", "ewc": "weighted"}[kind(config)]
+
+
 def penalty(params: Any, anchor: dict[str, Any], strength: float) -> tuple[jax.Array, Any]:
-  """(strength / 2 * sum w (p - p0)**2, its gradient with respect to `params`)."""
+  """(strength / 2 * sum w (p - p0)**2, its gradient with respect to `params`); w = 1
+  when the anchor has no "weight"."""
   diffs = jax.tree.map(jnp.subtract, params, anchor["center"])
-  weighted = jax.tree.map(jnp.multiply, anchor["weight"], diffs)
+  weighted = (jax.tree.map(jnp.multiply, anchor["weight"], diffs) if "weight" in anchor
+              else diffs)
   value = 0.5 * strength * sum(jnp.vdot(w, d) for w, d in zip(jax.tree.leaves(weighted),
                                                                jax.tree.leaves(diffs)))
   return value, jax.tree.map(lambda g: strength * g, weighted)

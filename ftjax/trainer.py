@@ -64,6 +64,7 @@ class _Run:
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
     self._compile()
     self.sample_prompts = []
+    self.test_at_start: dict[str, float] | None = None  # with init_from / test_at_start
     if self.task.name == "causal_lm" and config.samples.count > 0:
       self.sample_prompts = inputs_lib.sample_prompts(
           self.inputs, "validation", config.samples.count, config.samples.prompt_tokens)
@@ -132,9 +133,6 @@ def _fisher_weights(run: _Run) -> Any:
   """EWC's weights: the Fisher information of the starting weights on `fisher_task`."""
   regularizer = run.config.regularizer
   sources = run.inputs.task_train or {run.config.data.name: run.splits["train"]}
-  if regularizer.fisher_task not in sources:
-    raise ConfigError(f"config.regularizer.fisher_task={regularizer.fisher_task!r}: not a "
-                      f"task of this run; choose from {sorted(sources)}")
   examples = data.Head(sources[regularizer.fisher_task], regularizer.fisher_examples)
   fisher_step = build.jit_fisher_step(run.built, run.task, run.config, run.rules,
                                       run.batch_sharding)
@@ -148,21 +146,15 @@ def _fisher_weights(run: _Run) -> Any:
 
 
 def _test_at_start(run: _Run) -> dict[str, float]:
-  """Test metrics of the starting weights, measured once (kept in the workdir for resumes)."""
-  path = os.path.join(run.workdir, "test_at_start.json")
-  if os.path.isfile(path) and int(jax.device_get(run.state.step)) > 0:
-    with open(path) as f:
-      return json.load(f)
+  """Test metrics of the starting weights (kept in every checkpoint's progress record)."""
   metrics = run.evaluate((run.state.params, run.state.stats), "test")
-  if run.process == 0:
-    with open(path, "w") as f:
-      json.dump(metrics, f, indent=2)
   log_line("test at start: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
   return metrics
 
 
-def _progress_record(iterator, stopper: EarlyStopping) -> dict[str, Any]:
-  return {"data_iterator": iterator.get_state(), "early_stopping": stopper.to_dict()}
+def _progress_record(run: _Run, iterator, stopper: EarlyStopping) -> dict[str, Any]:
+  return {"data_iterator": iterator.get_state(), "early_stopping": stopper.to_dict(),
+          "test_at_start": run.test_at_start}
 
 
 def _resume(run: _Run, iterator, stopper: EarlyStopping) -> EarlyStopping:
@@ -172,8 +164,10 @@ def _resume(run: _Run, iterator, stopper: EarlyStopping) -> EarlyStopping:
     return stopper
   run.state, progress = restored
   iterator.set_state(progress["data_iterator"])
+  run.test_at_start = progress.get("test_at_start")
   step = int(jax.device_get(run.state.step))
   run.writer.truncate_after(step)
+  run.checkpointer.drop_best_after(step)
   log_line(f"resumed from step {step} in {run.workdir}")
   return EarlyStopping.from_dict(progress["early_stopping"])
 
@@ -232,7 +226,7 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
           log_line(f"early stopping at step {step}: no {stopper.metric} improvement "
                    f"> {stopper.min_delta} in {stopper.patience} evaluations")
       if step % config.checkpoint.every == 0 or last or stopper.stop:
-        run.checkpointer.save(step, run.state, _progress_record(iterator, stopper))
+        run.checkpointer.save(step, run.state, _progress_record(run, iterator, stopper))
       if on_step is not None:
         on_step(step)
   return stopper
@@ -273,6 +267,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     run_.checkpointer.close()
 
 
+def _forgetting(config: ml_collections.ConfigDict, at_start: dict[str, float],
+                test: dict[str, float]) -> dict[str, float]:
+  """Test accuracy lost on each task (data set) since the start of the run."""
+  names = [name for name, _ in inputs_lib.task_classes(config)]
+  if not names:
+    return {config.data.name: at_start["accuracy"] - test["accuracy"]}
+  return {name: at_start[f"{name}/accuracy"] - test[f"{name}/accuracy"] for name in names}
+
+
 def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
                     started: float) -> dict[str, Any]:
   config, workdir = run_.config, run_.workdir
@@ -282,8 +285,9 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs
     run_.state = run_.state.replace(anchor={"center": run_.state.anchor["center"],
                                             "weight": _fisher_weights(run_)})
-  measure_start = config.get("test_at_start", False) or config.get("init_from", "")
-  at_start = _test_at_start(run_) if measure_start else None
+  if (config.get("test_at_start", False) or config.get("init_from", "")) and fresh:
+    run_.test_at_start = _test_at_start(run_)
+  at_start = run_.test_at_start
   stopper = _train(run_, iterator, stopper, on_step)
   run_.checkpointer.wait()
   best = run_.checkpointer.restore_best(run_.state.params, run_.state.stats)
@@ -297,14 +301,14 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   }
   if at_start is not None:
     final["test_at_start"] = at_start
-    final["forgetting"] = {  # accuracy lost on each task since the start
-        key[:-len("/accuracy")]: at_start[key] - final["test"][key]
-        for key in at_start if key.endswith("/accuracy")}
+    final["forgetting"] = _forgetting(config, at_start, final["test"])
   step = int(jax.device_get(run_.state.step))
   run_.writer.write(step, "test", final["test"])
-  if run_.process == 0:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+  if run_.process == 0:  # written whole or not at all: it marks the run finished
+    path = os.path.join(workdir, "final_metrics.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(final, f, indent=2)
+    os.replace(path + ".tmp", path)
   metric = config.early_stopping.metric
   log_line(f"best step {final['best_step']}: validation {metric} "
            f"{final['validation'][metric]:.4f}, " + ", ".join(

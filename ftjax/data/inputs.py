@@ -55,9 +55,18 @@ def task_classes(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
   """
   if "data" not in config:
     return []
-  names = mixture.task_names(config.data.name)
+  data = config.data
+  names = mixture.task_names(data.name)
+  _check_fisher_task(config, names)
   if len(names) == 1:
+    for key in ("weights", "train_examples"):
+      if data.get(key):
+        raise ConfigError(f"config.data.{key}={tuple(data[key])!r}: only for multi-task runs "
+                          f"(config.data.name joining data sets with '+'), not {data.name!r}")
     return []
+  if data.get("source_path"):
+    raise ConfigError(f"config.data.source_path={data.source_path!r}: multi-task runs read "
+                      "the packaged data sets; set it only for a single data set")
   for name in names:
     if name not in TEXT_CLASSES:
       raise ConfigError(f"config.data.name={config.data.name!r}: {name!r} cannot be a task of "
@@ -68,9 +77,21 @@ def task_classes(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
     raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the tasks of "
                       f"{config.data.name!r} have {total} classes together "
                       f"({', '.join(f'{n}: {c}' for n, c in classes)})")
-  mixture.check_weights(config.data.get("mixing", "proportional"),
-                        config.data.get("weights", ()), names)
+  mixture.check_weights(data.get("mixing", "proportional"), data.get("weights", ()), names)
+  train_examples = data.get("train_examples", ())
+  if train_examples and (len(train_examples) != len(names)
+                         or any(not isinstance(n, int) or n < 0 for n in train_examples)):
+    raise ConfigError(f"config.data.train_examples={tuple(train_examples)!r}: needs a count "
+                      f">= 0 per task of {names} (0: all)")
   return classes
+
+
+def _check_fisher_task(config: ml_collections.ConfigDict, names: list[str]) -> None:
+  regularizer = config.get("regularizer")
+  if regularizer is not None and regularizer.kind == "ewc" and (
+      regularizer.fisher_task not in names):
+    raise ConfigError(f"config.regularizer.fisher_task={regularizer.fisher_task!r}: not a "
+                      f"task of this run; choose from {names}")
 
 
 @dataclasses.dataclass
@@ -211,9 +232,7 @@ def _multi_task_inputs(config: ml_collections.ConfigDict) -> Inputs:
   data = config.data
   names = mixture.task_names(data.name)
   train_examples = tuple(data.get("train_examples", ())) or (0,) * len(names)
-  if len(train_examples) != len(names):
-    raise ConfigError(f"config.data.train_examples={train_examples!r}: needs one count per "
-                      f"task of {names} (0: all)")
+  mixing = data.get("mixing", "proportional")
   parts: dict[str, list[Sequence[Any]]] = {"train": [], "validation": [], "test": []}
   for task, name in enumerate(names):
     splits = sources.load_splits(name, os.path.expanduser(data.data_dir), None)
@@ -222,11 +241,11 @@ def _multi_task_inputs(config: ml_collections.ConfigDict) -> Inputs:
       splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
     for split, source in splits.items():
       parts[split].append(mixture.Tagged(source, task))
-  splits = {"train": mixture.training_mixture(parts["train"], data.mixing, data.weights,
-                                              config.seed),
+  splits = {"train": mixture.training_mixture(parts["train"], mixing,
+                                              data.get("weights", ()), config.seed),
             "validation": mixture.Concatenation(parts["validation"]),
             "test": mixture.Concatenation(parts["test"])}
-  log_line(f"tasks {names}: {len(splits['train'])} training entries ({data.mixing} mixing of "
+  log_line(f"tasks {names}: {len(splits['train'])} training entries ({mixing} mixing of "
            f"{[len(p) for p in parts['train']]} examples), "
            f"{[len(p) for p in parts['validation']]} validation examples")
   tokenizer = _text_tokenizer(config)

@@ -8,11 +8,12 @@ pipeline shuffles like any split:
 
 - `mixing="proportional"`: every training example of every task once, so a task
   is sampled in proportion to its size;
-- `mixing="weights"`: as many entries as all tasks' examples together, task t
-  taking the share weights[t] / sum(weights) of them: a small task's examples
-  repeat, a large task's are subsampled (a different seeded subset each pass
-  over its examples). A weight of 0 leaves the task out of training; it is
-  still evaluated (continual fine-tuning, with a little weight: replay).
+- `mixing="weights"`: as many entries as the trained tasks' examples together
+  (those of weight > 0), task t taking the share weights[t] / sum(weights) of
+  them: a small task's examples repeat, a large task's are subsampled (one
+  seeded subset, fixed for the run). A weight of 0 leaves the task out of
+  training; it is still evaluated (continual fine-tuning; with a little weight
+  and `config.data.train_examples` as a buffer: replay).
 """
 
 from __future__ import annotations

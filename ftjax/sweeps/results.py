@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -435,9 +436,9 @@ def write_report(results: Sequence[RunResult], out_dir: str, *, title: str,
   Returns:
     The markdown text written to `results.md`.
 
-  Raises:
-    ConfigError: a metric or parameter of `select`, `plots` or `curves` that no
-      run has, or a `select` mode other than "max" or "min".
+  A `select`, plot or curve that the finished runs cannot give (a metric none of
+  them has yet) is left out, with a line saying why, so a partial sweep still
+  gets its report.
   """
   os.makedirs(out_dir, exist_ok=True)
   write_csv(results, os.path.join(out_dir, "results.csv"))
@@ -446,21 +447,28 @@ def write_report(results: Sequence[RunResult], out_dir: str, *, title: str,
            "mean ± std over seeds.", "", summary_table(results, metrics), ""]
   if select is not None:
     metric, mode = select
-    params, mean, std, n = best(results, metric, mode)
-    described = ", ".join(f"{key}={value}" for key, value in params.items()) or "(no parameters)"
-    lines += [f"Best configuration by {metric} ({mode}): {described}: "
-              f"{_mean_pm_std(mean, std, n)} over {n} seed{'s' if n > 1 else ''}", ""]
+    try:
+      params, mean, std, n = best(results, metric, mode)
+      described = (", ".join(f"{key}={value}" for key, value in params.items())
+                   or "(no parameters)")
+      lines += [f"Best configuration by {metric} ({mode}): {described}: "
+                f"{_mean_pm_std(mean, std, n)} over {n} seed{'s' if n > 1 else ''}", ""]
+    except ConfigError as e:
+      lines += [f"No best configuration by {metric}: {e}", ""]
   images = []
   if plots or curves:
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-  for x, metric in plots:
-    name = f"plots/{_safe(metric)}_vs_{_safe(x)}.png"
-    plot_metric(results, x, metric, os.path.join(out_dir, name))
-    images.append(f"![{metric} vs {x}]({name})")
-  for split, metric in curves:
-    name = f"plots/curve_{_safe(split)}_{_safe(metric)}.png"
-    plot_curves(results, metric, split, os.path.join(out_dir, name))
-    images.append(f"![{split} {metric}]({name})")
+  drawings = [(f"plots/{_safe(metric)}_vs_{_safe(x)}.png", f"{metric} vs {x}",
+               functools.partial(plot_metric, results, x, metric)) for x, metric in plots]
+  drawings += [(f"plots/curve_{_safe(split)}_{_safe(metric)}.png", f"{split} {metric}",
+                functools.partial(plot_curves, results, metric, split))
+               for split, metric in curves]
+  for name, caption, draw in drawings:
+    try:
+      draw(os.path.join(out_dir, name))
+      images.append(f"![{caption}]({name})")
+    except ConfigError as e:
+      images.append(f"(no plot of {caption}: {e})")
   if images:
     lines += ["## Plots", ""] + [line for image in images for line in (image, "")]
   text = "\n".join(lines)

@@ -11,13 +11,16 @@ changed since) is refused, naming the keys that differ, rather than reused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ftjax.errors import ConfigError
 from ftjax.sweeps import study as study_lib
@@ -50,6 +53,7 @@ def launch_command(run: study_lib.Run, sweep_dir: str, launcher: str = "local",
 
 
 def is_finished(sweep_dir: str, name: str) -> bool:
+  """Whether run `name` wrote its final metrics."""
   return os.path.isfile(os.path.join(study_lib.run_dir(sweep_dir, name), FINISHED))
 
 
@@ -92,17 +96,45 @@ def _log(text: str) -> None:
 class _Child:
   """A run's training process."""
 
-  def __init__(self, run: study_lib.Run, sweep_dir: str, python: str):
+  def __init__(self, run: study_lib.Run, sweep_dir: str, python: str, shared: bool):
     self.run = run
     workdir = study_lib.run_dir(sweep_dir, run.name)
     os.makedirs(workdir, exist_ok=True)
     self.log_path = os.path.join(workdir, "train.log")
     self.started = time.perf_counter()
+    env = dict(os.environ)
+    if shared:  # runs side by side on one accelerator: allocate as needed, not 75% each
+      env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     with open(self.log_path, "a") as log:
       self.process = subprocess.Popen(
           [python, os.path.join(study_lib.REPO, LAUNCHERS["local"]),
            *train_args(run, sweep_dir)],
-          cwd=study_lib.REPO, stdout=log, stderr=subprocess.STDOUT)
+          cwd=study_lib.REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+  def stop(self) -> None:
+    """Asks the run to stop (it resumes from its latest checkpoint next time)."""
+    self.process.terminate()
+    try:
+      self.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      self.process.wait()
+
+
+@contextlib.contextmanager
+def _sweep_lock(sweep_dir: str) -> Iterator[None]:
+  """One sweep process per folder: two would train the same runs into the same workdirs."""
+  with open(os.path.join(sweep_dir, ".lock"), "w") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise ConfigError(f"{sweep_dir}: another launch/sweep.py is running in this folder") from e
+    yield
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+  del frame
+  raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_all(study: study_lib.Study, sweep_dir: str, parallel: int = 1,
@@ -117,15 +149,25 @@ def run_all(study: study_lib.Study, sweep_dir: str, parallel: int = 1,
     "skipped" (a run it needs failed).
 
   Raises:
-    ConfigError: before anything starts, when `parallel` < 1 or a run's
-      workdir was made with another config.
+    ConfigError: before anything starts, when `parallel` < 1, a run's workdir
+      was made with another config, or another sweep runs in `sweep_dir`.
   """
   if parallel < 1:
     raise ConfigError(f"--parallel={parallel}: must be >= 1")
   os.makedirs(sweep_dir, exist_ok=True)
-  for run in study.runs:
-    check_workdir(run, sweep_dir)
-  write_manifest(study, sweep_dir)
+  with _sweep_lock(sweep_dir):
+    for run in study.runs:
+      check_workdir(run, sweep_dir)
+    write_manifest(study, sweep_dir)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+      return _run_pending(study, sweep_dir, parallel, python, poll_seconds)
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _run_pending(study: study_lib.Study, sweep_dir: str, parallel: int, python: str,
+                 poll_seconds: float) -> dict[str, str]:
   outcome = {run.name: "finished" for run in study.runs if is_finished(sweep_dir, run.name)}
   pending = [run for run in study.runs if run.name not in outcome]
   _log(f"{study.name}: {len(study.runs)} runs, {len(outcome)} already finished, "
@@ -154,16 +196,14 @@ def run_all(study: study_lib.Study, sweep_dir: str, parallel: int = 1,
           _log(f"{run.name}: skipped, it needs {', '.join(run.after)}, which did not finish")
         elif all(state == "finished" for state in states):
           pending.remove(run)
-          running.append(_Child(run, sweep_dir, python))
+          running.append(_Child(run, sweep_dir, python, shared=parallel > 1))
           done = sum(state == "finished" for state in outcome.values())
           _log(f"{run.name}: started ({done} of {len(study.runs)} finished)")
       if running:
         time.sleep(poll_seconds)
-  finally:  # Ctrl-C: the children stop too (each resumes from its checkpoint next time)
+  finally:  # Ctrl-C or SIGTERM: the children stop too
     for child in running:
-      child.process.terminate()
-    for child in running:
-      child.process.wait()
+      child.stop()
   return outcome
 
 
@@ -176,11 +216,3 @@ def commands(study: study_lib.Study, sweep_dir: str, launcher: str,
       lines.append(f"# after {', '.join(run.after)} finished:")
     lines.append(launch_command(run, sweep_dir, launcher, launcher_flags))
   return lines
-
-
-def summary(outcome: dict[str, str]) -> dict[str, Any]:
-  """How many runs ended each way."""
-  counts: dict[str, Any] = {}
-  for state in outcome.values():
-    counts[state] = counts.get(state, 0) + 1
-  return counts

@@ -8,7 +8,9 @@
     add(config=..., seed=0, **point)
 
 Each point is a dict of overrides; `launch/sweep.py` reports the best one by the
-study's `SELECT` metric.
+study's `SELECT` metric. Random values are rounded to 3 significant digits (they
+name the runs), so two draws can coincide; the study then fails with "two runs
+named ..." before anything starts: draw with another seed or a wider range.
 """
 
 from __future__ import annotations
@@ -20,19 +22,23 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ftjax.errors import ConfigError
+
 
 def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
   """Every combination of the axes' values, the last axis varying fastest.
 
   Raises:
-    ValueError: for an axis without values.
+    ConfigError: for an axis without values.
   """
+  lists = {}
   for name, values in axes.items():
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) or not list(values):
-      raise ValueError(f"grid axis {name!r}: expected a non-empty list of values, got "
-                       f"{values!r}")
-  names = list(axes)
-  return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+      raise ConfigError(f"grid axis {name!r}: expected a list of values, got {values!r}")
+    lists[name] = list(values)
+    if not lists[name]:
+      raise ConfigError(f"grid axis {name!r}: no values")
+  return [dict(zip(lists, values)) for values in itertools.product(*lists.values())]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,7 @@ class Distribution:
   values: tuple[Any, ...] = ()
 
   def sample(self, rng: np.random.Generator) -> Any:
+    """One value drawn with `rng`."""
     if self.kind == "choice":
       return self.values[int(rng.integers(len(self.values)))]
     if self.kind == "log_uniform":
@@ -62,10 +69,11 @@ def _round(value: float) -> float:
 
 def _check_range(kind: str, low: float, high: float) -> None:
   if not low < high:
-    raise ValueError(f"{kind}({low}, {high}): low must be below high")
+    raise ConfigError(f"{kind}({low}, {high}): low must be below high")
 
 
 def uniform(low: float, high: float) -> Distribution:
+  """Uniform over [low, high]."""
   _check_range("uniform", low, high)
   return Distribution("uniform", low, high)
 
@@ -74,7 +82,7 @@ def log_uniform(low: float, high: float) -> Distribution:
   """Uniform in log space: each decade as likely as the next (learning rates)."""
   _check_range("log_uniform", low, high)
   if low <= 0:
-    raise ValueError(f"log_uniform({low}, {high}): the range must be positive")
+    raise ConfigError(f"log_uniform({low}, {high}): the range must be positive")
   return Distribution("log_uniform", low, high)
 
 
@@ -85,8 +93,9 @@ def int_uniform(low: int, high: int) -> Distribution:
 
 
 def choice(values: Sequence[Any]) -> Distribution:
+  """One of `values`, each as likely."""
   if not list(values):
-    raise ValueError("choice([]): needs at least one value")
+    raise ConfigError("choice([]): needs at least one value")
   return Distribution("choice", values=tuple(values))
 
 
@@ -94,13 +103,13 @@ def random(count: int, seed: int = 0, **space: Distribution) -> list[dict[str, A
   """`count` points drawn from `space`, the same for the same seed.
 
   Raises:
-    ValueError: for a count below 1 or an axis that is not a Distribution.
+    ConfigError: for a count below 1 or an axis that is not a Distribution.
   """
   if count < 1:
-    raise ValueError(f"random search of {count} points: count must be >= 1")
+    raise ConfigError(f"random search of {count} points: count must be >= 1")
   for name, distribution in space.items():
     if not isinstance(distribution, Distribution):
-      raise ValueError(f"random search axis {name!r}: expected uniform(), log_uniform(), "
+      raise ConfigError(f"random search axis {name!r}: expected uniform(), log_uniform(), "
                        f"int_uniform() or choice(), got {distribution!r}")
   rng = np.random.default_rng(seed)
   return [{name: distribution.sample(rng) for name, distribution in space.items()}

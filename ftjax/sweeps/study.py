@@ -42,6 +42,7 @@ from typing import Any, Callable
 import ml_collections
 
 from ftjax.config import validate
+from ftjax.data import inputs
 from ftjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -89,6 +90,7 @@ class Study:
 
 
 def run_dir(sweep_dir: str, name: str) -> str:
+  """The workdir of run `name` of the sweep in `sweep_dir`."""
   return os.path.join(os.path.abspath(sweep_dir), name)
 
 
@@ -108,8 +110,6 @@ def _parse_arg_items(arg: str) -> dict[str, Any]:
 
 
 def _format_value(value: Any) -> str:
-  if isinstance(value, Run):
-    return value.name
   if isinstance(value, float):
     return f"{value:.4g}"
   if isinstance(value, tuple):
@@ -137,14 +137,15 @@ class _Collector:
       raise ConfigError(f"{self.study_path}: add(config=...) needs a config file path "
                         f"with an optional ':arg', got {config!r}")
     dotted = {key.replace("__", "."): value for key, value in overrides.items()}
-    if "seed" in dotted:
-      raise ConfigError(f"{self.study_path}: pass the seed as add(seed=...), not as an "
-                        "override")
     dotted["seed"] = seed
     _, _, arg = config.partition(":")
-    params = {**_parse_arg_items(arg), **{k: v for k, v in dotted.items() if k != "seed"},
+    params = {**_parse_arg_items(arg), **{k: v.name if isinstance(v, Run) else v
+                                          for k, v in dotted.items() if k != "seed"},
               "seed": seed}
     name = name or default_name(params)
+    if not re.fullmatch(r"[\w.,=+-]{1,200}", name):
+      raise ConfigError(f"{self.study_path}: run name {name!r}: use at most 200 letters, "
+                        "digits and . , = + - _ (it names the run's folder)")
     if name in self._names:
       first = self.runs[self._names[name]]
       raise ConfigError(
@@ -300,6 +301,7 @@ def resolve(run: Run, sweep_dir: str) -> ml_collections.ConfigDict:
   config = apply_overrides(config, run.resolved_overrides(sweep_dir), where)
   try:
     validate(config)
+    inputs.task_classes(config)
   except ConfigError as e:
     raise ConfigError(f"{where}: {e}") from e
   return config
