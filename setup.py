@@ -26,6 +26,8 @@ setuptools.setup(
         "safetensors>=0.4",
         "gguf>=0.17,<0.20",
         "tensorboardX>=2.6",
+        # Sweep reports' plots.
+        "matplotlib>=3.8",
         "numpy>=1.26",
     ],
     extras_require={

@@ -287,6 +287,17 @@ def _label(params: dict[str, Any], keys: Sequence[str]) -> str:
   return ", ".join(f"{key}={params[key]}" for key in keys if key in params)
 
 
+def _save(fig: Any, ax: Any, path: str, xlabel: str, ylabel: str, title: str) -> None:
+  """Labels, grid and legend on `ax`; writes `fig` to the PNG file `path`."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
 def _pyplot():
   """matplotlib's pyplot, drawing to files (the Agg backend)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -343,13 +354,7 @@ def plot_metric(results: Sequence[RunResult], x: str, metric: str, path: str) ->
       ax.set_xscale("log")
     if not numeric:
       ax.set_xticks(range(len(categories)), [str(c) for c in categories])
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {x} (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, ax, path, x, metric, f"{metric} vs {x} (mean ± std over seeds)")
   finally:
     plt.close(fig)
 
@@ -399,13 +404,7 @@ def plot_curves(results: Sequence[RunResult], metric: str, split: str, path: str
                         [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
     if not drawn:
       raise ConfigError(f"no finished run has {split!r} records with the metric {metric!r}")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{split} {metric}")
-    ax.set_title(f"{split} {metric} (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, ax, path, "step", f"{split} {metric}", f"{split} {metric} (mean over seeds)")
   finally:
     plt.close(fig)
 
