@@ -151,6 +151,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 1.0
 
   config.log_every = 20
+  # A NaN or infinite loss or gradient norm: "stop" (an error naming the step) or "skip"
+  # the update, at most max_nonfinite_skips times. The state never takes such a step.
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_skips = 10
   config.eval_every = 200  # also at the end of every epoch
 
   config.early_stopping = ml_collections.ConfigDict()

@@ -118,6 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 1.0
 
   config.log_every = 50
+  # A NaN or infinite loss or gradient norm: "stop" (an error naming the step) or "skip"
+  # the update, at most max_nonfinite_skips times. The state never takes such a step.
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_skips = 10
   config.eval_every = 200
   config.eval_at_epoch_end = True  # also evaluate when an epoch ends
 

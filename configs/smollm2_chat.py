@@ -100,6 +100,10 @@ def language_model_config(arg: str | None, *, data_name: str, default_steps: int
   config.optimizer.clip_norm = 1.0
 
   config.log_every = 5
+  # A NaN or infinite loss or gradient norm: "stop" (an error naming the step) or "skip"
+  # the update, at most max_nonfinite_skips times. The state never takes such a step.
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_skips = 10
   config.eval_every = max(1, arg.steps // 2)
   config.eval_at_start = True  # validation of the pretrained model, as step 0
 

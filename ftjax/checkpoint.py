@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental.multihost_utils import sync_global_devices
 
 from ftjax import param_groups
 from ftjax.errors import CheckpointError
@@ -39,6 +41,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self._workdir = os.path.abspath(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.max_to_keep, create=True,
         enable_async_checkpointing=config.use_async)
@@ -49,38 +52,76 @@ class Checkpointer:
     self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
                                        options=best_options)
 
-  def latest_step(self) -> int | None:
-    return self._latest.latest_step()
-
   def save(self, step: int, state: Any, progress: dict[str, Any]) -> None:
     """Saves the training state and host-side progress at `step` (asynchronously)."""
     self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
 
+  def latest_step(self) -> int | None:
+    """The step of the newest training-state checkpoint; None without one."""
+    return self._latest.latest_step()
+
   def restore_latest(self, state: Any) -> tuple[Any, dict[str, Any]] | None:
-    """Restores the newest checkpoint into the structure and shardings of `state`.
+    """Restores the newest readable checkpoint into the structure and shardings of `state`.
+
+    A checkpoint that cannot be read (truncated or half-written files) is reported
+    and skipped for the one before it; when none can be restored, the error of
+    the newest says why (for a checkpoint of another model or config, which
+    parameters do not match).
 
     Returns:
       (state, progress), or None when the workdir has no checkpoint yet.
+
+    Raises:
+      CheckpointError: checkpoints exist but none can be restored into `state`.
     """
-    step = self._latest.latest_step()
-    if step is None:
+    steps = sorted(self._latest.all_steps(), reverse=True)
+    if not steps:
       return None
-    path = os.path.join(str(self._latest.directory), str(step))
+    errors = []
+    for step in steps:
+      path = os.path.join(str(self._latest.directory), str(step))
+      try:
+        restored = self._restore_step(step, state)
+      except Exception as e:  # pylint: disable=broad-except
+        # orbax and tensorstore raise many types for unreadable files
+        errors.append(f"checkpoint {path} cannot be restored into this run's state: "
+                      f"{' '.join(str(e).split())[:2000]}")
+        logging.warning("%s", errors[-1])
+        if jax.process_index() == 0:
+          print(f"warning: {errors[-1]}; trying the one before it", flush=True)
+        continue
+      logging.info("restored checkpoint %s", path)
+      if errors:  # newer ones are unreadable, not of another model: this one is
+        self._set_aside([s for s in steps if s > step])
+      return restored
+    raise CheckpointError(errors[0] + (f" (and {len(errors) - 1} older checkpoint(s) could "
+                                       "not be restored either)" if len(errors) > 1 else ""))
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable checkpoints to `<workdir>/unreadable_checkpoints/` (kept for a
+    look, out of the way of the steps that will be saved again)."""
+    aside = os.path.join(self._workdir, "unreadable_checkpoints")
+    sync_global_devices("ftjax_set_aside_restored")
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f"{step}-{int(time.time())}")
+        os.replace(os.path.join(str(self._latest.directory), str(step)), target)
+        print(f"warning: moved unreadable checkpoint of step {step} to {target}", flush=True)
+    sync_global_devices("ftjax_set_aside_moved")
+    self._latest.reload()
+
+  def _restore_step(self, step: int, state: Any) -> tuple[Any, dict[str, Any]]:
     restore = lambda target: self._latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(target)), progress=ocp.args.JsonRestore()))
     try:
-      try:
-        restored = restore(state)
-        state, progress = restored.state, restored.progress
-      except ValueError as error:
-        # Written before a state field that is empty here existed (e.g. the anchor
-        # of regularized runs): restore the other fields.
-        state, progress = self._restore_without_empty_field(restore, state, error)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      raise CheckpointError(f"cannot restore checkpoint {path} into this run's state: {e}") from e
-    logging.info("restored checkpoint %s", path)
-    return state, progress
+      restored = restore(state)
+      return restored.state, restored.progress
+    except ValueError as error:
+      # Written before a state field that is empty here existed (e.g. the anchor
+      # of regularized runs): restore the other fields.
+      return self._restore_without_empty_field(restore, state, error)
 
   @staticmethod
   def _restore_without_empty_field(restore: Any, state: Any, error: ValueError

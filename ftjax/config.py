@@ -109,6 +109,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.optimizer.lr={config.optimizer.lr!r}: must be positive")
   if "regularizer" in config:
     _check_regularizer(config)
+  if "on_nonfinite" in config:
+    check_choice(config.on_nonfinite, ("stop", "skip"), "on_nonfinite")
+    if not isinstance(config.max_nonfinite_skips, int) or config.max_nonfinite_skips < 0:
+      raise ConfigError(f"config.max_nonfinite_skips={config.max_nonfinite_skips!r}: must be "
+                        "an integer >= 0")
 
 
 def _check_regularizer(config: ml_collections.ConfigDict) -> None:

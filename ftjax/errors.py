@@ -19,3 +19,7 @@ class WeightsError(FtjaxError, ValueError):
 
 class CheckpointError(FtjaxError, ValueError):
   """A checkpoint that cannot be restored into the current run."""
+
+
+class TrainingError(FtjaxError):
+  """Training cannot go on (e.g. the loss became NaN); the checkpoints are intact."""

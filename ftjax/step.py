@@ -57,7 +57,9 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
 
   Returns:
     (new state, flat dict of scalar metrics: the task's train metrics (the loss
-    without the penalty), penalty (when anchored), grad_norm, lr).
+    without the penalty), penalty (when anchored), grad_norm, lr, and nonfinite:
+    1.0 when the loss, the gradient norm or the update norm was NaN or infinite,
+    in which case the new state is the old one with the step counted).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -97,8 +99,15 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
   params = optax.apply_updates(state.params, updates)
   metrics.update({k: v / denom for k, v in sums.items() if k != "weight"})
   metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            stats=stats)
+  # A non-finite loss, gradient or update leaves the state as it was (the step still
+  # counts); the trainer stops or skips on `nonfinite` (config.on_nonfinite).
+  finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            & jnp.isfinite(optax.global_norm(updates)))
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state),
+                            stats=keep(stats, state.stats))
   return new_state, metrics
 
 

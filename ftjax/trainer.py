@@ -13,12 +13,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from ftjax import (build, checkpoint, data, generate, param_groups, regularizers, sharding,
-                   tasks, tracking)
+from ftjax import (build, checkpoint, data, generate, param_groups, preemption, regularizers,
+                   sharding, tasks, tracking)
 from ftjax.config import validate
 from ftjax.data import inputs as inputs_lib
 from ftjax.early_stopping import EarlyStopping
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, TrainingError
 from ftjax.metrics import MetricWriter, Progress, log_line
 
 
@@ -208,12 +208,14 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
   progress = Progress(run.total_steps, config.batch_size, start)
   if start == 0 and config.get("eval_at_start", False):
     _validate(run, 0, stopper)  # the pretrained model: the baseline fine-tuning must beat
+  guard = _NonFiniteGuard(config)
   with jax.transfer_guard("disallow"):
     for step in range(start + 1, run.total_steps + 1):
       if stopper.stop:
         break
       batch = _put_batch(next(iterator), run.batch_sharding)
       run.state, metrics = run.train_step(run.state, run.frozen, batch)
+      guard.check(step, metrics["nonfinite"], run.checkpointer)
       last = step == run.total_steps
       if step % config.log_every == 0 or last:
         metrics = jax.device_get(metrics)
@@ -229,7 +231,65 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
         run.checkpointer.save(step, run.state, _progress_record(run, iterator, stopper))
       if on_step is not None:
         on_step(step)
+      if preemption.requested():
+        guard.finish(run.checkpointer)
+        _preempted(run, iterator, stopper, step)
+    guard.finish(run.checkpointer)
   return stopper
+
+
+def _preempted(run: _Run, iterator, stopper: EarlyStopping, step: int) -> None:
+  """Checkpoints the state after `step` (unless just done) and raises `Preempted`."""
+  if run.checkpointer.latest_step() != step:
+    run.checkpointer.save(step, run.state, _progress_record(run, iterator, stopper))
+  run.checkpointer.wait()
+  log_line(f"preempted: checkpoint of step {step} written to {run.workdir}; start the same "
+           "command again to resume")
+  raise preemption.Preempted(step)
+
+
+class _NonFiniteGuard:
+  """Stops training, or skips the step, when its loss or gradient norm is NaN or infinite.
+
+  The train step already left the state unchanged on such a step; this decides
+  whether to go on (`config.on_nonfinite="skip"`, at most
+  `config.max_nonfinite_skips` times) or stop with an error naming the step
+  (`"stop"`, the default). The check reads the flag one step late, so the host
+  never waits for the device.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.policy = config.get("on_nonfinite", "stop")
+    self.max_skips = config.get("max_nonfinite_skips", 0)
+    self.skipped: list[int] = []
+    self._pending: tuple[int, jax.Array] | None = None
+
+  def check(self, step: int, flag: jax.Array, checkpointer: checkpoint.Checkpointer) -> None:
+    """Records `step`'s flag and acts on the previous step's."""
+    pending, self._pending = self._pending, (step, flag)
+    if pending is not None:
+      self._act(*pending, checkpointer)
+
+  def finish(self, checkpointer: checkpoint.Checkpointer) -> None:
+    if self._pending is not None:
+      self._act(*self._pending, checkpointer)
+      self._pending = None
+
+  def _act(self, step: int, flag: jax.Array, checkpointer: checkpoint.Checkpointer) -> None:
+    if not float(jax.device_get(flag)):
+      return
+    latest = checkpointer.latest_step()
+    kept = ("no checkpoint was written yet" if latest is None
+            else f"the latest checkpoint (step {latest}) is intact")
+    where = (f"non-finite loss or gradient norm at step {step}: the update was not applied; "
+             f"{kept}")
+    if self.policy == "skip" and len(self.skipped) < self.max_skips:
+      self.skipped.append(step)
+      log_line(f"{where}; skipped ({len(self.skipped)} of at most {self.max_skips})")
+      return
+    checkpointer.wait()
+    raise TrainingError(f"{where}; training stopped (on_nonfinite={self.policy!r}, "
+                        f"{len(self.skipped)} step(s) skipped before: {self.skipped})")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -261,7 +321,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
            f"{config.batch_size}, {run_.mesh.size} device(s), {jax.process_count()} "
            "process(es)")
   try:
-    return _train_and_test(run_, on_step, started)
+    with preemption.handling():
+      return _train_and_test(run_, on_step, started)
   finally:  # also on errors: pending checkpoint writes complete, files are closed
     run_.writer.close()
     run_.checkpointer.close()

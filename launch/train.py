@@ -9,6 +9,10 @@ each is started with the same config and workdir plus `--coordinator_address`,
 `--num_processes` and its own `--process_id` (or the FTJAX_* environment
 variables of `ftjax.distributed`); under SLURM (srun) and on Cloud TPU pods these
 are detected. launch/local.py, launch/slurm.py and launch/tpu_pod.py start them.
+
+On SIGTERM (a preemption notice) the run finishes its step, writes a checkpoint
+and exits with code 75 (`ftjax.preemption`); NaN or infinite losses stop it with
+an error naming the step, or are skipped (`config.on_nonfinite`).
 """
 
 import sys
@@ -16,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import cli, distributed, trainer
+from ftjax import cli, distributed, preemption, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, with an optional "
                                           ":arg after the path.", lock_config=True)
@@ -60,8 +64,15 @@ def _train() -> None:
     sys.exit(distributed.supervise(setup))
   distributed.initialize(*where, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
                          initialization_timeout=_INITIALIZATION_TIMEOUT.value)
+  preempted = None
   with distributed.exit_on_failure():
-    trainer.run(_CONFIG.value, _WORKDIR.value)
+    try:
+      trainer.run(_CONFIG.value, _WORKDIR.value)
+    except preemption.Preempted as e:  # every process stopped at the same step
+      preempted = e
+  if preempted is not None:
+    print(f"{preempted}: exiting with code {preemption.EXIT_CODE}", file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

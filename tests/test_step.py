@@ -95,3 +95,15 @@ def test_schedule_warmup_then_linear_decay():
   schedule = optim.make_schedule(config, 12)
   values = [float(schedule(i)) for i in (0, 2, 4, 8, 12)]
   np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_a_non_finite_loss_leaves_the_state_unchanged():
+  state, tx, schedule, batch = _setup()
+  poisoned = dict(batch, features=batch["features"].at[0, 0].set(jnp.nan))
+  new, metrics = _step(state, poisoned, tx, schedule)
+  assert metrics["nonfinite"] == 1.0 and int(new.step) == int(state.step) + 1
+  for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
+                  jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  _, clean = _step(state, batch, tx, schedule)
+  assert clean["nonfinite"] == 0.0

@@ -1,0 +1,129 @@
+"""Faults during training: preemption (SIGTERM), unreadable or mismatched checkpoints,
+NaN and infinite losses."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, with_overrides
+from ftjax import trainer
+from ftjax.errors import CheckpointError, TrainingError
+from ftjax.preemption import EXIT_CODE
+
+DEBUG = "--config=configs/minilm_sentiment.py:debug"
+
+
+def _command(workdir, data_dir):
+  return [sys.executable, os.path.join(REPO, "launch", "train.py"), DEBUG,
+          f"--config.data.data_dir={data_dir}", f"--workdir={workdir}"]
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _final(workdir):
+  with open(os.path.join(workdir, "final_metrics.json")) as f:
+    final = json.load(f)
+  return {key: final[key] for key in ("best_step", "validation", "test")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+  """An uninterrupted debug run through the launcher (checkpoints at steps 4, 8, 12)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _wait_for_logged_step(workdir, step, process, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert process.poll() is None, "the run ended before the signal"
+    if os.path.exists(path):
+      with open(path) as f:
+        if any(json.loads(line)["step"] >= step for line in f if line.endswith("\n")):
+          return
+    time.sleep(0.05)
+  raise TimeoutError(f"step {step} not logged in {timeout}s")
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_to_the_same_run(reference, tmp_path, data_dir):
+  workdir = tmp_path / "preempted"
+  process = subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_logged_step(workdir, 2, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == EXIT_CODE, stderr[-3000:]
+  assert f"exiting with code {EXIT_CODE}" in stderr and "preempted: checkpoint of step" in stdout
+  step = int(stdout.split("preempted: checkpoint of step ")[1].split()[0])
+  assert 2 <= step < 12 and str(step) in os.listdir(workdir / "checkpoints")
+  assert not (workdir / "final_metrics.json").exists()
+  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from step {step}" in result.stdout
+  assert _records(workdir) == _records(reference)
+  assert _final(workdir) == _final(reference)
+
+
+def test_an_unreadable_latest_checkpoint_is_set_aside_for_the_one_before(
+    reference, debug_config, tmp_path, capsys):
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(reference, workdir)
+  os.remove(workdir / "final_metrics.json")
+  state = workdir / "checkpoints" / "12" / "state"
+  for root, _, files in os.walk(state):  # truncate every file of the newest state
+    for name in files:
+      if name != "_CHECKPOINT_METADATA":
+        open(os.path.join(root, name), "w").close()
+  final = trainer.run(debug_config, str(workdir))
+  out = capsys.readouterr().out
+  assert "checkpoints/12 cannot be restored" in out and "resumed from step 8" in out
+  assert [name.split("-")[0] for name in os.listdir(workdir / "unreadable_checkpoints")] == ["12"]
+  assert {k: final[k] for k in ("best_step", "validation", "test")} == _final(reference)
+  assert _records(workdir) == _records(reference)
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_left_alone(reference, debug_config,
+                                                                 tmp_path):
+  workdir = tmp_path / "other"
+  shutil.copytree(reference, workdir)
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  config = with_overrides(debug_config, **{"peft.method": "lora"})
+  with pytest.raises(CheckpointError, match=r"checkpoints/12 cannot be restored into this "
+                     r"run's state.*lora.*\(and 1 older checkpoint\(s\)"):
+    trainer.run(config, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
+  assert not (workdir / "unreadable_checkpoints").exists()
+
+
+@pytest.mark.parametrize("policy, skips, stopped_at", [("stop", 0, 1), ("skip", 2, 3)])
+def test_a_non_finite_update_stops_training_and_keeps_the_checkpoints(
+    debug_config, tmp_path, policy, skips, stopped_at):
+  # A learning rate of 1e38 overflows every update to infinity from step 1 on.
+  config = with_overrides(debug_config, **{
+      "optimizer.lr": 1e38, "optimizer.warmup_steps": 0, "on_nonfinite": policy,
+      "max_nonfinite_skips": skips})
+  with pytest.raises(TrainingError, match=rf"non-finite loss or gradient norm at step "
+                     rf"{stopped_at}: the update was not applied; no checkpoint was written "
+                     rf"yet; training stopped \(on_nonfinite='{policy}', "
+                     rf"{skips} step\(s\) skipped before"):
+    trainer.run(config, str(tmp_path))
+  assert not os.listdir(tmp_path / "checkpoints")
+  assert not (tmp_path / "final_metrics.json").exists()
