@@ -19,7 +19,7 @@ FASHION_MNIST_USER := $(HOME)/.cache/ftjax/debian
 TORCH := torch==2.13.0
 REFERENCES := efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test bench data clean
+.PHONY: demo test test-slow bench data clean
 
 $(VENV)/.runtime: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,12 @@ demo: $(VENV)/.runtime
 	$(PY) launch/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Two workers (one per core on a small machine); a test file's tests share a worker.
+# Long checks (many SIGKILL-and-resume trials, ...) are marked slow: `make test-slow`.
 test: $(VENV)/.test data
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-slow: $(VENV)/.test data
+	$(PY) -m pytest -q -n 2 --dist load -m slow -s tests
 
 bench: $(VENV)/.test
 	$(PY) bench/bert_train_step.py

@@ -1,5 +1,5 @@
-"""Faults during training: preemption (SIGTERM), unreadable or mismatched checkpoints,
-NaN and infinite losses."""
+"""Faults during training: SIGKILL at random points (also during checkpoint writes),
+preemption (SIGTERM), unreadable or mismatched checkpoints, NaN and infinite losses."""
 
 import json
 import os
@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, with_overrides
@@ -127,3 +130,78 @@ def test_a_non_finite_update_stops_training_and_keeps_the_checkpoints(
     trainer.run(config, str(tmp_path))
   assert not os.listdir(tmp_path / "checkpoints")
   assert not (tmp_path / "final_metrics.json").exists()
+
+
+def _kill_at_random_point(workdir, data_dir, rng, during_write):
+  """Starts the run in `workdir` and SIGKILLs it after a random logged step, or while an
+  asynchronous checkpoint write is in progress. Returns what happened."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  step = int(rng.integers(1, 12))
+  process = subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+      if during_write:  # orbax writes into "<step>.orbax-checkpoint-tmp-..." and renames it
+        if os.path.isdir(checkpoints) and any("tmp" in n for n in os.listdir(checkpoints)):
+          process.send_signal(signal.SIGKILL)
+          return "killed during a checkpoint write"
+      elif any(r["step"] >= step for r in _records_so_far(workdir)):
+        process.send_signal(signal.SIGKILL)
+        return f"killed after step {step}"
+      time.sleep(0.002)
+    return "finished before the kill"
+  finally:
+    if process.poll() is None:
+      process.kill()
+    process.wait()
+
+
+def _records_so_far(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def _kill_and_resume(reference, workdir, data_dir, kills, seed):
+  """Kills the run `kills` times at random points (every second kill during a checkpoint
+  write), then lets it finish; its results must equal the uninterrupted run's bitwise."""
+  rng = np.random.default_rng(seed)
+  events = [_kill_at_random_point(workdir, data_dir, rng, during_write=bool(i % 2))
+            for i in range(kills)]
+  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, (events, result.stderr[-3000:])
+  assert _records(workdir) == _records(reference), events
+  assert _final(workdir) == _final(reference), events
+  _assert_trees_equal(_restore(workdir / "checkpoints" / "12" / "state"),
+                      _restore(reference / "checkpoints" / "12" / "state"))
+  best = os.listdir(reference / "best")
+  assert os.listdir(workdir / "best") == best, events
+  _assert_trees_equal(_restore(workdir / "best" / best[0] / "default"),
+                      _restore(reference / "best" / best[0] / "default"))
+  return events
+
+
+def _restore(path):
+  """A checkpointed pytree as numpy arrays, without a target structure."""
+  return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(os.path.abspath(path)))
+
+
+def _assert_trees_equal(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_twice_and_resume_equals_uninterrupted(reference, tmp_path, data_dir):
+  _kill_and_resume(reference, tmp_path / "killed", data_dir, kills=2, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1, 9))
+def test_many_sigkills_and_resumes_equal_uninterrupted(reference, tmp_path, data_dir, seed):
+  events = _kill_and_resume(reference, tmp_path / "killed", data_dir, kills=3, seed=seed)
+  print(f"trial {seed}: {events}")
