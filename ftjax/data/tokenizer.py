@@ -114,18 +114,20 @@ def load_hf_tokenizer(model_dir: str, cache_root: str = "~/.cache/ftjax/tokenize
     cache_root: where converted GGUF tokenizers are kept.
 
   Returns:
-    A transformers fast tokenizer.
+    A transformers fast tokenizer. Code shipped in the folder (a tokenizer
+    config's `auto_map`) is never run.
   """
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   from ftjax.hub import gguf as gguf_hub  # pylint: disable=g-import-not-at-top
   gguf_path = gguf_hub.find_gguf(model_dir)
   try:
     if gguf_path is None:
-      return AutoTokenizer.from_pretrained(model_dir)
+      return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     cached = _gguf_tokenizer_cache(gguf_path, os.path.expanduser(cache_root))
     if os.path.isfile(os.path.join(cached, "tokenizer.json")):
-      return AutoTokenizer.from_pretrained(cached)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=os.path.basename(gguf_path))
+      return AutoTokenizer.from_pretrained(cached, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=os.path.basename(gguf_path),
+                                              trust_remote_code=False)
   except (OSError, ValueError) as e:
     raise DataError(f"{model_dir}: cannot load a tokenizer: {e}") from e
   partial = f"{cached}.tmp{os.getpid()}"
