@@ -18,7 +18,7 @@ CURVES = [("validation", "accuracy"), ("train", "loss")]
 
 
 def sweep(add):
-  for point in search.grid(**{"optimizer.lr": [5e-5, 2e-4],
-                              "optimizer.warmup_steps": [0, 30]}):
-    for seed in range(3):
+  for seed in range(3):  # seeds outermost: a partial sweep covers the whole grid
+    for point in search.grid(**{"optimizer.lr": [5e-5, 2e-4],
+                                "optimizer.warmup_steps": [0, 30]}):
       add(config="configs/minilm_sentiment.py:short", seed=seed, total_steps=100, **point)

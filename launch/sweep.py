@@ -47,7 +47,10 @@ def _sweep() -> None:
     return
   outcome = {}
   if not _REPORT_ONLY.value:
-    outcome = runner.run_all(study, sweep_dir, _PARALLEL.value)
+    try:
+      outcome = runner.run_all(study, sweep_dir, _PARALLEL.value)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs stopped with it
+      sys.exit(f"stopped; start the same command again to continue the sweep in {sweep_dir}")
   report_dir = _REPORT_DIR.value or sweep_dir
   finished = [result for run in study.runs if (result := results.load_result(
       run.name, run.params, study_lib.run_dir(sweep_dir, run.name))) is not None]
