@@ -44,6 +44,7 @@ import ml_collections
 from ftjax import sharding
 from ftjax.config import parse_arg
 from ftjax.data import inputs, mixture
+from ftjax.errors import ConfigError
 
 
 # Peak learning rates per method: small updates of everything, larger ones of few parameters.
@@ -57,6 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   freeze_blocks=0, llrd=1.0, unfreeze_every=0,
                   data="rotten_tomatoes", init_from="", regularizer="none", strength=0.0)
   tasks = mixture.task_names(arg.data)
+  unknown = [name for name in tasks if name not in inputs.TEXT_CLASSES]
+  if unknown:
+    raise ConfigError(f"config arg data={arg.data!r}: {unknown} not text classification data; "
+                      f"choose from {sorted(inputs.TEXT_CLASSES)}")
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
   config.task = "classification"
@@ -64,8 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "bert_classifier"
   config.model.pretrained = "minilm-l6"  # a packaged model name or a local HF folder
-  config.model.num_classes = sum(len(inputs.TEXT_CLASSES[name]) for name in tasks
-                                 if name in inputs.TEXT_CLASSES)
+  config.model.num_classes = sum(len(inputs.TEXT_CLASSES[name]) for name in tasks)
   config.model.pooling = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
   config.model.head_init = "zeros"
   config.model.dont_load = ["head/.*"]  # regexes: parameters not taken from the checkpoint

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -52,10 +53,31 @@ class Checkpointer:
     self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
                                        options=best_options)
 
+  @contextlib.contextmanager
+  def _writing(self) -> Iterator[None]:
+    """Turns a failed write (a full disk, a lost mount) into a CheckpointError.
+
+    orbax reports an asynchronous save that failed at the next save or wait; the
+    error names the checkpoint's temporary folder. A checkpoint is renamed into
+    place only once it is complete, so the ones written before are kept.
+    """
+    try:
+      yield
+    except OSError as e:
+      kept = sorted(self._latest.all_steps(read=True))
+      raise CheckpointError(f"cannot write a checkpoint in {self._workdir}: {e}; the "
+                            f"checkpoints written before (steps {kept}) are intact") from e
+
   def save(self, step: int, state: Any, progress: dict[str, Any]) -> None:
-    """Saves the training state and host-side progress at `step` (asynchronously)."""
-    self._latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+    """Saves the training state and host-side progress at `step` (asynchronously).
+
+    Raises:
+      CheckpointError: when this save, or an earlier asynchronous one, cannot be
+        written.
+    """
+    with self._writing():
+      self._latest.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
 
   def latest_step(self) -> int | None:
     """The step of the newest training-state checkpoint; None without one."""
@@ -140,8 +162,9 @@ class Checkpointer:
 
   def save_best(self, step: int, params: Any, stats: Any = None) -> None:
     """Saves the best parameters with the model's batch statistics, as one tree."""
-    self._best.save(step, args=ocp.args.StandardSave(param_groups.combine(params, stats or {})),
-                    force=True)
+    with self._writing():
+      self._best.save(step, args=ocp.args.StandardSave(param_groups.combine(params, stats or {})),
+                      force=True)
 
   def drop_best_after(self, step: int) -> list[int]:
     """Deletes best-parameter checkpoints saved after `step`: when a run resumes from
@@ -177,9 +200,14 @@ class Checkpointer:
         restored, param_groups.map_with_path(lambda p, _: p not in stat_paths, restored))
 
   def wait(self) -> None:
-    """Blocks until every asynchronous save has been written."""
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    """Blocks until every asynchronous save has been written.
+
+    Raises:
+      CheckpointError: when one of them could not be written.
+    """
+    with self._writing():
+      self._latest.wait_until_finished()
+      self._best.wait_until_finished()
 
   def close(self) -> None:
     self._latest.close()

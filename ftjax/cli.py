@@ -33,9 +33,15 @@ def main(work: Callable[[], None]) -> Callable[[list[str]], None]:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser for launchers with a `--config` file flag: one-line errors for an
-  override of a key the config lacks and for a config file's ConfigError."""
+  override of a key the config lacks, a config file that cannot be loaded and a config
+  file's ConfigError."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    # ml_collections keeps a config file's loading error until the config is first used.
+    getattr(flags.FLAGS["config"].value, "keys", None)
+    return rest
+  except OSError as e:
+    sys.exit(f"FATAL Flags parsing error: --config: {' '.join(str(e.__cause__ or e).split())}")
   except (AttributeError, KeyError) as e:  # raised by the locked ConfigDict
     detail = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
     overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]

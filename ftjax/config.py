@@ -87,6 +87,11 @@ def _check_positive(config: ml_collections.ConfigDict, key: str) -> None:
     raise ConfigError(f"config.{key}={value!r}: must be a positive integer")
 
 
+def _is_number(value: Any) -> bool:
+  """Whether `value` is an int or a float (a bool is neither here)."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a run config's values before anything is built; raises ConfigError.
 
@@ -101,12 +106,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _check_positive(config, f"data.{key}")
   if config.task == "classification":
     _check_positive(config, "model.num_classes")
+  if not isinstance(config.total_steps, int) or isinstance(config.total_steps, bool):
+    raise ConfigError(f"config.total_steps={config.total_steps!r}: must be an integer (0: "
+                      "config.num_epochs epochs)")
   if config.total_steps <= 0:
     _check_positive(config, "num_epochs")
   check_choice(config.compute_dtype, ("float32", "bfloat16"), "compute_dtype")
   check_choice(config.early_stopping.mode, ("max", "min"), "early_stopping.mode")
-  if not config.optimizer.lr > 0:
-    raise ConfigError(f"config.optimizer.lr={config.optimizer.lr!r}: must be positive")
+  if not _is_number(config.optimizer.lr) or not config.optimizer.lr > 0:
+    raise ConfigError(f"config.optimizer.lr={config.optimizer.lr!r}: must be a positive number")
   if "regularizer" in config:
     _check_regularizer(config)
   if "on_nonfinite" in config:
@@ -120,7 +128,8 @@ def _check_regularizer(config: ml_collections.ConfigDict) -> None:
   """The penalty toward the starting weights (`ftjax.regularizers`)."""
   regularizer = config.regularizer
   check_choice(regularizer.kind, regularizers.KINDS, "regularizer.kind")
-  if regularizer.kind != "none" and not regularizer.strength > 0:
+  if regularizer.kind != "none" and not (_is_number(regularizer.strength)
+                                         and regularizer.strength > 0):
     raise ConfigError(f"config.regularizer.strength={regularizer.strength!r}: must be > 0 "
                       f"for regularizer.kind={regularizer.kind!r}")
   if regularizer.kind == "ewc":

@@ -22,16 +22,24 @@ class MetricWriter:
   """Appends metrics to `metrics.jsonl` and TensorBoard event files in the workdir.
 
   TensorBoard events are written with tensorboardX, so TensorFlow is not needed.
-  Only the writing process (process 0 on multi-host runs) creates files.
+  Only the writing process (process 0 on multi-host runs) creates files, and only
+  once there is something to write: a run refused before its first record leaves
+  the workdir as it was.
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
-    self._tb = None
-    if enabled:
+    self._tb_dir = os.path.join(workdir, "tensorboard")
+    self._tb_writer = None
+
+  @property
+  def _tb(self) -> Any:
+    """The TensorBoard event writer, created on first use."""
+    if self._tb_writer is None:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb_writer = SummaryWriter(self._tb_dir)
+    return self._tb_writer
 
   def truncate_after(self, step: int) -> None:
     """Drops records past `step`, so a resumed run does not log a step twice."""
@@ -67,8 +75,8 @@ class MetricWriter:
     self._tb.flush()
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    if self._tb_writer is not None:
+      self._tb_writer.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -37,6 +37,18 @@ def _parameter_summary(base: Any, trainable: Any, frozen: Any, opt_state: Any) -
           f"{mib(4 * count(base))}); optimizer state {mib(sharding.tree_bytes(opt_state))}")
 
 
+def _check_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed; raises ConfigError unless it is a writable folder."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir}: not a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir}: cannot create it: {e.strerror or e}") from e
+  if not os.access(workdir, os.W_OK):
+    raise ConfigError(f"workdir {workdir}: not writable")
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -106,13 +118,26 @@ class _Run:
         shard_index=self.data_shard[0], shard_count=self.data_shard[1])
 
   def _compile(self) -> None:
-    """Compiles the train and eval steps once, ahead of time, with explicit shardings."""
+    """Compiles the train and eval steps once, ahead of time, with explicit shardings
+    (after checking that the evaluation reports the early-stopping metric)."""
     train, evaluate = build.jit_steps(self.built, self.task, self.config, self.rules,
                                       self.batch_sharding)
     batch = lambda size: build.abstract_batch(self.config, size, self.batch_sharding)
+    evaluate = evaluate.lower(self.state.params, self.state.stats, self.frozen,
+                              batch(self.config.eval_batch_size))
+    self._check_early_stopping_metric(evaluate.out_info)
     self.train_step = train.lower(self.state, self.frozen, batch(self.config.batch_size)).compile()
-    self.eval_step = evaluate.lower(self.state.params, self.state.stats, self.frozen,
-                                    batch(self.config.eval_batch_size)).compile()
+    self.eval_step = evaluate.compile()
+
+  def _check_early_stopping_metric(self, sums: Any) -> None:
+    """Raises ConfigError unless the early-stopping metric is one of the metrics that the
+    evaluation's `sums` (their shapes) summarize to."""
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), sums)
+    names = sorted(self.task.summarize(zeros))
+    metric = self.config.early_stopping.metric
+    if metric not in names:
+      raise ConfigError(f"config.early_stopping.metric={metric!r}: not an evaluation metric; "
+                        f"choose from {names}")
 
   def evaluate(self, weights: tuple[Any, Any], split: str) -> dict[str, float]:
     """The task's metrics over every example of `split`, each counted once.
@@ -190,9 +215,6 @@ def _validate(run: _Run, step: int, stopper: EarlyStopping) -> None:
   """Evaluates on validation, saves the best parameters and updates early stopping."""
   metrics = run.evaluate((run.state.params, run.state.stats), "validation")
   run.writer.write(step, "validation", metrics)
-  if run.config.early_stopping.metric not in metrics:
-    raise ConfigError(f"config.early_stopping.metric={run.config.early_stopping.metric!r}: "
-                     f"not an evaluation metric; choose from {sorted(metrics)}")
   if stopper.update(step, metrics):
     run.checkpointer.save_best(step, run.state.params, run.state.stats)
   log_line(f"validation step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -312,9 +334,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     The final metrics: best validation metrics and test metrics of the best parameters.
   """
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
-  tracking.record_start(workdir, config.seed)
+  _check_workdir(workdir)
   started = time.perf_counter()
   run_ = _Run(config, workdir, devices)
   log_line(f"{run_.total_steps} steps ({run_.steps_per_epoch} per epoch), batch "
@@ -342,6 +362,9 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   config, workdir = run_.config, run_.workdir
   iterator = run_.train_iterator()
   stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
+  # Only now that the config has proven to fit the workdir's checkpoints, if any.
+  _write_config(config, workdir)
+  tracking.record_start(workdir, config.seed)
   fresh = int(jax.device_get(run_.state.step)) == 0
   if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs
     run_.state = run_.state.replace(anchor={"center": run_.state.anchor["center"],

@@ -117,7 +117,8 @@ def image_classification_preprocess(image_size: int, mean: float | Sequence[floa
     channels, scaled to [0, 1], resized, then normalised by mean and std),
     "label": int32 [B], "label_mix": int32 [B] (= label), "mix": float32 [B]
     (= 1)}. The preprocess raises DataError naming an example id for an image
-    that is not uint8 or has another shape, or a label outside the classes.
+    that is not uint8, is empty or has another shape, or a label that is not an
+    integer or lies outside the classes.
 
   Raises:
     ConfigError: for a mean or std of another length, a non-positive std, or
@@ -141,6 +142,11 @@ def image_classification_preprocess(image_size: int, mean: float | Sequence[floa
                       f"[H, W, 1] or [H, W, 3]")
     if images.dtype != np.uint8:
       raise DataError(f"example id {ids[0]}: image of dtype {images.dtype}; expected uint8")
+    if 0 in shape[:2]:
+      raise DataError(f"example id {ids[0]}: empty image of shape {list(shape)}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(f"example id {ids[0]}: label {labels[0].item()!r} of dtype "
+                      f"{labels.dtype}; expected an integer class")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
       raise DataError(f"example id {ids[bad[0]]}: label {labels[bad[0]]}; expected a class "

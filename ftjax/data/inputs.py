@@ -42,6 +42,15 @@ KINDS = {
     "shakespeare": ("text", "causal_lm"),
 }
 
+# The config.data keys each kind of data reads.
+_DATA_KEYS = {
+    "classification": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
+    "image": ("image_size", "mean", "std", "shots", "augment", "max_eval_examples",
+              "source_path"),
+    "chat": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
+    "text": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
+}
+
 # Text classification data sets that can be tasks of a multi-task run: their classes.
 TEXT_CLASSES = {"rotten_tomatoes": rotten_tomatoes.LABEL_NAMES, "tweets": tweets.LABEL_NAMES}
 
@@ -205,6 +214,11 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
   if config.task != task:
     raise ConfigError(f"config.data.name={data.name!r} is {kind} data, scored by task "
                       f"{task!r}, but config.task={config.task!r}")
+  missing = [key for key in _DATA_KEYS[kind] if key not in data]
+  if missing:
+    raise ConfigError(f"config.data.name={data.name!r} is {kind} data, which needs "
+                      f"config.data keys {missing} that this config lacks (a config of "
+                      "another kind of data?)")
   splits = sources.load_splits(data.name, os.path.expanduser(data.data_dir),
                                data.source_path or None)
   if kind == "image":

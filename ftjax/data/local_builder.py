@@ -92,11 +92,12 @@ def read_bytes(path: str) -> bytes:
     path: the file.
 
   Raises:
-    DataError: naming the file when it is missing, unreadable (a truncated or
-      corrupt bz2 stream included) or empty (nothing but whitespace).
+    DataError: naming the file when it is missing, a folder, unreadable (a
+      truncated or corrupt bz2 stream included) or empty (nothing but whitespace).
   """
   if not os.path.isfile(path):
-    raise DataError(f"{path}: file not found")
+    raise DataError(f"{path}: " + ("a folder, not a file" if os.path.isdir(path)
+                                   else "file not found"))
   opener = bz2.open if path.endswith(".bz2") else open
   try:
     with opener(path, "rb") as f:

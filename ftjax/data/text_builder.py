@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ftjax.data import local_builder
+from ftjax.errors import DataError
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 SPLIT_SEED = 0
@@ -84,6 +85,11 @@ class TextClassificationBuilder(local_builder.LocalBuilder, skip_registration=Tr
     examples = self._read_examples(source_path)
     splits = stratified_split([e["label"] for e in examples], SPLIT_FRACTIONS, SPLIT_SEED,
                               ids=[e["id"] for e in examples])
+    for name, indices in zip(local_builder.SPLIT_NAMES, splits):
+      if not len(indices):  # tfds cannot write an empty split.
+        raise DataError(f"{source_path or f'packaged {self.name} corpus'}: {len(examples)} "
+                        f"labelled examples leave the {name} split empty; a stratified "
+                        "80/10/10 split needs about 10 or more")
     if not self.SHUFFLE_SPLITS:
       return [[(examples[i]["id"], examples[i]) for i in indices] for indices in splits]
     rng = np.random.default_rng(SPLIT_SEED)

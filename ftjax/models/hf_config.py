@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -18,6 +19,21 @@ ACTIVATIONS = {
 }
 
 
+# A field's default -> the JSON values it takes and what to expect (bool before int).
+_JSON_TYPES = ((bool, (bool,), "a boolean"), (int, (int,), "an integer"),
+               (float, (int, float), "a number"), (str, (str,), "a string"))
+
+
+def _expected_instead(value: Any, default: Any) -> str | None:
+  """What a JSON value should be to fit a field whose default is `default`; None when it
+  fits (a default of None takes anything)."""
+  for kind, accepted, expected in _JSON_TYPES:
+    if isinstance(default, kind):
+      fits = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
+      return None if fits else expected
+  return None
+
+
 class HfConfig:
   """A mixin for frozen dataclasses of architecture fields named as in Hugging Face's
   `config.json`: `from_json` reads such a file, `from_dict` keeps the fields the
@@ -25,9 +41,29 @@ class HfConfig:
 
   @classmethod
   def from_json(cls, path: str) -> Any:
-    """Reads the fields this architecture uses from a Hugging Face `config.json`."""
-    with open(path) as f:
-      return cls.from_dict(json.load(f), source=path)
+    """Reads the fields this architecture uses from a Hugging Face `config.json`.
+
+    Raises:
+      ConfigError: naming the file when it is missing, is not a JSON object, or
+        gives a field a value of another type than the field's default.
+    """
+    if not os.path.isfile(path):
+      raise ConfigError(f"{path} not found: {os.path.dirname(path)} is not a Hugging Face "
+                        "model folder")
+    try:
+      with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"{path}: cannot read it as JSON: {e}") from e
+    if not isinstance(raw, dict):
+      raise ConfigError(f"{path}: expected a JSON object of architecture fields, found a "
+                        f"{type(raw).__name__}")
+    for field in dataclasses.fields(cls):
+      expected = (_expected_instead(raw[field.name], field.default) if field.name in raw
+                  else None)
+      if expected:
+        raise ConfigError(f"{path}: {field.name}={raw[field.name]!r}: expected {expected}")
+    return cls.from_dict(raw, source=path)
 
   @classmethod
   def from_dict(cls, raw: dict[str, Any], source: str = "config.model.arch") -> Any:
