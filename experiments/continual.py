@@ -8,9 +8,9 @@ weight 0). Each stage-B run starts from stage A's best weights (`init_from`) and
 trains on tweets only, measuring the test split before and after: forgetting is
 the Rotten Tomatoes test accuracy lost. Against forgetting: L2-SP (a penalty
 toward stage A's weights, strength 1), EWC (the same, weighted by the Fisher
-information of 512 Rotten Tomatoes training examples, strength 1) and replay (20% of each batch from a
-buffer of 1,000 Rotten Tomatoes examples). 150 steps of batch 32 (`short`) per
-stage, lr 1e-4 then 2e-4, one seed.
+information of 512 Rotten Tomatoes training examples, strength 1) and replay
+(20% of each batch from a buffer of 1,000 Rotten Tomatoes examples). 150 steps
+of batch 32 (`short`) per stage, lr 1e-4 then 2e-4, one seed.
 """
 
 TITLE = "Continual fine-tuning: Rotten Tomatoes, then tweets (MiniLM-L6, 150 steps each)"

@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices, shared prepared data, small helpers."""
 
 import os
+import subprocess
+import sys
 
 # Must be set before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -10,6 +12,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def debug_launch_command(workdir, data_dir, *overrides):
+  """launch/train.py on the debug MiniLM config, reading the shared prepared data."""
+  return [sys.executable, os.path.join(REPO, "launch", "train.py"),
+          "--config=configs/minilm_sentiment.py:debug", f"--config.data.data_dir={data_dir}",
+          f"--workdir={workdir}", *overrides]
+
+
+def launch_debug_run(workdir, data_dir):
+  """Runs the debug config through the launcher to the end; returns the finished process."""
+  result = subprocess.run(debug_launch_command(workdir, data_dir), cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
 
 
 def with_overrides(config, **overrides):

@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -14,18 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, with_overrides
+from conftest import REPO, debug_launch_command, launch_debug_run, with_overrides
 from ftjax import trainer
 from ftjax.errors import CheckpointError, TrainingError
 from ftjax.preemption import EXIT_CODE
-
-DEBUG = "--config=configs/minilm_sentiment.py:debug"
-
-
-def _command(workdir, data_dir):
-  return [sys.executable, os.path.join(REPO, "launch", "train.py"), DEBUG,
-          f"--config.data.data_dir={data_dir}", f"--workdir={workdir}"]
-
 
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -42,9 +33,7 @@ def _final(workdir):
 def reference(tmp_path_factory, data_dir):
   """An uninterrupted debug run through the launcher (checkpoints at steps 4, 8, 12)."""
   workdir = tmp_path_factory.mktemp("reference")
-  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
-                          timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
+  launch_debug_run(workdir, data_dir)
   return workdir
 
 
@@ -63,8 +52,8 @@ def _wait_for_logged_step(workdir, step, process, timeout=300):
 
 def test_sigterm_checkpoints_exits_75_and_resumes_to_the_same_run(reference, tmp_path, data_dir):
   workdir = tmp_path / "preempted"
-  process = subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(debug_launch_command(workdir, data_dir), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     _wait_for_logged_step(workdir, 2, process)
     process.send_signal(signal.SIGTERM)
@@ -77,8 +66,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_to_the_same_run(reference, tmp
   step = int(stdout.split("preempted: checkpoint of step ")[1].split()[0])
   assert 2 <= step < 12 and str(step) in os.listdir(workdir / "checkpoints")
   assert not (workdir / "final_metrics.json").exists()
-  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
-                          timeout=600, check=False)
+  result = subprocess.run(debug_launch_command(workdir, data_dir), cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from step {step}" in result.stdout
   assert _records(workdir) == _records(reference)
@@ -137,8 +126,8 @@ def _kill_at_random_point(workdir, data_dir, rng, during_write):
   asynchronous checkpoint write is in progress. Returns what happened."""
   checkpoints = os.path.join(workdir, "checkpoints")
   step = int(rng.integers(1, 12))
-  process = subprocess.Popen(_command(workdir, data_dir), cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  process = subprocess.Popen(debug_launch_command(workdir, data_dir), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -171,8 +160,8 @@ def _kill_and_resume(reference, workdir, data_dir, kills, seed):
   rng = np.random.default_rng(seed)
   events = [_kill_at_random_point(workdir, data_dir, rng, during_write=bool(i % 2))
             for i in range(kills)]
-  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
-                          timeout=600, check=False)
+  result = subprocess.run(debug_launch_command(workdir, data_dir), cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, (events, result.stderr[-3000:])
   assert _records(workdir) == _records(reference), events
   assert _final(workdir) == _final(reference), events

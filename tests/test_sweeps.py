@@ -35,8 +35,10 @@ def test_study_collects_runs_params_and_names(tmp_path):
   study = study_lib.load(path)
   assert study.title == "Title line." and study.metrics == ["test/accuracy"]
   assert [run.name for run in study.runs] == [
-      "debug=True,rank=4,optimizer.lr=0.0001,seed=0", "debug=True,rank=4,optimizer.lr=0.0001,seed=1",
-      "debug=True,rank=4,optimizer.lr=0.0003,seed=0", "debug=True,rank=4,optimizer.lr=0.0003,seed=1",
+      "debug=True,rank=4,optimizer.lr=0.0001,seed=0",
+      "debug=True,rank=4,optimizer.lr=0.0001,seed=1",
+      "debug=True,rank=4,optimizer.lr=0.0003,seed=0",
+      "debug=True,rank=4,optimizer.lr=0.0003,seed=1",
       "probe"]
   first = study.runs[0]
   assert first.params == {"debug": True, "rank": 4, "optimizer.lr": 1e-4, "seed": 0}
@@ -52,7 +54,8 @@ def test_study_collects_runs_params_and_names(tmp_path):
     (f'add(config="{DEBUG}", optimizer__lrr=1e-4)',
      "override optimizer.lrr=0.0001: unknown config key; keys here: b1, b2"),
     (f'add(config="{DEBUG}", optimiser__lr=1e-4)', "config has no section 'optimiser'"),
-    (f'add(config="{DEBUG}", batch_size="big")', "override batch_size='big': config.batch_size is int"),
+    (f'add(config="{DEBUG}", batch_size="big")',
+     "override batch_size='big': config.batch_size is int"),
     (f'add(config="{DEBUG}", trainable=(("head", True),))',
      "config.trainable is a list, which --config.trainable= flags cannot set"),
     (f'add(config="{DEBUG},lrr=1")', "unknown config arg 'lrr'"),

@@ -4,23 +4,13 @@ test_faults.py)."""
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from ftjax import trainer
 
-from conftest import REPO
-
-DEBUG = "--config=configs/minilm_sentiment.py:debug"
-
-
-def _command(workdir, data_dir, *overrides):
-  return [sys.executable, os.path.join(REPO, "launch", "train.py"), DEBUG,
-          f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", *overrides]
-
+from conftest import launch_debug_run
 
 def _read_jsonl(path):
   with open(path) as f:
@@ -31,9 +21,7 @@ def _read_jsonl(path):
 def uninterrupted(tmp_path_factory, data_dir):
   """A debug run through the launcher, as a user starts it."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = subprocess.run(_command(workdir, data_dir), cwd=REPO, capture_output=True, text=True,
-                          timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = launch_debug_run(workdir, data_dir)
   return workdir, result.stdout
 
 
