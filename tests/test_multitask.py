@@ -12,7 +12,7 @@ from configs import minilm_sentiment
 from ftjax import checkpoint, config as config_lib, optim, regularizers, tasks
 from ftjax import state as state_lib, step as step_lib
 from ftjax.data import inputs, mixture
-from ftjax.errors import ConfigError
+from ftjax.errors import CheckpointError, ConfigError
 
 from conftest import with_overrides
 
@@ -226,6 +226,6 @@ def test_a_checkpoint_written_before_the_anchor_field_still_resumes(tmp_path):
   restored, progress = checkpointer.restore_latest(state)
   assert progress == {"x": 1} and restored.anchor == {}
   np.testing.assert_array_equal(restored.params["w"], [0.0, 1.0, 2.0])
-  with pytest.raises(Exception, match="cannot restore checkpoint"):
+  with pytest.raises(CheckpointError, match="cannot be restored into this run.s state"):
     checkpointer.restore_latest(state_lib.create({"w": jnp.arange(3.0)}, tx, 0, anchor="center"))
   checkpointer.close()
