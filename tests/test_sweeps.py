@@ -218,6 +218,7 @@ def test_sweep_launcher_errors(tmp_path):
   assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_ewc_stage_resumes_to_the_same_run(continual_sweep, debug_config, tmp_path):
   """The Fisher weights and the test-at-start metrics come back from the checkpoint."""
   from conftest import with_overrides  # pylint: disable=g-import-not-at-top
