@@ -185,7 +185,8 @@ def _progress_record(run: _Run, iterator, stopper: EarlyStopping) -> dict[str, A
 def _resume(run: _Run, iterator, stopper: EarlyStopping) -> EarlyStopping:
   """Continues from the workdir's latest checkpoint, if any."""
   restored = run.checkpointer.restore_latest(run.state)
-  if restored is None:
+  if restored is None:  # (again) from the start: drop records of a start killed earlier
+    run.writer.truncate_after(-1)
     return stopper
   run.state, progress = restored
   iterator.set_state(progress["data_iterator"])
