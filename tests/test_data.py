@@ -198,8 +198,9 @@ def test_missing_and_corrupt_file(tmp_path):
     rt.read_examples(str(corrupt))
 
 
-def test_read_examples_small_file(tmp_path):
-  path = _write(tmp_path / "corpus.csv.bz2", HEADER + GOOD_ROWS)
+@pytest.mark.parametrize("bom", ["", "\ufeff"], ids=["plain", "utf8_byte_order_mark"])
+def test_read_examples_small_file(tmp_path, bom):
+  path = _write(tmp_path / "corpus.csv.bz2", bom + HEADER + GOOD_ROWS)
   assert rt.read_examples(path) == [
       {"id": 3, "text": "Great fun, truly.", "label": 1},
       {"id": 4, "text": "Dull,\nand long.", "label": 0},

@@ -114,7 +114,9 @@ def csv_records(path: str, text: str) -> Iterator[tuple[int, int, list[str]]]:
 
   Row numbers count records from 1, the header being row 1, so they match what
   a spreadsheet shows; a record's line is where it starts, and differs from
-  its row once a quoted field spans lines. A blank line is an empty record.
+  its row once a quoted field spans lines. A blank line is an empty record. A
+  leading byte-order mark (spreadsheet programs write one) is not part of the
+  header.
 
   Args:
     path: the file the text was read from, for error messages.
@@ -127,6 +129,7 @@ def csv_records(path: str, text: str) -> Iterator[tuple[int, int, list[str]]]:
     DataError: naming the file, row and line of malformed CSV (such as a
       stray quote).
   """
+  text = text.removeprefix("\ufeff")
   reader = csv.reader(io.StringIO(text, newline=""), strict=True)
   line = 1
   row = 0
