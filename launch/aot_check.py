@@ -34,7 +34,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import build, cli, distributed, sharding, tasks
+from ftjax import build, cli, distributed, regularizers, sharding, tasks
 from ftjax.config import validate
 from ftjax.errors import ConfigError
 
@@ -196,7 +196,7 @@ class StepMemory:
         ("outputs not written in place of donated inputs",
          max(a.get("output", 0) - a.get("alias", 0), 0)),
         ("generated code", a.get("generated_code", 0)),
-        ("held outside the step (optimizer state)", resident)]
+        ("held outside the step (optimizer state, anchor)", resident)]
 
   @property
   def step_total(self) -> int:
@@ -230,7 +230,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 def _state_table(local: dict[str, int], whole: dict[str, int]) -> str:
   rows = [["state", "per device", "whole model"]]
   rows += [[k, format_bytes(local[k]), format_bytes(whole[k])] for k in local]
-  rows.append(["parameters + optimizer state", format_bytes(sum(local.values())),
+  rows.append(["state total", format_bytes(sum(local.values())),
                format_bytes(sum(whole.values()))])
   return _table(rows)
 
@@ -246,7 +246,7 @@ def _steps_table(steps: dict[str, StepMemory], platform: str) -> str:
                            else "n/a" for n in names])
   rows.append(["step total (args + out - alias + temp + code)"]
               + [format_bytes(steps[n].step_total) for n in names])
-  rows.append(["held outside the step (optimizer state)"]
+  rows.append(["held outside the step (optimizer state, anchor)"]
               + [format_bytes(steps[n].resident) for n in names])
   rows.append(["peak estimate"] + [format_bytes(steps[n].peak) for n in names])
   if platform != "cpu":  # the CPU compiler's counts only arguments and outputs
@@ -318,9 +318,14 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
            "optimizer state": state.opt_state}
   if state.stats:  # BatchNorm running statistics
     trees["batch statistics"] = state.stats
+  if state.anchor:  # L2-SP / EWC: the starting weights (and EWC's Fisher weights)
+    trees["regularizer anchor"] = state.anchor
   local = {k: sharding.local_bytes(tree) for k, tree in trees.items()}
   whole = {k: sharding.tree_bytes(tree) for k, tree in trees.items()}
-  held = sharding.local_bytes((state.opt_state, state.step, state.rng))
+  # What the evaluation and Fisher steps do not take but the device keeps meanwhile.
+  held = sharding.local_bytes((state.opt_state, state.step, state.rng, state.anchor))
+  weights_args = [(k, v) for k, v in local.items()
+                  if k not in ("optimizer state", "regularizer anchor")]
   steps = {
       "train step": StepMemory(
           train_compiled, train_seconds, 0,
@@ -328,9 +333,16 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
           "activations, gradients, collective buffers"),
       "eval step": StepMemory(
           eval_compiled, eval_seconds, held,
-          [(k, v) for k, v in local.items() if k != "optimizer state"]
-          + [("batch", sharding.local_bytes(eval_batch))],
+          weights_args + [("batch", sharding.local_bytes(eval_batch))],
           "activations, collective buffers")}
+  if regularizers.kind(config) == "ewc":  # run once at the start, on evaluation batches
+    fisher = build.jit_fisher_step(built, task, config, rules, batch_sharding)
+    fisher_compiled, fisher_seconds = _compile(fisher, state.params, state.stats, built.frozen,
+                                               eval_batch)
+    steps["EWC Fisher step"] = StepMemory(
+        fisher_compiled, fisher_seconds, held,
+        weights_args + [("batch", sharding.local_bytes(eval_batch))],
+        "per-example gradients, activations")
 
   platform = devices[0].platform
   kind = getattr(devices[0], "device_kind", platform)

@@ -13,7 +13,9 @@ from conftest import REPO
 from launch import aot_check
 
 _LLAMA = "configs/smollm2_chat.py:debug"
-_BERT = "configs/minilm_sentiment.py:debug"
+# EWC (the second stage of continual fine-tuning) adds the anchor and the Fisher step;
+# the run that `init_from` names is not read to compile.
+_BERT_EWC = "configs/minilm_sentiment.py:debug,regularizer=ewc,strength=1,init_from=/stage_a"
 _MESHES = {
     "data8": ["--config.mesh.data=8"],
     "fsdp8": ["--config.mesh.data=1", "--config.mesh.fsdp=8"],
@@ -24,7 +26,7 @@ _RUNS = {
     ("llama", "data8"): (_LLAMA, ["--memory_per_device=16GiB"]),
     ("llama", "fsdp8"): (_LLAMA, []),
     ("llama", "fsdp4_tensor2"): (_LLAMA, ["--memory_per_device=1MiB"]),
-    ("bert", "fsdp8"): (_BERT, []),
+    ("bert_ewc", "fsdp8"): (_BERT_EWC, []),
 }
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
@@ -75,12 +77,18 @@ def test_fsdp_keeps_an_eighth_of_the_parameters_on_each_device(runs):
   assert 0.12 <= _parameters(fsdp.stdout)[0] / per_device < 1 / 7, fsdp.stdout
 
 
-def test_fsdp_shards_a_fully_fine_tuned_encoder_and_its_optimizer_state(runs):
-  result = runs[("bert", "fsdp8")]
+def test_fsdp_shards_a_fully_fine_tuned_encoder_its_optimizer_state_and_ewc_anchor(runs):
+  result = runs[("bert_ewc", "fsdp8")]
   assert result.returncode == 0, result.stderr[-3000:]
-  for row in ("trainable parameters", "optimizer state"):
+  for row in ("trainable parameters", "optimizer state", "regularizer anchor"):
     per_device, whole = _state_row(result.stdout, row)
     assert 0.12 <= per_device / whole < 1 / 7, result.stdout
+  # The anchor holds the starting weights and their Fisher weights: twice the parameters.
+  anchor, params = (_state_row(result.stdout, row)[1]
+                    for row in ("regularizer anchor", "trainable parameters"))
+  assert anchor == pytest.approx(2 * params, rel=0.01)
+  assert re.search(r"^compiled step, per device.*train step\s+eval step\s+EWC Fisher step$",
+                   result.stdout, re.MULTILINE), result.stdout
 
 
 def test_report_has_the_compiled_memory_of_both_steps(runs):
