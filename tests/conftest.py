@@ -3,15 +3,36 @@
 import os
 import subprocess
 import sys
+import tempfile
 
-# Must be set before JAX initialises its backends.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiled programs are cached on disk and shared by every process of the suite (the
+# pytest-xdist workers and the launchers they start): the same small models, compiled
+# by many tests, compile once. Entries are keyed by the program, the compiler options
+# and the jax version, so a stale entry is never used.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"ftjax-tests-jax-cache-{os.getuid()}"))
+
+# This process gets 8 fake CPU devices for the sharding tests: XLA reads the flag when JAX
+# initialises its backends, which happens right here. The processes that tests start (the
+# launchers) see the machine as it is, one CPU device like a run on a laptop, unless the
+# test gives them devices: 8 fake devices make each step several times slower on 2 cores.
+_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_force_host_platform_device_count=8".strip()
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+assert jax.device_count() == 8, jax.devices()
+if _XLA_FLAGS is None:
+  del os.environ["XLA_FLAGS"]
+else:
+  os.environ["XLA_FLAGS"] = _XLA_FLAGS
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The devices of an in-process run where sharding is not the point: the launched processes'
+# one device, so that such a run matches theirs bitwise and runs several times faster.
+ONE_DEVICE = jax.devices()[:1]
 
 
 def debug_launch_command(workdir, data_dir, *overrides):

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from configs import smollm2_chat, smollm2_shakespeare
+from conftest import ONE_DEVICE
 from ftjax import metrics, trainer
 
 
@@ -20,7 +21,7 @@ def _debug(module, data_dir, arg="debug"):
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp("chat"))
-  return workdir, trainer.run(_debug(smollm2_chat, data_dir), workdir)
+  return workdir, trainer.run(_debug(smollm2_chat, data_dir), workdir, devices=ONE_DEVICE)
 
 
 def test_chat_run_reports_held_out_loss_before_and_after(chat_run):
@@ -46,7 +47,8 @@ def test_chat_run_writes_sampled_completions_at_each_evaluation(chat_run):
 
 
 def test_text_run_trains_on_packed_passages(tmp_path, data_dir):
-  final = trainer.run(_debug(smollm2_shakespeare, data_dir), str(tmp_path))
+  final = trainer.run(_debug(smollm2_shakespeare, data_dir), str(tmp_path),
+                      devices=ONE_DEVICE)
   assert final["test"]["tokens"] > 1000 and final["test"]["loss"] > 0
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["data"]["name"] == "shakespeare" and config["task"] == "causal_lm"
@@ -60,4 +62,4 @@ def test_chat_data_with_a_classification_task_is_refused(tmp_path, data_dir):
   config.lock()
   with pytest.raises(Exception, match="config.data.name='chat' is chat data, scored by task "
                      "'causal_lm', but config.task='classification'"):
-    trainer.run(config, str(tmp_path))
+    trainer.run(config, str(tmp_path), devices=ONE_DEVICE)

@@ -10,7 +10,7 @@ import pytest
 
 from ftjax import trainer
 
-from conftest import launch_debug_run
+from conftest import ONE_DEVICE, launch_debug_run
 
 def _read_jsonl(path):
   with open(path) as f:
@@ -52,7 +52,7 @@ def test_early_stopping_stops_and_restores_best(debug_config, tmp_path):
   config.early_stopping.min_delta = 1.0  # nothing beats the first evaluation by 1.0
   config.lock()
   steps = []
-  final = trainer.run(config, str(tmp_path), on_step=steps.append)
+  final = trainer.run(config, str(tmp_path), on_step=steps.append, devices=ONE_DEVICE)
   assert final["stopped_early"] and final["best_step"] == 4
   assert steps == list(range(1, 9))  # stopped after the second evaluation
   assert os.listdir(tmp_path / "checkpoints") == ["8"]  # the state at the stop is kept
@@ -61,7 +61,7 @@ def test_early_stopping_stops_and_restores_best(debug_config, tmp_path):
   first = {k: v for k, v in validation[0].items() if k not in ("step", "split")}
   assert final["validation"] == first  # reported from the best evaluation, not recomputed
   # ... and the restored best parameters reproduce it.
-  run = trainer._Run(config, str(tmp_path))  # pylint: disable=protected-access
+  run = trainer._Run(config, str(tmp_path), ONE_DEVICE)  # pylint: disable=protected-access
   try:
     best = run.checkpointer.restore_best(run.state.params, run.state.stats)
     assert run.evaluate(best, "validation") == pytest.approx(first, rel=1e-6)
@@ -74,7 +74,7 @@ def test_train_and_eval_steps_compile_once(debug_config, tmp_path, caplog):
   jax.config.update("jax_log_compiles", True)
   try:
     with caplog.at_level(logging.WARNING):
-      trainer.run(debug_config, str(tmp_path))
+      trainer.run(debug_config, str(tmp_path), devices=ONE_DEVICE)
   finally:
     jax.config.update("jax_log_compiles", False)
   compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]

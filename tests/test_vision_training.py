@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 from configs import mobilenet_fashion
-from conftest import with_overrides
+from conftest import ONE_DEVICE, with_overrides
 from ftjax import build, data, models, param_groups, sharding, tasks, trainer
 from ftjax.data import inputs as inputs_lib
 from ftjax.hub import torch_pickle, vision
@@ -114,7 +114,7 @@ def test_resumed_run_with_mixing_equals_an_uninterrupted_one(vision_config, tmp_
   config = with_overrides(vision_config, **{"data.augment.mixup_alpha": 0.4,
                                             "data.augment.cutmix_alpha": 1.0,
                                             "checkpoint.use_async": False})
-  whole = trainer.run(config, str(tmp_path / "whole"))
+  whole = trainer.run(config, str(tmp_path / "whole"), devices=ONE_DEVICE)
 
   class Interrupt(Exception):
     pass
@@ -124,8 +124,8 @@ def test_resumed_run_with_mixing_equals_an_uninterrupted_one(vision_config, tmp_
       raise Interrupt
 
   with pytest.raises(Interrupt):
-    trainer.run(config, str(tmp_path / "resumed"), on_step=stop_at_4)
-  resumed = trainer.run(config, str(tmp_path / "resumed"))
+    trainer.run(config, str(tmp_path / "resumed"), on_step=stop_at_4, devices=ONE_DEVICE)
+  resumed = trainer.run(config, str(tmp_path / "resumed"), devices=ONE_DEVICE)
   for key in ("validation", "test", "best_step"):
     assert resumed[key] == whole[key], key
   assert _final(tmp_path / "resumed")["test"] == _final(tmp_path / "whole")["test"]
