@@ -7,6 +7,9 @@ finished and not run again; one with checkpoints but no final metrics resumes
 from its latest checkpoint. So a sweep stopped at any point continues where it
 was when started again. A workdir made with another config (the study file was
 changed since) is refused, naming the keys that differ, rather than reused.
+The runs share JAX's persistent compilation cache (`<sweep>/jax_cache`, unless
+JAX_COMPILATION_CACHE_DIR names another): runs of one model compile their steps
+once.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ftjax.sweeps.results import flatten_config
 LAUNCHERS = {"local": "launch/train.py", "slurm": "launch/slurm.py",
              "tpu_pod": "launch/tpu_pod.py"}
 FINISHED = "final_metrics.json"
+COMPILATION_CACHE = "jax_cache"
 
 
 def train_args(run: study_lib.Run, sweep_dir: str) -> list[str]:
@@ -103,6 +107,7 @@ class _Child:
     self.log_path = os.path.join(workdir, "train.log")
     self.started = time.perf_counter()
     env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(sweep_dir, COMPILATION_CACHE))
     if shared:  # runs side by side on one accelerator: allocate as needed, not 75% each
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     with open(self.log_path, "a") as log:
