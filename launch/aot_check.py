@@ -324,8 +324,9 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   whole = {k: sharding.tree_bytes(tree) for k, tree in trees.items()}
   # What the evaluation and Fisher steps do not take but the device keeps meanwhile.
   held = sharding.local_bytes((state.opt_state, state.step, state.rng, state.anchor))
-  weights_args = [(k, v) for k, v in local.items()
-                  if k not in ("optimizer state", "regularizer anchor")]
+  eval_args = [(k, v) for k, v in local.items()
+               if k not in ("optimizer state", "regularizer anchor")]
+  eval_args.append(("batch", sharding.local_bytes(eval_batch)))  # also the Fisher step's
   steps = {
       "train step": StepMemory(
           train_compiled, train_seconds, 0,
@@ -333,16 +334,13 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
           "activations, gradients, collective buffers"),
       "eval step": StepMemory(
           eval_compiled, eval_seconds, held,
-          weights_args + [("batch", sharding.local_bytes(eval_batch))],
-          "activations, collective buffers")}
+          eval_args, "activations, collective buffers")}
   if regularizers.kind(config) == "ewc":  # run once at the start, on evaluation batches
     fisher = build.jit_fisher_step(built, task, config, rules, batch_sharding)
     fisher_compiled, fisher_seconds = _compile(fisher, state.params, state.stats, built.frozen,
                                                eval_batch)
     steps["EWC Fisher step"] = StepMemory(
-        fisher_compiled, fisher_seconds, held,
-        weights_args + [("batch", sharding.local_bytes(eval_batch))],
-        "per-example gradients, activations")
+        fisher_compiled, fisher_seconds, held, eval_args, "per-example gradients, activations")
 
   platform = devices[0].platform
   kind = getattr(devices[0], "device_kind", platform)
