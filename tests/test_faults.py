@@ -86,9 +86,7 @@ def test_an_unreadable_latest_checkpoint_is_set_aside_for_the_one_before(
         open(os.path.join(root, name), "w").close()
   # Resumed as the reference ran, through the launcher: an in-process run on one of this
   # process's 8 fake devices can differ from a one-device process in the last bits.
-  result = subprocess.run(debug_launch_command(workdir, data_dir), cwd=REPO,
-                          capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = launch_debug_run(workdir, data_dir)
   out = result.stdout + result.stderr
   assert "checkpoints/12 cannot be restored" in out and "resumed from step 8" in out
   assert [name.split("-")[0] for name in os.listdir(workdir / "unreadable_checkpoints")] == ["12"]
