@@ -159,7 +159,8 @@ GOOD_ROWS = ('plot,"A synopsis, with a comma.",film_a,False\n'
     ("fresh,Too many,film_c,False,extra\n", 5, "expected 4 columns, found 5"),
     (b"fresh,Caf\xe9 latin-1,film_c,False\n", 5, "not valid UTF-8"),
     ('fresh,"Stray" quote,film_c,False\n', 5, "malformed CSV"),
-])
+], ids=["empty text", "blank text", "unknown category", "too few columns", "too many columns",
+        "latin-1 bytes", "stray quote"])
 def test_malformed_row_names_file_and_row(tmp_path, bad_row, row, reason):
   # The quoted newline in row 4 makes row 5 start on line 6.
   good = (HEADER + GOOD_ROWS).encode()

@@ -65,8 +65,8 @@ def _header(magic: int, *sizes: int) -> bytes:
     (_header(0x803, 1, 2, 2) + bytes(5), r"holds 5 \(trailing bytes\)"),
     (_header(0x803, 1, 2), r"shorter than the 16-byte header"),
     (b"\0\0", r"too short for an IDX header"),
-    (gzip.compress(_header(0x803, 1, 1, 1) + b"\7")[:-6], r"corrupt or truncated gzip"),
-])
+    (gzip.compress(_header(0x803, 1, 1, 1) + b"\7", mtime=0)[:-6], r"corrupt or truncated gzip"),
+], ids=["wrong magic", "truncated", "trailing bytes", "short header", "too short", "bad gzip"])
 def test_idx_malformed_names_file(tmp_path, content, reason):
   path = tmp_path / "bad-images-idx3-ubyte"
   path.write_bytes(content)
