@@ -18,6 +18,11 @@ def _to_python(value: Any) -> Any:
   return value
 
 
+# Records written by the end of a run (after its last checkpoint), which a start that
+# resumes from that checkpoint writes again.
+END_SPLITS = ("test",)
+
+
 class MetricWriter:
   """Appends metrics to `metrics.jsonl` and TensorBoard event files in the workdir.
 
@@ -42,13 +47,40 @@ class MetricWriter:
     return self._tb_writer
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past `step`, so a resumed run does not log a step twice."""
+    """Makes the log what an uninterrupted run had logged when its checkpoint of `step`
+    was written (-1: nothing), for a start that continues from that checkpoint.
+
+    Dropped: records past `step`, the end-of-run records (split 'test'; the end of
+    the run is done again), and a last line cut short by a kill. The TensorBoard
+    events are then written again from the records kept, so a killed start's
+    points are not shown twice.
+    """
     if not self.enabled or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(self.path, "w") as f:
-      f.writelines(kept)
+    kept = [record for record in read_metrics(os.path.dirname(self.path))
+            if record["step"] <= step and record["split"] not in END_SPLITS]
+    temporary = self.path + ".tmp"
+    with open(temporary, "w") as f:
+      f.writelines(json.dumps(record) + "\n" for record in kept)
+    os.replace(temporary, self.path)  # a kill leaves the old log or the new one
+    self._rewrite_tensorboard(kept)
+
+  def _rewrite_tensorboard(self, records: list[dict[str, Any]]) -> None:
+    """Replaces the TensorBoard event files with one holding `records`."""
+    self.close()
+    self._tb_writer = None
+    if os.path.isdir(self._tb_dir):
+      for name in os.listdir(self._tb_dir):
+        if name.startswith("events.out.tfevents."):
+          os.remove(os.path.join(self._tb_dir, name))
+    for record in records:
+      if record["split"] == "samples":
+        self._add_samples(record["step"], record["samples"])
+      else:
+        metrics = {k: v for k, v in record.items() if k not in ("step", "split")}
+        self._add_scalars(record["step"], record["split"], metrics)
+    if self._tb_writer is not None:
+      self._tb.flush()
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     """Records scalar metrics of `split` ('train', 'validation', 'test') at `step`."""
@@ -58,10 +90,13 @@ class MetricWriter:
     record.update({k: _to_python(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    self._add_scalars(step, split, metrics)
+    self._tb.flush()
+
+  def _add_scalars(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     for key, value in metrics.items():
       if np.ndim(value) == 0:
         self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
-    self._tb.flush()
 
   def write_samples(self, step: int, samples: list[dict[str, str]]) -> None:
     """Records generated texts ({"prompt", "completion"} each) at `step`."""
@@ -69,10 +104,13 @@ class MetricWriter:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), "split": "samples", "samples": samples}) + "\n")
+    self._add_samples(step, samples)
+    self._tb.flush()
+
+  def _add_samples(self, step: int, samples: list[dict[str, str]]) -> None:
     text = "\n\n".join(f"**prompt** {s['prompt']!r}\n\n**completion** {s['completion']!r}"
                        for s in samples)
     self._tb.add_text("samples", text, int(step))
-    self._tb.flush()
 
   def close(self) -> None:
     if self._tb_writer is not None:
@@ -80,9 +118,10 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """Returns the records of a run's `metrics.jsonl`."""
+  """Returns the records of a run's `metrics.jsonl` (without a last line that a kill cut
+  short: each record is appended whole, ending with a newline)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 class Progress:

@@ -20,6 +20,8 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
              "ml-collections", "tensorflow-datasets", "transformers", "tokenizers")
@@ -67,27 +69,68 @@ def run_info(seed: int) -> dict[str, Any]:
           "devices": device_info()}
 
 
-def record_start(workdir: str, seed: int) -> dict[str, Any]:
-  """Appends this start to `workdir/run_info.json` (process 0 only) and returns it.
+def _read_info(path: str) -> dict[str, Any] | None:
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError:  # a half-written file from a killed start: begin it again
+    return None
 
-  The first start's fields are kept at the top level; every start, the first
-  included, is listed under "starts", so a resumed run shows each machine and
-  code version it ran on.
-  """
-  info = run_info(seed)
-  if jax.process_index() != 0:
-    return info
-  path = os.path.join(workdir, INFO_FILE)
-  record = dict(info)
-  if os.path.isfile(path):
-    try:
-      with open(path) as f:
-        record = json.load(f)
-    except ValueError:  # a half-written file from a killed start: begin it again
-      record = dict(info)
-  record["starts"] = [*record.get("starts", []), info]
+
+def _write_info(path: str, record: dict[str, Any]) -> None:
   temporary = path + ".tmp"
   with open(temporary, "w") as f:
     json.dump(record, f, indent=2)
   os.replace(temporary, path)
-  return info
+
+
+class RunClock:
+  """The time a run has cost, over all its starts, killed ones included.
+
+  Each start's entry in `run_info.json` holds its `seconds` so far, brought up to
+  date by `update()` (the trainer calls it at every logged step and at the end),
+  so a start that is killed leaves its share up to its last update.
+  """
+
+  def __init__(self, workdir: str, started: float, earlier_seconds: float):
+    self._path = os.path.join(workdir, INFO_FILE)
+    self._started = started
+    self.earlier_seconds = earlier_seconds
+
+  def update(self) -> float:
+    """Writes this start's seconds so far into its `run_info.json` entry (process 0);
+    returns the seconds of every start of the run, this one up to now."""
+    seconds = time.perf_counter() - self._started
+    record = _read_info(self._path) if jax.process_index() == 0 else None
+    if record is not None and record.get("starts"):
+      record["starts"][-1]["seconds"] = round(seconds, 3)
+      _write_info(self._path, record)
+    return self.earlier_seconds + seconds
+
+
+def record_start(workdir: str, seed: int, started: float) -> RunClock:
+  """Appends this start to `workdir/run_info.json` (process 0 only); returns its clock.
+
+  The first start's fields are kept at the top level; every start, the first
+  included, is listed under "starts", so a resumed run shows each machine and
+  code version it ran on, and how long each start ran.
+
+  Args:
+    workdir: the run folder.
+    seed: the run's seed.
+    started: `time.perf_counter()` when this start began.
+  """
+  info = run_info(seed)
+  path = os.path.join(workdir, INFO_FILE)
+  earlier = 0.0
+  if jax.process_index() == 0:
+    record = _read_info(path) or dict(info)
+    earlier = sum(start.get("seconds", 0.0) for start in record.get("starts", []))
+    this_start = {**info, "seconds": round(time.perf_counter() - started, 3)}
+    record["starts"] = [*record.get("starts", []), this_start]
+    _write_info(path, record)
+  if jax.process_count() > 1:  # every process returns the same total
+    earlier = float(multihost_utils.broadcast_one_to_all(np.float32(earlier)))
+  return RunClock(workdir, started, earlier)

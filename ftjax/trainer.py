@@ -77,6 +77,7 @@ class _Run:
     self._compile()
     self.sample_prompts = []
     self.test_at_start: dict[str, float] | None = None  # with init_from / test_at_start
+    self.clock: tracking.RunClock | None = None  # once the start is recorded
     if self.task.name == "causal_lm" and config.samples.count > 0:
       self.sample_prompts = inputs_lib.sample_prompts(
           self.inputs, "validation", config.samples.count, config.samples.prompt_tokens)
@@ -243,6 +244,7 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
       if step % config.log_every == 0 or last:
         metrics = jax.device_get(metrics)
         run.writer.write(step, "train", metrics)
+        run.clock.update()
         log_line(progress.line(step, metrics))
       epoch_end = config.get("eval_at_epoch_end", True) and step % run.steps_per_epoch == 0
       if step % config.eval_every == 0 or epoch_end or last:
@@ -365,7 +367,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
   # Only now that the config has proven to fit the workdir's checkpoints, if any.
   _write_config(config, workdir)
-  tracking.record_start(workdir, config.seed)
+  run_.clock = tracking.record_start(workdir, config.seed, started)
   fresh = int(jax.device_get(run_.state.step)) == 0
   if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs
     run_.state = run_.state.replace(anchor={"center": run_.state.anchor["center"],
@@ -382,7 +384,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
       # The best evaluation's metrics are those of the restored best parameters.
       "validation": stopper.best_metrics or run_.evaluate(best, "validation"),
       "test": run_.evaluate(best, "test"),
-      "train_seconds": time.perf_counter() - started,
+      "train_seconds": run_.clock.update(),  # every start's share, killed ones included
   }
   if at_start is not None:
     final["test_at_start"] = at_start

@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices, shared prepared data, small helpers."""
 
+import collections
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -84,3 +86,37 @@ def debug_config(data_dir):
   config.data.data_dir = data_dir
   config.lock()
   return config
+
+
+def tensorboard_scalars(workdir):
+  """Every scalar in the run's TensorBoard event files, as sorted (tag, step, value)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(workdir, "tensorboard")
+  scalars = []
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):  # TFRecords: length, its CRC, the Event, its CRC
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value
+                  if v.HasField("simple_value")]
+  return sorted(scalars)
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Counts the fault harness's SIGKILLs by the phase of the run they hit (the tests
+  record them as the `sigkill_phases` property, which pytest-xdist passes on)."""
+  phases = collections.Counter()
+  for reports in terminalreporter.stats.values():
+    for report in reports:
+      if getattr(report, "when", None) != "call":
+        continue
+      for name, value in report.user_properties:
+        if name == "sigkill_phases":
+          phases.update(value)
+  if phases:
+    terminalreporter.write_line("SIGKILLs by phase of the run: " + ", ".join(
+        f"{phase}: {count}" for phase, count in sorted(phases.items())))

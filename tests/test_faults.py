@@ -13,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ONE_DEVICE, REPO, debug_launch_command, launch_debug_run, with_overrides
+from conftest import (ONE_DEVICE, REPO, debug_launch_command, launch_debug_run,
+                      tensorboard_scalars, with_overrides)
 from ftjax import trainer
 from ftjax.errors import CheckpointError, TrainingError
 from ftjax.preemption import EXIT_CODE
@@ -30,11 +31,18 @@ def _final(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
-  """An uninterrupted debug run through the launcher (checkpoints at steps 4, 8, 12)."""
+def reference_run(tmp_path_factory, data_dir):
+  """An uninterrupted debug run through the launcher (checkpoints at steps 4, 8, 12):
+  its folder and how many seconds it took from start to exit."""
   workdir = tmp_path_factory.mktemp("reference")
+  started = time.time()
   launch_debug_run(workdir, data_dir)
-  return workdir
+  return workdir, time.time() - started
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return reference_run[0]
 
 
 def _wait_for_logged_step(workdir, step, process, timeout=300):
@@ -123,29 +131,62 @@ def test_a_non_finite_update_stops_training_and_keeps_the_checkpoints(
   assert not (tmp_path / "final_metrics.json").exists()
 
 
-def _kill_at_random_point(workdir, data_dir, rng, during_write):
-  """Starts the run in `workdir` and SIGKILLs it after a random logged step, or while an
-  asynchronous checkpoint write is in progress. Returns what happened."""
+LAST_STEP = 12  # of the debug config
+
+
+def _kill_once(workdir, data_dir, rng, moment, run_seconds):
+  """Starts the run in `workdir` and SIGKILLs it at `moment`:
+
+  "step": after a random logged training step; "write": while an asynchronous
+  checkpoint write is in progress; "test": once the end of the run has logged its
+  test evaluation; "end": at a random time after the last training step is logged;
+  "any": at a random time between the start and `run_seconds` (how long a whole run
+  takes). Returns the phase the run was in when it was killed.
+  """
   checkpoints = os.path.join(workdir, "checkpoints")
-  step = int(rng.integers(1, 12))
+  step = int(rng.integers(1, LAST_STEP))
+  delay = float(rng.uniform(0, {"end": 2.0, "any": run_seconds}.get(moment, 0.0)))
   process = subprocess.Popen(debug_launch_command(workdir, data_dir), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  started = time.time()
+  due = None  # the time to kill, once known
   try:
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-      if during_write:  # orbax writes into "<step>.orbax-checkpoint-tmp-..." and renames it
+    while time.time() < started + 300 and process.poll() is None:
+      records = _records_so_far(workdir)
+      if moment == "write":  # orbax writes into "<step>.orbax-checkpoint-tmp-..." and renames
         if os.path.isdir(checkpoints) and any("tmp" in n for n in os.listdir(checkpoints)):
-          process.send_signal(signal.SIGKILL)
-          return "killed during a checkpoint write"
-      elif any(r["step"] >= step for r in _records_so_far(workdir)):
+          due = time.time()
+      elif moment == "step" and any(r["step"] >= step for r in records):
+        due = time.time()
+      elif moment == "test" and any(r["split"] == "test" for r in records):
+        due = time.time()
+      elif moment == "end" and due is None and any(
+          r["split"] == "train" and r["step"] == LAST_STEP for r in records):
+        due = time.time() + delay
+      elif moment == "any":
+        due = started + delay
+      if due is not None and time.time() >= due:
+        phase = _phase(workdir, records)
         process.send_signal(signal.SIGKILL)
-        return f"killed after step {step}"
+        return phase
       time.sleep(0.002)
     return "finished before the kill"
   finally:
     if process.poll() is None:
       process.kill()
     process.wait()
+
+
+def _phase(workdir, records):
+  """What the run is doing: where its workdir shows it is."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and any("tmp" in n for n in os.listdir(checkpoints)):
+    return "during a checkpoint write"
+  if os.path.exists(os.path.join(workdir, "final_metrics.json")):
+    return "after the final metrics"
+  if any(r["split"] == "train" and r["step"] == LAST_STEP for r in records):
+    return "after the last step"
+  return "training" if records else "before the first step"
 
 
 def _records_so_far(workdir):
@@ -156,25 +197,37 @@ def _records_so_far(workdir):
     return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def _kill_and_resume(reference, workdir, data_dir, kills, seed, first_kill=0):
-  """Kills the run `kills` times at random points (kills first_kill, first_kill + 2, ...
-  after a random step, the others during a checkpoint write), then lets it finish; its
-  results must equal the uninterrupted run's bitwise."""
+def _kill_and_resume(reference_run, workdir, data_dir, moments, seed):
+  """Kills the run once at each of `moments` (see `_kill_once`), then lets it finish;
+  its log, TensorBoard scalars, final metrics and checkpoints must equal the
+  uninterrupted run's bitwise. Returns the phase of each kill."""
+  reference, run_seconds = reference_run
   rng = np.random.default_rng(seed)
-  events = [_kill_at_random_point(workdir, data_dir, rng, during_write=bool((i + first_kill) % 2))
-            for i in range(kills)]
+  phases = [_kill_once(workdir, data_dir, rng, moment, run_seconds)
+            for moment in moments]
   result = subprocess.run(debug_launch_command(workdir, data_dir), cwd=REPO,
                           capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, (events, result.stderr[-3000:])
-  assert _records(workdir) == _records(reference), events
-  assert _final(workdir) == _final(reference), events
-  _assert_trees_equal(_restore(workdir / "checkpoints" / "12" / "state"),
-                      _restore(reference / "checkpoints" / "12" / "state"))
+  assert result.returncode == 0, (phases, result.stderr[-3000:])
+  assert _records(workdir) == _records(reference), phases
+  assert tensorboard_scalars(workdir) == tensorboard_scalars(reference), phases
+  assert _final(workdir) == _final(reference), phases
+  _assert_trees_equal(_restore(workdir / "checkpoints" / str(LAST_STEP) / "state"),
+                      _restore(reference / "checkpoints" / str(LAST_STEP) / "state"))
   best = os.listdir(reference / "best")
-  assert os.listdir(workdir / "best") == best, events
+  assert os.listdir(workdir / "best") == best, phases
   _assert_trees_equal(_restore(workdir / "best" / best[0] / "default"),
                       _restore(reference / "best" / best[0] / "default"))
-  return events
+  _assert_time_counts_every_start(workdir)
+  return phases
+
+
+def _assert_time_counts_every_start(workdir):
+  with open(workdir / "run_info.json") as f:
+    starts = json.load(f)["starts"]
+  with open(workdir / "final_metrics.json") as f:
+    train_seconds = json.load(f)["train_seconds"]
+  assert all(start["seconds"] > 0 for start in starts), starts
+  assert train_seconds == pytest.approx(sum(start["seconds"] for start in starts), abs=0.01)
 
 
 def _restore(path):
@@ -188,13 +241,22 @@ def _assert_trees_equal(actual, expected):
     np.testing.assert_array_equal(a, b)
 
 
-def test_sigkill_during_a_checkpoint_write_and_resume_equals_uninterrupted(
-    reference, tmp_path, data_dir):
-  _kill_and_resume(reference, tmp_path / "killed", data_dir, kills=1, seed=0, first_kill=1)
+def test_sigkills_during_a_checkpoint_write_and_after_the_test_resume_to_the_same_run(
+    reference_run, tmp_path, data_dir, record_property):
+  phases = _kill_and_resume(reference_run, tmp_path / "killed", data_dir, ["write", "test"],
+                            seed=0)
+  record_property("sigkill_phases", phases)
+  assert phases[0] == "during a checkpoint write" and phases[1].startswith("after the"), phases
+  with open(tmp_path / "killed" / "run_info.json") as f:
+    assert len(json.load(f)["starts"]) == 3  # each start's time is counted
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(1, 9))
-def test_many_sigkills_and_resumes_equal_uninterrupted(reference, tmp_path, data_dir, seed):
-  events = _kill_and_resume(reference, tmp_path / "killed", data_dir, kills=3, seed=seed)
-  print(f"trial {seed}: {events}")
+def test_many_sigkills_and_resumes_equal_uninterrupted(reference_run, tmp_path, data_dir, seed,
+                                                       record_property):
+  # A write first: a later start may find the run finished, with nothing left to write.
+  moments = ["write", "any", "end"] if seed % 2 else ["write", "step", "any"]
+  phases = _kill_and_resume(reference_run, tmp_path / "killed", data_dir, moments, seed=seed)
+  record_property("sigkill_phases", phases)
+  print(f"trial {seed}: {list(zip(moments, phases))}")
