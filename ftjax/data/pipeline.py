@@ -239,13 +239,16 @@ def _decode(text: bytes | str) -> str:
 
 
 def text_classification_preprocess(tokenizer: TextTokenizer, text_key: str = "text",
-                                   label_key: str = "label") -> Preprocess:
-  """Returns a preprocess that tokenizes texts and keeps integer labels.
+                                   label_key: str = "label",
+                                   pair_key: str | None = None) -> Preprocess:
+  """Returns a preprocess that tokenizes texts (or text pairs) and keeps integer labels.
 
   Args:
     tokenizer: encodes to a fixed length (see `load_tokenizer`).
     text_key: the feature holding the text (bytes or str).
     label_key: the feature holding the class index.
+    pair_key: the feature holding each text's second segment, for sentence-pair
+      data sets; None for single texts.
 
   Returns:
     batch -> {"input_ids", "attention_mask", "token_type_ids": int32 [B, L],
@@ -256,10 +259,11 @@ def text_classification_preprocess(tokenizer: TextTokenizer, text_key: str = "te
   def preprocess(batch: Batch) -> Batch:
     try:
       texts = [_decode(t) for t in batch[text_key]]
+      pairs = [_decode(t) for t in batch[pair_key]] if pair_key else None
     except UnicodeDecodeError as e:
       ids = batch.get("id")
       raise DataError(f"text that is not UTF-8 in the batch of ids {ids}: {e}") from e
-    out = tokenizer.encode(texts)
+    out = tokenizer.encode(texts, pairs)
     out["label"] = np.asarray(batch[label_key], np.int32)
     if "task" in batch:
       out["task"] = np.asarray(batch["task"], np.int32)

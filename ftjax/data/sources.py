@@ -15,7 +15,8 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import chat, fashion_mnist, mnist_digits, rotten_tomatoes, shakespeare, tweets
+from ftjax.data import (chat, fashion_mnist, file_classification, mnist_digits, rotten_tomatoes,
+                        shakespeare, tweets)
 from ftjax.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
@@ -106,3 +107,20 @@ def load_splits(name: str, data_dir: str, source_path: str | None = None
                      os.fspath(data_dir), f"{name}-{config.name}")
   sources = builder.as_data_source()
   return {split: sources[split] for split in SPLITS}
+
+
+def load_file_splits(config: file_classification.FilesConfig, data_dir: str
+                     ) -> tuple[dict[str, Any], tuple[str, ...]]:
+  """Prepares the labelled texts of the user's files in `data_dir` if needed (under
+  the config's name, which changes with the files' versions), and opens their splits.
+
+  Returns:
+    ({"train", "validation", "test"}: random-access sources as `load_splits`
+    returns them, the class names in label order).
+  """
+  builder = _prepare(
+      lambda: file_classification.FileClassification(data_dir=data_dir, config=config),
+      os.fspath(data_dir), f"file_classification-{config.name}")
+  sources = builder.as_data_source()
+  return ({split: sources[split] for split in SPLITS},
+          tuple(builder.info.features["label"].names))

@@ -35,11 +35,14 @@ class TextTokenizer:
   def pad_id(self) -> int:
     return self._tokenizer.padding["pad_id"]
 
-  def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-    """Tokenizes `texts`, padding and truncating each to `max_length`.
+  def encode(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Tokenizes `texts` (with `pairs`: text pairs), padding and truncating each to
+    `max_length`.
 
     Args:
       texts: the strings to encode; special tokens ([CLS], [SEP]) are added.
+      pairs: each text's second segment ([CLS] text [SEP] pair [SEP], token type
+        1 for the pair; the longer segment is truncated first), or None.
 
     Returns:
       {"input_ids", "attention_mask", "token_type_ids"}: int32 arrays of shape
@@ -49,7 +52,8 @@ class TextTokenizer:
     if not texts:
       return {key: np.zeros(shape, np.int32) for key in OUTPUT_KEYS}
     # One batched call: the Rust side parallelises across the batch.
-    encodings = self._tokenizer.encode_batch(list(texts))
+    encodings = self._tokenizer.encode_batch(
+        list(texts) if pairs is None else list(zip(texts, pairs)))
     return {
         "input_ids": np.array([e.ids for e in encodings], np.int32),
         "attention_mask": np.array([e.attention_mask for e in encodings], np.int32),

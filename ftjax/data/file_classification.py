@@ -1,0 +1,209 @@
+"""Labelled texts from the user's own files (CSV, TSV, JSON Lines / JSON, Parquet).
+
+`config.data.name` is the format, `config.data.files.train` / `.validation` /
+`.test` name the files (paths, globs or comma-separated lists) and
+`config.data.columns.text` / `.text_pair` / `.label` the columns (defaults
+"text", "", "label"; a `text_pair` column makes sentence-pair examples).
+
+Labels are strings or integers. The class names are `config.data.labels` when
+given (in label order), else the distinct labels of the training file(s):
+integers (also written as strings, as in a CSV) in numeric order, other labels
+in sorted order. A validation or test label that is not a class is an error
+naming its file and row.
+
+A split without a file of its own is cut from the training file(s): a seeded
+(seed 0) split stratified by label, by the fractions `config.data.split`
+(default 80/10/10) of the splits that have no file, the same on every machine.
+An example is placed by a hash of its text (and text pair), so exact
+duplicates share a split and editing other rows moves no example.
+
+The files are read twice while preparing (labels first, then examples), one row
+at a time; the prepared splits keep the files' row order.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ftjax.data import local_builder, table_files
+from ftjax.errors import DataError
+
+SPLIT_SEED = 0
+_INTEGER = str.isdigit
+
+
+@dataclasses.dataclass
+class FilesConfig(tfds.core.BuilderConfig):
+  """What to read: the format, the files of each split, the columns and the classes."""
+
+  format: str = "csv"
+  files: tuple[tuple[str, ...], ...] = ((), (), ())  # train, validation, test
+  text_column: str = "text"
+  text_pair_column: str = ""
+  label_column: str = "label"
+  labels: tuple[str, ...] = ()  # empty: from the training files
+  fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
+
+
+def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str],
+               labels: Sequence[Any], fractions: Sequence[float]) -> FilesConfig:
+  """The builder config of a set of files, named after them, their versions and settings.
+
+  Args:
+    fmt: one of `table_files.FORMATS`.
+    files: the files of train, validation and test (empty: cut from train).
+    columns: {"text", "text_pair", "label"}: the column of each field.
+    labels: the class names in label order; empty: from the training files.
+    fractions: train / validation / test fractions for the splits without files.
+  """
+  files = tuple(tuple(paths) for paths in files)
+  labels = tuple(_label_name(label, "config.data.labels") for label in labels)
+  settings = [fmt, files, [table_files.signature(p) for paths in files for p in paths],
+              columns, labels, tuple(fractions)]
+  digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+  return FilesConfig(name=f"files_{digest}", description=f"{fmt} files {files}",
+                     format=fmt, files=files, text_column=columns["text"],
+                     text_pair_column=columns["text_pair"], label_column=columns["label"],
+                     labels=labels, fractions=tuple(fractions))
+
+
+def _label_name(value: Any, where: str) -> str:
+  """A label value as a class name: an integer's digits, or a string stripped."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    raise DataError(f"{where}: label {value!r} is a {type(value).__name__}; expected a "
+                    "string or an integer")
+  if isinstance(value, float):
+    if not value.is_integer():
+      raise DataError(f"{where}: label {value!r} is not an integer")
+    value = int(value)
+  name = str(value).strip()
+  if not name:
+    raise DataError(f"{where}: empty label")
+  return name
+
+
+def class_order(names: set[str]) -> tuple[str, ...]:
+  """Integers in numeric order when every name is one, else sorted names."""
+  if all(_INTEGER(n.removeprefix("-")) for n in names):
+    return tuple(sorted(names, key=int))
+  return tuple(sorted(names))
+
+
+class FileClassification(local_builder.FileBuilder, skip_registration=True):
+  """Labelled texts read from files named by a `FilesConfig`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Texts (and text pairs) with labels from CSV, TSV, JSON or "
+                            "Parquet files."}
+  BUILDER_CONFIGS = [FilesConfig(name="default")]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    features: dict[str, tfds.features.FeatureConnector] = {
+        "id": tfds.features.Tensor(shape=(), dtype=np.int64), "text": tfds.features.Text()}
+    if config.text_pair_column:
+      features["text_pair"] = tfds.features.Text()
+    # Without given names, preparation sets them; a prepared data set reads them back.
+    features["label"] = tfds.features.ClassLabel(names=list(config.labels) or None)
+    return self._dataset_info(features, license_text="", supervised_keys=("text", "label"))
+
+  def _examples_of(self, paths: Sequence[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """(where, {"text", ["text_pair"], "label": class name}) of each row of `paths`."""
+    config = self.builder_config
+    fields = [("text", config.text_column), ("label", config.label_column)]
+    if config.text_pair_column:
+      fields.insert(1, ("text_pair", config.text_pair_column))
+    for path in paths:
+      for where, row in table_files.read_rows(path, config.format):
+        example = {}
+        for field, column in fields:
+          if column not in row or row[column] is None:
+            raise DataError(f"{where}: no value in column {column!r} "
+                            f"(config.data.columns.{field}); the row has columns "
+                            f"{sorted(row)}")
+          value = row[column]
+          if field == "label":
+            example[field] = _label_name(value, f"{where}: column {column!r}")
+          elif not isinstance(value, str):
+            raise DataError(f"{where}: column {column!r} holds a {type(value).__name__}; "
+                            "expected text")
+          elif not value.strip():
+            raise DataError(f"{where}: column {column!r}: empty text")
+          else:
+            example[field] = value
+        yield where, example
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    del dl_manager  # local or remote files, read as they are
+    config = self.builder_config
+    train_files, *given = config.files
+    # First pass, in compact arrays: each training example's label (a code per distinct
+    # label) and a hash of its text, its key.
+    codes: dict[str, int] = {}
+    labels, keys = array.array("i"), array.array("Q")
+    for where, example in self._examples_of(train_files):
+      if config.labels and example["label"] not in config.labels:
+        raise DataError(f"{where}: label {example['label']!r} is not one of "
+                        f"config.data.labels {list(config.labels)}")
+      labels.append(codes.setdefault(example["label"], len(codes)))
+      keys.append(int.from_bytes(hashlib.blake2b(
+          f"{example['text']}\0{example.get('text_pair', '')}".encode(), digest_size=8
+      ).digest(), "little"))
+    if not labels:
+      raise DataError(f"config.data.files.train={list(train_files)}: no examples")
+    names = config.labels or class_order(set(codes))
+    if not config.labels:
+      self.info.features["label"].names = list(names)
+    placement = self._placement(np.frombuffer(labels, np.int32), np.frombuffer(keys, np.uint64),
+                                [bool(g) for g in given])
+    for split, name in enumerate(local_builder.SPLIT_NAMES):
+      if not (given[split - 1] if split else False) and not np.any(placement == split):
+        raise DataError(f"config.data.files.train={list(train_files)}: {len(labels)} "
+                        f"examples leave the {name} split empty; give it a file "
+                        f"(config.data.files.{name}) or more examples")
+    generators = {"train": self._generate_examples(train_files, "train", placement=placement)}
+    for split, name in enumerate(local_builder.SPLIT_NAMES[1:], 1):
+      generators[name] = (self._generate_examples(given[split - 1], name, names=names)
+                          if given[split - 1]
+                          else self._generate_examples(train_files, name, placement=placement))
+    return generators
+
+  def _placement(self, labels: np.ndarray, keys: np.ndarray, given: list[bool]) -> np.ndarray:
+    """The split index of each training example: examples with one text (one key)
+    form a group, and the groups are split stratified by their first example's
+    label, over the splits without files of their own."""
+    fractions = [f if i == 0 or not given[i - 1] else 0.0
+                 for i, f in enumerate(self.builder_config.fractions)]
+    fractions = [f / sum(fractions) for f in fractions]
+    unique, first, group = np.unique(keys, return_index=True, return_inverse=True)
+    parts = local_builder.stratified_split(labels[first].tolist(), unique.tolist(),
+                                           fractions, SPLIT_SEED)
+    group_split = np.zeros(len(unique), np.int8)
+    for split, indices in enumerate(parts):
+      group_split[indices] = split
+    return group_split[group.reshape(-1)]
+
+  def _generate_examples(self, paths: Sequence[str], split: str,
+                         placement: np.ndarray | None = None,
+                         names: Sequence[str] = ()) -> Iterator[local_builder.KeyedExample]:
+    """The examples of `split`: the training files' examples placed in it (`placement`:
+    the split index of each), or the split's own files' examples, each label checked
+    against the classes `names`; in file order."""
+    number, count = local_builder.SPLIT_NAMES.index(split), 0
+    for index, (where, example) in enumerate(self._examples_of(paths)):
+      if placement is not None and placement[index] != number:
+        continue
+      if placement is None and example["label"] not in names:
+        raise DataError(f"{where}: {split} label {example['label']!r} is not a class of "
+                        f"the training data {list(names)}")
+      count += 1
+      yield index, {"id": index, **example}
+    if not count:
+      raise DataError(f"config.data.files.{split}={list(paths)}: no examples")

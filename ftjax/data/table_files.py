@@ -1,0 +1,212 @@
+"""Rows of the data files a user names: CSV, TSV, JSON Lines / JSON arrays, Parquet.
+
+`expand` turns a files setting (a path, a glob, or a comma-separated list of
+them) into the files it names; `read_rows` streams one file's rows as dicts
+with where each one is (file, row or line), never holding the whole file as
+Python objects (a JSON array, which has no row boundaries, excepted).
+
+Where a row is:
+- CSV / TSV: "row N (line L)": records count from 1, the header being row 1,
+  as a spreadsheet shows them; a record's line is where it starts.
+- JSON Lines: "line N"; a JSON array: "item N" (from 1).
+- Parquet: "row N", data rows counted from 1.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import glob
+import gzip
+import io
+import itertools
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any, IO
+
+from etils import epath
+
+from ftjax.errors import DataError
+
+FORMATS = ("csv", "tsv", "json", "parquet")
+_DELIMITERS = {"csv": ",", "tsv": "\t"}
+_PARQUET_BATCH_ROWS = 8192
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def expand(spec: str, key: str) -> list[str]:
+  """The files a setting names: comma-separated paths or globs (`*`, `?`, `[...]`).
+
+  Each glob's matches are sorted; the files come in the order named.
+
+  Args:
+    spec: the setting's value.
+    key: the setting, for error messages (e.g. "config.data.files.train").
+
+  Raises:
+    DataError: naming the setting for a path that does not exist or a glob that
+      matches nothing.
+  """
+  paths = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    if any(c in part for c in "*?["):
+      matches = _glob(part)
+      if not matches:
+        raise DataError(f"{key}={spec!r}: {part!r} matches no file")
+      paths.extend(matches)
+    elif not epath.Path(part).exists():
+      raise DataError(f"{key}={spec!r}: {part}: file not found")
+    elif epath.Path(part).is_dir():
+      raise DataError(f"{key}={spec!r}: {part}: a folder, not a file")
+    else:
+      paths.append(part)
+  return paths
+
+
+def _glob(pattern: str) -> list[str]:
+  if "://" not in pattern:
+    return sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+  folder, name = pattern.rsplit("/", 1)
+  return sorted(os.fspath(p) for p in epath.Path(folder).glob(name))
+
+
+def signature(path: str) -> str:
+  """What marks a version of a file: its size and modification time."""
+  info = epath.Path(path).stat()
+  return f"{info.length}:{info.mtime}"
+
+
+def _open_binary(path: str) -> IO[bytes]:
+  f = epath.Path(path).open("rb")
+  if path.endswith(".gz"):
+    return gzip.GzipFile(fileobj=f)
+  if path.endswith(".bz2"):
+    return bz2.BZ2File(f)
+  return f
+
+
+def read_rows(path: str, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """Streams the rows of one file ('.gz' and '.bz2' names are decompressed).
+
+  Args:
+    path: the file.
+    fmt: one of FORMATS.
+
+  Yields:
+    (where the row is, "{path}: row 3 (line 4)", {column: value}).
+
+  Raises:
+    DataError: naming the file and the row or line for unreadable or malformed
+      contents (bytes that are not UTF-8, a stray quote, a row with the wrong
+      number of fields, invalid JSON, a JSON value that is not an object).
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}")
+  try:
+    if fmt == "parquet":
+      yield from _parquet_rows(path)
+    else:
+      with _open_binary(path) as raw:
+        # Bytes that are not UTF-8 become lone surrogates, found in the row they are in.
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        if fmt == "json":
+          yield from _json_rows(path, text)
+        else:
+          yield from _delimited_rows(path, text, _DELIMITERS[fmt])
+  except (OSError, EOFError) as e:  # unreadable, or a truncated or corrupt archive
+    raise DataError(f"{path}: cannot read file: {e}") from e
+
+
+def _delimited_rows(path: str, text: IO[str], delimiter: str
+                    ) -> Iterator[tuple[str, dict[str, Any]]]:
+  reader = csv.reader(text, delimiter=delimiter, strict=True)
+  row, line = 0, 1
+  header: list[str] | None = None
+  while True:
+    try:
+      fields = next(reader)
+    except StopIteration:
+      break
+    except csv.Error as e:
+      raise DataError(f"{path}: row {row + 1} (line {line}): malformed "
+                      f"{'CSV' if delimiter == ',' else 'TSV'}: {e}") from e
+    row += 1
+    where = f"{path}: row {row} (line {line})"
+    line = reader.line_num + 1
+    if any(_UNDECODABLE.search(field) for field in fields):
+      raise DataError(f"{where}: bytes that are not valid UTF-8")
+    if header is None:
+      header = [name.strip() for name in fields]
+      if header:
+        header[0] = header[0].removeprefix("\ufeff")  # spreadsheets write a byte-order mark
+      if not any(header):
+        raise DataError(f"{where}: empty header; the first row names the columns")
+      continue
+    if not fields:  # a blank line is not a record
+      continue
+    if len(fields) != len(header):
+      raise DataError(f"{where}: expected {len(header)} fields (header {header}), found "
+                      f"{len(fields)}")
+    yield where, dict(zip(header, fields))
+  if header is None:
+    raise DataError(f"{path}: file is empty")
+
+
+def _json_rows(path: str, text: IO[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+  first = text.read(1)
+  while first and first.isspace():
+    first = text.read(1)
+  if not first:
+    raise DataError(f"{path}: file is empty")
+  if first == "[":  # a JSON array of objects: read whole
+    whole = first + text.read()
+    bad = _UNDECODABLE.search(whole)
+    if bad:
+      raise DataError(f"{path}: line {whole.count(chr(10), 0, bad.start()) + 1}: bytes that "
+                      "are not valid UTF-8")
+    try:
+      items = json.loads(whole)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from e
+    for number, item in enumerate(items, 1):
+      yield _json_object(f"{path}: item {number}", item)
+    return
+  lines = itertools.chain([first + text.readline()], text)
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    if _UNDECODABLE.search(line):
+      raise DataError(f"{path}: line {number}: bytes that are not valid UTF-8")
+    try:
+      item = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: line {number}: invalid JSON: {e.msg} (column {e.colno})") from e
+    yield _json_object(f"{path}: line {number}", item)
+
+
+def _json_object(where: str, item: Any) -> tuple[str, dict[str, Any]]:
+  if not isinstance(item, dict):
+    raise DataError(f"{where}: a JSON {type(item).__name__}, not an object "
+                    "({\"column\": value, ...})")
+  return where, item
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  try:
+    parquet = pq.ParquetFile(epath.Path(path).open("rb"))
+  except pyarrow.ArrowException as e:
+    raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+  number = 0
+  try:
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+      for row in batch.to_pylist():
+        number += 1
+        yield f"{path}: row {number}", row
+  except pyarrow.ArrowException as e:
+    raise DataError(f"{path}: row {number + 1} or after: cannot read: {e}") from e
