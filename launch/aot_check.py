@@ -293,6 +293,9 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
     do not fit `memory_per_device` (None when they fit or there is no limit).
   """
   validate(config)
+  if config.task == "classification" and config.model.num_classes == 0:
+    raise ConfigError("config.model.num_classes=0 takes the class count from the data, which "
+                      "this check does not read: set --config.model.num_classes")
   limit = parse_bytes(memory_per_device) if memory_per_device is not None else None
   devices = target_devices(topology, chips_per_host)
   mesh = sharding.make_mesh(config.mesh, devices)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +20,7 @@ import tensorflow_datasets as tfds
 from ftjax.data import (chat, fashion_mnist, file_classification, mnist_digits, rotten_tomatoes,
                         shakespeare, tweets)
 from ftjax.errors import ConfigError, DataError
+from ftjax.metrics import log_line
 
 SPLITS = ("train", "validation", "test")
 
@@ -62,7 +65,7 @@ def _prepare(make_builder: Callable[[], tfds.core.DatasetBuilder], data_dir: str
   if _is_prepared(builder):
     return builder
   if "://" in data_dir:  # A remote store takes no file lock; prepare directly.
-    builder.download_and_prepare(file_format="array_record")
+    _download_and_prepare(builder)
     return builder
   os.makedirs(data_dir, exist_ok=True)
   with _file_lock(os.path.join(data_dir, f".{lock_name}.lock")):
@@ -70,8 +73,23 @@ def _prepare(make_builder: Callable[[], tfds.core.DatasetBuilder], data_dir: str
     # a fresh builder then reads its dataset_info instead of the stale one.
     builder = make_builder()
     if not _is_prepared(builder):
-      builder.download_and_prepare(file_format="array_record")
+      _download_and_prepare(builder)
   return builder
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder) -> None:
+  """Prepares `builder` as ArrayRecord files, with a line before and after (TFDS's
+  progress bars only on a terminal: in a log file they are escape codes)."""
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()
+  name = f"{builder.name}/{builder.builder_config.name}"
+  log_line(f"preparing {name} in {builder.data_dir} (once)")
+  started = time.perf_counter()
+  builder.download_and_prepare(file_format="array_record")
+  seconds = time.perf_counter() - started
+  counts = {split: info.num_examples for split, info in builder.info.splits.items()}
+  log_line(f"prepared {name}: {counts} examples in {seconds:.1f} s "
+           f"({sum(counts.values()) / max(seconds, 1e-9):,.0f} examples/s)")
 
 
 def load_splits(name: str, data_dir: str, source_path: str | None = None
