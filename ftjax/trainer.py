@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from ftjax import (build, checkpoint, data, generate, param_groups, preemption, regularizers,
                    sharding, tasks, tracking)
 from ftjax.config import validate
+from ftjax.data import check as data_check
 from ftjax.data import inputs as inputs_lib
 from ftjax.early_stopping import EarlyStopping
 from ftjax.errors import ConfigError, TrainingError
@@ -52,15 +53,19 @@ def _check_workdir(workdir: str) -> None:
 LABELS_FILE = "labels.json"
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str,
-                  class_names: Sequence[str]) -> None:
-  """The resolved config and, for classification, the class names in label order."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2, sort_keys=True))
-    if class_names:
-      with open(os.path.join(workdir, LABELS_FILE), "w") as f:
-        json.dump({"names": list(class_names)}, f, indent=2)
+def _write_config(run: _Run) -> None:
+  """The resolved config, the data check and, for classification, the class names in
+  label order."""
+  if run.process != 0:
+    return
+  with open(os.path.join(run.workdir, "config.json"), "w") as f:
+    f.write(run.config.to_json(indent=2, sort_keys=True))
+  if run.inputs.class_names:
+    with open(os.path.join(run.workdir, LABELS_FILE), "w") as f:
+      json.dump({"names": list(run.inputs.class_names)}, f, indent=2)
+  if run.data_check is not None:
+    with open(os.path.join(run.workdir, data_check.CHECK_FILE), "w") as f:
+      json.dump(run.data_check.to_dict(), f, indent=2)
 
 
 class _Run:
@@ -80,6 +85,7 @@ class _Run:
     self._build_data()
     # The data may say how many classes there are (config.model.num_classes=0).
     self.config = config = inputs_lib.with_class_count(config, self.inputs)
+    self.data_check = self._check_data()
     self.task = tasks.get(config, self.mesh, self.rules)
     self._build_state()
     self.writer = MetricWriter(workdir, enabled=self.process == 0)
@@ -114,6 +120,14 @@ class _Run:
                        f"config.batch_size={config.batch_size}")
     self.total_steps = (config.total_steps if config.total_steps > 0
                         else config.num_epochs * self.steps_per_epoch)
+
+  def _check_data(self) -> data_check.Report | None:
+    """The data check (process 0, at a run's first start: a resumed run was checked)."""
+    if self.process != 0 or os.path.exists(os.path.join(self.workdir, data_check.CHECK_FILE)):
+      return None
+    report = data_check.check(self.config, self.inputs)
+    log_line(report.table(self.inputs.class_names))
+    return report
 
   def train_iterator(self):
     return data.train_iterator(
@@ -376,7 +390,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   iterator = run_.train_iterator()
   stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
   # Only now that the config has proven to fit the workdir's checkpoints, if any.
-  _write_config(config, workdir, run_.inputs.class_names)
+  _write_config(run_)
   run_.clock = tracking.record_start(workdir, config.seed, started)
   fresh = int(jax.device_get(run_.state.step)) == 0
   if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ONE_DEVICE, REPO, with_overrides
 from ftjax import trainer
-from ftjax.data import file_classification, inputs, sources
+from ftjax.data import check, file_classification, inputs, sources
 from ftjax.data.tokenizer import load_tokenizer
 from ftjax.errors import ConfigError, DataError
 from ftjax.hub import assets
@@ -246,6 +246,10 @@ def test_own_tickets_train_through_the_launcher(tmp_path):
   with open(workdir / "final_metrics.json") as f:
     final = json.load(f)
   assert final["test"]["count"] == 24 and final["test"]["accuracy"] > 0.6  # chance: 1/3
+  with open(workdir / check.CHECK_FILE) as f:
+    saved = json.load(f)
+  assert saved["splits"]["train"]["classes"] == {"billing": 64, "sales": 64, "tech": 64}
+  assert "data check: csv (classification)" in result.stdout
 
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"body": "fine", "queue": "tech"}\n{"body": "no label"}\n')
@@ -266,3 +270,47 @@ def test_the_ahead_of_time_check_asks_for_the_class_count_of_file_data(debug_con
   with pytest.raises(ConfigError, match=r"config.model.num_classes=0 takes the class count "
                      r"from the data, which this check does not read"):
     aot_check.check(config, "cpu:1", None)
+
+
+def test_the_data_check_counts_classes_lengths_duplicates_and_overlap(tmp_path, debug_config):
+  long_text = " ".join(["word"] * 40)
+  train = ROWS + [{"body": ROWS[0]["body"], "queue": "sales"},  # a copy with another label
+                  {"body": long_text, "queue": "tech"}]
+  validation = ROWS[:2] + [{"body": "new ticket", "queue": "tech"}]  # 2 texts also in train
+  config = with_overrides(debug_config, **{
+      "data.name": "csv", "model.num_classes": 0, "data.columns.text": "body",
+      "data.columns.label": "queue", "data.data_dir": str(tmp_path / "tfds"),
+      "data.files.train": _write(tmp_path / "train.csv", "csv", train),
+      "data.files.validation": _write(tmp_path / "validation.csv", "csv", validation),
+      "data.files.test": _write(tmp_path / "test.csv", "csv", validation[2:])})
+  built = inputs.build(config)
+  report = check.check(config, built)
+  assert report.splits["train"].classes == {"billing": 24, "sales": 13, "tech": 25}
+  assert report.splits["train"].duplicates == 1 and report.splits["train"].conflicting == 1
+  assert report.splits["train"].truncated == 1  # 42 tokens > max_length 32
+  assert report.splits["train"].tokens["max"] == 42
+  assert report.splits["validation"].in_train == 2
+  assert report.warnings == [
+      "train: 1 of 62 (1.6%) examples repeat an earlier text, 1 of them with another label",
+      "train: 1 of 62 (1.6%) examples are longer than config.data.max_length=32 tokens and "
+      "are truncated",
+      "validation: 2 of 3 (66.7%) examples also occur in the train split",
+      "validation: no examples of the classes ['sales']",
+      "test: no examples of the classes ['billing', 'sales']"]
+  table = report.table(built.class_names).splitlines()
+  assert table[1].split() == ["split", "examples", "billing", "sales", "tech", "tokens",
+                              "min/median/p95/max", "truncated", "duplicates", "also", "in",
+                              "train"]
+  assert table[2].split()[:5] == ["train", "62", "24", "13", "25"]
+
+
+def test_check_data_prints_the_check_and_train_saves_it(tmp_path, data_dir):
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "check_data.py"),
+       "--config=configs/minilm_sentiment.py:debug", f"--config.data.data_dir={data_dir}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  start = lines.index("data check: rotten_tomatoes (classification)")  # after preparation
+  assert lines[start + 2].split()[:4] == ["train", "10,246", "4,324", "5,922"]
+  assert "warning: train: 36 of 10,246 (0.4%) examples repeat an earlier text" in lines

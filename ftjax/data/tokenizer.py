@@ -26,6 +26,7 @@ class TextTokenizer:
   def __init__(self, tokenizer: tokenizers.Tokenizer, max_length: int):
     self._tokenizer = tokenizer
     self.max_length = max_length
+    self._untruncated: tokenizers.Tokenizer | None = None  # for token_counts, made on use
 
   @property
   def vocab_size(self) -> int:
@@ -34,6 +35,17 @@ class TextTokenizer:
   @property
   def pad_id(self) -> int:
     return self._tokenizer.padding["pad_id"]
+
+  def token_counts(self, texts: list[str], pairs: list[str] | None = None) -> list[int]:
+    """How many tokens each text (or text pair) has, special tokens included, before
+    padding and truncation."""
+    if self._untruncated is None:
+      self._untruncated = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
+      self._untruncated.no_truncation()
+      self._untruncated.no_padding()
+    encodings = self._untruncated.encode_batch(
+        list(texts) if pairs is None else list(zip(texts, pairs)))
+    return [len(e.ids) for e in encodings]
 
   def encode(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, np.ndarray]:
     """Tokenizes `texts` (with `pairs`: text pairs), padding and truncating each to
