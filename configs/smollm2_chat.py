@@ -51,6 +51,14 @@ def language_model_config(arg: str | None, *, data_name: str, default_steps: int
   config.data.name = data_name
   config.data.data_dir = "~/.cache/ftjax/tensorflow_datasets"
   config.data.source_path = ""  # empty: the files shipped in the data packages
+  # Your own files instead (config.data.name = json | csv | tsv | parquet): paths, globs or
+  # comma-separated lists; a split without a file is cut from train by `split`. The
+  # first training row's columns choose the format: messages (OpenAI chat), prompt and
+  # completion (only the completion trained), or text (every token trained).
+  config.data.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
+  config.data.columns = ml_collections.ConfigDict({
+      "messages": "messages", "prompt": "prompt", "completion": "completion", "text": "text"})
+  config.data.split = (0.9, 0.05, 0.05)
   config.data.tokenizer = ""  # empty: the model's own tokenizer (and chat template)
   config.data.max_length = arg.max_length
   config.data.overlong = "split"  # chat longer than a row: split | truncate | skip | error

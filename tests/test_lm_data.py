@@ -117,6 +117,19 @@ def test_chat_custom_jsonl(tmp_path, data_dir):
   assert json.loads(row["messages"])[0]["role"] == "user"
 
 
+def test_chat_jsonl_in_the_openai_format_keeps_system_messages_and_weights(tmp_path):
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello.", "weight": 0},
+              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]
+  path = _write_jsonl(tmp_path / "openai.jsonl", [
+      {"messages": messages},
+      {"messages": [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Unanswered"}]}])
+  conversations, counts = chat.read_jsonl(path)
+  assert [c["messages"] for c in conversations] == [messages]
+  assert dict(counts) == {"custom: no assistant turn (skipped)": 1}
+
+
 def test_chat_split_ignores_file_order(tmp_path):
   records = [_conversation(i, id=f"c{i}", source="ab"[i % 2]) for i in range(60)]
   first, _ = chat.read_jsonl(_write_jsonl(tmp_path / "a.jsonl", records))
@@ -144,13 +157,21 @@ def test_chat_duplicates_dropped(tmp_path):
     ('["a list"]', "expected a JSON object"),
     ({"text": "no messages"}, "non-empty list 'messages'"),
     ({"messages": []}, "non-empty list 'messages'"),
-    ({"messages": [{"role": "system", "content": "Be brief."}]}, "'system' is not one of"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "'tool' is not one of"),
+    ({"messages": [{"role": "user", "content": "A"}, {"role": "system", "content": "B"}]},
+     "message 1: role 'system'; after an optional first 'system' message, roles must"),
+    ({"messages": [{"role": "user", "content": "A", "weight": 0}]}, "message 0: 'weight' is "
+     "for assistant messages, 0 \\(not trained\\) or 1, not 0 on a 'user' message"),
+    ({"messages": [{"role": "user", "content": "A"},
+                   {"role": "assistant", "content": "B", "weight": 0.5}]}, "not 0.5"),
     ({"messages": [{"role": "assistant", "content": "Hi."}]}, "must alternate"),
     ({"messages": [{"role": "user", "content": "A"}, {"role": "user", "content": "B"}]},
-     "message 1: role 'user'; roles must alternate"),
+     "message 1: role 'user'; after an optional first 'system' message, roles must "
+     "alternate"),
     ({"messages": [{"role": "user", "content": "  "}]}, "non-empty string"),
     ({"messages": [{"role": "user", "content": 3}]}, "non-empty string"),
-    ({"messages": [{"role": "user", "text": "Hi"}]}, "exactly the keys"),
+    ({"messages": [{"role": "user", "text": "Hi"}]}, "expected an object with the keys 'role' "
+     "and 'content'"),
     (_conversation(9, id=7), "'id' must be a non-empty string"),
     (_conversation(9, id="c1"), "id 'custom/c1' repeats line 2"),
 ])

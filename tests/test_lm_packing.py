@@ -38,6 +38,20 @@ def test_only_assistant_tokens_and_their_end_of_turn_are_trained(tokenizer):
       m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
 
 
+def test_a_system_message_is_rendered_and_weight_0_answers_are_not_trained(tokenizer):
+  formatter = lm.ChatFormatter(tokenizer)
+  messages = [{"role": "system", "content": "You answer in one word."},
+              {"role": "user", "content": "Colour of the sky?"},
+              {"role": "assistant", "content": "Green.", "weight": 0},
+              {"role": "user", "content": "Really?"},
+              {"role": "assistant", "content": "Blue.", "weight": 1}]
+  ids, trained = formatter.encode(messages, "c0")
+  plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+  assert tokenizer.decode(ids) == tokenizer.apply_chat_template(plain, tokenize=False)
+  assert "You answer in one word." in tokenizer.decode(ids)
+  assert _trained_texts(tokenizer, ids, trained) == ["Blue.<|im_end|>"]
+
+
 def test_packed_rows_hold_every_example_once_in_its_own_segment(tokenizer):
   formatter = lm.ChatFormatter(tokenizer)
   source = [_chat(i, turns=1 + i % 3, words=i % 7) for i in range(40)]

@@ -46,7 +46,9 @@ def _load(tmp_path, fmt, train, validation=(), test=(), columns=None, labels=(),
   columns = columns or {"text": "body", "text_pair": "", "label": "queue"}
   config = file_classification.config_for(fmt, [list(train), list(validation), list(test)],
                                           columns, labels, fractions)
-  return sources.load_file_splits(config, str(tmp_path / "tfds"))
+  splits, info = sources.load_file_splits(file_classification.FileClassification, config,
+                                          str(tmp_path / "tfds"))
+  return splits, tuple(info.features["label"].names)
 
 
 def _examples(split):

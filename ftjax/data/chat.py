@@ -28,15 +28,19 @@ are duplicates); of the 2,026 chatterbot ones 898 remain (1 bare string and
 1,127 duplicates, 1,040 of them in `tech_support.yml`, whose 1,050 entries
 hold 10 distinct exchanges).
 
-A custom source is a JSONL file, one conversation per line:
-{"messages": [{"role": "user" | "assistant", "content": str}, ...]}, roles
-alternating and starting with "user", plus optionally "id" (a unique string;
-default "line<N>") and "source" (a string; default "custom"); other keys are
-ignored. Contents are kept as written.
+A custom source is a JSONL file, one conversation per line, in OpenAI's
+fine-tuning chat format: {"messages": [{"role": "system" | "user" |
+"assistant", "content": str}, ...]}, an optional first system message, then
+roles alternating and starting with "user"; an assistant message may carry
+"weight": 0 (context, not trained) or 1 (the default). Optionally "id" (a
+unique string; default "line<N>") and "source" (a string; default "custom");
+other keys are ignored. Contents are kept as written. A conversation without
+an assistant message is skipped and counted.
 
 Each example is {"id", "source", "messages"}, `messages` being a JSON list of
-{"role", "content"}; every conversation starts with a user turn, alternates,
-and has at least one assistant turn (it may end on an unanswered user turn).
+{"role", "content"} (and "weight" where given); every conversation starts with
+an optional system message and a user turn, alternates, and has at least one
+assistant turn (it may end on an unanswered user turn).
 The split is a seeded 90/5/5 split of conversations, stratified by source:
 within each source conversations are ordered by a hash of (seed, id) and
 cut at the rounded cumulative fractions, so the split does not depend on the
@@ -277,32 +281,40 @@ def read_chatterbot(directory: str) -> tuple[list[Conversation], collections.Cou
 # --- Custom JSONL ------------------------------------------------------------
 
 
-def _parse_jsonl_line(where: str, line_number: int, record: Any) -> Conversation:
-  """Validates one JSONL record and returns its conversation."""
+def parse_record(where: str, line_number: int, record: Any) -> Conversation:
+  """Validates one conversation record (a JSONL line's object) and returns it."""
   if not isinstance(record, dict):
     raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
   messages = record.get("messages")
   if not isinstance(messages, list) or not messages:
     raise DataError(f"{where}: expected a non-empty list 'messages'")
+  system = int(isinstance(messages[0], dict) and messages[0].get("role") == "system")
   for i, message in enumerate(messages):
-    if not isinstance(message, dict) or set(message) != {"role", "content"}:
-      raise DataError(f"{where}: message {i}: expected an object with exactly the keys "
-                      f"'role' and 'content'")
-    if message["role"] not in ROLES:
+    if not isinstance(message, dict) or not {"role", "content"} <= set(message) or not set(
+        message) <= {"role", "content", "weight"}:
+      raise DataError(f"{where}: message {i}: expected an object with the keys 'role' and "
+                      "'content' (and, for an assistant message, optionally 'weight')")
+    if message["role"] not in (*ROLES, "system"):
       raise DataError(f"{where}: message {i}: role {message['role']!r} is not one of "
-                      f"{list(ROLES)}")
-    if message["role"] != ROLES[i % 2]:
-      raise DataError(f"{where}: message {i}: role {message['role']!r}; roles must "
-                      f"alternate, starting with 'user'")
+                      f"{['system', *ROLES]}")
+    if i >= system and message["role"] != ROLES[(i - system) % 2]:
+      raise DataError(f"{where}: message {i}: role {message['role']!r}; after an optional "
+                      "first 'system' message, roles must alternate, starting with 'user'")
     if not isinstance(message["content"], str) or not message["content"].strip():
       raise DataError(f"{where}: message {i}: 'content' must be a non-empty string")
+    if "weight" in message and (message["role"] != "assistant"
+                                or message["weight"] not in (0, 1)
+                                or isinstance(message["weight"], bool)):
+      raise DataError(f"{where}: message {i}: 'weight' is for assistant messages, 0 (not "
+                      f"trained) or 1, not {message['weight']!r} on a {message['role']!r} "
+                      "message")
   example_id = record.get("id", f"line{line_number}")
   source = record.get("source", _DEFAULT_CUSTOM_SOURCE)
   for key, value in (("id", example_id), ("source", source)):
     if not isinstance(value, str) or not value.strip():
       raise DataError(f"{where}: {key!r} must be a non-empty string")
   return {"id": f"custom/{example_id}", "source": source,
-          "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+          "messages": [dict(m) for m in messages]}
 
 
 def read_jsonl(path: str) -> tuple[list[Conversation], collections.Counter]:
@@ -335,12 +347,12 @@ def read_jsonl(path: str) -> tuple[list[Conversation], collections.Counter]:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise DataError(f"{where}: not valid JSON: {e.msg}") from e
-    conversation = _parse_jsonl_line(where, line_number, record)
+    conversation = parse_record(where, line_number, record)
     if conversation["id"] in first_line:
       raise DataError(f"{where}: id {conversation['id']!r} repeats line "
                       f"{first_line[conversation['id']]}")
     first_line[conversation["id"]] = line_number
-    if len(conversation["messages"]) < 2:
+    if not any(m["role"] == "assistant" for m in conversation["messages"]):
       _count(counts, conversation["source"], "no assistant turn (skipped)")
       continue
     conversations.append(conversation)

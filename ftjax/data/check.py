@@ -74,8 +74,7 @@ class Report:
       lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                           for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     else:
-      lines += [f"{split}: {report.examples:,} examples; {report.packing}"
-                for split, report in self.splits.items()]
+      lines += [report.packing for report in self.splits.values()]
     lines += [f"warning: {w}" for w in self.warnings] or ["no warnings"]
     return "\n".join(lines)
 

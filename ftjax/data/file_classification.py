@@ -153,42 +153,22 @@ class FileClassification(local_builder.FileBuilder, skip_registration=True):
         raise DataError(f"{where}: label {example['label']!r} is not one of "
                         f"config.data.labels {list(config.labels)}")
       labels.append(codes.setdefault(example["label"], len(codes)))
-      keys.append(int.from_bytes(hashlib.blake2b(
-          f"{example['text']}\0{example.get('text_pair', '')}".encode(), digest_size=8
-      ).digest(), "little"))
+      keys.append(local_builder.content_key(
+          f"{example['text']}\0{example.get('text_pair', '')}"))
     if not labels:
       raise DataError(f"config.data.files.train={list(train_files)}: no examples")
     names = config.labels or class_order(set(codes))
     if not config.labels:
       self.info.features["label"].names = list(names)
-    placement = self._placement(np.frombuffer(labels, np.int32), np.frombuffer(keys, np.uint64),
-                                [bool(g) for g in given])
-    for split, name in enumerate(local_builder.SPLIT_NAMES):
-      if not (given[split - 1] if split else False) and not np.any(placement == split):
-        raise DataError(f"config.data.files.train={list(train_files)}: {len(labels)} "
-                        f"examples leave the {name} split empty; give it a file "
-                        f"(config.data.files.{name}) or more examples")
+    placement = local_builder.place_examples(
+        np.frombuffer(labels, np.int32), np.frombuffer(keys, np.uint64), config.fractions,
+        [bool(g) for g in given], SPLIT_SEED, train_files)
     generators = {"train": self._generate_examples(train_files, "train", placement=placement)}
     for split, name in enumerate(local_builder.SPLIT_NAMES[1:], 1):
       generators[name] = (self._generate_examples(given[split - 1], name, names=names)
                           if given[split - 1]
                           else self._generate_examples(train_files, name, placement=placement))
     return generators
-
-  def _placement(self, labels: np.ndarray, keys: np.ndarray, given: list[bool]) -> np.ndarray:
-    """The split index of each training example: examples with one text (one key)
-    form a group, and the groups are split stratified by their first example's
-    label, over the splits without files of their own."""
-    fractions = [f if i == 0 or not given[i - 1] else 0.0
-                 for i, f in enumerate(self.builder_config.fractions)]
-    fractions = [f / sum(fractions) for f in fractions]
-    unique, first, group = np.unique(keys, return_index=True, return_inverse=True)
-    parts = local_builder.stratified_split(labels[first].tolist(), unique.tolist(),
-                                           fractions, SPLIT_SEED)
-    group_split = np.zeros(len(unique), np.int8)
-    for split, indices in enumerate(parts):
-      group_split[indices] = split
-    return group_split[group.reshape(-1)]
 
   def _generate_examples(self, paths: Sequence[str], split: str,
                          placement: np.ndarray | None = None,

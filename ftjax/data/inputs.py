@@ -26,8 +26,9 @@ import ml_collections
 import numpy as np
 
 from ftjax.data import augment as augment_lib
-from ftjax.data import (fashion_mnist, file_classification, images, lm, mixture, mnist_digits,
-                        pipeline, rotten_tomatoes, sources, table_files, tweets)
+from ftjax.data import (fashion_mnist, file_classification, file_lm, images, lm, local_builder,
+                        mixture, mnist_digits, pipeline, rotten_tomatoes, sources, table_files,
+                        tweets)
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
@@ -48,6 +49,8 @@ _DATA_KEYS = {
     "classification": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
     "classification_files": ("max_length", "max_eval_examples", "tokenizer", "files", "columns",
                              "labels", "split"),
+    "language_model_files": ("max_length", "max_eval_examples", "tokenizer", "files", "columns",
+                             "split"),
     "image": ("image_size", "mean", "std", "shots", "augment", "max_eval_examples",
               "source_path"),
     "chat": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
@@ -72,10 +75,8 @@ def data_kind(config: ml_collections.ConfigDict) -> tuple[str, str]:
   if name in KINDS:
     return KINDS[name]
   if name in table_files.FORMATS:
-    if config.task != "classification":
-      raise ConfigError(f"config.data.name={name!r} with config.task={config.task!r}: data "
-                        "files are read for classification; language-model data comes from "
-                        "the chat and shakespeare data sets (config.data.source_path)")
+    if config.task == "causal_lm":
+      return "language_model_files", "causal_lm"  # chat or text: the files' rows say
     return "classification", "classification"
   raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(KINDS)}, "
                     f"or a file format: {list(table_files.FORMATS)}")
@@ -262,14 +263,14 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
     raise ConfigError(f"config.data.name={data.name!r} is {kind} data, scored by task "
                       f"{task!r}, but config.task={config.task!r}")
   files = data.name in table_files.FORMATS
-  missing = [key for key in _DATA_KEYS["classification_files" if files else kind]
-             if key not in data]
+  reads = "classification_files" if files and kind == "classification" else kind
+  missing = [key for key in _DATA_KEYS[reads] if key not in data]
   if missing:
     raise ConfigError(f"config.data.name={data.name!r} is {kind} data, which needs "
                       f"config.data keys {missing} that this config lacks (a config of "
                       "another kind of data?)")
   if files:
-    splits, class_names = _file_splits(data)
+    splits, class_names, kind = _file_splits(data, kind)
   else:
     splits = sources.load_splits(data.name, os.path.expanduser(data.data_dir),
                                  data.source_path or None)
@@ -288,8 +289,10 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
   return _language_model_inputs(config, kind, splits, tokenizer_dir)
 
 
-def _file_splits(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], tuple[str, ...]]:
-  """The splits and class names of the labelled texts in `config.data.files`."""
+def _file_splits(data: ml_collections.ConfigDict, kind: str
+                 ) -> tuple[dict[str, Any], tuple[str, ...], str]:
+  """The splits of `config.data.files`, their class names (classification) and kind of
+  data ("classification", or for language-model files "chat" or "text")."""
   if not data.files.train:
     raise ConfigError(f"config.data.name={data.name!r} reads files: set "
                       "config.data.files.train (and optionally .validation, .test)")
@@ -298,12 +301,20 @@ def _file_splits(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], tuple
   if len(data.split) != 3:
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: needs train, validation and "
                       "test fractions")
+  data_dir = os.path.expanduser(data.data_dir)
   try:
-    config = file_classification.config_for(data.name, files, dict(data.columns), data.labels,
-                                            data.split)
+    local_builder.check_fractions(data.split)
   except ValueError as e:
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: {e}") from e
-  return sources.load_file_splits(config, os.path.expanduser(data.data_dir))
+  if kind == "language_model_files":
+    config = file_lm.config_for(data.name, files, dict(data.columns), data.split)
+    splits, _ = sources.load_file_splits(file_lm.FileLanguageModel, config, data_dir)
+    return splits, (), "text" if config.kind == "text" else "chat"
+  config = file_classification.config_for(data.name, files, dict(data.columns), data.labels,
+                                          data.split)
+  splits, info = sources.load_file_splits(file_classification.FileClassification, config,
+                                          data_dir)
+  return splits, tuple(info.features["label"].names), kind
 
 
 def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextTokenizer:

@@ -89,11 +89,17 @@ class ChatFormatter:
     self._fast = tokenizer.backend_tokenizer
     self.eos_id = tokenizer.eos_token_id
 
-  def _render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return self._tokenizer.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=generation_prompt)
+  def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False,
+              where: str = "a conversation") -> str:
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # no weights
+    try:
+      return self._tokenizer.apply_chat_template(plain, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja2 raises the template's own errors (e.g. no system role)
+      raise DataError(f"{where}: the chat template of {self._tokenizer.name_or_path!r} cannot "
+                      f"render it: {e}") from e
 
-  def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+  def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
     """Token ids of `messages` followed by the assistant's generation prompt."""
     return self._fast.encode(self._render(messages, True), add_special_tokens=False).ids
 
@@ -102,12 +108,14 @@ class ChatFormatter:
     """Tokenizes a conversation.
 
     Args:
-      messages: [{"role": "system"|"user"|"assistant", "content": str}, ...].
+      messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]; an
+        assistant message with "weight": 0 is context, not trained (OpenAI's
+        fine-tuning format).
       where: names the example in errors.
 
     Returns:
-      (ids, trained): int32 [n] token ids and bool [n], True for assistant tokens
-      and the end-of-turn token after each assistant message.
+      (ids, trained): int32 [n] token ids and bool [n], True for the tokens of
+      trained assistant messages and the end-of-turn token after each.
     """
     ids, trained, _ = self._encode(messages, where)
     return ids, trained
@@ -115,21 +123,22 @@ class ChatFormatter:
   def _encode(self, messages: list[dict[str, str]], where: str
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, trained, index of the first token after each assistant message's text)."""
-    markers, marked = [], []
+    markers, marked, weights = [], [], []
     for i, message in enumerate(messages):
       if message["role"] == "assistant":
         markers.append((f"\x00ftjax-assistant-{i}\x00", message["content"]))
         marked.append({**message, "content": markers[-1][0]})
+        weights.append(message.get("weight", 1))
       else:
         marked.append(message)
-    text, spans = self._render(marked), []
+    text, spans = self._render(marked, where=where), []
     for marker, content in markers:
       start = text.find(marker)
       if start < 0:
         raise DataError(f"{where}: the chat template dropped an assistant message")
       text = text[:start] + content + text[start + len(marker):]
       spans.append((start, start + len(content)))
-    if text != self._render(messages):
+    if text != self._render(messages, where=where):
       raise DataError(f"{where}: the chat template rewrites message text, so assistant "
                       "tokens cannot be located")
     encoding = self._fast.encode(text, add_special_tokens=False)
@@ -137,7 +146,9 @@ class ChatFormatter:
     starts = np.asarray([s for s, _ in encoding.offsets], np.int64)
     ends = np.asarray([e for _, e in encoding.offsets], np.int64)
     trained = np.zeros(len(ids), bool)
-    for start, end in spans:
+    for (start, end), weight in zip(spans, weights):
+      if not weight:
+        continue
       inside = (starts < end) & (ends > start)
       trained |= inside
       after = np.flatnonzero(starts >= end)

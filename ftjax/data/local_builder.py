@@ -32,6 +32,7 @@ from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 from etils import epath
+import numpy as np
 import tensorflow_datasets as tfds
 
 from ftjax.errors import DataError
@@ -224,6 +225,40 @@ def stratified_split(strata: Sequence[Hashable], keys: Sequence[Any],
     for part, start, stop in zip(parts, [0] + cuts[:-1], cuts):
       part.extend(order[start:stop])
   return tuple(sorted(part) for part in parts)
+
+
+def place_examples(strata: np.ndarray, keys: np.ndarray, fractions: Sequence[float],
+                   has_file: Sequence[bool], seed: int, train_files: Sequence[str]
+                   ) -> np.ndarray:
+  """The split index (0 train, 1 validation, 2 test) of each example of training files.
+
+  Examples with one key (a hash of their content) form a group, and the groups
+  are split by `stratified_split` over the strata of their first examples, by
+  `fractions` of the splits without a file of their own (`has_file`: of
+  validation and test), so exact duplicates share a split.
+
+  Raises:
+    DataError: naming `train_files` when a split without a file gets no example.
+  """
+  fractions = [f if i == 0 or not has_file[i - 1] else 0.0 for i, f in enumerate(fractions)]
+  fractions = [f / sum(fractions) for f in fractions]
+  unique, first, group = np.unique(keys, return_index=True, return_inverse=True)
+  group_split = np.zeros(len(unique), np.int8)
+  for split, indices in enumerate(stratified_split(strata[first].tolist(), unique.tolist(),
+                                                   fractions, seed)):
+    group_split[indices] = split
+  placement = group_split[group.reshape(-1)]
+  for split, name in enumerate(SPLIT_NAMES):
+    if not (split and has_file[split - 1]) and not np.any(placement == split):
+      raise DataError(f"config.data.files.train={list(train_files)}: {len(keys)} examples "
+                      f"leave the {name} split empty; give it a file "
+                      f"(config.data.files.{name}) or more examples")
+  return placement
+
+
+def content_key(text: str) -> int:
+  """A 64-bit hash of an example's content, the same on every machine."""
+  return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 @dataclasses.dataclass

@@ -17,8 +17,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import (chat, fashion_mnist, file_classification, mnist_digits, rotten_tomatoes,
-                        shakespeare, tweets)
+from ftjax.data import chat, fashion_mnist, mnist_digits, rotten_tomatoes, shakespeare, tweets
 from ftjax.errors import ConfigError, DataError
 from ftjax.metrics import log_line
 
@@ -127,18 +126,18 @@ def load_splits(name: str, data_dir: str, source_path: str | None = None
   return {split: sources[split] for split in SPLITS}
 
 
-def load_file_splits(config: file_classification.FilesConfig, data_dir: str
-                     ) -> tuple[dict[str, Any], tuple[str, ...]]:
-  """Prepares the labelled texts of the user's files in `data_dir` if needed (under
-  the config's name, which changes with the files' versions), and opens their splits.
+def load_file_splits(builder_cls: type[tfds.core.DatasetBuilder],
+                     config: tfds.core.BuilderConfig, data_dir: str
+                     ) -> tuple[dict[str, Any], tfds.core.DatasetInfo]:
+  """Prepares the data of the user's files (`builder_cls`: `FileClassification` or
+  `FileLanguageModel`) in `data_dir` if needed, under the config's name, which
+  changes with the files' versions, and opens their splits.
 
   Returns:
     ({"train", "validation", "test"}: random-access sources as `load_splits`
-    returns them, the class names in label order).
+    returns them, the prepared data set's info).
   """
-  builder = _prepare(
-      lambda: file_classification.FileClassification(data_dir=data_dir, config=config),
-      os.fspath(data_dir), f"file_classification-{config.name}")
+  builder = _prepare(lambda: builder_cls(data_dir=data_dir, config=config),
+                     os.fspath(data_dir), f"{builder_cls.name}-{config.name}")
   sources = builder.as_data_source()
-  return ({split: sources[split] for split in SPLITS},
-          tuple(builder.info.features["label"].names))
+  return {split: sources[split] for split in SPLITS}, builder.info

@@ -1,0 +1,185 @@
+"""Language-model data from the user's own files (JSON Lines / JSON, CSV, TSV, Parquet).
+
+`config.data.name` is the format and `config.data.files.train` / `.validation`
+/ `.test` name the files, as for classification (`file_classification`). What a
+row holds is named by `config.data.columns`:
+
+- `messages` (default "messages"): a conversation in OpenAI's fine-tuning chat
+  format, a list of {"role": "system" | "user" | "assistant", "content"} (an
+  optional first system message, then user and assistant alternating; an
+  assistant message's "weight" 0 leaves it untrained), or its JSON text in a
+  CSV / TSV cell;
+- `prompt` and `completion` (TRL's prompt-completion and OpenAI's legacy
+  format): strings, or lists of messages (the prompt's ending on a user turn,
+  the completion's of assistant turns); only the completion is trained;
+- `text`: a passage for domain adaptation, every token trained.
+
+The first of these whose columns the first training row has (`messages`,
+then `prompt` with `completion`, then `text`; a column set to "" is never
+used) decides, as TRL tells its data formats apart. Chat
+examples are {"id", "source", "messages"} like the packaged chat data set's,
+text examples {"id", "text"}. A split without a file of its own is cut from the
+training files: seeded (seed 0) by the fractions `config.data.split` of the
+splits that have no file, an example placed by a hash of its content, so exact
+duplicates share a split. Rows stream through twice while preparing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ftjax.data import chat, local_builder, table_files
+from ftjax.errors import DataError
+
+SPLIT_SEED = 0
+KINDS = ("messages", "prompt_completion", "text")
+
+
+@dataclasses.dataclass
+class LmFilesConfig(tfds.core.BuilderConfig):
+  """What to read: the format, the files of each split, the columns and their kind."""
+
+  format: str = "json"
+  files: tuple[tuple[str, ...], ...] = ((), (), ())  # train, validation, test
+  kind: str = "messages"  # one of KINDS
+  columns: tuple[str, ...] = ("messages",)  # the kind's columns
+  fractions: tuple[float, ...] = (0.9, 0.05, 0.05)
+
+
+def kind_of(fmt: str, first_file: str, columns: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+  """(kind, its columns): the first kind whose columns the first row of `first_file` has.
+
+  Raises:
+    DataError: naming the row when it has none of them.
+  """
+  where, row = next(iter(table_files.read_rows(first_file, fmt)), (first_file, None))
+  if row is None:
+    raise DataError(f"{first_file}: no rows")
+  candidates = (("messages", (columns["messages"],)),
+                ("prompt_completion", (columns["prompt"], columns["completion"])),
+                ("text", (columns["text"],)))
+  for kind, used in candidates:
+    if all(column and column in row for column in used):
+      return kind, used
+  raise DataError(f"{where}: the row has the columns {sorted(row)}, none of "
+                  f"config.data.columns' messages ({columns['messages']!r}), prompt and "
+                  f"completion ({columns['prompt']!r}, {columns['completion']!r}) or text "
+                  f"({columns['text']!r})")
+
+
+def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str],
+               fractions: Sequence[float]) -> LmFilesConfig:
+  """The builder config of a set of files, named after them, their versions and settings."""
+  files = tuple(tuple(paths) for paths in files)
+  kind, used = kind_of(fmt, files[0][0], columns)
+  settings = [fmt, files, [table_files.signature(p) for paths in files for p in paths], kind,
+              used, tuple(fractions)]
+  digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+  return LmFilesConfig(name=f"files_{digest}", description=f"{fmt} files {files}", format=fmt,
+                       files=files, kind=kind, columns=used, fractions=tuple(fractions))
+
+
+def _messages(where: str, value: Any, column: str) -> list[Any]:
+  """A list of messages from a cell: a list, or JSON text of one (CSV / TSV)."""
+  if isinstance(value, str):
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: column {column!r}: not a JSON list of messages: {e.msg}") from e
+  if not isinstance(value, list):
+    raise DataError(f"{where}: column {column!r}: expected a list of messages, found a "
+                    f"{type(value).__name__}")
+  return value
+
+
+def _prompt_completion(where: str, prompt: Any, completion: Any, columns: Sequence[str]
+                       ) -> list[Any]:
+  """The conversation of a prompt and its completion (strings or message lists)."""
+  if isinstance(prompt, str) and isinstance(completion, str):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+  if isinstance(prompt, str) or isinstance(completion, str):
+    raise DataError(f"{where}: columns {list(columns)}: give both as strings or both as "
+                    "lists of messages")
+  completion = _messages(where, completion, columns[1])
+  if not completion or any(not isinstance(m, dict) or m.get("role") != "assistant"
+                           for m in completion):
+    raise DataError(f"{where}: column {columns[1]!r}: the completion must be assistant "
+                    "messages")
+  return _messages(where, prompt, columns[0]) + completion
+
+
+class FileLanguageModel(local_builder.FileBuilder, skip_registration=True):
+  """Conversations or passages read from files named by an `LmFilesConfig`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Chat, prompt-completion and text rows from JSON, CSV, TSV or "
+                            "Parquet files."}
+  BUILDER_CONFIGS = [LmFilesConfig(name="default")]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    names = ("id", "text") if self.builder_config.kind == "text" else ("id", "source",
+                                                                        "messages")
+    return self._dataset_info({name: tfds.features.Text() for name in names}, license_text="")
+
+  def _examples_of(self, paths: Sequence[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """(where, example) of each row of `paths` that makes one (chats without an
+    assistant turn are skipped)."""
+    config = self.builder_config
+    for path in paths:
+      for number, (where, row) in enumerate(table_files.read_rows(path, config.format), 1):
+        missing = [c for c in config.columns if row.get(c) is None]
+        if missing:
+          raise DataError(f"{where}: no value in column(s) {missing}; the row has columns "
+                          f"{sorted(row)}")
+        values = [row[c] for c in config.columns]
+        if config.kind == "text":
+          if not isinstance(values[0], str) or not values[0].strip():
+            raise DataError(f"{where}: column {config.columns[0]!r}: expected a non-empty "
+                            "text")
+          yield where, {"text": values[0]}
+          continue
+        messages = (_messages(where, values[0], config.columns[0]) if config.kind == "messages"
+                    else _prompt_completion(where, *values, config.columns))
+        conversation = chat.parse_record(where, number, {"messages": messages})
+        if any(m["role"] == "assistant" for m in conversation["messages"]):
+          yield where, {"source": "custom",
+                        "messages": json.dumps(conversation["messages"], ensure_ascii=False)}
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    del dl_manager  # local or remote files, read as they are
+    config = self.builder_config
+    train_files, *given = config.files
+    keys = [local_builder.content_key(json.dumps(example, sort_keys=True))
+            for _, example in self._examples_of(train_files)]
+    if not keys:
+      raise DataError(f"config.data.files.train={list(train_files)}: no examples (a "
+                      "conversation needs an assistant turn)")
+    placement = local_builder.place_examples(
+        np.zeros(len(keys), np.int32), np.asarray(keys, np.uint64), config.fractions,
+        [bool(g) for g in given], SPLIT_SEED, train_files)
+    generators = {}
+    for split, name in enumerate(local_builder.SPLIT_NAMES):
+      own = given[split - 1] if split else ()
+      generators[name] = self._generate_examples(own or train_files, name,
+                                                 None if own else placement)
+    return generators
+
+  def _generate_examples(self, paths: Sequence[str], split: str,
+                         placement: np.ndarray | None) -> Iterator[local_builder.KeyedExample]:
+    """The examples of `split`: the training files' examples placed in it (`placement`:
+    the split index of each), or, without it, every example of the split's own files."""
+    number, count = local_builder.SPLIT_NAMES.index(split), 0
+    for index, (_, example) in enumerate(self._examples_of(paths)):
+      if placement is not None and placement[index] != number:
+        continue
+      count += 1
+      yield index, {"id": f"{split}/{index}", **example}
+    if not count:
+      raise DataError(f"config.data.files.{split}={list(paths)}: no examples")
