@@ -104,8 +104,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("max_length", "image_size"):  # text / image data
     if key in config.data:
       _check_positive(config, f"data.{key}")
-  if config.task == "classification" and config.model.num_classes != 0:  # 0: the data's
-    _check_positive(config, "model.num_classes")
+  if config.task == "classification":
+    count = config.model.num_classes
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+      raise ConfigError(f"config.model.num_classes={count!r}: must be a positive integer, "
+                        "or 0 to take the data's class count")
   if not isinstance(config.total_steps, int) or isinstance(config.total_steps, bool):
     raise ConfigError(f"config.total_steps={config.total_steps!r}: must be an integer (0: "
                       "config.num_epochs epochs)")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 from ftjax import (build, checkpoint, data, generate, param_groups, preemption, regularizers,
                    sharding, tasks, tracking)
-from ftjax.config import validate
+from ftjax.config import check_choice, validate
 from ftjax.data import check as data_check
 from ftjax.data import inputs as inputs_lib
 from ftjax.early_stopping import EarlyStopping
@@ -82,6 +82,7 @@ class _Run:
     build.check_batch_sizes(config, self.mesh, self.rules)
     # Which part of each global batch this process reads.
     self.data_shard = sharding.process_batch_slice(self.batch_sharding, config.batch_size)
+    check_choice(config.task, tasks.TASKS, "task")  # before the data it decides on
     self._build_data()
     # The data may say how many classes there are (config.model.num_classes=0).
     self.config = config = inputs_lib.with_class_count(config, self.inputs)

@@ -213,8 +213,9 @@ def test_config_arg_of_the_wrong_type(arg, match):
                  r"regularizer.kind='ewc' needs config.init_from", id="ewc_without_init_from"),
     pytest.param({"data.max_length": 0}, r"config.data.max_length=0: must be a positive",
                  id="zero_max_length"),
-    pytest.param({"model.num_classes": 0}, r"config.model.num_classes=0: must be a positive",
-                 id="zero_num_classes"),
+    pytest.param({"model.num_classes": -2}, r"config.model.num_classes=-2: must be a "
+                 r"positive integer, or 0 to take the data's class count",
+                 id="negative_num_classes"),
     pytest.param({"checkpoint.every": 0}, r"config.checkpoint.every=0: must be a positive",
                  id="zero_checkpoint_every"),
     pytest.param({"total_steps": 0, "num_epochs": 0}, r"config.num_epochs=0: must be a "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -65,10 +64,8 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
   """
   files = tuple(tuple(paths) for paths in files)
   labels = tuple(_label_name(label, "config.data.labels") for label in labels)
-  settings = [fmt, files, [table_files.signature(p) for paths in files for p in paths],
-              columns, labels, tuple(fractions)]
-  digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
-  return FilesConfig(name=f"files_{digest}", description=f"{fmt} files {files}",
+  name = table_files.config_name(fmt, files, columns, labels, tuple(fractions))
+  return FilesConfig(name=name, description=f"{fmt} files {files}",
                      format=fmt, files=files, text_column=columns["text"],
                      text_pair_column=columns["text_pair"], label_column=columns["label"],
                      labels=labels, fractions=tuple(fractions))

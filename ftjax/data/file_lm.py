@@ -27,7 +27,6 @@ duplicates share a split. Rows stream through twice while preparing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -79,10 +78,8 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
   """The builder config of a set of files, named after them, their versions and settings."""
   files = tuple(tuple(paths) for paths in files)
   kind, used = kind_of(fmt, files[0][0], columns)
-  settings = [fmt, files, [table_files.signature(p) for paths in files for p in paths], kind,
-              used, tuple(fractions)]
-  digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
-  return LmFilesConfig(name=f"files_{digest}", description=f"{fmt} files {files}", format=fmt,
+  name = table_files.config_name(fmt, files, kind, used, tuple(fractions))
+  return LmFilesConfig(name=name, description=f"{fmt} files {files}", format=fmt,
                        files=files, kind=kind, columns=used, fractions=tuple(fractions))
 
 

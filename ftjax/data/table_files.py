@@ -18,12 +18,13 @@ import bz2
 import csv
 import glob
 import gzip
+import hashlib
 import io
 import itertools
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, IO
 
 from etils import epath
@@ -78,6 +79,14 @@ def signature(path: str) -> str:
   """What marks a version of a file: its size and modification time."""
   info = epath.Path(path).stat()
   return f"{info.length}:{info.mtime}"
+
+
+def config_name(fmt: str, files: Sequence[Sequence[str]], *settings: Any) -> str:
+  """The name of a prepared copy of `files`: "files_<digest>" of the format, the files
+  and their versions (`signature`), and what else shapes the examples (`settings`)."""
+  signatures = [signature(path) for paths in files for path in paths]
+  text = repr([fmt, [list(paths) for paths in files], signatures, *settings])
+  return f"files_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def _open_binary(path: str) -> IO[bytes]:
