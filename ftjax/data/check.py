@@ -60,16 +60,20 @@ class Report:
   def table(self, class_names: Sequence[str] = ()) -> str:
     """The report as lines of text: a table of the splits, then the warnings."""
     lines = [f"data check: {self.name} ({self.kind})"]
-    if self.kind == "classification":
-      header = (["split", "examples"] + list(class_names)
-                + ["tokens min/median/p95/max", "truncated", "duplicates", "also in train"])
+    if self.kind in ("classification", "image"):
+      text = self.kind == "classification"
+      header = ["split", "examples", *class_names] + (
+          ["tokens min/median/p95/max", "truncated", "duplicates", "also in train"] if text
+          else [])
       rows = [header]
       for split, report in self.splits.items():
-        tokens = "/".join(f"{report.tokens[k]:g}" for k in ("min", "median", "p95", "max"))
-        rows.append([split, f"{report.examples:,}"]
-                    + [f"{report.classes.get(n, 0):,}" for n in class_names]
-                    + [tokens, f"{report.truncated:,}", f"{report.duplicates:,}",
-                       "-" if split == "train" else f"{report.in_train:,}"])
+        row = [split, f"{report.examples:,}"] + [f"{report.classes.get(n, 0):,}"
+                                                 for n in class_names]
+        if text:
+          row += ["/".join(f"{report.tokens[k]:g}" for k in ("min", "median", "p95", "max")),
+                  f"{report.truncated:,}", f"{report.duplicates:,}",
+                  "-" if split == "train" else f"{report.in_train:,}"]
+        rows.append(row)
       widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
       lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                           for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
@@ -167,7 +171,7 @@ def _images(inputs: Inputs) -> tuple[dict[str, SplitReport], list[str]]:
   reports, warnings = {}, []
   for split in _SPLITS:
     source = inputs.splits[split]
-    labels = collections.Counter(int(source[i]["label"]) for i in range(len(source)))
+    labels = collections.Counter(int(e["label"]) for batch in _batches(source) for e in batch)
     reports[split] = SplitReport(len(source), {names[k] if k < len(names) else str(k): v
                                                for k, v in sorted(labels.items())})
     missing = [n for i, n in enumerate(names) if not labels.get(i)]

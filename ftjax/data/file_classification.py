@@ -63,7 +63,7 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
     fractions: train / validation / test fractions for the splits without files.
   """
   files = tuple(tuple(paths) for paths in files)
-  labels = tuple(_label_name(label, "config.data.labels") for label in labels)
+  labels = tuple(label_name(label, "config.data.labels") for label in labels)
   name = table_files.config_name(fmt, files, columns, labels, tuple(fractions))
   return FilesConfig(name=name, description=f"{fmt} files {files}",
                      format=fmt, files=files, text_column=columns["text"],
@@ -71,7 +71,7 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
                      labels=labels, fractions=tuple(fractions))
 
 
-def _label_name(value: Any, where: str) -> str:
+def label_name(value: Any, where: str) -> str:
   """A label value as a class name: an integer's digits, or a string stripped."""
   if isinstance(value, bool) or not isinstance(value, (int, float, str)):
     raise DataError(f"{where}: label {value!r} is a {type(value).__name__}; expected a "
@@ -127,7 +127,7 @@ class FileClassification(local_builder.FileBuilder, skip_registration=True):
                             f"{sorted(row)}")
           value = row[column]
           if field == "label":
-            example[field] = _label_name(value, f"{where}: column {column!r}")
+            example[field] = label_name(value, f"{where}: column {column!r}")
           elif not isinstance(value, str):
             raise DataError(f"{where}: column {column!r} holds a {type(value).__name__}; "
                             "expected text")

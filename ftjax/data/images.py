@@ -15,6 +15,7 @@ cutmix) and unmixed batches have the same arrays.
 from __future__ import annotations
 
 import collections
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,10 +98,21 @@ def _ids(batch: Batch, size: int) -> np.ndarray:
   return np.asarray(batch["id"]) if "id" in batch else np.arange(size)
 
 
+def decode_image(data: bytes, where: str) -> np.ndarray:
+  """An encoded image file (JPEG, PNG, ...) as uint8 [H, W, 3] RGB, decoded by Pillow."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return np.asarray(image.convert("RGB"), np.uint8)
+  except (OSError, SyntaxError, ValueError) as e:
+    raise DataError(f"{where}: not an image Pillow can decode: {e}") from e
+
+
 def image_classification_preprocess(image_size: int, mean: float | Sequence[float],
                                     std: float | Sequence[float], num_classes: int,
                                     image_key: str = "image",
-                                    label_key: str = "label") -> Preprocess:
+                                    label_key: str = "label",
+                                    encoded: bool = False) -> Preprocess:
   """Returns a preprocess that resizes and normalises images and checks labels.
 
   Args:
@@ -109,8 +121,10 @@ def image_classification_preprocess(image_size: int, mean: float | Sequence[floa
     std: per-channel standard deviation, likewise, positive.
     num_classes: labels must lie in [0, num_classes).
     image_key: the feature holding uint8 images [B, H, W] or [B, H, W, C],
-      C being 1 (grayscale) or 3 (RGB).
+      C being 1 (grayscale) or 3 (RGB); with `encoded`, image files' bytes.
     label_key: the feature holding the class index.
+    encoded: the images are encoded files (of any sizes), decoded here one at a
+      time and each resized to S x S.
 
   Returns:
     batch -> {"image": float32 [B, S, S, 3] (grayscale replicated to three
@@ -132,10 +146,12 @@ def image_classification_preprocess(image_size: int, mean: float | Sequence[floa
   if np.any(std <= 0):
     raise ConfigError(f"image std {std.tolist()}: must be positive")
 
-  def preprocess(batch: Batch) -> Batch:
+  def pixels_of(batch: Batch, ids: np.ndarray) -> np.ndarray:
+    """float32 [B, S, S, 3] in [0, 1]."""
+    if encoded:  # each decoded image resized on its own: their sizes differ
+      return np.concatenate([resize(decode_image(data, f"example id {i}")[None] / 255.0,
+                                    image_size) for i, data in zip(ids, batch[image_key])])
     images = np.asarray(batch[image_key])
-    labels = np.asarray(batch[label_key])
-    ids = _ids(batch, len(images))
     shape = images.shape[1:]
     if not (len(shape) == 2 or len(shape) == 3 and shape[2] in (1, 3)):
       raise DataError(f"example id {ids[0]}: image of shape {list(shape)}; expected [H, W], "
@@ -144,6 +160,16 @@ def image_classification_preprocess(image_size: int, mean: float | Sequence[floa
       raise DataError(f"example id {ids[0]}: image of dtype {images.dtype}; expected uint8")
     if 0 in shape[:2]:
       raise DataError(f"example id {ids[0]}: empty image of shape {list(shape)}")
+    if images.ndim == 3:
+      images = images[..., None]
+    pixels = images.astype(np.float32) / 255.0
+    if pixels.shape[1:3] != (image_size, image_size):
+      pixels = resize(pixels, image_size)
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+  def preprocess(batch: Batch) -> Batch:
+    labels = np.asarray(batch[label_key])
+    ids = _ids(batch, len(labels))
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
       raise DataError(f"example id {ids[0]}: label {labels[0].item()!r} of dtype "
                       f"{labels.dtype}; expected an integer class")
@@ -151,13 +177,7 @@ def image_classification_preprocess(image_size: int, mean: float | Sequence[floa
     if bad.size:
       raise DataError(f"example id {ids[bad[0]]}: label {labels[bad[0]]}; expected a class "
                       f"in [0, {num_classes})")
-    if images.ndim == 3:
-      images = images[..., None]
-    pixels = images.astype(np.float32) / 255.0
-    if pixels.shape[1:3] != (image_size, image_size):
-      pixels = resize(pixels, image_size)
-    if pixels.shape[-1] == 1:
-      pixels = np.repeat(pixels, 3, axis=-1)
+    pixels = pixels_of(batch, ids)
     labels = labels.astype(np.int32)
     return {"image": (pixels - mean) / std, "label": labels, "label_mix": labels.copy(),
             "mix": np.ones(len(labels), np.float32)}

@@ -18,6 +18,7 @@ as `config.data.mixing` says (see `ftjax.data.mixture`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -26,9 +27,9 @@ import ml_collections
 import numpy as np
 
 from ftjax.data import augment as augment_lib
-from ftjax.data import (fashion_mnist, file_classification, file_lm, images, lm, local_builder,
-                        mixture, mnist_digits, pipeline, rotten_tomatoes, sources, table_files,
-                        tweets)
+from ftjax.data import (fashion_mnist, file_classification, file_images, file_lm, images, lm,
+                        local_builder, mixture, mnist_digits, pipeline, rotten_tomatoes, sources,
+                        table_files, tweets)
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
@@ -51,6 +52,8 @@ _DATA_KEYS = {
                              "labels", "split"),
     "language_model_files": ("max_length", "max_eval_examples", "tokenizer", "files", "columns",
                              "split"),
+    "image_files": ("image_size", "mean", "std", "shots", "augment", "max_eval_examples",
+                    "files", "columns", "labels", "split"),
     "image": ("image_size", "mean", "std", "shots", "augment", "max_eval_examples",
               "source_path"),
     "chat": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
@@ -74,12 +77,15 @@ def data_kind(config: ml_collections.ConfigDict) -> tuple[str, str]:
   name = mixture.task_names(config.data.name)[0]
   if name in KINDS:
     return KINDS[name]
+  if name == file_images.FOLDER_FORMAT or (
+      name in table_files.FORMATS and "image" in config.data.get("columns", {})):
+    return "image", "classification"
   if name in table_files.FORMATS:
     if config.task == "causal_lm":
       return "language_model_files", "causal_lm"  # chat or text: the files' rows say
     return "classification", "classification"
   raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(KINDS)}, "
-                    f"or a file format: {list(table_files.FORMATS)}")
+                    f"or a file format: {[*table_files.FORMATS, file_images.FOLDER_FORMAT]}")
 
 
 def task_classes(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
@@ -262,8 +268,9 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
   if config.task != task:
     raise ConfigError(f"config.data.name={data.name!r} is {kind} data, scored by task "
                       f"{task!r}, but config.task={config.task!r}")
-  files = data.name in table_files.FORMATS
-  reads = "classification_files" if files and kind == "classification" else kind
+  files = data.name in (*table_files.FORMATS, file_images.FOLDER_FORMAT)
+  reads = {"classification": "classification_files", "image": "image_files"}.get(
+      kind, kind) if files else kind
   missing = [key for key in _DATA_KEYS[reads] if key not in data]
   if missing:
     raise ConfigError(f"config.data.name={data.name!r} is {kind} data, which needs "
@@ -276,7 +283,7 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
                                  data.source_path or None)
     class_names = _CLASS_NAMES.get(data.name, ())
   if kind == "image":
-    return _image_inputs(config, splits, class_names)
+    return _image_inputs(config, splits, class_names, encoded=files)
   if kind == "classification":
     tokenizer = _text_tokenizer(config)
     for split in ("validation", "test"):
@@ -292,12 +299,14 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
 def _file_splits(data: ml_collections.ConfigDict, kind: str
                  ) -> tuple[dict[str, Any], tuple[str, ...], str]:
   """The splits of `config.data.files`, their class names (classification) and kind of
-  data ("classification", or for language-model files "chat" or "text")."""
+  data ("classification", "image", or for language-model files "chat" or "text")."""
   if not data.files.train:
     raise ConfigError(f"config.data.name={data.name!r} reads files: set "
                       "config.data.files.train (and optionally .validation, .test)")
-  files = [table_files.expand(data.files[split], f"config.data.files.{split}")
-           if data.files[split] else [] for split in sources.SPLITS]
+  expand = (functools.partial(file_images.expand, data.name) if kind == "image"
+            else table_files.expand)
+  files = [expand(data.files[split], f"config.data.files.{split}") if data.files[split] else []
+           for split in sources.SPLITS]
   if len(data.split) != 3:
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: needs train, validation and "
                       "test fractions")
@@ -310,10 +319,10 @@ def _file_splits(data: ml_collections.ConfigDict, kind: str
     config = file_lm.config_for(data.name, files, dict(data.columns), data.split)
     splits, _ = sources.load_file_splits(file_lm.FileLanguageModel, config, data_dir)
     return splits, (), "text" if config.kind == "text" else "chat"
-  config = file_classification.config_for(data.name, files, dict(data.columns), data.labels,
-                                          data.split)
-  splits, info = sources.load_file_splits(file_classification.FileClassification, config,
-                                          data_dir)
+  module, builder = ((file_images, file_images.FileImages) if kind == "image" else
+                     (file_classification, file_classification.FileClassification))
+  config = module.config_for(data.name, files, dict(data.columns), data.labels, data.split)
+  splits, info = sources.load_file_splits(builder, config, data_dir)
   return splits, tuple(info.features["label"].names), kind
 
 
@@ -354,8 +363,10 @@ def _multi_task_inputs(config: ml_collections.ConfigDict) -> Inputs:
 
 
 def _image_inputs(config: ml_collections.ConfigDict, splits: dict[str, Sequence[Any]],
-                  class_names: tuple[str, ...]) -> Inputs:
-  data, num_classes = config.data, config.model.num_classes
+                  class_names: tuple[str, ...], encoded: bool) -> Inputs:
+  """`encoded`: the images are image files' bytes (the user's own files)."""
+  data = config.data
+  num_classes = config.model.num_classes or len(class_names)  # 0: the data's count
   if data.shots > 0:
     splits["train"] = images.few_shot(splits["train"], data.shots, config.seed, num_classes)
     log_line(f"{data.name}: training on {data.shots} examples per class "
@@ -363,7 +374,7 @@ def _image_inputs(config: ml_collections.ConfigDict, splits: dict[str, Sequence[
   for split in ("validation", "test"):
     splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
   preprocess = images.image_classification_preprocess(data.image_size, data.mean, data.std,
-                                                      num_classes)
+                                                      num_classes, encoded=encoded)
   return Inputs("image", splits, preprocess, None,
                 augment=augment_lib.from_config(data.augment), class_names=class_names)
 

@@ -256,9 +256,10 @@ def place_examples(strata: np.ndarray, keys: np.ndarray, fractions: Sequence[flo
   return placement
 
 
-def content_key(text: str) -> int:
+def content_key(content: str | bytes) -> int:
   """A 64-bit hash of an example's content, the same on every machine."""
-  return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+  data = content.encode() if isinstance(content, str) else content
+  return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,193 @@
+"""Labelled images from the user's own files: a folder of class folders, or a table of paths.
+
+`config.data.name` is `imagefolder` (torchvision's `ImageFolder`, Keras's
+`image_dataset_from_directory`): `config.data.files.train` (and `.validation`,
+`.test`) is a folder holding one folder per class, the images below each (in
+sub-folders too). Or it is a table format (`csv`, `tsv`, `json`, `parquet`)
+whose rows name an image file (`config.data.columns.image`, default "image"; a
+relative path is taken from the table's folder) and its label
+(`config.data.columns.label`, default "label").
+
+Images are JPEG, PNG, BMP, GIF or WebP files, stored as their encoded bytes and
+decoded with Pillow when batches are made (`ftjax.data.images`); every image
+is opened once while preparing, so an unreadable one is an error naming the
+file. The classes, the splits cut from train for the splits without files
+(stratified by label, by a hash of the image bytes, so exact copies share a
+split) and the errors follow `ftjax.data.file_classification`.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import io
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from ftjax.data import file_classification, local_builder, table_files
+from ftjax.errors import DataError
+
+FOLDER_FORMAT = "imagefolder"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SPLIT_SEED = 0
+
+
+@dataclasses.dataclass
+class ImageFilesConfig(tfds.core.BuilderConfig):
+  """What to read: the format, the files or folders of each split, columns and classes."""
+
+  format: str = FOLDER_FORMAT
+  files: tuple[tuple[str, ...], ...] = ((), (), ())  # train, validation, test
+  image_column: str = "image"
+  label_column: str = "label"
+  labels: tuple[str, ...] = ()  # empty: from the training data
+  fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
+
+
+def expand(fmt: str, spec: str, key: str) -> list[str]:
+  """The folders (imagefolder) or table files that a files setting names."""
+  if fmt != FOLDER_FORMAT:
+    return table_files.expand(spec, key)
+  folders = [part.strip() for part in spec.split(",") if part.strip()]
+  for folder in folders:
+    if not os.path.isdir(folder):
+      raise DataError(f"{key}={spec!r}: {folder}: " + (
+          "a file, not a folder of class folders" if os.path.exists(folder)
+          else "folder not found"))
+  return folders
+
+
+def _folder_images(folder: str) -> list[tuple[str, str]]:
+  """(image path, class folder name) of every image below `folder`'s class folders."""
+  found = []
+  for name in sorted(os.listdir(folder)):
+    class_dir = os.path.join(folder, name)
+    if not os.path.isdir(class_dir):
+      continue
+    for root, dirs, files in os.walk(class_dir):
+      dirs.sort()
+      found += [(os.path.join(root, f), name) for f in sorted(files)
+                if f.lower().endswith(IMAGE_SUFFIXES)]
+  if not found:
+    raise DataError(f"{folder}: no images in class folders (expected {folder}/<class>/<image>, "
+                    f"with suffixes {list(IMAGE_SUFFIXES)})")
+  return found
+
+
+def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str],
+               labels: Sequence[Any], fractions: Sequence[float]) -> ImageFilesConfig:
+  """The builder config of a set of folders or tables, named after their contents."""
+  files = tuple(tuple(paths) for paths in files)
+  labels = tuple(file_classification.label_name(label, "config.data.labels")
+                 for label in labels)
+  # A folder's version: the images it holds, and each one's size and time.
+  listing = [[(path, table_files.signature(path)) for folder in paths
+              for path, _ in _folder_images(folder)] for paths in files
+             ] if fmt == FOLDER_FORMAT else []
+  name = table_files.config_name(fmt, files if fmt != FOLDER_FORMAT else (), listing,
+                                 columns["image"], columns["label"], labels, tuple(fractions))
+  return ImageFilesConfig(name=name, description=f"{fmt} {files}", format=fmt, files=files,
+                          image_column=columns["image"], label_column=columns["label"],
+                          labels=labels, fractions=tuple(fractions))
+
+
+def _read_image(path: str, where: str) -> bytes:
+  """The bytes of an image file that Pillow can decode."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  try:
+    data = epath.Path(path).read_bytes()
+  except OSError as e:
+    raise DataError(f"{where}: cannot read image {path}: {e.strerror or e}") from e
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise DataError(f"{where}: {path} is not an image Pillow can decode: {e}") from e
+  return data
+
+
+class FileImages(local_builder.FileBuilder, skip_registration=True):
+  """Labelled images read from folders or tables named by an `ImageFilesConfig`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Images in class folders, or named with their labels in CSV, "
+                            "TSV, JSON or Parquet tables."}
+  BUILDER_CONFIGS = [ImageFilesConfig(name="default")]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self._dataset_info({
+        "id": tfds.features.Tensor(shape=(), dtype=np.int64),
+        "image": tfds.features.Text(),  # the encoded file, decoded when batches are made
+        "path": tfds.features.Text(),
+        "label": tfds.features.ClassLabel(names=list(self.builder_config.labels) or None),
+    }, license_text="", supervised_keys=("image", "label"))
+
+  def _rows(self, paths: Sequence[str]) -> Iterator[tuple[str, str, str]]:
+    """(where, image path, class name) of each image of folders or tables `paths`."""
+    config = self.builder_config
+    for path in paths:
+      if config.format == FOLDER_FORMAT:
+        for image, name in _folder_images(path):
+          yield image, image, name
+        continue
+      for where, row in table_files.read_rows(path, config.format):
+        for field, column in (("image", config.image_column), ("label", config.label_column)):
+          if row.get(column) is None:
+            raise DataError(f"{where}: no value in column {column!r} "
+                            f"(config.data.columns.{field}); the row has columns "
+                            f"{sorted(row)}")
+        image = row[config.image_column]
+        if not isinstance(image, str) or not image.strip():
+          raise DataError(f"{where}: column {config.image_column!r}: expected an image path")
+        if "://" not in image and not os.path.isabs(image):
+          image = os.path.join(os.path.dirname(path), image)
+        yield where, image, file_classification.label_name(
+            row[config.label_column], f"{where}: column {config.label_column!r}")
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    del dl_manager  # local or remote files, read as they are
+    config = self.builder_config
+    train_files, *given = config.files
+    codes: dict[str, int] = {}
+    labels, keys = array.array("i"), array.array("Q")
+    for where, image, name in self._rows(train_files):
+      if config.labels and name not in config.labels:
+        raise DataError(f"{where}: label {name!r} is not one of config.data.labels "
+                        f"{list(config.labels)}")
+      labels.append(codes.setdefault(name, len(codes)))
+      keys.append(local_builder.content_key(_read_image(image, where)))
+    names = config.labels or file_classification.class_order(set(codes))
+    if not config.labels:
+      self.info.features["label"].names = list(names)
+    placement = local_builder.place_examples(
+        np.frombuffer(labels, np.int32), np.frombuffer(keys, np.uint64), config.fractions,
+        [bool(g) for g in given], SPLIT_SEED, train_files)
+    generators = {}
+    for split, name in enumerate(local_builder.SPLIT_NAMES):
+      own = given[split - 1] if split else ()
+      generators[name] = self._generate_examples(own or train_files, name,
+                                                 None if own else placement, names)
+    return generators
+
+  def _generate_examples(self, paths: Sequence[str], split: str, placement: np.ndarray | None,
+                         names: Sequence[str]) -> Iterator[local_builder.KeyedExample]:
+    """The examples of `split`: the training images placed in it (`placement`: the split
+    index of each), or every image of the split's own folders or tables, each label
+    checked against the classes `names`."""
+    number, count = local_builder.SPLIT_NAMES.index(split), 0
+    for index, (where, image, name) in enumerate(self._rows(paths)):
+      if placement is not None and placement[index] != number:
+        continue
+      if placement is None and name not in names:
+        raise DataError(f"{where}: {split} label {name!r} is not a class of the training "
+                        f"data {list(names)}")
+      count += 1
+      yield index, {"id": index, "image": _read_image(image, where), "path": image,
+                    "label": name}
+    if not count:
+      raise DataError(f"config.data.files.{split}={list(paths)}: no images")
