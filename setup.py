@@ -28,6 +28,9 @@ setuptools.setup(
         "tensorboardX>=2.6",
         # Sweep reports' plots.
         "matplotlib>=3.8",
+        # Your own data: Parquet tables, image files.
+        "pyarrow>=14",
+        "Pillow>=10",
         "numpy>=1.26",
     ],
     extras_require={
