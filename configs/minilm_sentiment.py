@@ -103,6 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                    "label": "label"})
   config.data.labels = ()  # class names in label order; empty: sorted labels of train
   config.data.split = (0.8, 0.1, 0.1)
+  # Packaged data sets whose validation split is also evaluated at every evaluation and
+  # reported under its name (text classification data sets with the same classes (e.g. tweets for a 3-class run)).
+  config.data.extra_eval = ()
   config.data.tokenizer = ""  # empty: the model's own tokenizer.json
   config.data.max_length = arg.max_length
   config.data.max_eval_examples = 0  # > 0: evaluate on the first N of each split only

@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.columns = ml_collections.ConfigDict({"image": "image", "label": "label"})
   config.data.labels = ()  # class names in label order; empty: sorted labels of train
   config.data.split = (0.8, 0.1, 0.1)
+  # Packaged data sets whose validation split is also evaluated at every evaluation and
+  # reported under its name (image data sets with the same classes).
+  config.data.extra_eval = ()
   config.data.image_size = arg.image_size
   config.data.mean = _IMAGENET_MEAN
   config.data.std = _IMAGENET_STD

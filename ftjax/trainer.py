@@ -114,6 +114,11 @@ class _Run:
     config = self.config
     self.inputs = inputs_lib.build(config)
     self.splits, self.preprocess = self.inputs.splits, self.inputs.preprocess
+    # What evaluations read: the run's splits, and each extra data set's validation split.
+    self.eval_sets = {split: (self.splits[split], self.preprocess)
+                      for split in ("validation", "test")}
+    for name, extra in inputs_lib.build_extra_evals(config, self.inputs).items():
+      self.eval_sets[name] = (extra.splits["validation"], extra.preprocess)
     self.host_batch = config.batch_size // self.data_shard[1]
     self.steps_per_epoch = len(self.splits["train"]) // config.batch_size
     if self.steps_per_epoch == 0:
@@ -130,6 +135,11 @@ class _Run:
     log_line(report.table(self.inputs.class_names))
     return report
 
+  @property
+  def extra_evals(self) -> list[str]:
+    """The names of the extra evaluation sets (`config.data.extra_eval`)."""
+    return [name for name in self.eval_sets if name not in ("validation", "test")]
+
   def train_iterator(self):
     return data.train_iterator(
         self.splits["train"], self.preprocess, batch_size=self.host_batch,
@@ -137,10 +147,12 @@ class _Run:
         shard_count=self.data_shard[1], augment=self.inputs.augment)
 
   def eval_batches(self, split: str | Sequence[Any]) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of a split (by name) or of any source, each example once, padded."""
+    """Batches of an evaluation set (by name: a split or an extra data set) or of any
+    source of the run's data, each example once, padded."""
+    source, preprocess = (self.eval_sets[split] if isinstance(split, str)
+                          else (split, self.preprocess))
     return data.eval_batches(
-        self.splits[split] if isinstance(split, str) else split, self.preprocess,
-        batch_size=self.config.eval_batch_size // self.data_shard[1],
+        source, preprocess, batch_size=self.config.eval_batch_size // self.data_shard[1],
         shard_index=self.data_shard[0], shard_count=self.data_shard[1])
 
   def _compile(self) -> None:
@@ -170,7 +182,7 @@ class _Run:
 
     Args:
       weights: (trainable parameters, batch statistics).
-      split: "validation" or "test".
+      split: "validation", "test" or an extra evaluation set's name.
     """
     sums = None
     for batch in self.eval_batches(split):
@@ -240,8 +252,13 @@ def _write_samples(run: _Run, step: int) -> None:
 
 def _validate(run: _Run, step: int, stopper: EarlyStopping) -> None:
   """Evaluates on validation, saves the best parameters and updates early stopping."""
-  metrics = run.evaluate((run.state.params, run.state.stats), "validation")
+  weights = (run.state.params, run.state.stats)
+  metrics = run.evaluate(weights, "validation")
   run.writer.write(step, "validation", metrics)
+  for name in run.extra_evals:  # watched, not what early stopping follows
+    extra = run.evaluate(weights, name)
+    run.writer.write(step, name, extra)
+    log_line(f"{name} step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in extra.items()))
   if stopper.update(step, metrics):
     run.checkpointer.save_best(step, run.state.params, run.state.stats)
   log_line(f"validation step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -411,6 +428,8 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
       "test": run_.evaluate(best, "test"),
       "train_seconds": run_.clock.update(),  # every start's share, killed ones included
   }
+  if run_.extra_evals:  # the extra sets' validation metrics of the best parameters
+    final["extra_eval"] = {name: run_.evaluate(best, name) for name in run_.extra_evals}
   if at_start is not None:
     final["test_at_start"] = at_start
     final["forgetting"] = _forgetting(config, at_start, final["test"])

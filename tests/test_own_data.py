@@ -316,3 +316,11 @@ def test_check_data_prints_the_check_and_train_saves_it(tmp_path, data_dir):
   start = lines.index("data check: rotten_tomatoes (classification)")  # after preparation
   assert lines[start + 2].split()[:4] == ["train", "10,246", "4,324", "5,922"]
   assert "warning: train: 36 of 10,246 (0.4%) examples repeat an earlier text" in lines
+
+
+def test_an_extra_evaluation_set_needs_the_run_s_classes(debug_config):
+  config = with_overrides(debug_config, **{"data.extra_eval": ("tweets",)})
+  with pytest.raises(ConfigError, match=r"config.data.extra_eval: 'tweets' has the classes "
+                     r"\['negative', 'neutral', 'positive'\], the run's data \['rotten', "
+                     r"'fresh'\]"):
+    inputs.build_extra_evals(config, inputs.build(config))

@@ -8,7 +8,7 @@ from configs import smollm2_chat
 from conftest import ONE_DEVICE, with_overrides
 from ftjax import metrics, trainer
 from ftjax.data import file_lm, sources
-from ftjax.errors import DataError
+from ftjax.errors import ConfigError, DataError
 
 
 def _conversation(i, weight=None):
@@ -112,3 +112,21 @@ def test_chat_config_trains_on_an_openai_chat_file(tmp_path, data_dir):
   check = json.loads((tmp_path / "run" / "data_check.json").read_text())
   assert check["kind"] == "chat"
   assert check["splits"]["train"]["examples"] == 64  # the debug config's max_train_examples
+
+
+def test_extra_evaluation_sets_are_evaluated_at_every_evaluation(tmp_path, data_dir):
+  config = smollm2_chat.get_config("debug")
+  config = with_overrides(config, **{"data.data_dir": data_dir,
+                                     "data.extra_eval": ("shakespeare",)})
+  final = trainer.run(config, str(tmp_path / "run"), devices=ONE_DEVICE)
+  records = metrics.read_metrics(tmp_path / "run")
+  steps = lambda split: [r["step"] for r in records if r["split"] == split]
+  assert steps("shakespeare") == steps("validation") == [0, 2, 4]
+  assert final["extra_eval"]["shakespeare"]["tokens"] > 0
+  assert final["best_step"] == 4  # early stopping still follows the validation split
+  for extra, match in ((("tweets",), r"'tweets' is not a packaged data set of the task "
+                        r"'causal_lm'; choose from \['chat', 'shakespeare'\]"),
+                       (("chat",), r"'chat' is the run's data set")):
+    with pytest.raises(ConfigError, match=match):
+      trainer.run(with_overrides(config, **{"data.extra_eval": extra}), str(tmp_path / "x"),
+                  devices=ONE_DEVICE)

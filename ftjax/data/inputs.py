@@ -220,6 +220,37 @@ def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, 
   return spec
 
 
+def build_extra_evals(config: ml_collections.ConfigDict, inputs: Inputs
+                      ) -> dict[str, Inputs]:
+  """The data sets of `config.data.extra_eval`, by name: each a packaged data set whose
+  validation split is evaluated beside the run's own (e.g. `shakespeare` perplexity
+  while chat-tuning), prepared as `config.data` says for the run's data.
+
+  Raises:
+    ConfigError: for a name that is the run's data set, a split name or repeated, data of
+      another task, or classification data with other classes.
+  """
+  extra = {}
+  for name in config.data.extra_eval:
+    if name in (config.data.name, "train", "validation", "test", "samples") or name in extra:
+      raise ConfigError(f"config.data.extra_eval={tuple(config.data.extra_eval)!r}: {name!r} "
+                        "is the run's data set, a split name or named twice")
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+      other.data.name, other.data.source_path, other.data.extra_eval = name, "", ()
+    other.lock()
+    if name not in KINDS or data_kind(other)[1] != config.task:
+      raise ConfigError(f"config.data.extra_eval: {name!r} is not a packaged data set of the "
+                        f"task {config.task!r}; choose from "
+                        f"{sorted(n for n, (_, t) in KINDS.items() if t == config.task)}")
+    extra[name] = build(other)
+    if extra[name].class_names != inputs.class_names:
+      raise ConfigError(f"config.data.extra_eval: {name!r} has the classes "
+                        f"{list(extra[name].class_names)}, the run's data "
+                        f"{list(inputs.class_names)}")
+  return extra
+
+
 def with_class_count(config: ml_collections.ConfigDict, inputs: Inputs
                      ) -> ml_collections.ConfigDict:
   """`config` with `model.num_classes` set to the data's class count where it is 0.

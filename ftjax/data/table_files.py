@@ -146,7 +146,7 @@ def _delimited_rows(path: str, text: IO[str], delimiter: str
     row += 1
     where = f"{path}: row {row} (line {line})"
     line = reader.line_num + 1
-    if any(_UNDECODABLE.search(field) for field in fields):
+    if _UNDECODABLE.search("\0".join(fields)):
       raise DataError(f"{where}: bytes that are not valid UTF-8")
     if header is None:
       header = [name.strip() for name in fields]
