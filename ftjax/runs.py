@@ -25,6 +25,18 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+LABELS_FILE = "labels.json"  # a classification run's class names, in label order
+
+
+def class_names(workdir: str) -> tuple[str, ...]:
+  """The class names a classification run wrote to `workdir/labels.json`; () without."""
+  path = os.path.join(workdir, LABELS_FILE)
+  if not os.path.isfile(path):
+    return ()
+  with open(path) as f:
+    return tuple(json.load(f)["names"])
+
+
 def best_weights(workdir: str) -> tuple[ml_collections.ConfigDict, models.Model, Any]:
   """A run's model and every variable of it with the best trained values.
 

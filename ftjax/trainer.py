@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from ftjax import (build, checkpoint, data, generate, param_groups, preemption, regularizers,
-                   sharding, tasks, tracking)
+                   runs, sharding, tasks, tracking)
 from ftjax.config import check_choice, validate
 from ftjax.data import check as data_check
 from ftjax.data import inputs as inputs_lib
@@ -50,9 +50,6 @@ def _check_workdir(workdir: str) -> None:
     raise ConfigError(f"workdir {workdir}: not writable")
 
 
-LABELS_FILE = "labels.json"
-
-
 def _write_config(run: _Run) -> None:
   """The resolved config, the data check and, for classification, the class names in
   label order."""
@@ -61,7 +58,7 @@ def _write_config(run: _Run) -> None:
   with open(os.path.join(run.workdir, "config.json"), "w") as f:
     f.write(run.config.to_json(indent=2, sort_keys=True))
   if run.inputs.class_names:
-    with open(os.path.join(run.workdir, LABELS_FILE), "w") as f:
+    with open(os.path.join(run.workdir, runs.LABELS_FILE), "w") as f:
       json.dump({"names": list(run.inputs.class_names)}, f, indent=2)
   if run.data_check is not None:
     with open(os.path.join(run.workdir, data_check.CHECK_FILE), "w") as f:

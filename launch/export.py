@@ -3,7 +3,7 @@ r"""Exports a run's best parameters: `python launch/export.py --workdir=DIR --ou
 --format=merged (default) folds LoRA / DoRA adapters into the base weights and
 writes `model.safetensors` with the pretrained checkpoint's tensor names, plus
 its config and tokenizer files: `transformers.AutoModel.from_pretrained(OUT)`
-loads it. --format=adapter writes only the adapters in PEFT's format
+loads it; a classifier's config gets the run's classes as `id2label`. --format=adapter writes only the adapters in PEFT's format
 (`adapter_config.json` + `adapter_model.safetensors`), for
 `peft.PeftModel.from_pretrained(<base model>, OUT)`.
 """
@@ -26,7 +26,8 @@ def export_run(workdir: str, out: str, what: str) -> list[str]:
   config, _, module = runs.restore_module(workdir)
   source, name_map, extra = models.hf_format(config.model)
   if what == "merged":
-    return export.save_merged(module, out, source_dir=source, name_map=name_map, extra=extra)
+    return export.save_merged(module, out, source_dir=source, name_map=name_map, extra=extra,
+                              class_names=runs.class_names(workdir))
   if config.peft.method not in methods.ADAPTERS:
     raise ConfigError(f"--format=adapter needs a LoRA, DoRA or QLoRA run; {workdir} used "
                       f"peft.method={config.peft.method!r}")

@@ -23,6 +23,10 @@ MASK = np.asarray([[1] * 6 + [0] * 2, [1] * 8], np.int32)
 def _trained_like(arg):
   """An adapted model whose adapters and head moved away from their initial values."""
   config = minilm_sentiment.get_config(arg)
+  if config.model.num_classes == 0:  # classes from the data: three here
+    config.unlock()
+    config.model.num_classes = 3
+    config.lock()
   model, params = models.create(config.model, seed=0)
   model, params = methods.adapt(config, model, params, seed=0)
   rng = np.random.default_rng(0)
@@ -57,6 +61,18 @@ def test_merged_export_loads_in_transformers_with_the_same_outputs(tmp_path, arg
   np.testing.assert_allclose(classifier.classifier.weight.detach().numpy(),
                              np.asarray(params["head"]["kernel"]).T)
   assert transformers.AutoTokenizer.from_pretrained(tmp_path)("a film")["input_ids"][0] == 101
+
+
+def test_a_classifier_of_the_user_s_classes_exports_them_as_id2label(tmp_path):
+  config, model, params = _trained_like("data=csv")
+  source, name_map, extra = models.hf_format(config.model)
+  export.save_merged(model.module(params), str(tmp_path), source_dir=source, name_map=name_map,
+                     extra=extra, class_names=("billing", "sales", "tech"))
+  classifier = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+  assert classifier.config.id2label == {0: "billing", 1: "sales", 2: "tech"}
+  assert classifier.config.label2id == {"billing": 0, "sales": 1, "tech": 2}
+  np.testing.assert_allclose(classifier.classifier.weight.detach().numpy(),
+                             np.asarray(params["head"]["kernel"]).T)
 
 
 @pytest.mark.parametrize("arg", ["peft=lora", "peft=dora", "peft=lora,rslora"])

@@ -252,6 +252,12 @@ def test_own_tickets_train_through_the_launcher(tmp_path):
     saved = json.load(f)
   assert saved["splits"]["train"]["classes"] == {"billing": 64, "sales": 64, "tech": 64}
   assert "data check: csv (classification)" in result.stdout
+  exported = subprocess.run([sys.executable, os.path.join(REPO, "launch", "export.py"),
+                             f"--workdir={workdir}", f"--out={tmp_path / 'export'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  with open(tmp_path / "export" / "config.json") as f:
+    assert json.load(f)["id2label"] == {"0": "billing", "1": "sales", "2": "tech"}
 
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"body": "fine", "queue": "tech"}\n{"body": "no label"}\n')

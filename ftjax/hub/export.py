@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from flax import nnx
@@ -84,7 +84,8 @@ def _copy_side_files(source_dir: str, out_dir: str) -> None:
 
 
 def save_merged(module: nnx.Module, out_dir: str, *, source_dir: str,
-                name_map: loading.NameMap, extra: Extra | None = None) -> list[str]:
+                name_map: loading.NameMap, extra: Extra | None = None,
+                class_names: Sequence[str] = ()) -> list[str]:
   """Folds adapters into their kernels and writes `model.safetensors` + side files.
 
   Args:
@@ -94,6 +95,8 @@ def save_merged(module: nnx.Module, out_dir: str, *, source_dir: str,
     name_map: the model's checkpoint name -> (ftjax path, transform) map.
     extra: {ftjax path: (name, transform)} for parameters the checkpoint lacks
       (e.g. a new classification head).
+    class_names: a classifier's classes in label order, written into the exported
+      `config.json` as transformers' `id2label` / `label2id` (which set `num_labels`).
 
   Returns:
     The written tensor names.
@@ -110,7 +113,18 @@ def save_merged(module: nnx.Module, out_dir: str, *, source_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   _copy_side_files(source_dir, out_dir)
+  if class_names:
+    _write_labels(os.path.join(out_dir, "config.json"), class_names)
   return sorted(tensors)
+
+
+def _write_labels(config_path: str, class_names: Sequence[str]) -> None:
+  with open(config_path) as f:
+    config = json.load(f)
+  config["id2label"] = {str(i): name for i, name in enumerate(class_names)}
+  config["label2id"] = {name: i for i, name in enumerate(class_names)}
+  with open(config_path, "w") as f:
+    json.dump(config, f, indent=2)
 
 
 def save_peft_adapter(module: nnx.Module, out_dir: str, *, spec: lora.LoraSpec,
