@@ -56,7 +56,6 @@ test-slow: $(VENV)/.test data
 	$(PY) -m pytest -q -n 2 --dist load -m slow -s tests
 
 bench: $(VENV)/.test
-	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/data_prepare.py --rows=1000000
 	$(PY) bench/bert_train_step.py
 	$(PY) bench/llama_train_step.py --batch_size=2 --seq_len=128 --dtype=float32 \

@@ -35,10 +35,9 @@ setuptools.setup(
     ],
     extras_require={
         # Reference implementations for parity tests and benchmarks.
+        # (datasets: save_to_disk folders in tests, and the data preparation benchmark.)
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "peft>=0.13", "scikit-image>=0.22",
-                 "accelerate>=1.0"],
-        # The side-by-side data preparation benchmark.
-        "bench": ["datasets>=3"],
+                 "accelerate>=1.0", "datasets>=3"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
     },

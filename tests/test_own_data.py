@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import datasets
+import ml_collections
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -330,3 +332,36 @@ def test_an_extra_evaluation_set_needs_the_run_s_classes(debug_config):
                      r"\['negative', 'neutral', 'positive'\], the run's data \['rotten', "
                      r"'fresh'\]"):
     inputs.build_extra_evals(config, inputs.build(config))
+
+
+def _save_to_disk(folder, splits, names=("pos", "neg")):
+  """A DatasetDict saved by `datasets` with a ClassLabel column (names in that order)."""
+  features = datasets.Features({"body": datasets.Value("string"),
+                                "queue": datasets.ClassLabel(names=list(names))})
+  datasets.DatasetDict({
+      split: datasets.Dataset.from_dict({"body": [f"{split} text {i}" for i in range(n)],
+                                         "queue": [i % 2 for i in range(n)]}, features=features)
+      for split, n in splits.items()}).save_to_disk(str(folder))
+  return str(folder)
+
+
+def _files(train, validation="", test=""):
+  return ml_collections.ConfigDict({"train": train, "validation": validation, "test": test})
+
+
+def test_a_datasets_save_to_disk_folder_keeps_its_splits_and_class_label_order(tmp_path):
+  folder = _save_to_disk(tmp_path / "saved", {"train": 40, "valid": 6, "test": 4})
+  files = inputs._hf_disk_files(_files(folder))
+  assert files == [[f"{folder}/train"], [f"{folder}/valid"], [f"{folder}/test"]]
+  splits, names = _load(tmp_path, "hf_disk", *files)
+  assert names == ("pos", "neg")  # the ClassLabel's order, not sorted
+  assert _examples(splits["validation"]) == [(f"valid text {i}", i % 2) for i in range(6)]
+  assert len(splits["train"]) == 40 and len(splits["test"]) == 4
+  # A Dataset folder of its own, with the other splits cut from it.
+  cut, _ = _load(tmp_path / "cut", "hf_disk", [f"{folder}/train"])
+  assert [len(cut[s]) for s in ("train", "validation", "test")] == [32, 4, 4]
+  with pytest.raises(ConfigError, match=r"config.data.files.test='.*two': a DatasetDict "
+                     r"without a test split \(it has \['train'\]\)"):
+    inputs._hf_disk_files(_files(folder, test=_save_to_disk(tmp_path / "two", {"train": 4})))
+  with pytest.raises(DataError, match=r"not a folder written by datasets' save_to_disk"):
+    inputs._hf_disk_files(_files(str(tmp_path)))

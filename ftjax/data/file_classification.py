@@ -64,6 +64,8 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
   """
   files = tuple(tuple(paths) for paths in files)
   labels = tuple(label_name(label, "config.data.labels") for label in labels)
+  if not labels and fmt == table_files.HF_DISK:  # a ClassLabel column keeps its order
+    labels = table_files.class_label_names(files[0][0], columns["label"])
   name = table_files.config_name(fmt, files, columns, labels, tuple(fractions))
   return FilesConfig(name=name, description=f"{fmt} files {files}",
                      format=fmt, files=files, text_column=columns["text"],

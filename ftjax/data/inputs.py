@@ -334,10 +334,13 @@ def _file_splits(data: ml_collections.ConfigDict, kind: str
   if not data.files.train:
     raise ConfigError(f"config.data.name={data.name!r} reads files: set "
                       "config.data.files.train (and optionally .validation, .test)")
-  expand = (functools.partial(file_images.expand, data.name) if kind == "image"
-            else table_files.expand)
-  files = [expand(data.files[split], f"config.data.files.{split}") if data.files[split] else []
-           for split in sources.SPLITS]
+  if data.name == table_files.HF_DISK:
+    files = _hf_disk_files(data.files)
+  else:
+    expand = (functools.partial(file_images.expand, data.name) if kind == "image"
+              else table_files.expand)
+    files = [expand(data.files[split], f"config.data.files.{split}") if data.files[split]
+             else [] for split in sources.SPLITS]
   if len(data.split) != 3:
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: needs train, validation and "
                       "test fractions")
@@ -355,6 +358,31 @@ def _file_splits(data: ml_collections.ConfigDict, kind: str
   config = module.config_for(data.name, files, dict(data.columns), data.labels, data.split)
   splits, info = sources.load_file_splits(builder, config, data_dir)
   return splits, tuple(info.features["label"].names), kind
+
+
+_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"),
+                "test": ("test",)}
+
+
+def _hf_disk_files(files: ml_collections.ConfigDict) -> list[list[str]]:
+  """The Dataset folders of each split: `files.<split>`, a Dataset folder or a DatasetDict
+  folder's same-named split; a split not named is taken from a DatasetDict in
+  `files.train` when it has one (validation: also "valid" or "dev")."""
+  train = table_files.hf_disk_splits(files.train, "config.data.files.train")
+  folders = []
+  for split in sources.SPLITS:
+    key = f"config.data.files.{split}"
+    found = table_files.hf_disk_splits(files[split], key) if files[split] else (
+        {} if "" in train else train)
+    if "" in found:
+      folders.append([found[""]])
+      continue
+    named = [found[n] for n in _SPLIT_NAMES[split] if n in found]
+    if not named and (files[split] or split == "train"):
+      raise ConfigError(f"{key}={files[split]!r}: a DatasetDict without a {split} split "
+                        f"(it has {sorted(found)})")
+    folders.append(named[:1])
+  return folders
 
 
 def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextTokenizer:

@@ -31,10 +31,42 @@ from etils import epath
 
 from ftjax.errors import DataError
 
-FORMATS = ("csv", "tsv", "json", "parquet")
+FORMATS = ("csv", "tsv", "json", "parquet", "hf_disk")
+HF_DISK = "hf_disk"  # a folder written by `datasets`' `save_to_disk`
 _DELIMITERS = {"csv": ",", "tsv": "\t"}
 _PARQUET_BATCH_ROWS = 8192
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def hf_disk_splits(folder: str, key: str) -> dict[str, str]:
+  """The Dataset folders of a `save_to_disk` folder, by split name: the folder itself
+  ({"": folder}) for a Dataset, its splits' folders for a DatasetDict.
+
+  Raises:
+    DataError: naming the setting for a folder `save_to_disk` did not write.
+  """
+  if os.path.isfile(os.path.join(folder, "state.json")):
+    return {"": folder}
+  listing = os.path.join(folder, "dataset_dict.json")
+  if not os.path.isfile(listing):
+    raise DataError(f"{key}={folder!r}: not a folder written by datasets' save_to_disk (it "
+                    "has neither state.json nor dataset_dict.json)")
+  with open(listing) as f:
+    return {split: os.path.join(folder, split) for split in json.load(f)["splits"]}
+
+
+def class_label_names(folder: str, column: str) -> tuple[str, ...]:
+  """The class names of a `save_to_disk` Dataset's ClassLabel column; () for another."""
+  feature = _hf_features(folder).get(column, {})
+  return tuple(feature.get("names", ())) if feature.get("_type") == "ClassLabel" else ()
+
+
+def _hf_features(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, "dataset_info.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f).get("features") or {}
 
 
 def expand(spec: str, key: str) -> list[str]:
@@ -61,7 +93,7 @@ def expand(spec: str, key: str) -> list[str]:
       paths.extend(matches)
     elif not epath.Path(part).exists():
       raise DataError(f"{key}={spec!r}: {part}: file not found")
-    elif epath.Path(part).is_dir():
+    elif epath.Path(part).is_dir() and not os.path.isfile(os.path.join(part, "state.json")):
       raise DataError(f"{key}={spec!r}: {part}: a folder, not a file")
     else:
       paths.append(part)
@@ -76,8 +108,10 @@ def _glob(pattern: str) -> list[str]:
 
 
 def signature(path: str) -> str:
-  """What marks a version of a file: its size and modification time."""
-  info = epath.Path(path).stat()
+  """What marks a version of a file: its size and modification time (a `save_to_disk`
+  folder: its state, which holds the data's fingerprint)."""
+  state = os.path.join(path, "state.json")
+  info = epath.Path(state if os.path.isfile(state) else path).stat()
   return f"{info.length}:{info.mtime}"
 
 
@@ -118,6 +152,8 @@ def read_rows(path: str, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
   try:
     if fmt == "parquet":
       yield from _parquet_rows(path)
+    elif fmt == HF_DISK:
+      yield from _hf_disk_rows(path)
     else:
       with _open_binary(path) as raw:
         # Bytes that are not UTF-8 become lone surrogates, found in the row they are in.
@@ -219,3 +255,27 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path}: row {number}", row
   except pyarrow.ArrowException as e:
     raise DataError(f"{path}: row {number + 1} or after: cannot read: {e}") from e
+
+
+def _hf_disk_rows(folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """The rows of a `save_to_disk` Dataset folder (Arrow stream files, in order); a
+  ClassLabel column's integers become its class names."""
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(folder, "state.json")) as f:
+    files = [entry["filename"] for entry in json.load(f)["_data_files"]]
+  names = {column: feature["names"] for column, feature in _hf_features(folder).items()
+           if isinstance(feature, dict) and feature.get("_type") == "ClassLabel"}
+  number = 0
+  for name in files:
+    path = os.path.join(folder, name)
+    try:
+      with pyarrow.memory_map(path) as source:
+        for batch in pyarrow.ipc.open_stream(source):
+          for row in batch.to_pylist():
+            number += 1
+            for column, classes in names.items():
+              if isinstance(row.get(column), int) and 0 <= row[column] < len(classes):
+                row[column] = classes[row[column]]
+            yield f"{folder}: row {number}", row
+    except pyarrow.ArrowException as e:
+      raise DataError(f"{path}: not a readable Arrow file: {e}") from e
