@@ -52,6 +52,19 @@ def test_a_system_message_is_rendered_and_weight_0_answers_are_not_trained(token
   assert _trained_texts(tokenizer, ids, trained) == ["Blue.<|im_end|>"]
 
 
+def test_a_template_without_a_system_role_names_the_conversation():
+  tokenizer = tokenizer_lib.load_hf_tokenizer(assets.model_dir("smollm2-135m-instruct"))
+  tokenizer.chat_template = (  # as Gemma's first templates: no system role
+      "{% for m in messages %}{% if m['role'] == 'system' %}"
+      "{{ raise_exception('System role not supported') }}{% endif %}"
+      "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello."}]
+  with pytest.raises(DataError, match=r"chats.jsonl: line 4: the chat template of .* cannot "
+                     r"render it: System role not supported"):
+    lm.ChatFormatter(tokenizer).encode(messages, "chats.jsonl: line 4")
+
+
 def test_packed_rows_hold_every_example_once_in_its_own_segment(tokenizer):
   formatter = lm.ChatFormatter(tokenizer)
   source = [_chat(i, turns=1 + i % 3, words=i % 7) for i in range(40)]
