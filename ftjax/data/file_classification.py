@@ -23,7 +23,6 @@ at a time; the prepared splits keep the files' row order.
 
 from __future__ import annotations
 
-import array
 import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,11 +30,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ftjax.data import local_builder, table_files
+from ftjax.data import file_builder, table_files
 from ftjax.errors import DataError
-
-SPLIT_SEED = 0
-_INTEGER = str.isdigit
 
 
 @dataclasses.dataclass
@@ -63,7 +59,7 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
     fractions: train / validation / test fractions for the splits without files.
   """
   files = tuple(tuple(paths) for paths in files)
-  labels = tuple(label_name(label, "config.data.labels") for label in labels)
+  labels = tuple(file_builder.label_name(label, "config.data.labels") for label in labels)
   if not labels and fmt == table_files.HF_DISK:  # a ClassLabel column keeps its order
     labels = table_files.class_label_names(files[0][0], columns["label"])
   name = table_files.config_name(fmt, files, columns, labels, tuple(fractions))
@@ -73,29 +69,7 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
                      labels=labels, fractions=tuple(fractions))
 
 
-def label_name(value: Any, where: str) -> str:
-  """A label value as a class name: an integer's digits, or a string stripped."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-    raise DataError(f"{where}: label {value!r} is a {type(value).__name__}; expected a "
-                    "string or an integer")
-  if isinstance(value, float):
-    if not value.is_integer():
-      raise DataError(f"{where}: label {value!r} is not an integer")
-    value = int(value)
-  name = str(value).strip()
-  if not name:
-    raise DataError(f"{where}: empty label")
-  return name
-
-
-def class_order(names: set[str]) -> tuple[str, ...]:
-  """Integers in numeric order when every name is one, else sorted names."""
-  if all(_INTEGER(n.removeprefix("-")) for n in names):
-    return tuple(sorted(names, key=int))
-  return tuple(sorted(names))
-
-
-class FileClassification(local_builder.FileBuilder, skip_registration=True):
+class FileClassification(file_builder.FilesBuilder, skip_registration=True):
   """Labelled texts read from files named by a `FilesConfig`."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -129,7 +103,7 @@ class FileClassification(local_builder.FileBuilder, skip_registration=True):
                             f"{sorted(row)}")
           value = row[column]
           if field == "label":
-            example[field] = label_name(value, f"{where}: column {column!r}")
+            example[field] = file_builder.label_name(value, f"{where}: column {column!r}")
           elif not isinstance(value, str):
             raise DataError(f"{where}: column {column!r} holds a {type(value).__name__}; "
                             "expected text")
@@ -139,50 +113,5 @@ class FileClassification(local_builder.FileBuilder, skip_registration=True):
             example[field] = value
         yield where, example
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    del dl_manager  # local or remote files, read as they are
-    config = self.builder_config
-    train_files, *given = config.files
-    # First pass, in compact arrays: each training example's label (a code per distinct
-    # label) and a hash of its text, its key.
-    codes: dict[str, int] = {}
-    labels, keys = array.array("i"), array.array("Q")
-    for where, example in self._examples_of(train_files):
-      if config.labels and example["label"] not in config.labels:
-        raise DataError(f"{where}: label {example['label']!r} is not one of "
-                        f"config.data.labels {list(config.labels)}")
-      labels.append(codes.setdefault(example["label"], len(codes)))
-      keys.append(local_builder.content_key(
-          f"{example['text']}\0{example.get('text_pair', '')}"))
-    if not labels:
-      raise DataError(f"config.data.files.train={list(train_files)}: no examples")
-    names = config.labels or class_order(set(codes))
-    if not config.labels:
-      self.info.features["label"].names = list(names)
-    placement = local_builder.place_examples(
-        np.frombuffer(labels, np.int32), np.frombuffer(keys, np.uint64), config.fractions,
-        [bool(g) for g in given], SPLIT_SEED, train_files)
-    generators = {"train": self._generate_examples(train_files, "train", placement=placement)}
-    for split, name in enumerate(local_builder.SPLIT_NAMES[1:], 1):
-      generators[name] = (self._generate_examples(given[split - 1], name, names=names)
-                          if given[split - 1]
-                          else self._generate_examples(train_files, name, placement=placement))
-    return generators
-
-  def _generate_examples(self, paths: Sequence[str], split: str,
-                         placement: np.ndarray | None = None,
-                         names: Sequence[str] = ()) -> Iterator[local_builder.KeyedExample]:
-    """The examples of `split`: the training files' examples placed in it (`placement`:
-    the split index of each), or the split's own files' examples, each label checked
-    against the classes `names`; in file order."""
-    number, count = local_builder.SPLIT_NAMES.index(split), 0
-    for index, (where, example) in enumerate(self._examples_of(paths)):
-      if placement is not None and placement[index] != number:
-        continue
-      if placement is None and example["label"] not in names:
-        raise DataError(f"{where}: {split} label {example['label']!r} is not a class of "
-                        f"the training data {list(names)}")
-      count += 1
-      yield index, {"id": index, **example}
-    if not count:
-      raise DataError(f"config.data.files.{split}={list(paths)}: no examples")
+  def _content(self, example: dict[str, Any]) -> str:
+    return f"{example['text']}\0{example.get('text_pair', '')}"

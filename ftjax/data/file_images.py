@@ -13,12 +13,11 @@ decoded with Pillow when batches are made (`ftjax.data.images`); every image
 is opened once while preparing, so an unreadable one is an error naming the
 file. The classes, the splits cut from train for the splits without files
 (stratified by label, by a hash of the image bytes, so exact copies share a
-split) and the errors follow `ftjax.data.file_classification`.
+split) and the errors follow `ftjax.data.file_builder`.
 """
 
 from __future__ import annotations
 
-import array
 import dataclasses
 import io
 import os
@@ -29,12 +28,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ftjax.data import file_classification, local_builder, table_files
+from ftjax.data import file_builder, table_files
 from ftjax.errors import DataError
 
 FOLDER_FORMAT = "imagefolder"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-SPLIT_SEED = 0
 
 
 @dataclasses.dataclass
@@ -83,8 +81,7 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
                labels: Sequence[Any], fractions: Sequence[float]) -> ImageFilesConfig:
   """The builder config of a set of folders or tables, named after their contents."""
   files = tuple(tuple(paths) for paths in files)
-  labels = tuple(file_classification.label_name(label, "config.data.labels")
-                 for label in labels)
+  labels = tuple(file_builder.label_name(label, "config.data.labels") for label in labels)
   # A folder's version: the images it holds, and each one's size and time.
   listing = [[(path, table_files.signature(path)) for folder in paths
               for path, _ in _folder_images(folder)] for paths in files
@@ -111,7 +108,7 @@ def _read_image(path: str, where: str) -> bytes:
   return data
 
 
-class FileImages(local_builder.FileBuilder, skip_registration=True):
+class FileImages(file_builder.FilesBuilder, skip_registration=True):
   """Labelled images read from folders or tables named by an `ImageFilesConfig`."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -127,13 +124,14 @@ class FileImages(local_builder.FileBuilder, skip_registration=True):
         "label": tfds.features.ClassLabel(names=list(self.builder_config.labels) or None),
     }, license_text="", supervised_keys=("image", "label"))
 
-  def _rows(self, paths: Sequence[str]) -> Iterator[tuple[str, str, str]]:
-    """(where, image path, class name) of each image of folders or tables `paths`."""
+  def _examples_of(self, paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, {"image": the file's bytes, "path", "label": class name}) of each image of
+    the folders or tables `paths`."""
     config = self.builder_config
     for path in paths:
       if config.format == FOLDER_FORMAT:
         for image, name in _folder_images(path):
-          yield image, image, name
+          yield image, {"image": _read_image(image, image), "path": image, "label": name}
         continue
       for where, row in table_files.read_rows(path, config.format):
         for field, column in (("image", config.image_column), ("label", config.label_column)):
@@ -146,48 +144,9 @@ class FileImages(local_builder.FileBuilder, skip_registration=True):
           raise DataError(f"{where}: column {config.image_column!r}: expected an image path")
         if "://" not in image and not os.path.isabs(image):
           image = os.path.join(os.path.dirname(path), image)
-        yield where, image, file_classification.label_name(
-            row[config.label_column], f"{where}: column {config.label_column!r}")
+        label = file_builder.label_name(row[config.label_column],
+                                        f"{where}: column {config.label_column!r}")
+        yield where, {"image": _read_image(image, where), "path": image, "label": label}
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    del dl_manager  # local or remote files, read as they are
-    config = self.builder_config
-    train_files, *given = config.files
-    codes: dict[str, int] = {}
-    labels, keys = array.array("i"), array.array("Q")
-    for where, image, name in self._rows(train_files):
-      if config.labels and name not in config.labels:
-        raise DataError(f"{where}: label {name!r} is not one of config.data.labels "
-                        f"{list(config.labels)}")
-      labels.append(codes.setdefault(name, len(codes)))
-      keys.append(local_builder.content_key(_read_image(image, where)))
-    names = config.labels or file_classification.class_order(set(codes))
-    if not config.labels:
-      self.info.features["label"].names = list(names)
-    placement = local_builder.place_examples(
-        np.frombuffer(labels, np.int32), np.frombuffer(keys, np.uint64), config.fractions,
-        [bool(g) for g in given], SPLIT_SEED, train_files)
-    generators = {}
-    for split, name in enumerate(local_builder.SPLIT_NAMES):
-      own = given[split - 1] if split else ()
-      generators[name] = self._generate_examples(own or train_files, name,
-                                                 None if own else placement, names)
-    return generators
-
-  def _generate_examples(self, paths: Sequence[str], split: str, placement: np.ndarray | None,
-                         names: Sequence[str]) -> Iterator[local_builder.KeyedExample]:
-    """The examples of `split`: the training images placed in it (`placement`: the split
-    index of each), or every image of the split's own folders or tables, each label
-    checked against the classes `names`."""
-    number, count = local_builder.SPLIT_NAMES.index(split), 0
-    for index, (where, image, name) in enumerate(self._rows(paths)):
-      if placement is not None and placement[index] != number:
-        continue
-      if placement is None and name not in names:
-        raise DataError(f"{where}: {split} label {name!r} is not a class of the training "
-                        f"data {list(names)}")
-      count += 1
-      yield index, {"id": index, "image": _read_image(image, where), "path": image,
-                    "label": name}
-    if not count:
-      raise DataError(f"config.data.files.{split}={list(paths)}: no images")
+  def _content(self, example: dict[str, Any]) -> bytes:
+    return example["image"]

@@ -31,13 +31,11 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from ftjax.data import chat, local_builder, table_files
+from ftjax.data import chat, file_builder, table_files
 from ftjax.errors import DataError
 
-SPLIT_SEED = 0
 KINDS = ("messages", "prompt_completion", "text")
 
 
@@ -112,13 +110,14 @@ def _prompt_completion(where: str, prompt: Any, completion: Any, columns: Sequen
   return _messages(where, prompt, columns[0]) + completion
 
 
-class FileLanguageModel(local_builder.FileBuilder, skip_registration=True):
+class FileLanguageModel(file_builder.FilesBuilder, skip_registration=True):
   """Conversations or passages read from files named by an `LmFilesConfig`."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Chat, prompt-completion and text rows from JSON, CSV, TSV or "
                             "Parquet files."}
   BUILDER_CONFIGS = [LmFilesConfig(name="default")]
+  LABELLED = False
 
   def _info(self) -> tfds.core.DatasetInfo:
     names = ("id", "text") if self.builder_config.kind == "text" else ("id", "source",
@@ -149,34 +148,8 @@ class FileLanguageModel(local_builder.FileBuilder, skip_registration=True):
           yield where, {"source": "custom",
                         "messages": json.dumps(conversation["messages"], ensure_ascii=False)}
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    del dl_manager  # local or remote files, read as they are
-    config = self.builder_config
-    train_files, *given = config.files
-    keys = [local_builder.content_key(json.dumps(example, sort_keys=True))
-            for _, example in self._examples_of(train_files)]
-    if not keys:
-      raise DataError(f"config.data.files.train={list(train_files)}: no examples (a "
-                      "conversation needs an assistant turn)")
-    placement = local_builder.place_examples(
-        np.zeros(len(keys), np.int32), np.asarray(keys, np.uint64), config.fractions,
-        [bool(g) for g in given], SPLIT_SEED, train_files)
-    generators = {}
-    for split, name in enumerate(local_builder.SPLIT_NAMES):
-      own = given[split - 1] if split else ()
-      generators[name] = self._generate_examples(own or train_files, name,
-                                                 None if own else placement)
-    return generators
+  def _content(self, example: dict[str, Any]) -> str:
+    return json.dumps(example, sort_keys=True)
 
-  def _generate_examples(self, paths: Sequence[str], split: str,
-                         placement: np.ndarray | None) -> Iterator[local_builder.KeyedExample]:
-    """The examples of `split`: the training files' examples placed in it (`placement`:
-    the split index of each), or, without it, every example of the split's own files."""
-    number, count = local_builder.SPLIT_NAMES.index(split), 0
-    for index, (_, example) in enumerate(self._examples_of(paths)):
-      if placement is not None and placement[index] != number:
-        continue
-      count += 1
-      yield index, {"id": f"{split}/{index}", **example}
-    if not count:
-      raise DataError(f"config.data.files.{split}={list(paths)}: no examples")
+  def _example_id(self, split: str, index: int) -> str:
+    return f"{split}/{index}"
