@@ -143,32 +143,29 @@ def _kill_once(workdir, data_dir, rng, moment, run_seconds):
   "any": at a random time between the start and `run_seconds` (how long a whole run
   takes). Returns the phase the run was in when it was killed.
   """
-  checkpoints = os.path.join(workdir, "checkpoints")
   step = int(rng.integers(1, LAST_STEP))
   delay = float(rng.uniform(0, {"end": 2.0, "any": run_seconds}.get(moment, 0.0)))
+  before = _Progress(workdir)  # what earlier starts left: not this start's progress
+  started = time.time()
   process = subprocess.Popen(debug_launch_command(workdir, data_dir), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  started = time.time()
   due = None  # the time to kill, once known
   try:
     while time.time() < started + 300 and process.poll() is None:
-      records = _records_so_far(workdir)
-      if moment == "write":  # orbax writes into "<step>.orbax-checkpoint-tmp-..." and renames
-        if os.path.isdir(checkpoints) and any("tmp" in n for n in os.listdir(checkpoints)):
-          due = time.time()
-      elif moment == "step" and any(r["step"] >= step for r in records):
+      now = _Progress(workdir, before, started)
+      if moment == "write" and now.writing:
         due = time.time()
-      elif moment == "test" and any(r["split"] == "test" for r in records):
+      elif moment == "step" and any(r["step"] >= step for r in now.records):
         due = time.time()
-      elif moment == "end" and due is None and any(
-          r["split"] == "train" and r["step"] == LAST_STEP for r in records):
+      elif moment == "test" and any(r["split"] == "test" for r in now.records):
+        due = time.time()
+      elif moment == "end" and due is None and now.past_last_step:
         due = time.time() + delay
       elif moment == "any":
         due = started + delay
       if due is not None and time.time() >= due:
-        phase = _phase(workdir, records)
         process.send_signal(signal.SIGKILL)
-        return phase
+        return now.phase
       time.sleep(0.002)
     return "finished before the kill"
   finally:
@@ -177,16 +174,36 @@ def _kill_once(workdir, data_dir, rng, moment, run_seconds):
     process.wait()
 
 
-def _phase(workdir, records):
-  """What the run is doing: where its workdir shows it is."""
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(checkpoints) and any("tmp" in n for n in os.listdir(checkpoints)):
-    return "during a checkpoint write"
-  if os.path.exists(os.path.join(workdir, "final_metrics.json")):
-    return "after the final metrics"
-  if any(r["split"] == "train" and r["step"] == LAST_STEP for r in records):
-    return "after the last step"
-  return "training" if records else "before the first step"
+class _Progress:
+  """How far the start of a run got, from its workdir, leaving out what the starts
+  before it left (`before`, taken when this start was launched at time `since`): their
+  checkpoint folders, their metrics log (which a start replaces, a new inode, before
+  it logs) and their final metrics."""
+
+  def __init__(self, workdir, before=None, since=0.0):
+    checkpoints = os.path.join(workdir, "checkpoints")
+    path = os.path.join(workdir, "metrics.jsonl")
+    final = os.path.join(workdir, "final_metrics.json")
+    # orbax writes into "<step>.orbax-checkpoint-tmp-..." and renames it when complete
+    self.writes = {n for n in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else ())
+                   if "tmp" in n}
+    self.log = os.stat(path).st_ino if os.path.exists(path) else None
+    stale = before is not None and self.log == before.log
+    self.records = [] if stale or self.log is None else _records_so_far(workdir)
+    self.writing = bool(self.writes - (before.writes if before else set()))
+    self.final = os.path.exists(final) and os.stat(final).st_mtime >= since
+    self.past_last_step = any(r["split"] == "train" and r["step"] == LAST_STEP
+                              for r in self.records)
+
+  @property
+  def phase(self):
+    if self.writing:
+      return "during a checkpoint write"
+    if self.final:
+      return "after the final metrics"
+    if self.past_last_step:
+      return "after the last step"
+    return "training" if self.records else "before the first step"
 
 
 def _records_so_far(workdir):
