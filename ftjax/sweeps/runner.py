@@ -61,6 +61,10 @@ def is_finished(sweep_dir: str, name: str) -> bool:
   return os.path.isfile(os.path.join(study_lib.run_dir(sweep_dir, name), FINISHED))
 
 
+# Config values that mean "the run's data says": the run writes what it found.
+_FROM_THE_DATA = {"model.num_classes": 0}
+
+
 def check_workdir(run: study_lib.Run, sweep_dir: str) -> None:
   """Raises ConfigError when the run's workdir was made with a different config."""
   path = os.path.join(study_lib.run_dir(sweep_dir, run.name), "config.json")
@@ -74,8 +78,10 @@ def check_workdir(run: study_lib.Run, sweep_dir: str) -> None:
                         "again") from e
   expected = flatten_config(json.loads(study_lib.resolve(run, sweep_dir).to_json()))
   # Keys on one side only come from another ftjax version (a key added since): not a change.
+  # A value a run takes from its data (num_classes 0) is written resolved: not a change.
   differ = sorted(key for key in set(existing) & set(expected)
-                  if existing[key] != expected[key])
+                  if existing[key] != expected[key]
+                  and not (key in _FROM_THE_DATA and expected[key] == _FROM_THE_DATA[key]))
   if differ:
     shown = ", ".join(f"{key}: {existing[key]!r} there, {expected[key]!r} now"
                       for key in differ[:5])
