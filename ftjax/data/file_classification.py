@@ -97,11 +97,7 @@ class FileClassification(file_builder.FilesBuilder, skip_registration=True):
       for where, row in table_files.read_rows(path, config.format):
         example = {}
         for field, column in fields:
-          if column not in row or row[column] is None:
-            raise DataError(f"{where}: no value in column {column!r} "
-                            f"(config.data.columns.{field}); the row has columns "
-                            f"{sorted(row)}")
-          value = row[column]
+          value = table_files.column_value(where, row, column, field)
           if field == "label":
             example[field] = file_builder.label_name(value, f"{where}: column {column!r}")
           elif not isinstance(value, str):

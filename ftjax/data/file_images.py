@@ -134,18 +134,13 @@ class FileImages(file_builder.FilesBuilder, skip_registration=True):
           yield image, {"image": _read_image(image, image), "path": image, "label": name}
         continue
       for where, row in table_files.read_rows(path, config.format):
-        for field, column in (("image", config.image_column), ("label", config.label_column)):
-          if row.get(column) is None:
-            raise DataError(f"{where}: no value in column {column!r} "
-                            f"(config.data.columns.{field}); the row has columns "
-                            f"{sorted(row)}")
-        image = row[config.image_column]
+        image = table_files.column_value(where, row, config.image_column, "image")
+        label = table_files.column_value(where, row, config.label_column, "label")
         if not isinstance(image, str) or not image.strip():
           raise DataError(f"{where}: column {config.image_column!r}: expected an image path")
         if "://" not in image and not os.path.isabs(image):
           image = os.path.join(os.path.dirname(path), image)
-        label = file_builder.label_name(row[config.label_column],
-                                        f"{where}: column {config.label_column!r}")
+        label = file_builder.label_name(label, f"{where}: column {config.label_column!r}")
         yield where, {"image": _read_image(image, where), "path": image, "label": label}
 
   def _content(self, example: dict[str, Any]) -> bytes:

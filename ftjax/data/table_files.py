@@ -123,6 +123,18 @@ def config_name(fmt: str, files: Sequence[Sequence[str]], *settings: Any) -> str
   return f"files_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+def column_value(where: str, row: dict[str, Any], column: str, field: str) -> Any:
+  """A row's value in `column`, the column of `config.data.columns.<field>`.
+
+  Raises:
+    DataError: naming the row, column and setting when the row has no value there.
+  """
+  if row.get(column) is None:
+    raise DataError(f"{where}: no value in column {column!r} (config.data.columns.{field}); "
+                    f"the row has columns {sorted(row)}")
+  return row[column]
+
+
 def _open_binary(path: str) -> IO[bytes]:
   f = epath.Path(path).open("rb")
   if path.endswith(".gz"):
