@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from ftjax.data import inputs as inputs_lib
-from ftjax.data import lm, mixture
+from ftjax.data import lm, local_builder, mixture
 from ftjax.data.inputs import Inputs
 
 CHECK_FILE = "data_check.json"
@@ -83,9 +82,8 @@ class Report:
     return "\n".join(lines)
 
 
-def _text_key(example: dict[str, Any]) -> bytes:
-  text = example["text"] + b"\0" + example.get("text_pair", b"")
-  return hashlib.blake2b(text, digest_size=16).digest()
+def _text_key(example: dict[str, Any]) -> int:
+  return local_builder.content_key(example["text"] + b"\0" + example.get("text_pair", b""))
 
 
 def _batches(source: Sequence[Any]) -> Iterator[list[dict[str, Any]]]:
@@ -109,13 +107,13 @@ def _classification(inputs: Inputs, offsets: Sequence[int]
   """`offsets`: a multi-task run's first class index of each task ([0] for one task)."""
   names, tokenizer = inputs.class_names, inputs.tokenizer
   reports, warnings = {}, []
-  train_keys: set[bytes] = set()
+  train_keys: set[int] = set()
   for split in _SPLITS:
     source = inputs.splits[split]
     if split == "train" and inputs.task_train:  # each example once, not the mixture
       source = mixture.Concatenation(list(inputs.task_train.values()))
     labels: collections.Counter[int] = collections.Counter()
-    seen: dict[bytes, int] = {}
+    seen: dict[int, int] = {}
     lengths: list[int] = []
     duplicates = conflicting = in_train = 0
     for batch in _batches(source):
