@@ -94,8 +94,12 @@ class RunClock:
   so a start that is killed leaves its share up to its last update.
   """
 
-  def __init__(self, workdir: str, started: float, earlier_seconds: float):
-    self._path = os.path.join(workdir, INFO_FILE)
+  def __init__(self, path: str, record: dict[str, Any] | None, started: float,
+               earlier_seconds: float):
+    """`record`: the run_info.json this process wrote, this start last (None: not process
+    0, which alone writes)."""
+    self._path = path
+    self._record = record
     self._started = started
     self.earlier_seconds = earlier_seconds
 
@@ -103,10 +107,9 @@ class RunClock:
     """Writes this start's seconds so far into its `run_info.json` entry (process 0);
     returns the seconds of every start of the run, this one up to now."""
     seconds = time.perf_counter() - self._started
-    record = _read_info(self._path) if jax.process_index() == 0 else None
-    if record is not None and record.get("starts"):
-      record["starts"][-1]["seconds"] = round(seconds, 3)
-      _write_info(self._path, record)
+    if self._record is not None:
+      self._record["starts"][-1]["seconds"] = round(seconds, 3)
+      _write_info(self._path, self._record)
     return self.earlier_seconds + seconds
 
 
@@ -124,7 +127,7 @@ def record_start(workdir: str, seed: int, started: float) -> RunClock:
   """
   info = run_info(seed)
   path = os.path.join(workdir, INFO_FILE)
-  earlier = 0.0
+  earlier, record = 0.0, None
   if jax.process_index() == 0:
     record = _read_info(path) or dict(info)
     earlier = sum(start.get("seconds", 0.0) for start in record.get("starts", []))
@@ -133,4 +136,4 @@ def record_start(workdir: str, seed: int, started: float) -> RunClock:
     _write_info(path, record)
   if jax.process_count() > 1:  # every process returns the same total
     earlier = float(multihost_utils.broadcast_one_to_all(np.float32(earlier)))
-  return RunClock(workdir, started, earlier)
+  return RunClock(path, record, started, earlier)
