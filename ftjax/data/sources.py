@@ -129,9 +129,9 @@ def load_splits(name: str, data_dir: str, source_path: str | None = None
 def load_file_splits(builder_cls: type[tfds.core.DatasetBuilder],
                      config: tfds.core.BuilderConfig, data_dir: str
                      ) -> tuple[dict[str, Any], tfds.core.DatasetInfo]:
-  """Prepares the data of the user's files (`builder_cls`: `FileClassification` or
-  `FileLanguageModel`) in `data_dir` if needed, under the config's name, which
-  changes with the files' versions, and opens their splits.
+  """Prepares the data of the user's files (`builder_cls`: a `file_builder.FilesBuilder`)
+  in `data_dir` if needed, under the config's name, which changes with the files'
+  versions, and opens their splits.
 
   Returns:
     ({"train", "validation", "test"}: random-access sources as `load_splits`
