@@ -17,7 +17,8 @@ Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4
                   `--config.data.files.train=FILE` (and .validation, .test; else
                   cut from train by config.data.split), the columns in
                   config.data.columns (text, text_pair, label) and the classes
-                  taken from the data (or config.data.labels).
+                  taken from the data (or config.data.labels). A file as a task
+                  of a multi-task run: `data=tweets+csv:tickets.csv`.
   init_from=DIR   start from the best weights of the finished run in DIR (same
                   model and method): a second stage of continual fine-tuning.
   regularizer=... none (default), l2sp (toward the starting weights) or ewc (the
@@ -48,12 +49,21 @@ import ml_collections
 
 from ftjax import sharding
 from ftjax.config import parse_arg
-from ftjax.data import inputs, mixture, table_files
-from ftjax.errors import ConfigError
+from ftjax.data import mixture, registry
 
 
 # Peak learning rates per method: small updates of everything, larger ones of few parameters.
 _DEFAULT_LR = {"none": 5e-5, "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4, "bitfit": 1e-3, "all_but_head": 1e-3}
+
+
+def _class_count(data: str) -> int:
+  """The classes of packaged data sets (a multi-task run's together); 0 (from the data)
+  when a data set is files."""
+  presets = registry.presets()
+  names = mixture.task_names(data)
+  if any(name not in presets for name in names):
+    return 0
+  return sum(len(presets[name].class_names) for name in names)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -62,13 +72,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   dtype="float32", peft="full", quant="nf4", rank=8, rslora=False, freeze="none",
                   freeze_blocks=0, llrd=1.0, unfreeze_every=0,
                   data="rotten_tomatoes", init_from="", regularizer="none", strength=0.0)
-  tasks = mixture.task_names(arg.data)
-  files = arg.data in table_files.FORMATS
-  unknown = [name for name in tasks if name not in inputs.TEXT_CLASSES]
-  if unknown and not files:
-    raise ConfigError(f"config arg data={arg.data!r}: {unknown} not text classification data; "
-                      f"choose from {sorted(inputs.TEXT_CLASSES)} or a file format "
-                      f"{list(table_files.FORMATS)}")
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
   config.task = "classification"
@@ -76,8 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "bert_classifier"
   config.model.pretrained = "minilm-l6"  # a packaged model name or a local HF folder
-  # 0: as many as the data has (files: the distinct labels of the training file)
-  config.model.num_classes = 0 if files else sum(len(inputs.TEXT_CLASSES[n]) for n in tasks)
+  # 0: as many as the data has (files: the distinct labels of the training files)
+  config.model.num_classes = _class_count(arg.data)
   config.model.pooling = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
   config.model.head_init = "zeros"
   config.model.dont_load = ["head/.*"]  # regexes: parameters not taken from the checkpoint
@@ -103,8 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                    "label": "label"})
   config.data.labels = ()  # class names in label order; empty: sorted labels of train
   config.data.split = (0.8, 0.1, 0.1)
-  # Packaged data sets whose validation split is also evaluated at every evaluation and
-  # reported under its name (text classification data sets with the same classes (e.g. tweets for a 3-class run)).
+  # Further evaluation sets, evaluated at every evaluation and reported under their names:
+  # packaged data sets (their validation split) or '<format>:<files>' (every row), with
+  # the run's classes (e.g. tweets for a 3-class run).
   config.data.extra_eval = ()
   config.data.tokenizer = ""  # empty: the model's own tokenizer.json
   config.data.max_length = arg.max_length
@@ -139,7 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.regularizer = ml_collections.ConfigDict()
   config.regularizer.kind = arg.regularizer
   config.regularizer.strength = arg.strength
-  config.regularizer.fisher_task = tasks[0]
+  config.regularizer.fisher_task = registry.data_set_name(mixture.task_names(arg.data)[0])
   config.regularizer.fisher_examples = 512
 
   config.batch_size = arg.batch_size

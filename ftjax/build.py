@@ -26,7 +26,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ftjax import models, optim, regularizers, runs, sharding, tasks
 from ftjax import state as state_lib
 from ftjax import step as step_lib
-from ftjax.data import inputs as inputs_lib
 from ftjax.errors import ConfigError
 from ftjax.models import batch_norm
 from ftjax.peft import methods as peft_methods
@@ -140,11 +139,16 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh,
                       f"{split}")
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
+def abstract_batch(batch_spec: dict[str, tuple[tuple[int, ...], Any]], batch_size: int,
                    batch_sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """A global batch of `batch_size` rows of `config`'s data, as sharded shapes."""
+  """A global batch of `batch_size` rows as sharded shapes.
+
+  Args:
+    batch_spec: {key: (shape after the batch dim, dtype)} of the run's data
+      (`ftjax.data.registry.batch_spec`).
+  """
   return {key: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=batch_sharding)
-          for key, (shape, dtype) in inputs_lib.batch_spec(config).items()}
+          for key, (shape, dtype) in batch_spec.items()}
 
 
 def _with_activation_sharding(fn: functools.partial, mesh: Mesh,

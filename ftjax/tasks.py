@@ -35,7 +35,6 @@ from jax.sharding import Mesh
 
 from ftjax import sharding, vocab_parallel
 from ftjax.config import check_choice
-from ftjax.data import inputs
 from ftjax.evals import classification as classification_evals
 
 Batch = dict[str, jax.Array]
@@ -199,18 +198,19 @@ TASKS = ("classification", "causal_lm")
 
 
 def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
-        rules: sharding.Rules | None = None) -> Task:
+        rules: sharding.Rules | None = None,
+        task_classes: Sequence[tuple[str, int]] = ()) -> Task:
   """The task named by `config.task`.
 
-  Classification reads `config.model.num_classes` and, for a multi-task run
-  (`config.data.name` joining data sets with "+"), each task's classes; causal_lm reads
+  Classification reads `config.model.num_classes` and, for a multi-task run, takes
+  `task_classes`: (name, number of classes) of each task, in order; causal_lm reads
   `config.loss_chunk` (tokens of logits per chunk, default 1024; 0 = no chunking).
   Given the run's `mesh` and axis `rules`, a language model whose vocabulary is
   split over a mesh axis computes its loss with `ftjax.vocab_parallel`.
   """
   check_choice(config.task, TASKS, "task")
   if config.task == "classification":
-    return _classification(config.model.num_classes, inputs.task_classes(config))
+    return _classification(config.model.num_classes, task_classes)
   vocab_axes = rules.mapping.get("vocab", ()) if rules else ()
   batch_axes = rules.batch_axes(mesh) if rules and mesh is not None else ()
   return _causal_lm(config.get("loss_chunk", 1024), mesh, vocab_axes, batch_axes)

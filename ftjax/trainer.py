@@ -18,6 +18,7 @@ from ftjax import (build, checkpoint, data, generate, param_groups, preemption, 
 from ftjax.config import check_choice, validate
 from ftjax.data import check as data_check
 from ftjax.data import inputs as inputs_lib
+from ftjax.data import registry
 from ftjax.early_stopping import EarlyStopping
 from ftjax.errors import ConfigError, TrainingError
 from ftjax.metrics import MetricWriter, Progress, log_line
@@ -84,7 +85,7 @@ class _Run:
     # The data may say how many classes there are (config.model.num_classes=0).
     self.config = config = inputs_lib.with_class_count(config, self.inputs)
     self.data_check = self._check_data()
-    self.task = tasks.get(config, self.mesh, self.rules)
+    self.task = tasks.get(config, self.mesh, self.rules, self.inputs.task_classes)
     self._build_state()
     self.writer = MetricWriter(workdir, enabled=self.process == 0)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
@@ -157,7 +158,8 @@ class _Run:
     (after checking that the evaluation reports the early-stopping metric)."""
     train, evaluate = build.jit_steps(self.built, self.task, self.config, self.rules,
                                       self.batch_sharding)
-    batch = lambda size: build.abstract_batch(self.config, size, self.batch_sharding)
+    batch = lambda size: build.abstract_batch(self.inputs.batch_spec, size,
+                                              self.batch_sharding)
     evaluate = evaluate.lower(self.state.params, self.state.stats, self.frozen,
                               batch(self.config.eval_batch_size))
     self._check_early_stopping_metric(evaluate.out_info)
@@ -192,7 +194,8 @@ class _Run:
 def _fisher_weights(run: _Run) -> Any:
   """EWC's weights: the Fisher information of the starting weights on `fisher_task`."""
   regularizer = run.config.regularizer
-  sources = run.inputs.task_train or {run.config.data.name: run.splits["train"]}
+  sources = run.inputs.task_train or {
+      registry.data_set_name(run.config.data.name): run.splits["train"]}
   examples = data.Head(sources[regularizer.fisher_task], regularizer.fisher_examples)
   fisher_step = build.jit_fisher_step(run.built, run.task, run.config, run.rules,
                                       run.batch_sharding)
@@ -390,12 +393,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     run_.checkpointer.close()
 
 
-def _forgetting(config: ml_collections.ConfigDict, at_start: dict[str, float],
-                test: dict[str, float]) -> dict[str, float]:
+def _forgetting(run_: _Run, at_start: dict[str, float], test: dict[str, float]
+                ) -> dict[str, float]:
   """Test accuracy lost on each task (data set) since the start of the run."""
-  names = [name for name, _ in inputs_lib.task_classes(config)]
+  names = [name for name, _ in run_.inputs.task_classes]
   if not names:
-    return {config.data.name: at_start["accuracy"] - test["accuracy"]}
+    return {registry.data_set_name(run_.config.data.name):
+            at_start["accuracy"] - test["accuracy"]}
   return {name: at_start[f"{name}/accuracy"] - test[f"{name}/accuracy"] for name in names}
 
 
@@ -429,7 +433,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
     final["extra_eval"] = {name: run_.evaluate(best, name) for name in run_.extra_evals}
   if at_start is not None:
     final["test_at_start"] = at_start
-    final["forgetting"] = _forgetting(config, at_start, final["test"])
+    final["forgetting"] = _forgetting(run_, at_start, final["test"])
   step = int(jax.device_get(run_.state.step))
   run_.writer.write(step, "test", final["test"])
   if run_.process == 0:  # written whole or not at all: it marks the run finished

@@ -36,6 +36,7 @@ from ml_collections import config_flags
 
 from ftjax import build, cli, distributed, regularizers, sharding, tasks
 from ftjax.config import validate
+from ftjax.data import registry
 from ftjax.errors import ConfigError
 
 EXIT_DOES_NOT_FIT = 3
@@ -304,14 +305,20 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   mesh_text = sharding.describe_mesh(mesh)
   build.check_batch_sizes(config, mesh, rules)
   parallel = sharding.batch_parallelism(mesh, rules)
-  task = tasks.get(config, mesh, rules)
+  sets = registry.check(config)
+  task_classes = registry.preset_class_counts(config)
+  if len(sets) > 1 and not task_classes:
+    raise ConfigError(f"config.data.name={config.data.name!r}: a multi-task run of files takes "
+                      "its tasks' classes from the data, which this check does not read")
+  task = tasks.get(config, mesh, rules, task_classes)
   # The schedule's length changes no shape; the data set (and so the number of
   # steps of an epoch-based run) is not read.
   total_steps = max(config.total_steps, config.optimizer.get("warmup_steps", 0), 1)
   built = build.build(config, mesh, rules, total_steps, abstract=True)
   state = built.state
-  train_batch = build.abstract_batch(config, config.batch_size, batch_sharding)
-  eval_batch = build.abstract_batch(config, config.eval_batch_size, batch_sharding)
+  spec = registry.batch_spec(sets[0].kind, config.data, multi_task=len(sets) > 1)
+  train_batch = build.abstract_batch(spec, config.batch_size, batch_sharding)
+  eval_batch = build.abstract_batch(spec, config.eval_batch_size, batch_sharding)
   train, evaluate = build.jit_steps(built, task, config, rules, batch_sharding)
   train_compiled, train_seconds = _compile(train, state, built.frozen, train_batch)
   eval_compiled, eval_seconds = _compile(evaluate, state.params, state.stats, built.frozen,

@@ -1,11 +1,10 @@
-"""`inputs.batch_spec` (what a batch holds, from the config alone) against real batches."""
+"""`registry.batch_spec` (what a batch holds, from the config alone) against real batches."""
 
 import os
 
 import numpy as np
 
-from ftjax.data import inputs as inputs_lib
-from ftjax.data import lm, pipeline, tokenizer as tokenizer_lib
+from ftjax.data import lm, pipeline, registry, tokenizer as tokenizer_lib
 from ftjax.hub import assets
 
 
@@ -14,8 +13,9 @@ def _spec_of(batch: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], n
 
 
 def _expected(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  kind = registry.check(config)[0].kind
   return {k: (shape, np.dtype(dtype))
-          for k, (shape, dtype) in inputs_lib.batch_spec(config).items()}
+          for k, (shape, dtype) in registry.batch_spec(kind, config.data).items()}
 
 
 def test_batch_spec_matches_tokenized_classification_batches(debug_config):

@@ -1,6 +1,5 @@
 """The BERT encoder against transformers' PyTorch BertModel, and the weight loader."""
 
-import os
 
 import jax.numpy as jnp
 import ml_collections

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ftjax import data
-from ftjax.data import rotten_tomatoes as rt
+from ftjax.data.presets import rotten_tomatoes as rt
 from ftjax.errors import ConfigError, DataError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from ftjax.data import augment, fashion_mnist, idx, images, mnist_digits, pipeline
+from ftjax.data import augment, idx, images, pipeline
+from ftjax.data.presets import fashion_mnist, mnist_digits
 from ftjax.errors import ConfigError, DataError
 
 from conftest import with_overrides

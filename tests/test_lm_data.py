@@ -9,8 +9,9 @@ import random
 import pytest
 
 from ftjax import data
-from ftjax.data import chat
-from ftjax.data import shakespeare as sh
+from ftjax.data import openai_chat
+from ftjax.data.presets import chat
+from ftjax.data.presets import shakespeare as sh
 from ftjax.errors import DataError
 
 # The splits are fixed once for the life of the data sets: these pin them, so
@@ -84,7 +85,7 @@ def test_chat_examples_alternate_and_have_an_assistant_turn(chat_rows):
       assert row["id"].startswith(row["source"] + "/")
       messages = json.loads(row["messages"])
       roles = [m["role"] for m in messages]
-      assert roles == [chat.ROLES[i % 2] for i in range(len(roles))], row["id"]
+      assert roles == [openai_chat.ROLES[i % 2] for i in range(len(roles))], row["id"]
       assert "assistant" in roles
       assert all(set(m) == {"role", "content"} for m in messages)
       assert all(m["content"] and m["content"] == m["content"].strip() for m in messages)
@@ -125,16 +126,16 @@ def test_chat_jsonl_in_the_openai_format_keeps_system_messages_and_weights(tmp_p
       {"messages": messages},
       {"messages": [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "Unanswered"}]}])
-  conversations, counts = chat.read_jsonl(path)
+  conversations, counts = openai_chat.read_jsonl(path)
   assert [c["messages"] for c in conversations] == [messages]
   assert dict(counts) == {"custom: no assistant turn (skipped)": 1}
 
 
 def test_chat_split_ignores_file_order(tmp_path):
   records = [_conversation(i, id=f"c{i}", source="ab"[i % 2]) for i in range(60)]
-  first, _ = chat.read_jsonl(_write_jsonl(tmp_path / "a.jsonl", records))
+  first, _ = openai_chat.read_jsonl(_write_jsonl(tmp_path / "a.jsonl", records))
   random.Random(1).shuffle(records)
-  again, _ = chat.read_jsonl(_write_jsonl(tmp_path / "b.jsonl", records))
+  again, _ = openai_chat.read_jsonl(_write_jsonl(tmp_path / "b.jsonl", records))
   named = [[{first[i]["id"] for i in part} for part in chat.split_conversations(first)],
            [{again[i]["id"] for i in part} for part in chat.split_conversations(again)]]
   assert named[0] == named[1]
@@ -179,7 +180,7 @@ def test_chat_malformed_line_names_the_line(tmp_path, bad, reason):
   path = _write_jsonl(tmp_path / "bad.jsonl",
                       [_conversation(0), _conversation(1, id="c1"), bad, _conversation(3)])
   with pytest.raises(DataError, match=reason) as info:
-    chat.read_jsonl(path)
+    openai_chat.read_jsonl(path)
   assert f"{path}: line 3" in str(info.value)
 
 
@@ -188,11 +189,11 @@ def test_chat_missing_empty_and_too_small(tmp_path):
   with pytest.raises(DataError, match="not found"):
     data.load_splits("chat", str(tmp_path / "tfds"), source_path=missing)
   with pytest.raises(DataError, match=f"{missing}: file not found"):
-    chat.read_jsonl(missing)
+    openai_chat.read_jsonl(missing)
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n\n")
   with pytest.raises(DataError, match="file is empty"):
-    chat.read_jsonl(str(empty))
+    openai_chat.read_jsonl(str(empty))
   small = _write_jsonl(tmp_path / "small.jsonl", [_conversation(i) for i in range(5)])
   with pytest.raises(DataError, match="leave the validation split empty"):
     data.load_splits("chat", str(tmp_path / "tfds"), source_path=small)

@@ -11,7 +11,7 @@ import pytest
 from configs import minilm_sentiment
 from ftjax import checkpoint, config as config_lib, optim, regularizers, tasks
 from ftjax import state as state_lib, step as step_lib
-from ftjax.data import inputs, mixture
+from ftjax.data import mixture, registry
 from ftjax.errors import CheckpointError, ConfigError
 
 from conftest import with_overrides
@@ -32,7 +32,8 @@ class LinearClassifier:
 
 
 def _multi_task():
-  return tasks.get(minilm_sentiment.get_config(f"data={TWO_TASKS}"))
+  config = minilm_sentiment.get_config(f"data={TWO_TASKS}")
+  return tasks.get(config, task_classes=registry.preset_class_counts(config))
 
 
 def _batch(rng, n=12, tasks_=(0, 1)):
@@ -114,7 +115,7 @@ def test_mixtures():
     ({"data.mixing": "weights", "data.weights": (1.0,)}, "needs one weight per task"),
     ({"data.mixing": "weights", "data.weights": (0.0, 0.0)}, "not all 0"),
     ({"data.train_examples": (5,)}, "needs a count >= 0 per task"),
-    ({"data.source_path": "/x.csv"}, "multi-task runs read the packaged data sets"),
+    ({"data.source_path": "/x.csv"}, "multi-task runs read each data set's own source"),
     ({"data.name": "rotten_tomatoes+fashion_mnist"}, "'fashion_mnist' cannot be a task"),
     ({"data.name": "tweets+tweets"}, "each once"),
     ({"regularizer.kind": "ewc", "regularizer.strength": 1.0, "init_from": "/a",
@@ -123,7 +124,7 @@ def test_mixtures():
 def test_bad_multi_task_configs(overrides, message):
   config = with_overrides(minilm_sentiment.get_config(f"data={TWO_TASKS}"), **overrides)
   with pytest.raises(ConfigError, match=None) as error:
-    inputs.task_classes(config)
+    registry.check(config)
   assert message in str(error.value)
 
 
@@ -141,7 +142,7 @@ def test_bad_regularizer_configs(arg, overrides, message):
   assert message in str(error.value)
   single = with_overrides(minilm_sentiment.get_config(), **{"data.weights": (1.0,)})
   with pytest.raises(ConfigError, match="only for multi-task runs"):
-    inputs.task_classes(single)
+    registry.check(single)
 
 
 def _params(rng):

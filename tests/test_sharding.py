@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import with_overrides
 from ftjax import build, data, param_groups, sharding, tasks, trainer
 from ftjax.data import inputs as inputs_lib
+from ftjax.data import registry
 from ftjax.errors import ConfigError
 
 MESHES = [dict(data=8), dict(fsdp=8), dict(fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]
@@ -166,6 +167,10 @@ def _host_batches(config):
   return [next(iterator) for _ in range(STEPS)]
 
 
+def _batch_spec(config):
+  return registry.batch_spec(registry.check(config)[0].kind, config.data)
+
+
 def _steps(config, batches, mesh_sizes, devices):
   """Builds the state on a mesh of `devices` and trains on `batches`;
   (losses, params, train-step compilations, parameter specs)."""
@@ -183,7 +188,7 @@ def _steps(config, batches, mesh_sizes, devices):
       train, _ = build.jit_steps(built, tasks.get(config, mesh, rules), config, rules,
                                  batch_sharding)
       step = train.lower(built.state, built.frozen,
-                         build.abstract_batch(config, config.batch_size,
+                         build.abstract_batch(_batch_spec(config), config.batch_size,
                                               batch_sharding)).compile()
       state, losses = built.state, []
       for batch in batches:

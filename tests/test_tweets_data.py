@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ftjax import data
-from ftjax.data import tweets
+from ftjax.data.presets import tweets
 from ftjax.errors import DataError
 
 HEADER = "sentiment,confidence,text\n"

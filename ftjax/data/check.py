@@ -21,7 +21,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ftjax.data import inputs as inputs_lib
 from ftjax.data import lm, local_builder, mixture
 from ftjax.data.inputs import Inputs
 
@@ -183,7 +182,7 @@ def check(config: ml_collections.ConfigDict, inputs: Inputs) -> Report:
   docstring."""
   if inputs.kind == "classification":
     offsets = [0]  # each task's first class
-    for _, count in inputs_lib.task_classes(config)[:-1]:
+    for _, count in inputs.task_classes[:-1]:
       offsets.append(offsets[-1] + count)
     splits, warnings = _classification(inputs, offsets)
   elif inputs.kind == "image":

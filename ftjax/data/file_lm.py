@@ -33,7 +33,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import chat, file_builder, table_files
+from ftjax.data import file_builder, openai_chat, table_files
 from ftjax.errors import DataError
 
 KINDS = ("messages", "prompt_completion", "text")
@@ -143,7 +143,7 @@ class FileLanguageModel(file_builder.FilesBuilder, skip_registration=True):
           continue
         messages = (_messages(where, values[0], config.columns[0]) if config.kind == "messages"
                     else _prompt_completion(where, *values, config.columns))
-        conversation = chat.parse_record(where, number, {"messages": messages})
+        conversation = openai_chat.parse_record(where, number, {"messages": messages})
         if any(m["role"] == "assistant" for m in conversation["messages"]):
           yield where, {"source": "custom",
                         "messages": json.dumps(conversation["messages"], ensure_ascii=False)}

@@ -9,10 +9,11 @@ language models is tokenized and packed once, when the run starts, into rows
 of `config.data.max_length` tokens (see `ftjax.data.lm`); the packed rows are
 then the examples the grain pipelines shuffle, shard across hosts and batch.
 
-Text classification data sets joined by "+" (`"rotten_tomatoes+tweets"`) make a
-multi-task run: one model, each task its own block of `config.model.num_classes`
-(in the order named), examples tagged with their task and mixed for training
-as `config.data.mixing` says (see `ftjax.data.mixture`).
+What `config.data.name` may name is `ftjax.data.registry`'s. Text
+classification data sets joined by "+" (`"rotten_tomatoes+tweets"`,
+`"tweets+csv:tickets.csv"`) make a multi-task run: one model, each task its own
+block of the classes (in the order named), examples tagged with their task and
+mixed for training as `config.data.mixing` says (see `ftjax.data.mixture`).
 """
 
 from __future__ import annotations
@@ -24,117 +25,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from ftjax.data import augment as augment_lib
-from ftjax.data import (fashion_mnist, file_classification, file_images, file_lm, images, lm,
-                        local_builder, mixture, mnist_digits, pipeline, rotten_tomatoes, sources,
-                        table_files, tweets)
+from ftjax.data import (file_classification, file_images, file_lm, images, lm, local_builder,
+                        mixture, pipeline, registry, sources, table_files)
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.metrics import log_line
-
-# data set -> (kind, the task its examples are scored by)
-KINDS = {
-    "rotten_tomatoes": ("classification", "classification"),
-    "tweets": ("classification", "classification"),
-    "fashion_mnist": ("image", "classification"),
-    "mnist_digits": ("image", "classification"),
-    "chat": ("chat", "causal_lm"),
-    "shakespeare": ("text", "causal_lm"),
-}
-
-# The config.data keys each kind of data reads.
-_DATA_KEYS = {
-    "classification": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
-    "classification_files": ("max_length", "max_eval_examples", "tokenizer", "files", "columns",
-                             "labels", "split"),
-    "language_model_files": ("max_length", "max_eval_examples", "tokenizer", "files", "columns",
-                             "split"),
-    "image_files": ("image_size", "mean", "std", "shots", "augment", "max_eval_examples",
-                    "files", "columns", "labels", "split"),
-    "image": ("image_size", "mean", "std", "shots", "augment", "max_eval_examples",
-              "source_path"),
-    "chat": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
-    "text": ("max_length", "max_eval_examples", "source_path", "tokenizer"),
-}
-
-# Text classification data sets that can be tasks of a multi-task run: their classes.
-TEXT_CLASSES = {"rotten_tomatoes": rotten_tomatoes.LABEL_NAMES, "tweets": tweets.LABEL_NAMES}
-# The class names of the packaged classification data sets.
-_CLASS_NAMES = {**TEXT_CLASSES, "fashion_mnist": fashion_mnist.LABEL_NAMES,
-                "mnist_digits": mnist_digits.LABEL_NAMES}
-
-
-def data_kind(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(kind of data, the task its examples are scored by) of `config.data.name`: a
-  packaged data set (`KINDS`) or a file format (`table_files.FORMATS`).
-
-  Raises:
-    ConfigError: for an unknown name, or files for a task that cannot read them yet.
-  """
-  name = mixture.task_names(config.data.name)[0]
-  if name in KINDS:
-    return KINDS[name]
-  if name == file_images.FOLDER_FORMAT or (
-      name in table_files.FORMATS and "image" in config.data.get("columns", {})):
-    return "image", "classification"
-  if name in table_files.FORMATS:
-    if config.task == "causal_lm":
-      return "language_model_files", "causal_lm"  # chat or text: the files' rows say
-    return "classification", "classification"
-  raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(KINDS)}, "
-                    f"or a file format: {[*table_files.FORMATS, file_images.FOLDER_FORMAT]}")
-
-
-def task_classes(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
-  """(name, number of classes) of each task of a multi-task run; [] for one data set.
-
-  Raises:
-    ConfigError: a task that is not a text classification data set, or
-      `config.model.num_classes` that is not the tasks' classes together.
-  """
-  if "data" not in config:
-    return []
-  data = config.data
-  names = mixture.task_names(data.name)
-  _check_fisher_task(config, names)
-  if len(names) == 1:
-    for key in ("weights", "train_examples"):
-      if data.get(key):
-        raise ConfigError(f"config.data.{key}={tuple(data[key])!r}: only for multi-task runs "
-                          f"(config.data.name joining data sets with '+'), not {data.name!r}")
-    return []
-  if data.get("source_path"):
-    raise ConfigError(f"config.data.source_path={data.source_path!r}: multi-task runs read "
-                      "the packaged data sets; set it only for a single data set")
-  for name in names:
-    if name not in TEXT_CLASSES:
-      raise ConfigError(f"config.data.name={config.data.name!r}: {name!r} cannot be a task of "
-                        f"a multi-task run; choose from {sorted(TEXT_CLASSES)}")
-  classes = [(name, len(TEXT_CLASSES[name])) for name in names]
-  total = sum(count for _, count in classes)
-  if config.model.num_classes not in (0, total):  # 0: the tasks' count
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the tasks of "
-                      f"{config.data.name!r} have {total} classes together "
-                      f"({', '.join(f'{n}: {c}' for n, c in classes)})")
-  mixture.check_weights(data.get("mixing", "proportional"), data.get("weights", ()), names)
-  train_examples = data.get("train_examples", ())
-  if train_examples and (len(train_examples) != len(names)
-                         or any(not isinstance(n, int) or n < 0 for n in train_examples)):
-    raise ConfigError(f"config.data.train_examples={tuple(train_examples)!r}: needs a count "
-                      f">= 0 per task of {names} (0: all)")
-  return classes
-
-
-def _check_fisher_task(config: ml_collections.ConfigDict, names: list[str]) -> None:
-  regularizer = config.get("regularizer")
-  if regularizer is not None and regularizer.kind == "ewc" and (
-      regularizer.fisher_task not in names):
-    raise ConfigError(f"config.regularizer.fisher_task={regularizer.fisher_task!r}: not a "
-                      f"task of this run; choose from {names}")
-
 
 @dataclasses.dataclass
 class Inputs:
@@ -154,7 +52,11 @@ class Inputs:
     task_train: a multi-task run's training examples of each task, tagged, by
       data set name; empty for other runs.
     class_names: the name of each class in label order (classification data;
-      a multi-task run's in task order); empty for language-model data.
+      a multi-task run's "<task>/<class>" in task order); empty for language-model
+      data.
+    task_classes: (name, number of classes) of each task of a multi-task run, in
+      order; empty for other runs.
+    batch_spec: what a batch holds (`registry.batch_spec`).
   """
 
   kind: str
@@ -166,6 +68,8 @@ class Inputs:
   augment: pipeline.Augment | None = None
   task_train: dict[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
   class_names: tuple[str, ...] = ()
+  task_classes: tuple[tuple[str, int], ...] = ()
+  batch_spec: dict[str, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)
 
 
 def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
@@ -192,61 +96,39 @@ def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
   return prompts
 
 
-def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Each array of a batch of `config`'s data: {key: (shape after the batch dim, dtype)}.
-
-  Tokenized classification examples, images with their labels, or packed
-  language-model rows (`lm.ROW_KEYS`), plus the pipeline's `mask`; known from
-  the config alone.
-
-  Raises:
-    ConfigError: for an unknown data set.
-  """
-  kind = data_kind(config)[0]
-  if kind == "classification":
-    length = (config.data.max_length,)
-    spec = {key: (length, np.int32) for key in tokenizer_lib.OUTPUT_KEYS}
-    spec["label"] = ((), np.int32)
-    if task_classes(config):
-      spec["task"] = ((), np.int32)
-  elif kind == "image":
-    size = config.data.image_size
-    spec = {"image": ((size, size, 3), np.float32), "label": ((), np.int32),
-            "label_mix": ((), np.int32), "mix": ((), np.float32)}
-  else:
-    length = (config.data.max_length,)
-    spec = {key: (length, np.bool_ if key == "loss_mask" else np.int32) for key in lm.ROW_KEYS}
-  spec["mask"] = ((), np.bool_)
-  return spec
-
-
 def build_extra_evals(config: ml_collections.ConfigDict, inputs: Inputs
                       ) -> dict[str, Inputs]:
-  """The data sets of `config.data.extra_eval`, by name: each a packaged data set whose
-  validation split is evaluated beside the run's own (e.g. `shakespeare` perplexity
-  while chat-tuning), prepared as `config.data` says for the run's data.
+  """The data sets of `config.data.extra_eval`, by name, evaluated beside the run's
+  validation split (e.g. `shakespeare` perplexity while chat-tuning): a packaged data
+  set's validation split, or every row of `<format>:<files>` (classification: labels
+  among the run's classes), prepared as `config.data` says for the run's data.
 
   Raises:
-    ConfigError: for a name that is the run's data set, a split name or repeated, data of
-      another task, or classification data with other classes.
+    ConfigError: for a name that is the run's data set, a split name or repeated, a bare
+      file format, data of another task, or classification data with other classes.
   """
   extra = {}
   for name in config.data.extra_eval:
-    if name in (config.data.name, "train", "validation", "test", "samples") or name in extra:
+    data_set = registry.resolve(name, config)
+    if (name in (config.data.name, "train", "validation", "test", "samples")
+        or data_set.name in extra):
       raise ConfigError(f"config.data.extra_eval={tuple(config.data.extra_eval)!r}: {name!r} "
                         "is the run's data set, a split name or named twice")
-    other = config.copy_and_resolve_references()
-    with other.unlocked():
-      other.data.name, other.data.source_path, other.data.extra_eval = name, "", ()
-    other.lock()
-    if name not in KINDS or data_kind(other)[1] != config.task:
-      raise ConfigError(f"config.data.extra_eval: {name!r} is not a packaged data set of the "
-                        f"task {config.task!r}; choose from "
-                        f"{sorted(n for n, (_, t) in KINDS.items() if t == config.task)}")
-    extra[name] = build(other)
-    if extra[name].class_names != inputs.class_names:
+    if not data_set.preset and not data_set.own_classes:
+      raise ConfigError(f"config.data.extra_eval: {name!r} would read config.data.files, "
+                        "the run's own data; name files as '<format>:<files>'")
+    if data_set.task != config.task:
+      raise ConfigError(f"config.data.extra_eval: {name!r} is {data_set.kind} data, not data "
+                        f"of the task {config.task!r}; packaged data sets of that task: "
+                        f"{sorted(n for n, p in registry.presets().items() if p.task == config.task)}")
+    if data_set.own_classes:  # every row evaluated, under the run's classes
+      data_set = dataclasses.replace(data_set, files=(data_set.files[0],) * 3,
+                                     own_classes=False)
+    extra[data_set.name] = _data_set_inputs(config, data_set, source_path=None,
+                                            labels=inputs.class_names)
+    if extra[data_set.name].class_names != inputs.class_names:
       raise ConfigError(f"config.data.extra_eval: {name!r} has the classes "
-                        f"{list(extra[name].class_names)}, the run's data "
+                        f"{list(extra[data_set.name].class_names)}, the run's data "
                         f"{list(inputs.class_names)}")
   return extra
 
@@ -279,7 +161,7 @@ def _rows_unchanged(batch: pipeline.Batch) -> pipeline.Batch:
 
 
 def build(config: ml_collections.ConfigDict) -> Inputs:
-  """Loads the data set of `config.data` and prepares it for the model.
+  """Loads the data set(s) of `config.data` and prepares them for the model.
 
   Text is tokenized with the tokenizer of the pretrained model folder
   (`config.model.pretrained`) unless `config.data.tokenizer` names one (a
@@ -291,95 +173,92 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
 
   Returns:
     The run's Inputs.
+
+  Raises:
+    ConfigError: for what `registry.check` refuses.
   """
+  sets = registry.check(config)
+  if len(sets) > 1:
+    return _multi_task_inputs(config, sets)
+  return _data_set_inputs(config, sets[0], source_path=config.data.get("source_path") or None,
+                          labels=config.data.get("labels", ()))
+
+
+def _data_set_inputs(config: ml_collections.ConfigDict, data_set: registry.DataSet,
+                     source_path: str | None, labels: Sequence[Any]) -> Inputs:
+  """The Inputs of one data set (`source_path`: a preset's custom source; `labels`: the
+  class names of files whose classes are not their own)."""
   data = config.data
-  if task_classes(config):
-    return _multi_task_inputs(config)
-  kind, task = data_kind(config)
-  if config.task != task:
-    raise ConfigError(f"config.data.name={data.name!r} is {kind} data, scored by task "
-                      f"{task!r}, but config.task={config.task!r}")
-  files = data.name in (*table_files.FORMATS, file_images.FOLDER_FORMAT)
-  reads = {"classification": "classification_files", "image": "image_files"}.get(
-      kind, kind) if files else kind
-  missing = [key for key in _DATA_KEYS[reads] if key not in data]
-  if missing:
-    raise ConfigError(f"config.data.name={data.name!r} is {kind} data, which needs "
-                      f"config.data keys {missing} that this config lacks (a config of "
-                      "another kind of data?)")
-  if files:
-    splits, class_names, kind = _file_splits(data, kind)
-  else:
-    splits = sources.load_splits(data.name, os.path.expanduser(data.data_dir),
-                                 data.source_path or None)
-    class_names = _CLASS_NAMES.get(data.name, ())
+  splits, class_names, kind = _load_splits(data, data_set, source_path, labels)
   if kind == "image":
-    return _image_inputs(config, splits, class_names, encoded=files)
+    return _image_inputs(config, splits, class_names, encoded=not data_set.preset)
   if kind == "classification":
     tokenizer = _text_tokenizer(config)
     for split in ("validation", "test"):
       splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
-    pair_key = "text_pair" if files and data.columns.text_pair else None
+    pair_key = "text_pair" if not data_set.preset and data.columns.text_pair else None
     return Inputs(kind, splits, pipeline.text_classification_preprocess(
-        tokenizer, pair_key=pair_key), tokenizer, class_names=class_names)
+        tokenizer, pair_key=pair_key), tokenizer, class_names=class_names,
+                  batch_spec=registry.batch_spec(kind, data))
   tokenizer_dir = assets.model_dir(data.tokenizer or config.model.pretrained) if (
       data.tokenizer or config.model.pretrained) else ""
   return _language_model_inputs(config, kind, splits, tokenizer_dir)
 
 
-def _file_splits(data: ml_collections.ConfigDict, kind: str
+def _load_splits(data: ml_collections.ConfigDict, data_set: registry.DataSet,
+                 source_path: str | None, labels: Sequence[Any]
                  ) -> tuple[dict[str, Any], tuple[str, ...], str]:
-  """The splits of `config.data.files`, their class names (classification) and kind of
-  data ("classification", "image", or for language-model files "chat" or "text")."""
-  if not data.files.train:
-    raise ConfigError(f"config.data.name={data.name!r} reads files: set "
-                      "config.data.files.train (and optionally .validation, .test)")
-  if data.name == table_files.HF_DISK:
-    files = _hf_disk_files(data.files)
+  """The splits of a data set, its class names (classification) and kind of data
+  ("classification", "image", "chat" or "text"), prepared in `config.data.data_dir`."""
+  data_dir = os.path.expanduser(data.data_dir)
+  if data_set.preset:
+    splits = sources.load_splits(data_set.preset.name, data_dir, source_path)
+    return splits, data_set.preset.class_names, data_set.kind
+  if data_set.format == table_files.HF_DISK:
+    files = _hf_disk_files(data_set.files)
   else:
-    expand = (functools.partial(file_images.expand, data.name) if kind == "image"
-              else table_files.expand)
-    files = [expand(data.files[split], f"config.data.files.{split}") if data.files[split]
-             else [] for split in sources.SPLITS]
+    expand = (functools.partial(file_images.expand, data_set.format)
+              if data_set.kind == "image" else table_files.expand)
+    files = [expand(spec, f"config.data.files.{split}") if spec else []
+             for spec, split in zip(data_set.files, local_builder.SPLIT_NAMES)]
   if len(data.split) != 3:
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: needs train, validation and "
                       "test fractions")
-  data_dir = os.path.expanduser(data.data_dir)
   try:
     local_builder.check_fractions(data.split)
   except ValueError as e:
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: {e}") from e
-  if kind == "language_model_files":
-    config = file_lm.config_for(data.name, files, dict(data.columns), data.split)
+  if data_set.kind == "language_model_files":
+    config = file_lm.config_for(data_set.format, files, dict(data.columns), data.split)
     splits, _ = sources.load_file_splits(file_lm.FileLanguageModel, config, data_dir)
     return splits, (), "text" if config.kind == "text" else "chat"
-  module, builder = ((file_images, file_images.FileImages) if kind == "image" else
+  module, builder = ((file_images, file_images.FileImages) if data_set.kind == "image" else
                      (file_classification, file_classification.FileClassification))
-  config = module.config_for(data.name, files, dict(data.columns), data.labels, data.split)
+  config = module.config_for(data_set.format, files, dict(data.columns),
+                             () if data_set.own_classes else labels, data.split)
   splits, info = sources.load_file_splits(builder, config, data_dir)
-  return splits, tuple(info.features["label"].names), kind
+  return splits, tuple(info.features["label"].names), data_set.kind
 
 
 _SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"),
                 "test": ("test",)}
 
 
-def _hf_disk_files(files: ml_collections.ConfigDict) -> list[list[str]]:
-  """The Dataset folders of each split: `files.<split>`, a Dataset folder or a DatasetDict
-  folder's same-named split; a split not named is taken from a DatasetDict in
-  `files.train` when it has one (validation: also "valid" or "dev")."""
-  train = table_files.hf_disk_splits(files.train, "config.data.files.train")
+def _hf_disk_files(files: Sequence[str]) -> list[list[str]]:
+  """The Dataset folders of each split: its files setting, a Dataset folder or a
+  DatasetDict folder's same-named split; a split not named is taken from a DatasetDict
+  in the train setting when it has one (validation: also "valid" or "dev")."""
+  train = table_files.hf_disk_splits(files[0], "config.data.files.train")
   folders = []
-  for split in sources.SPLITS:
+  for spec, split in zip(files, local_builder.SPLIT_NAMES):
     key = f"config.data.files.{split}"
-    found = table_files.hf_disk_splits(files[split], key) if files[split] else (
-        {} if "" in train else train)
+    found = table_files.hf_disk_splits(spec, key) if spec else ({} if "" in train else train)
     if "" in found:
       folders.append([found[""]])
       continue
     named = [found[n] for n in _SPLIT_NAMES[split] if n in found]
-    if not named and (files[split] or split == "train"):
-      raise ConfigError(f"{key}={files[split]!r}: a DatasetDict without a {split} split "
+    if not named and (spec or split == "train"):
+      raise ConfigError(f"{key}={spec!r}: a DatasetDict without a {split} split "
                         f"(it has {sorted(found)})")
     folders.append(named[:1])
   return folders
@@ -393,15 +272,19 @@ def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextToke
   return tokenizer_lib.load_tokenizer(path, config.data.max_length)
 
 
-def _multi_task_inputs(config: ml_collections.ConfigDict) -> Inputs:
+def _multi_task_inputs(config: ml_collections.ConfigDict, sets: list[registry.DataSet]
+                       ) -> Inputs:
   """Every task's splits, tagged with the task; training examples mixed (`mixture`)."""
   data = config.data
-  names = mixture.task_names(data.name)
+  names = [data_set.name for data_set in sets]
   train_examples = tuple(data.get("train_examples", ())) or (0,) * len(names)
   mixing = data.get("mixing", "proportional")
   parts: dict[str, list[Sequence[Any]]] = {"train": [], "validation": [], "test": []}
-  for task, name in enumerate(names):
-    splits = sources.load_splits(name, os.path.expanduser(data.data_dir), None)
+  class_names, task_classes = [], []
+  for task, data_set in enumerate(sets):
+    splits, classes, _ = _load_splits(data, data_set, None, data.get("labels", ()))
+    class_names += [f"{data_set.name}/{label}" for label in classes]
+    task_classes.append((data_set.name, len(classes)))
     splits["train"] = pipeline.Head(splits["train"], train_examples[task])
     for split in ("validation", "test"):
       splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
@@ -415,10 +298,10 @@ def _multi_task_inputs(config: ml_collections.ConfigDict) -> Inputs:
            f"{[len(p) for p in parts['train']]} examples), "
            f"{[len(p) for p in parts['validation']]} validation examples")
   tokenizer = _text_tokenizer(config)
-  return Inputs("classification", splits, pipeline.text_classification_preprocess(tokenizer),
-                tokenizer, task_train=dict(zip(names, parts["train"])),
-                class_names=tuple(f"{name}/{label}" for name in names
-                                  for label in TEXT_CLASSES[name]))
+  return Inputs("classification", splits, pipeline.text_classification_preprocess(
+      tokenizer), tokenizer, task_train=dict(zip(names, parts["train"])),
+                class_names=tuple(class_names), task_classes=tuple(task_classes),
+                batch_spec=registry.batch_spec("classification", data, multi_task=True))
 
 
 def _image_inputs(config: ml_collections.ConfigDict, splits: dict[str, Sequence[Any]],
@@ -435,7 +318,8 @@ def _image_inputs(config: ml_collections.ConfigDict, splits: dict[str, Sequence[
   preprocess = images.image_classification_preprocess(data.image_size, data.mean, data.std,
                                                       num_classes, encoded=encoded)
   return Inputs("image", splits, preprocess, None,
-                augment=augment_lib.from_config(data.augment), class_names=class_names)
+                augment=augment_lib.from_config(data.augment), class_names=class_names,
+                batch_spec=registry.batch_spec("image", data))
 
 
 def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
@@ -461,4 +345,5 @@ def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
       packed[split] = lm.pack_text(source, tokenizer, max_length=data.max_length,
                                    pad_id=pad_id, order_seed=seed)
     log_line(packed[split].stats.summary(f"{data.name} {split}"))
-  return Inputs(kind, packed, _rows_unchanged, tokenizer, raw, formatter)
+  return Inputs(kind, packed, _rows_unchanged, tokenizer, raw, formatter,
+                batch_spec=registry.batch_spec(kind, data))

@@ -17,27 +17,15 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import chat, fashion_mnist, mnist_digits, rotten_tomatoes, shakespeare, tweets
+from ftjax.data import registry
 from ftjax.errors import ConfigError, DataError
 from ftjax.metrics import log_line
 
 SPLITS = ("train", "validation", "test")
 
-# name -> (builder class, source_path -> builder config).
-_REGISTRY: dict[str, tuple[type[tfds.core.DatasetBuilder],
-                           Callable[[str | None], tfds.core.BuilderConfig]]] = {
-    "chat": (chat.Chat, chat.config_for),
-    "fashion_mnist": (fashion_mnist.FashionMnist, fashion_mnist.config_for),
-    "mnist_digits": (mnist_digits.MnistDigits, mnist_digits.config_for),
-    "rotten_tomatoes": (rotten_tomatoes.RottenTomatoes, rotten_tomatoes.config_for),
-    "shakespeare": (shakespeare.Shakespeare, shakespeare.config_for),
-    "tweets": (tweets.Tweets, tweets.config_for),
-}
-
-
 def dataset_names() -> list[str]:
-  """Returns the names `load_splits` accepts."""
-  return sorted(_REGISTRY)
+  """Returns the names `load_splits` accepts: the packaged data sets."""
+  return sorted(registry.presets())
 
 
 @contextlib.contextmanager
@@ -114,13 +102,13 @@ def load_splits(name: str, data_dir: str, source_path: str | None = None
     ConfigError: for an unknown name.
     DataError: for a missing or malformed source.
   """
-  if name not in _REGISTRY:
+  if name not in registry.presets():
     raise ConfigError(f"unknown data set {name!r}; valid names: {dataset_names()}")
   if source_path is not None and not os.path.exists(source_path):
     raise DataError(f"{source_path}: file not found")
-  builder_cls, config_for = _REGISTRY[name]
-  config = config_for(source_path)
-  builder = _prepare(lambda: builder_cls(data_dir=data_dir, config=config),
+  preset = registry.presets()[name]
+  config = preset.builder_config(source_path)
+  builder = _prepare(lambda: preset.builder(data_dir=data_dir, config=config),
                      os.fspath(data_dir), f"{name}-{config.name}")
   sources = builder.as_data_source()
   return {split: sources[split] for split in SPLITS}

@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import statistics

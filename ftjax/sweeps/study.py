@@ -42,7 +42,7 @@ from typing import Any, Callable
 import ml_collections
 
 from ftjax.config import validate
-from ftjax.data import inputs
+from ftjax.data import registry
 from ftjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -301,7 +301,7 @@ def resolve(run: Run, sweep_dir: str) -> ml_collections.ConfigDict:
   config = apply_overrides(config, run.resolved_overrides(sweep_dir), where)
   try:
     validate(config)
-    inputs.task_classes(config)
+    registry.check(config)
   except ConfigError as e:
     raise ConfigError(f"{where}: {e}") from e
   return config

@@ -29,7 +29,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import local_builder, text_builder
+from ftjax.data import local_builder, registry, text_builder
 from ftjax.errors import DataError
 
 LABEL_NAMES = ("negative", "neutral", "positive")
@@ -109,6 +109,6 @@ class Tweets(text_builder.TextClassificationBuilder):
     return read_examples(source_path or source_file())
 
 
-def config_for(source_path: str | None) -> local_builder.SourceConfig:
-  """Returns the builder config of a corpus file; None: the packaged corpus."""
-  return Tweets.config_for(source_path, "Tweets corpus read from {path}")
+PRESET = registry.Preset(
+    "tweets", "classification", Tweets, "Tweets corpus read from {path}",
+    class_names=LABEL_NAMES)

@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from ftjax.data import local_builder, text_builder
+from ftjax.data import local_builder, registry, text_builder
 from ftjax.data.text_builder import stratified_split  # noqa: F401 (re-exported)
 from ftjax.errors import DataError
 
@@ -117,6 +117,6 @@ class RottenTomatoes(text_builder.TextClassificationBuilder):
     return read_examples(source_path or source_file())
 
 
-def config_for(source_path: str | None) -> local_builder.SourceConfig:
-  """Returns the builder config of a corpus file; None: the packaged corpus."""
-  return RottenTomatoes.config_for(source_path, "Rotten Tomatoes corpus read from {path}")
+PRESET = registry.Preset(
+    "rotten_tomatoes", "classification", RottenTomatoes, "Rotten Tomatoes corpus read from {path}",
+    class_names=LABEL_NAMES)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ftjax.data import idx, local_builder
+from ftjax.data import idx, local_builder, registry
 from ftjax.errors import DataError
 
 LABEL_NAMES = tuple(str(d) for d in range(10))
@@ -135,6 +135,6 @@ class MnistDigits(local_builder.LocalBuilder):
     yield item["id"], item
 
 
-def config_for(source_path: str | None) -> local_builder.SourceConfig:
-  """Returns the builder config of a digits CSV file; None: the packaged sample."""
-  return MnistDigits.config_for(source_path, "MNIST digits read from {path}")
+PRESET = registry.Preset(
+    "mnist_digits", "image", MnistDigits, "MNIST digits read from {path}",
+    class_names=LABEL_NAMES)

@@ -62,16 +62,12 @@ from absl import logging
 import tensorflow_datasets as tfds
 import yaml
 
-from ftjax.data import local_builder
+from ftjax.data import local_builder, openai_chat, registry
 from ftjax.errors import DataError
 
-ROLES = ("user", "assistant")
 SPLIT_FRACTIONS = (0.9, 0.05, 0.05)
 SPLIT_SEED = 0
-_DEFAULT_CUSTOM_SOURCE = "custom"
 
-# A conversation: {"id": str, "source": str, "messages": [{"role", "content"}]}.
-Conversation = dict[str, Any]
 
 
 def _package_dir(package: str, pip_name: str) -> str:
@@ -89,20 +85,6 @@ def chatterbot_dir() -> str:
   """Returns the folder of English YAML files inside the `chatterbot_corpus` package."""
   return os.path.join(_package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3"),
                       "data", "english")
-
-
-def _read_utf8(path: str) -> str:
-  """Returns the text of `path`, which must be a non-empty UTF-8 file."""
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: {'not a file' if os.path.exists(path) else 'file not found'}")
-  text = local_builder.read_utf8(path)
-  if not text.strip():
-    raise DataError(f"{path}: file is empty")
-  return text.removeprefix("\ufeff")
-
-
-def _count(counts: collections.Counter, source: str, reason: str, n: int = 1) -> None:
-  counts[f"{source}: {reason}"] += n
 
 
 # --- Chit Chat ---------------------------------------------------------------
@@ -128,7 +110,7 @@ def _chitchat_messages(where: str, entry: Any) -> tuple[list[tuple[str, str]], i
   return messages, turns
 
 
-def read_chitchat(path: str) -> tuple[list[Conversation], collections.Counter]:
+def read_chitchat(path: str) -> tuple[list[openai_chat.Conversation], collections.Counter]:
   """Reads the conversations of a Chit Chat Challenge `dataset.json`.
 
   Args:
@@ -142,7 +124,7 @@ def read_chitchat(path: str) -> tuple[list[Conversation], collections.Counter]:
     DataError: naming the file and the entry for a missing or empty file,
       invalid JSON or an entry of the wrong structure.
   """
-  text = _read_utf8(path)
+  text = openai_chat.read_utf8(path)
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
@@ -156,13 +138,13 @@ def read_chitchat(path: str) -> tuple[list[Conversation], collections.Counter]:
     messages, raw_turns = _chitchat_messages(f"{path}: entry {key!r}", data[key])
     kept = [(sender, text.strip()) for sender, text in messages if text.strip()]
     if len(kept) < len(messages):
-      _count(counts, "chitchat", "empty messages dropped", len(messages) - len(kept))
+      openai_chat.count(counts, "chitchat", "empty messages dropped", len(messages) - len(kept))
     senders = list(dict.fromkeys(sender for sender, _ in kept))
     if len(senders) > 2:
-      _count(counts, "chitchat", "more than two senders (skipped)")
+      openai_chat.count(counts, "chitchat", "more than two senders (skipped)")
       continue
     if len(senders) < 2:
-      _count(counts, "chitchat", "no assistant turn (skipped)")
+      openai_chat.count(counts, "chitchat", "no assistant turn (skipped)")
       continue
     turns: list[dict[str, str]] = []
     previous = None
@@ -170,10 +152,10 @@ def read_chitchat(path: str) -> tuple[list[Conversation], collections.Counter]:
       if sender == previous:
         turns[-1]["content"] += "\n" + text
       else:
-        turns.append({"role": ROLES[senders.index(sender)], "content": text})
+        turns.append({"role": openai_chat.ROLES[senders.index(sender)], "content": text})
       previous = sender
     if len(turns) < raw_turns:
-      _count(counts, "chitchat", "turns merged across a dropped empty turn",
+      openai_chat.count(counts, "chitchat", "turns merged across a dropped empty turn",
              raw_turns - len(turns))
     conversations.append({"id": f"chitchat/{key}", "source": "chitchat", "messages": turns})
   return conversations, counts
@@ -184,7 +166,7 @@ def read_chitchat(path: str) -> tuple[list[Conversation], collections.Counter]:
 
 def _load_yaml(path: str) -> tuple[Any, yaml.Node | None]:
   """Returns a YAML file's value and its node tree (for line numbers)."""
-  text = _read_utf8(path)
+  text = openai_chat.read_utf8(path)
   loader = yaml.SafeLoader(text)
   try:
     node = loader.get_single_node()
@@ -205,7 +187,7 @@ def _entry_lines(node: yaml.Node | None) -> list[int]:
   return []
 
 
-def read_chatterbot_file(path: str) -> tuple[list[Conversation], collections.Counter]:
+def read_chatterbot_file(path: str) -> tuple[list[openai_chat.Conversation], collections.Counter]:
   """Reads the conversations of one ChatterBot corpus YAML file.
 
   Args:
@@ -232,7 +214,7 @@ def read_chatterbot_file(path: str) -> tuple[list[Conversation], collections.Cou
     where = f"{path}: conversation {index} (line {lines[index] if index < len(lines) else '?'})"
     if isinstance(entry, str):
       logging.warning("%s: a string, not a list; read as one user message", where)
-      _count(counts, "chatterbot", "string entries")
+      openai_chat.count(counts, "chatterbot", "string entries")
       entry = [entry]
     if not isinstance(entry, list):
       raise DataError(f"{where}: expected a list of strings, found {type(entry).__name__}")
@@ -243,15 +225,15 @@ def read_chatterbot_file(path: str) -> tuple[list[Conversation], collections.Cou
       if not text.strip():
         raise DataError(f"{where}: message {position} is empty")
     if len(entry) < 2:
-      _count(counts, "chatterbot", "no assistant turn (skipped)")
+      openai_chat.count(counts, "chatterbot", "no assistant turn (skipped)")
       continue
-    messages = [{"role": ROLES[i % 2], "content": text.strip()} for i, text in enumerate(entry)]
+    messages = [{"role": openai_chat.ROLES[i % 2], "content": text.strip()} for i, text in enumerate(entry)]
     conversations.append({"id": f"chatterbot/{stem}/{index}", "source": "chatterbot",
                           "messages": messages})
   return conversations, counts
 
 
-def read_chatterbot(directory: str) -> tuple[list[Conversation], collections.Counter]:
+def read_chatterbot(directory: str) -> tuple[list[openai_chat.Conversation], collections.Counter]:
   """Reads every `*.yml` file of a ChatterBot corpus folder, in name order.
 
   Args:
@@ -278,92 +260,11 @@ def read_chatterbot(directory: str) -> tuple[list[Conversation], collections.Cou
   return conversations, counts
 
 
-# --- Custom JSONL ------------------------------------------------------------
-
-
-def parse_record(where: str, line_number: int, record: Any) -> Conversation:
-  """Validates one conversation record (a JSONL line's object) and returns it."""
-  if not isinstance(record, dict):
-    raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
-  messages = record.get("messages")
-  if not isinstance(messages, list) or not messages:
-    raise DataError(f"{where}: expected a non-empty list 'messages'")
-  system = int(isinstance(messages[0], dict) and messages[0].get("role") == "system")
-  for i, message in enumerate(messages):
-    if not isinstance(message, dict) or not {"role", "content"} <= set(message) or not set(
-        message) <= {"role", "content", "weight"}:
-      raise DataError(f"{where}: message {i}: expected an object with the keys 'role' and "
-                      "'content' (and, for an assistant message, optionally 'weight')")
-    if message["role"] not in (*ROLES, "system"):
-      raise DataError(f"{where}: message {i}: role {message['role']!r} is not one of "
-                      f"{['system', *ROLES]}")
-    if i >= system and message["role"] != ROLES[(i - system) % 2]:
-      raise DataError(f"{where}: message {i}: role {message['role']!r}; after an optional "
-                      "first 'system' message, roles must alternate, starting with 'user'")
-    if not isinstance(message["content"], str) or not message["content"].strip():
-      raise DataError(f"{where}: message {i}: 'content' must be a non-empty string")
-    if "weight" in message and (message["role"] != "assistant"
-                                or message["weight"] not in (0, 1)
-                                or isinstance(message["weight"], bool)):
-      raise DataError(f"{where}: message {i}: 'weight' is for assistant messages, 0 (not "
-                      f"trained) or 1, not {message['weight']!r} on a {message['role']!r} "
-                      "message")
-  example_id = record.get("id", f"line{line_number}")
-  source = record.get("source", _DEFAULT_CUSTOM_SOURCE)
-  for key, value in (("id", example_id), ("source", source)):
-    if not isinstance(value, str) or not value.strip():
-      raise DataError(f"{where}: {key!r} must be a non-empty string")
-  return {"id": f"custom/{example_id}", "source": source,
-          "messages": [dict(m) for m in messages]}
-
-
-def read_jsonl(path: str) -> tuple[list[Conversation], collections.Counter]:
-  """Reads a custom JSONL file of conversations (format in the module docstring).
-
-  Blank lines are ignored. A conversation of a single user message has no
-  assistant turn and is skipped.
-
-  Args:
-    path: the JSONL file.
-
-  Returns:
-    The conversations in file order, and counts of what was skipped, keyed
-    "<source>: <reason>".
-
-  Raises:
-    DataError: naming the file and line for a missing or empty file, a line
-      that is not a JSON object, a malformed conversation or a repeated id.
-  """
-  text = _read_utf8(path)
-  conversations = []
-  counts: collections.Counter = collections.Counter()
-  first_line: dict[str, int] = {}
-  # Only "\n" ends a line: JSON strings may hold other line separators (U+2028).
-  for line_number, line in enumerate(text.split("\n"), start=1):
-    if not line.strip():
-      continue
-    where = f"{path}: line {line_number}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{where}: not valid JSON: {e.msg}") from e
-    conversation = parse_record(where, line_number, record)
-    if conversation["id"] in first_line:
-      raise DataError(f"{where}: id {conversation['id']!r} repeats line "
-                      f"{first_line[conversation['id']]}")
-    first_line[conversation["id"]] = line_number
-    if not any(m["role"] == "assistant" for m in conversation["messages"]):
-      _count(counts, conversation["source"], "no assistant turn (skipped)")
-      continue
-    conversations.append(conversation)
-  return conversations, counts
-
-
 # --- The corpus and its split ------------------------------------------------
 
 
-def drop_duplicates(conversations: Sequence[Conversation]
-                    ) -> tuple[list[Conversation], collections.Counter]:
+def drop_duplicates(conversations: Sequence[openai_chat.Conversation]
+                    ) -> tuple[list[openai_chat.Conversation], collections.Counter]:
   """Keeps the first of each set of conversations with identical messages.
 
   Args:
@@ -378,7 +279,7 @@ def drop_duplicates(conversations: Sequence[Conversation]
   for conversation in conversations:
     key = json.dumps(conversation["messages"], sort_keys=True, ensure_ascii=False)
     if key in seen:
-      _count(counts, conversation["source"], "duplicate conversations (skipped)")
+      openai_chat.count(counts, conversation["source"], "duplicate conversations (skipped)")
       continue
     seen.add(key)
     kept.append(conversation)
@@ -386,7 +287,7 @@ def drop_duplicates(conversations: Sequence[Conversation]
 
 
 def read_examples(source_path: str | None = None
-                  ) -> tuple[list[Conversation], collections.Counter]:
+                  ) -> tuple[list[openai_chat.Conversation], collections.Counter]:
   """Reads, cleans and deduplicates the whole corpus, logging what was dropped.
 
   Args:
@@ -407,7 +308,7 @@ def read_examples(source_path: str | None = None
     conversations += more
     counts.update(more_counts)
   else:
-    conversations, counts = read_jsonl(source_path)
+    conversations, counts = openai_chat.read_jsonl(source_path)
   conversations, duplicates = drop_duplicates(conversations)
   counts.update(duplicates)
   for reason, n in sorted(counts.items()):
@@ -420,7 +321,7 @@ def read_examples(source_path: str | None = None
   return conversations, counts
 
 
-def split_conversations(conversations: Sequence[Conversation],
+def split_conversations(conversations: Sequence[openai_chat.Conversation],
                         fractions: Sequence[float] = SPLIT_FRACTIONS,
                         seed: int = SPLIT_SEED) -> tuple[list[int], ...]:
   """Splits conversation indices so that each source keeps the given fractions.
@@ -460,7 +361,7 @@ class Chat(local_builder.LocalBuilder):
     return self._dataset_info(
         features, license_text="MIT (chitchat-dataset), BSD (chatterbot-corpus)")
 
-  def _read_splits(self, source_path: str | None) -> list[list[Conversation]]:
+  def _read_splits(self, source_path: str | None) -> list[list[openai_chat.Conversation]]:
     conversations, _ = read_examples(source_path)
     splits = split_conversations(conversations, SPLIT_FRACTIONS, SPLIT_SEED)
     for name, indices in zip(local_builder.SPLIT_NAMES, splits):
@@ -470,7 +371,7 @@ class Chat(local_builder.LocalBuilder):
                         f"needs about 20 or more")
     return [[conversations[i] for i in indices] for indices in splits]
 
-  def _examples(self, item: Conversation) -> Iterator[local_builder.KeyedExample]:
+  def _examples(self, item: openai_chat.Conversation) -> Iterator[local_builder.KeyedExample]:
     yield item["id"], {
         "id": item["id"],
         "source": item["source"],
@@ -478,6 +379,5 @@ class Chat(local_builder.LocalBuilder):
     }
 
 
-def config_for(source_path: str | None) -> local_builder.SourceConfig:
-  """Returns the builder config of a JSONL file of conversations; None: the packaged corpus."""
-  return Chat.config_for(source_path, "Conversations read from {path}")
+PRESET = registry.Preset(
+    "chat", "chat", Chat, "Conversations read from {path}")

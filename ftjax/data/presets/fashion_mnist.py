@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ftjax.data import idx, local_builder
+from ftjax.data import idx, local_builder, registry
 from ftjax.errors import DataError
 
 LABEL_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -190,6 +190,6 @@ class FashionMnist(local_builder.LocalBuilder):
     yield example_id, {"id": example_id, "image": image, "label": label}
 
 
-def config_for(source_path: str | None) -> local_builder.SourceConfig:
-  """Returns the builder config of a folder of IDX files; None: the packaged files."""
-  return FashionMnist.config_for(source_path, "Fashion-MNIST read from {path}")
+PRESET = registry.Preset(
+    "fashion_mnist", "image", FashionMnist, "Fashion-MNIST read from {path}",
+    class_names=LABEL_NAMES)

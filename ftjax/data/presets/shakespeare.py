@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from absl import logging
 import tensorflow_datasets as tfds
 
-from ftjax.data import local_builder
+from ftjax.data import local_builder, registry
 from ftjax.errors import DataError
 
 MAX_PASSAGE_CHARS = 2000
@@ -276,6 +276,5 @@ class Shakespeare(local_builder.LocalBuilder):
       yield example_id, {"id": example_id, "play": name, "text": passage}
 
 
-def config_for(source_path: str | None) -> local_builder.SourceConfig:
-  """Returns the builder config of a folder of .txt files; None: the packaged texts."""
-  return Shakespeare.config_for(source_path, "Plain-text works read from {path}")
+PRESET = registry.Preset(
+    "shakespeare", "text", Shakespeare, "Plain-text works read from {path}")

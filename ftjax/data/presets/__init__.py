@@ -1,0 +1,1 @@
+"""The packaged data sets: one module each, declaring its `PRESET` (`ftjax.data.registry`)."""
