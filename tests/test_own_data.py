@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import datasets
-import ml_collections
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -346,7 +345,7 @@ def _save_to_disk(folder, splits, names=("pos", "neg")):
 
 
 def _files(train, validation="", test=""):
-  return ml_collections.ConfigDict({"train": train, "validation": validation, "test": test})
+  return (train, validation, test)
 
 
 def test_a_datasets_save_to_disk_folder_keeps_its_splits_and_class_label_order(tmp_path):

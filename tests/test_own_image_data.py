@@ -4,7 +4,10 @@ import io
 import json
 import os
 
+import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -59,6 +62,36 @@ def test_a_folder_of_class_folders_and_a_table_of_paths_give_the_same_images(tmp
   assert table_names == names
   for split in splits:
     assert _examples(from_table[split]) == _examples(splits[split])
+
+
+def test_a_datasets_folder_of_image_features_gives_the_same_images(tmp_path):
+  folder = _photos(tmp_path / "photos")
+  reference, _ = _load(tmp_path, "imagefolder", folder)
+  order = ["red", "green", "blue"]  # a ClassLabel's order, kept (not sorted)
+  files = [(os.path.join(folder, name, file), name) for name in COLOURS
+           for file in sorted(os.listdir(os.path.join(folder, name)))]
+  features = datasets.Features({"img": datasets.Image(),
+                                "colour": datasets.ClassLabel(names=order)})
+  saved = str(tmp_path / "saved")
+  datasets.Dataset.from_dict({"img": [path for path, _ in files],
+                              "colour": [order.index(name) for _, name in files]},
+                             features=features).save_to_disk(saved)
+  splits, names = _load(tmp_path / "hf", "hf_disk", saved,
+                        columns={"image": "img", "label": "colour"})
+  assert names == tuple(order)
+  relabel = {order.index(name): ("blue", "green", "red").index(name) for name in order}
+  for split in splits:  # the same bytes, each with its own class, in the same splits
+    assert sorted((image, relabel[label]) for image, label in _examples(splits[split])) == (
+        _examples(reference[split]))
+  # Parquet written with Image values that hold only a path (relative: to the table).
+  table = os.path.join(folder, "images.parquet")
+  pq.write_table(pa.Table.from_pylist([
+      {"img": {"bytes": None, "path": os.path.relpath(path, folder)}, "label": name}
+      for path, name in files]), table)
+  from_paths, _ = _load(tmp_path / "pq", "parquet", table, columns={"image": "img",
+                                                                     "label": "label"})
+  for split in splits:
+    assert _examples(from_paths[split]) == _examples(reference[split])
 
 
 def test_images_of_any_size_are_decoded_and_resized_for_the_model(tmp_path):

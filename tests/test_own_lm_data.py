@@ -7,7 +7,7 @@ import pytest
 from configs import smollm2_chat
 from conftest import ONE_DEVICE, with_overrides
 from ftjax import metrics, trainer
-from ftjax.data import file_lm, sources
+from ftjax.data import file_lm, inputs, sources
 from ftjax.errors import ConfigError, DataError
 
 
@@ -98,6 +98,33 @@ def test_a_malformed_row_names_the_file_and_line(tmp_path, record, match):
     _load(tmp_path, "json", path)
 
 
+def test_every_malformed_row_of_a_chat_file_is_listed(tmp_path):
+  good = [json.dumps({"messages": _conversation(i)}) for i in range(30)]
+  lines = good[:1] + ['{"messages": [broken'] + good[1:3] + [
+      json.dumps({"messages": [{"role": "tool", "content": "42"}]}),
+      json.dumps({"messages": [{"role": "user", "content": " "},
+                               {"role": "assistant", "content": "Hi"}]}),
+      "[1, 2]"] + good[3:]
+  path = tmp_path / "chats.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  config = with_overrides(smollm2_chat.get_config("debug"), **{
+      "data.name": "json", "data.files.train": str(path),
+      "data.data_dir": str(tmp_path / "tfds")})
+  with pytest.raises(DataError) as error:
+    inputs.build(config)
+  assert str(error.value).splitlines() == [
+      "4 malformed rows in config.data.files:",
+      f"  {path}: line 2: invalid JSON: Expecting value (column 15)",
+      f"  {path}: line 5: message 0: role 'tool' is not one of ['system', 'user', "
+      "'assistant']",
+      f"  {path}: line 6: message 0: 'content' must be a non-empty string",
+      f"  {path}: line 7: a JSON list, not an object ({{\"column\": value, ...}})"]
+  assert not list((tmp_path / "tfds").rglob("*.array_record*"))  # nothing prepared
+  path.write_text("\n".join(lines[:1] + lines[4:5] + good[3:]) + "\n")  # one problem
+  with pytest.raises(DataError, match=rf"^{path}: line 2: message 0: role 'tool'"):
+    inputs.build(config)
+
+
 def test_chat_config_trains_on_an_openai_chat_file(tmp_path, data_dir):
   path = _jsonl(tmp_path / "support.jsonl", [{"messages": _conversation(i, weight=0)}
                                              for i in range(80)])
@@ -124,8 +151,9 @@ def test_extra_evaluation_sets_are_evaluated_at_every_evaluation(tmp_path, data_
   assert steps("shakespeare") == steps("validation") == [0, 2, 4]
   assert final["extra_eval"]["shakespeare"]["tokens"] > 0
   assert final["best_step"] == 4  # early stopping still follows the validation split
-  for extra, match in ((("tweets",), r"'tweets' is not a packaged data set of the task "
-                        r"'causal_lm'; choose from \['chat', 'shakespeare'\]"),
+  for extra, match in ((("tweets",), r"'tweets' is classification data, not data of the task "
+                        r"'causal_lm'; packaged data sets of that task: \['chat', "
+                        r"'shakespeare'\]"),
                        (("chat",), r"'chat' is the run's data set")):
     with pytest.raises(ConfigError, match=match):
       trainer.run(with_overrides(config, **{"data.extra_eval": extra}), str(tmp_path / "x"),

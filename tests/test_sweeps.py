@@ -139,9 +139,10 @@ def test_a_run_made_with_another_config_is_refused(tmp_path):
     runner.run_all(study, str(tmp_path / "sweep"))
 
 
-def _folder_with_classes(tmp_path, config_arg, num_classes):
-  """A sweep's run "a" of `config_arg`, and its folder's config.json with `num_classes`."""
-  study = study_lib.load(_study(tmp_path, f'add(config="{config_arg}", name="a")'))
+def _folder_with_classes(tmp_path, config_arg, num_classes, files=""):
+  """A sweep's run "a" of `config_arg` (with `files`: the add() arguments naming them), and
+  its folder's config.json with `num_classes`."""
+  study = study_lib.load(_study(tmp_path, f'add(config="{config_arg}", name="a", {files})'))
   workdir = tmp_path / "sweep" / "a"
   workdir.mkdir(parents=True, exist_ok=True)
   config = json.loads(study_lib.resolve(study.runs[0], str(tmp_path / "sweep")).to_json())
@@ -151,7 +152,8 @@ def _folder_with_classes(tmp_path, config_arg, num_classes):
 
 
 def test_a_class_count_taken_from_the_data_is_not_a_changed_config(tmp_path):
-  run = _folder_with_classes(tmp_path, f"{DEBUG},data=csv", 3)  # 0 in the config: the data's
+  run = _folder_with_classes(tmp_path, f"{DEBUG},data=csv", 3,  # 0 in the config: the data's
+                             files="**{'data.files.train': 'tickets.csv'}")
   runner.check_workdir(run, str(tmp_path / "sweep"))
   run = _folder_with_classes(tmp_path, DEBUG, 3)  # the preset's 2 classes
   with pytest.raises(ConfigError, match=r"model.num_classes: 3 there, 2 now"):

@@ -83,8 +83,9 @@ class FilesBuilder(local_builder.FileBuilder, skip_registration=True):
     for where, example in self._examples_of(train_files):
       label = example.get("label", "")
       if given_labels and label not in given_labels:
-        raise DataError(f"{where}: label {label!r} is not one of config.data.labels "
-                        f"{list(given_labels)}")
+        raise DataError(f"{where}: label {label!r} is not one of the classes "
+                        f"{list(given_labels)} (config.data.labels; for an extra evaluation "
+                        "set, the run's)")
       labels.append(codes.setdefault(label, len(codes)))
       keys.append(local_builder.content_key(self._content(example)))
     if not labels:

@@ -6,7 +6,10 @@
 sub-folders too). Or it is a table format (`csv`, `tsv`, `json`, `parquet`)
 whose rows name an image file (`config.data.columns.image`, default "image"; a
 relative path is taken from the table's folder) and its label
-(`config.data.columns.label`, default "label").
+(`config.data.columns.label`, default "label"). An image cell may also hold the
+image itself as `datasets`' `Image` feature stores it, {"bytes", "path"}: so
+reads `hf_disk` (a `save_to_disk` folder, whose ClassLabel column keeps its
+class order) and Parquet files written by `datasets`.
 
 Images are JPEG, PNG, BMP, GIF or WebP files, stored as their encoded bytes and
 decoded with Pillow when batches are made (`ftjax.data.images`); every image
@@ -82,6 +85,8 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
   """The builder config of a set of folders or tables, named after their contents."""
   files = tuple(tuple(paths) for paths in files)
   labels = tuple(file_builder.label_name(label, "config.data.labels") for label in labels)
+  if not labels and fmt == table_files.HF_DISK:  # a ClassLabel column keeps its order
+    labels = table_files.class_label_names(files[0][0], columns["label"])
   # A folder's version: the images it holds, and each one's size and time.
   listing = [[(path, table_files.signature(path)) for folder in paths
               for path, _ in _folder_images(folder)] for paths in files
@@ -95,17 +100,38 @@ def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str]
 
 def _read_image(path: str, where: str) -> bytes:
   """The bytes of an image file that Pillow can decode."""
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   try:
     data = epath.Path(path).read_bytes()
   except OSError as e:
     raise DataError(f"{where}: cannot read image {path}: {e.strerror or e}") from e
+  return _decodable(data, path, where)
+
+
+def _decodable(data: bytes, path: str, where: str) -> bytes:
+  """`data` (the image `path`), checked to be an image that Pillow can decode."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
     raise DataError(f"{where}: {path} is not an image Pillow can decode: {e}") from e
   return data
+
+
+def _cell_image(cell: Any, table: str, where: str, column: str) -> dict[str, Any]:
+  """{"image": bytes, "path"} of a table cell: an image path (relative: to the `table`'s
+  folder), or `datasets`' Image value {"bytes", "path"} (bytes, else read from path)."""
+  if isinstance(cell, dict) and {"bytes", "path"} <= set(cell):
+    path = cell["path"] or where
+    if cell["bytes"] is not None:
+      return {"image": _decodable(cell["bytes"], path, where), "path": path}
+    cell = cell["path"]
+  if not isinstance(cell, str) or not cell.strip():
+    raise DataError(f"{where}: column {column!r}: expected an image path or a datasets Image "
+                    "value {'bytes', 'path'}")
+  if "://" not in cell and not os.path.isabs(cell):
+    cell = os.path.join(os.path.dirname(table), cell)
+  return {"image": _read_image(cell, where), "path": cell}
 
 
 class FileImages(file_builder.FilesBuilder, skip_registration=True):
@@ -136,12 +162,8 @@ class FileImages(file_builder.FilesBuilder, skip_registration=True):
       for where, row in table_files.read_rows(path, config.format):
         image = table_files.column_value(where, row, config.image_column, "image")
         label = table_files.column_value(where, row, config.label_column, "label")
-        if not isinstance(image, str) or not image.strip():
-          raise DataError(f"{where}: column {config.image_column!r}: expected an image path")
-        if "://" not in image and not os.path.isabs(image):
-          image = os.path.join(os.path.dirname(path), image)
         label = file_builder.label_name(label, f"{where}: column {config.label_column!r}")
-        yield where, {"image": _read_image(image, where), "path": image, "label": label}
+        yield where, {**_cell_image(image, path, where, config.image_column), "label": label}
 
   def _content(self, example: dict[str, Any]) -> bytes:
     return example["image"]

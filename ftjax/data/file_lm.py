@@ -110,6 +110,63 @@ def _prompt_completion(where: str, prompt: Any, completion: Any, columns: Sequen
   return _messages(where, prompt, columns[0]) + completion
 
 
+def _example(config: LmFilesConfig, where: str, number: int, row: dict[str, Any]
+             ) -> dict[str, str] | None:
+  """The example of the `number`-th row of a file, at `where`; None for a conversation
+  without an assistant turn.
+
+  Raises:
+    DataError: naming `where` and the column for a malformed row.
+  """
+  missing = [c for c in config.columns if row.get(c) is None]
+  if missing:
+    raise DataError(f"{where}: no value in column(s) {missing}; the row has columns "
+                    f"{sorted(row)}")
+  values = [row[c] for c in config.columns]
+  if config.kind == "text":
+    if not isinstance(values[0], str) or not values[0].strip():
+      raise DataError(f"{where}: column {config.columns[0]!r}: expected a non-empty text")
+    return {"text": values[0]}
+  messages = (_messages(where, values[0], config.columns[0]) if config.kind == "messages"
+              else _prompt_completion(where, *values, config.columns))
+  conversation = openai_chat.parse_record(where, number, {"messages": messages})
+  if not any(m["role"] == "assistant" for m in conversation["messages"]):
+    return None
+  return {"source": "custom", "messages": json.dumps(conversation["messages"],
+                                                     ensure_ascii=False)}
+
+
+def problems(config: LmFilesConfig, limit: int = 100) -> list[str]:
+  """Every malformed row of the files of `config` (the first `limit`), each as the
+  message that preparing would stop with ("<file>: line N: ..."), in file order; a
+  file that cannot be read past a point adds that and ends there."""
+  found: list[str] = []
+  for path in dict.fromkeys(path for paths in config.files for path in paths):
+    try:
+      for number, (where, row) in enumerate(table_files.read_rows(path, config.format,
+                                                                  found), 1):
+        try:
+          _example(config, where, number, row)
+        except DataError as e:
+          found.append(str(e))
+        if len(found) >= limit:
+          return found[:limit]
+    except DataError as e:
+      found.append(str(e))
+  return found[:limit]
+
+
+def every_problem(error: DataError, config: LmFilesConfig) -> DataError:
+  """What preparing `config`'s files stopped with (`error`, the first problem): that
+  error alone, or one listing every malformed row (`problems`) when there are more."""
+  found = problems(config)
+  if len(found) <= 1:
+    return error
+  more = " (the first 100)" if len(found) == 100 else ""
+  return DataError(f"{len(found)} malformed rows{more} in config.data.files:\n  "
+                   + "\n  ".join(found))
+
+
 class FileLanguageModel(file_builder.FilesBuilder, skip_registration=True):
   """Conversations or passages read from files named by an `LmFilesConfig`."""
 
@@ -130,23 +187,9 @@ class FileLanguageModel(file_builder.FilesBuilder, skip_registration=True):
     config = self.builder_config
     for path in paths:
       for number, (where, row) in enumerate(table_files.read_rows(path, config.format), 1):
-        missing = [c for c in config.columns if row.get(c) is None]
-        if missing:
-          raise DataError(f"{where}: no value in column(s) {missing}; the row has columns "
-                          f"{sorted(row)}")
-        values = [row[c] for c in config.columns]
-        if config.kind == "text":
-          if not isinstance(values[0], str) or not values[0].strip():
-            raise DataError(f"{where}: column {config.columns[0]!r}: expected a non-empty "
-                            "text")
-          yield where, {"text": values[0]}
-          continue
-        messages = (_messages(where, values[0], config.columns[0]) if config.kind == "messages"
-                    else _prompt_completion(where, *values, config.columns))
-        conversation = openai_chat.parse_record(where, number, {"messages": messages})
-        if any(m["role"] == "assistant" for m in conversation["messages"]):
-          yield where, {"source": "custom",
-                        "messages": json.dumps(conversation["messages"], ensure_ascii=False)}
+        example = _example(config, where, number, row)
+        if example is not None:
+          yield where, example
 
   def _content(self, example: dict[str, Any]) -> str:
     return json.dumps(example, sort_keys=True)

@@ -30,7 +30,7 @@ from ftjax.data import augment as augment_lib
 from ftjax.data import (file_classification, file_images, file_lm, images, lm, local_builder,
                         mixture, pipeline, registry, sources, table_files)
 from ftjax.data import tokenizer as tokenizer_lib
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, DataError
 from ftjax.hub import assets
 from ftjax.metrics import log_line
 
@@ -230,7 +230,10 @@ def _load_splits(data: ml_collections.ConfigDict, data_set: registry.DataSet,
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: {e}") from e
   if data_set.kind == "language_model_files":
     config = file_lm.config_for(data_set.format, files, dict(data.columns), data.split)
-    splits, _ = sources.load_file_splits(file_lm.FileLanguageModel, config, data_dir)
+    try:
+      splits, _ = sources.load_file_splits(file_lm.FileLanguageModel, config, data_dir)
+    except DataError as e:  # list every malformed row, as OpenAI's file check does
+      raise file_lm.every_problem(e, config) from e
     return splits, (), "text" if config.kind == "text" else "chat"
   module, builder = ((file_images, file_images.FileImages) if data_set.kind == "image" else
                      (file_classification, file_classification.FileClassification))

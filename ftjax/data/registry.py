@@ -74,6 +74,10 @@ class Preset:
   source: str
   class_names: tuple[str, ...] = ()
 
+  @property
+  def task(self) -> str:
+    return KIND_TASKS[self.kind]
+
   def builder_config(self, source_path: str | None) -> tfds.core.BuilderConfig:
     """The builder config of a custom source; None: the packaged corpus."""
     return self.builder.config_for(source_path, self.source)
@@ -127,6 +131,11 @@ def _files_reference(name: str) -> tuple[str, str] | None:
   """(format, files) of a `<format>:<files>` name; None for another name."""
   fmt, _, spec = name.partition(":")
   return (fmt, spec.strip()) if fmt in FORMATS and spec.strip() else None
+
+
+def is_files(name: str) -> bool:
+  """Whether `name` names the user's files: a file format or `<format>:<files>`."""
+  return name in FORMATS or _files_reference(name) is not None
 
 
 def data_set_name(name: str) -> str:
@@ -196,16 +205,16 @@ def check(config: ml_collections.ConfigDict) -> list[DataSet]:
 
 def _check_keys(config: ml_collections.ConfigDict, data_set: DataSet) -> None:
   data = config.data
+  named = f"config.data.name={data.name!r}" + (
+      "" if data.name == data_set.name else f": {data_set.name!r}")  # a part of the name
   if config.task != data_set.task:
-    raise ConfigError(f"config.data.name={data.name!r}: {data_set.name!r} is "
-                      f"{data_set.kind} data, scored by task {data_set.task!r}, but "
-                      f"config.task={config.task!r}")
+    raise ConfigError(f"{named} is {data_set.kind} data, scored by task {data_set.task!r}, "
+                      f"but config.task={config.task!r}")
   needed = _KIND_KEYS[data_set.kind] + (_PRESET_KEYS if data_set.preset else _FILE_KEYS)
   missing = [key for key in needed if key not in data]
   if missing:
-    raise ConfigError(f"config.data.name={data.name!r}: {data_set.name!r} is {data_set.kind} "
-                      f"data, which needs config.data keys {missing} that this config lacks "
-                      "(a config of another kind of data?)")
+    raise ConfigError(f"{named} is {data_set.kind} data, which needs config.data keys "
+                      f"{missing} that this config lacks (a config of another kind of data?)")
   if not data_set.preset and not data_set.files[0]:
     raise ConfigError(f"config.data.name={data.name!r} reads files: set "
                       "config.data.files.train (and optionally .validation, .test)")

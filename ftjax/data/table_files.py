@@ -144,12 +144,17 @@ def _open_binary(path: str) -> IO[bytes]:
   return f
 
 
-def read_rows(path: str, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_rows(path: str, fmt: str, problems: list[str] | None = None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
   """Streams the rows of one file ('.gz' and '.bz2' names are decompressed).
 
   Args:
     path: the file.
     fmt: one of FORMATS.
+    problems: None: a malformed row raises. A list: a malformed row that the rows
+      after it can still be read past (a JSON Lines line; a CSV / TSV row with the
+      wrong number of fields or bytes that are not UTF-8) is added to it as its
+      message and skipped.
 
   Yields:
     (where the row is, "{path}: row 3 (line 4)", {column: value}).
@@ -171,14 +176,21 @@ def read_rows(path: str, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
         # Bytes that are not UTF-8 become lone surrogates, found in the row they are in.
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
         if fmt == "json":
-          yield from _json_rows(path, text)
+          yield from _json_rows(path, text, problems)
         else:
-          yield from _delimited_rows(path, text, _DELIMITERS[fmt])
+          yield from _delimited_rows(path, text, _DELIMITERS[fmt], problems)
   except (OSError, EOFError) as e:  # unreadable, or a truncated or corrupt archive
     raise DataError(f"{path}: cannot read file: {e}") from e
 
 
-def _delimited_rows(path: str, text: IO[str], delimiter: str
+def _bad_row(problems: list[str] | None, message: str) -> None:
+  """Raises DataError(message), or adds it to `problems` when reading goes on."""
+  if problems is None:
+    raise DataError(message)
+  problems.append(message)
+
+
+def _delimited_rows(path: str, text: IO[str], delimiter: str, problems: list[str] | None
                     ) -> Iterator[tuple[str, dict[str, Any]]]:
   reader = csv.reader(text, delimiter=delimiter, strict=True)
   row, line = 0, 1
@@ -194,7 +206,7 @@ def _delimited_rows(path: str, text: IO[str], delimiter: str
     row += 1
     where = f"{path}: row {row} (line {line})"
     line = reader.line_num + 1
-    if _UNDECODABLE.search("\0".join(fields)):
+    if header is None and _UNDECODABLE.search("\0".join(fields)):
       raise DataError(f"{where}: bytes that are not valid UTF-8")
     if header is None:
       header = [name.strip() for name in fields]
@@ -205,15 +217,19 @@ def _delimited_rows(path: str, text: IO[str], delimiter: str
       continue
     if not fields:  # a blank line is not a record
       continue
-    if len(fields) != len(header):
-      raise DataError(f"{where}: expected {len(header)} fields (header {header}), found "
-                      f"{len(fields)}")
-    yield where, dict(zip(header, fields))
+    if _UNDECODABLE.search("\0".join(fields)):
+      _bad_row(problems, f"{where}: bytes that are not valid UTF-8")
+    elif len(fields) != len(header):
+      _bad_row(problems, f"{where}: expected {len(header)} fields (header {header}), found "
+               f"{len(fields)}")
+    else:
+      yield where, dict(zip(header, fields))
   if header is None:
     raise DataError(f"{path}: file is empty")
 
 
-def _json_rows(path: str, text: IO[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _json_rows(path: str, text: IO[str], problems: list[str] | None
+               ) -> Iterator[tuple[str, dict[str, Any]]]:
   first = text.read(1)
   while first and first.isspace():
     first = text.read(1)
@@ -237,12 +253,14 @@ def _json_rows(path: str, text: IO[str]) -> Iterator[tuple[str, dict[str, Any]]]
     if not line.strip():
       continue
     if _UNDECODABLE.search(line):
-      raise DataError(f"{path}: line {number}: bytes that are not valid UTF-8")
+      _bad_row(problems, f"{path}: line {number}: bytes that are not valid UTF-8")
+      continue
     try:
-      item = json.loads(line)
+      yield _json_object(f"{path}: line {number}", json.loads(line))
     except json.JSONDecodeError as e:
-      raise DataError(f"{path}: line {number}: invalid JSON: {e.msg} (column {e.colno})") from e
-    yield _json_object(f"{path}: line {number}", item)
+      _bad_row(problems, f"{path}: line {number}: invalid JSON: {e.msg} (column {e.colno})")
+    except DataError as e:
+      _bad_row(problems, str(e))
 
 
 def _json_object(where: str, item: Any) -> tuple[str, dict[str, Any]]:
