@@ -84,6 +84,13 @@ def test_every_format_gives_the_same_splits(tmp_path, suffix, fmt):
   assert np.bincount(train_labels).tolist() == [19, 10, 19]
 
 
+def test_preparing_files_logs_no_config_warnings(tmp_path, caplog):
+  caplog.set_level("WARNING")
+  _load(tmp_path, "csv", [_write(tmp_path / "t.csv", "csv", ROWS)])
+  _load(tmp_path, "csv", [str(tmp_path / "t.csv")])  # and reading the prepared copy
+  assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]
+
+
 def test_integer_labels_are_ordered_as_numbers_and_given_labels_are_kept(tmp_path):
   rows = [{"body": f"t{i}", "queue": str([2, 10, 1][i % 3])} for i in range(30)]
   path = _write(tmp_path / "ints.csv", "csv", rows)

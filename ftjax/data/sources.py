@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,18 @@ from ftjax.errors import ConfigError, DataError
 from ftjax.metrics import log_line
 
 SPLITS = ("train", "validation", "test")
+
+class _NoCustomConfigWarnings(logging.Filter):
+  """Drops TFDS's warning about a builder config its builder does not list: every
+  prepared copy of the user's files (and of a custom source) has one, named after
+  the files, and the warning repeats the whole config at each load."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_NoCustomConfigWarnings())
+
 
 def dataset_names() -> list[str]:
   """Returns the names `load_splits` accepts: the packaged data sets."""
