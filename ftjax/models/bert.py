@@ -38,9 +38,29 @@ _ACTIVATION_AXES = ("batch", None, None)
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig(hf_config.HfConfig):
-  """Architecture hyper-parameters, named as in Hugging Face's `config.json`."""
+class Family:
+  """How an encoder family's architecture differs from BERT's."""
 
+  # config.json fields with the only value this encoder implements, e.g.
+  # position_embedding_type='absolute': anything else is refused by name.
+  required: tuple[tuple[str, Any], ...] = (("position_embedding_type", "absolute"),)
+
+
+# model_type in config.json -> its family.
+FAMILIES = {
+    "bert": Family(),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig(hf_config.HfConfig):
+  """Architecture hyper-parameters, named as in Hugging Face's `config.json`.
+
+  `model_type` picks the family (`FAMILIES`); a checkpoint of any other family is
+  refused rather than loaded into an encoder that computes something else.
+  """
+
+  model_type: str = "bert"
   vocab_size: int = 30522
   hidden_size: int = 384
   num_hidden_layers: int = 6
@@ -52,6 +72,37 @@ class BertConfig(hf_config.HfConfig):
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
   hidden_act: str = "gelu"
+
+  @property
+  def family(self) -> Family:
+    return FAMILIES[self.model_type]
+
+  @classmethod
+  def from_dict(cls, raw: dict[str, Any], source: str = "config.model.arch") -> BertConfig:
+    """Builds and checks the config of the family named by `raw`'s model_type.
+
+    Args:
+      raw: HF-named fields (config.json's, or config.model.arch's, where a missing
+        model_type means BERT).
+      source: names the fields' origin in errors.
+
+    Returns:
+      The checked config.
+
+    Raises:
+      ConfigError: naming `source` and the field, for a family or an option of a
+        family that this encoder does not implement.
+    """
+    model_type = raw.get("model_type", "bert")
+    if model_type not in FAMILIES:
+      raise ConfigError(f"{source}: model_type={model_type!r} is not supported by "
+                        f"bert_classifier; supported: {sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    for field, value in family.required:
+      if raw.get(field, value) != value:
+        raise ConfigError(f"{source}: {field}={raw[field]!r} is not supported for "
+                          f"model_type={model_type!r}; supported: {value!r}")
+    return super().from_dict(raw, source)
 
   def check(self, source: str) -> None:
     hf_config.check_encoder(self, source)
