@@ -3,15 +3,28 @@
 import json
 import re
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from ftjax import models, param_groups
 from ftjax.errors import ConfigError
 
-SUPPORTED = "['bert']"
+SUPPORTED = "['bert', 'roberta', 'xlm-roberta']"
+_SIZES = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=37, max_position_embeddings=40)
+# model_type -> a tiny config of transformers' own classes, and its encoder class.
+FAMILIES = {
+    "bert": (lambda: transformers.BertConfig(**_SIZES), transformers.BertModel),
+    "roberta": (lambda: transformers.RobertaConfig(**_SIZES, type_vocab_size=1, pad_token_id=1),
+                transformers.RobertaModel),
+    "xlm-roberta": (lambda: transformers.XLMRobertaConfig(**_SIZES, type_vocab_size=1,
+                                                          pad_token_id=1),
+                    transformers.XLMRobertaModel),
+}
 
 
 def _model_config(pretrained, **overrides):
@@ -19,6 +32,61 @@ def _model_config(pretrained, **overrides):
                 pooling="mean", head_init="zeros", dont_load=["head/.*"])
   values.update(overrides)
   return ml_collections.ConfigDict(values)
+
+
+def _save_random(model_type, folder, **overrides):
+  """Saves a random transformers encoder of `model_type` (every weight, LayerNorms and
+  biases included, drawn away from its initial value) to `folder`; returns it."""
+  make_config, model_class = FAMILIES[model_type]
+  config = make_config()
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  torch.manual_seed(0)
+  model = model_class(config).eval()
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.add_(0.1 * torch.randn_like(parameter))
+  model.save_pretrained(folder)
+  return model
+
+
+def _padded_inputs(pad_token_id):
+  """Two sequences of 10 tokens, the first with 4 padding tokens at the end."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 99, size=(2, 10)).astype(np.int32)
+  mask = np.ones_like(ids)
+  ids[0, 6:], mask[0, 6:] = pad_token_id, 0
+  return ids, mask
+
+
+def _max_difference(model_config, reference, pad_token_id):
+  """max |ftjax - transformers| of the last hidden states, padding positions included."""
+  ids, mask = _padded_inputs(pad_token_id)
+  model, params = models.create(model_config, seed=0)
+  hidden = np.asarray(model.module(params).encoder(jnp.asarray(ids), jnp.asarray(mask),
+                                                   jnp.zeros_like(ids)))
+  with torch.no_grad():
+    expected = reference(input_ids=torch.tensor(ids, dtype=torch.long),
+                         attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  return float(np.abs(hidden - expected).max())
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_encoder_matches_the_family_s_transformers_model(tmp_path, model_type):
+  reference = _save_random(model_type, tmp_path)
+  difference = _max_difference(_model_config(tmp_path), reference,
+                               reference.config.pad_token_id)
+  print(f"{model_type}: max |ftjax - transformers| = {difference:.2e}")
+  assert difference <= 1e-4
+
+
+def test_a_roberta_folder_is_not_loaded_as_bert(tmp_path):
+  roberta = _save_random("roberta", tmp_path)
+  bert = transformers.BertModel(transformers.BertConfig(**_SIZES, type_vocab_size=1)).eval()
+  bert.load_state_dict(roberta.state_dict())
+  assert _max_difference(_model_config(tmp_path), roberta, 1) <= 1e-4
+  # BERT numbers positions from 0, RoBERTa from pad_token_id + 1.
+  assert _max_difference(_model_config(tmp_path), bert, 1) > 0.1
 
 
 def test_an_unsupported_model_type_is_refused_naming_the_file(tmp_path):

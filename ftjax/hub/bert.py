@@ -1,16 +1,18 @@
-"""Maps Hugging Face BERT checkpoint names onto `ftjax.models.bert` parameters."""
+"""Maps Hugging Face checkpoints of the BERT-style families onto `ftjax.models.bert`.
+
+Each family (config.json's model_type) has a table of (checkpoint-name regex, ftjax
+path, transform) rules, applied after the family's prefix (`roberta.` in a
+RobertaForMaskedLM checkpoint) is removed.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
-
-import numpy as np
+import dataclasses
+from typing import Any, Sequence
 
 from ftjax.hub import loading
 
-
-# (HF name regex after any 'bert.' prefix, ftjax path template, transform)
-_RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
+_BERT_RULES: loading.Rules = [
     (r"embeddings\.(word|position|token_type)_embeddings\.weight",
      r"encoder/embeddings/\1_embeddings/embedding", loading.identity),
     (r"embeddings\.LayerNorm\.(weight|gamma)", "encoder/embeddings/layer_norm/scale",
@@ -38,18 +40,58 @@ _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
      r"encoder/layers/\1/output_norm/bias", loading.identity),
 ]
 
-
-# The new classification head, exported as BertForSequenceClassification names it.
+# The new classification head under BertForSequenceClassification's names.
 EXPORT_EXTRA = {"head/kernel": ("classifier.weight", loading.transpose),
                 "head/bias": ("classifier.bias", loading.identity)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A family's checkpoint names."""
+
+  prefix: str  # of the encoder's tensors in task-model checkpoints, e.g. "roberta."
+  rules: loading.Rules
+
+
+# model_type -> checkpoint names; the same families as `ftjax.models.bert.FAMILIES`.
+FAMILIES = {
+    "bert": Family("bert.", _BERT_RULES),
+    "roberta": Family("roberta.", _BERT_RULES),
+    "xlm-roberta": Family("roberta.", _BERT_RULES),
+}
+
+
+def family_name_map(model_type: str) -> loading.NameMap:
+  """The checkpoint name -> (ftjax path, transform) map of one family."""
+  family = FAMILIES[model_type]
+  return lambda name: loading.rename(name.removeprefix(family.prefix), family.rules)
+
+
 def hf_name_to_path(name: str) -> tuple[str, loading.Transform] | None:
-  """Returns the ftjax parameter path and transform for a HF BERT tensor name."""
-  name = name.removeprefix("bert.")
-  return loading.rename(name, _RULES)
+  """The ftjax parameter path and transform of a tensor of any family's checkpoint.
+
+  The families' names never map one tensor to two different parameters, so an
+  export can follow a source checkpoint of any of them.
+  """
+  for model_type in FAMILIES:
+    target = family_name_map(model_type)(name)
+    if target is not None:
+      return target
+  return None
 
 
-def load_pretrained_into(params: Any, model_dir: str, dont_load: Sequence[str] = ()) -> Any:
-  """Returns `params` with a HF BERT safetensors checkpoint from `model_dir` loaded in."""
-  return loading.load_safetensors_into(params, model_dir, hf_name_to_path, dont_load)
+def load_pretrained_into(params: Any, model_dir: str, model_type: str,
+                         dont_load: Sequence[str] = ()) -> Any:
+  """Returns `params` with the safetensors checkpoint of `model_dir` loaded in.
+
+  Args:
+    params: the parameters of a `bert.SequenceClassifier` of the checkpoint's config.
+    model_dir: folder holding the safetensors weights.
+    model_type: the checkpoint's family; only its names are read.
+    dont_load: regexes of parameters that keep their initial values.
+
+  Returns:
+    The parameter tree with every checkpoint tensor in place.
+  """
+  return loading.load_safetensors_into(params, model_dir, family_name_map(model_type),
+                                       dont_load)

@@ -157,7 +157,7 @@ def _bert_classifier(config: ml_collections.ConfigDict):
                                    rngs=rngs)
 
   def load(params):
-    return (bert_hub.load_pretrained_into(params, directory, config.dont_load)
+    return (bert_hub.load_pretrained_into(params, directory, arch.model_type, config.dont_load)
             if directory else params)
 
   return build, load, Layout(embeddings="encoder/embeddings/.*", block="encoder/layers/{}",

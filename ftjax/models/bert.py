@@ -44,11 +44,16 @@ class Family:
   # config.json fields with the only value this encoder implements, e.g.
   # position_embedding_type='absolute': anything else is refused by name.
   required: tuple[tuple[str, Any], ...] = (("position_embedding_type", "absolute"),)
+  # Positions count only the tokens that are not pad_token_id, from pad_token_id + 1
+  # (RoBERTa's create_position_ids_from_input_ids); padding sits at pad_token_id.
+  positions_skip_padding: bool = False
 
 
 # model_type in config.json -> its family.
 FAMILIES = {
     "bert": Family(),
+    "roberta": Family(positions_skip_padding=True),
+    "xlm-roberta": Family(positions_skip_padding=True),
 }
 
 
@@ -72,6 +77,8 @@ class BertConfig(hf_config.HfConfig):
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
   hidden_act: str = "gelu"
+  # Used only by the families whose positions skip padding (BERT's may be null).
+  pad_token_id: int | None = None
 
   @property
   def family(self) -> Family:
@@ -106,6 +113,10 @@ class BertConfig(hf_config.HfConfig):
 
   def check(self, source: str) -> None:
     hf_config.check_encoder(self, source)
+    if self.family.positions_skip_padding and not isinstance(self.pad_token_id, int):
+      raise ConfigError(f"{source}: pad_token_id={self.pad_token_id!r}: model_type="
+                        f"{self.model_type!r} numbers positions after the padding token and "
+                        "needs its integer id")
 
 
 def _dense(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -126,9 +137,17 @@ class Embeddings(nnx.Module):
                                            rngs=rngs)
     self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
     self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.positions_skip_padding = config.family.positions_skip_padding
+    self.pad_token_id = config.pad_token_id
+
+  def _positions(self, input_ids: jax.Array) -> jax.Array:
+    if not self.positions_skip_padding:
+      return jnp.arange(input_ids.shape[-1])[None, :]
+    real = (input_ids != self.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(real, axis=-1) * real + self.pad_token_id
 
   def __call__(self, input_ids, token_type_ids, *, deterministic, rngs):
-    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    positions = self._positions(input_ids)
     x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
          + self.token_type_embeddings(token_type_ids))
     return self.dropout(self.layer_norm(x), deterministic=deterministic, rngs=rngs)
