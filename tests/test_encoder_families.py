@@ -13,12 +13,15 @@ import transformers
 from ftjax import models, param_groups
 from ftjax.errors import ConfigError
 
-SUPPORTED = "['bert', 'roberta', 'xlm-roberta']"
+SUPPORTED = "['bert', 'distilbert', 'roberta', 'xlm-roberta']"
 _SIZES = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=37, max_position_embeddings=40)
 # model_type -> a tiny config of transformers' own classes, and its encoder class.
 FAMILIES = {
     "bert": (lambda: transformers.BertConfig(**_SIZES), transformers.BertModel),
+    "distilbert": (lambda: transformers.DistilBertConfig(
+        vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=40,
+        activation="gelu"), transformers.DistilBertModel),
     "roberta": (lambda: transformers.RobertaConfig(**_SIZES, type_vocab_size=1, pad_token_id=1),
                 transformers.RobertaModel),
     "xlm-roberta": (lambda: transformers.XLMRobertaConfig(**_SIZES, type_vocab_size=1,
@@ -99,14 +102,27 @@ def test_an_unsupported_model_type_is_refused_naming_the_file(tmp_path):
     models.create(_model_config(tmp_path), seed=0)
 
 
-def test_an_unsupported_option_of_a_family_is_refused_by_name(tmp_path):
-  transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, intermediate_size=37).save_pretrained(tmp_path)
+@pytest.mark.parametrize("model_type, field, value, supported", [
+    ("bert", "position_embedding_type", "relative_key", "'absolute'"),
+    ("roberta", "position_embedding_type", "relative_key_query", "'absolute'"),
+    ("distilbert", "sinusoidal_pos_embds", True, "False"),
+])
+def test_an_unsupported_option_of_a_family_is_refused_by_name(tmp_path, model_type, field, value,
+                                                              supported):
+  FAMILIES[model_type][0]().save_pretrained(tmp_path)
   path = tmp_path / "config.json"
-  path.write_text(json.dumps({**json.loads(path.read_text()),
-                              "position_embedding_type": "relative_key"}))
-  with pytest.raises(ConfigError, match=r"config\.json: position_embedding_type='relative_key' "
-                     r"is not supported for model_type='bert'; supported: 'absolute'"):
+  path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+  with pytest.raises(ConfigError, match=re.escape(
+      f"{path}: {field}={value!r} is not supported for model_type={model_type!r}; "
+      f"supported: {supported}")):
+    models.create(_model_config(tmp_path), seed=0)
+
+
+def test_a_family_s_own_field_names_are_type_checked(tmp_path):
+  FAMILIES["distilbert"][0]().save_pretrained(tmp_path)
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({**json.loads(path.read_text()), "n_heads": "4"}))
+  with pytest.raises(ConfigError, match=re.escape(f"{path}: n_heads='4': expected an integer")):
     models.create(_model_config(tmp_path), seed=0)
 
 

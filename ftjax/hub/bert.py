@@ -8,16 +8,21 @@ RobertaForMaskedLM checkpoint) is removed.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Sequence
 
 from ftjax.hub import loading
 
-_BERT_RULES: loading.Rules = [
-    (r"embeddings\.(word|position|token_type)_embeddings\.weight",
-     r"encoder/embeddings/\1_embeddings/embedding", loading.identity),
+_EMBEDDINGS_NORM: loading.Rules = [
     (r"embeddings\.LayerNorm\.(weight|gamma)", "encoder/embeddings/layer_norm/scale",
      loading.identity),
     (r"embeddings\.LayerNorm\.(bias|beta)", "encoder/embeddings/layer_norm/bias", loading.identity),
+]
+
+_BERT_RULES: loading.Rules = [
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight",
+     r"encoder/embeddings/\1_embeddings/embedding", loading.identity),
+    *_EMBEDDINGS_NORM,
     (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.weight",
      r"encoder/layers/\1/attention/\2/kernel", loading.transpose),
     (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.bias",
@@ -40,6 +45,27 @@ _BERT_RULES: loading.Rules = [
      r"encoder/layers/\1/output_norm/bias", loading.identity),
 ]
 
+_DISTILBERT_LAYER = r"transformer\.layer\.(\d+)"
+# DistilBERT's module name -> the BERT-layout module it fills, in every layer.
+_DISTILBERT_MODULES = (("attention.q_lin", "attention/query"), ("attention.k_lin", "attention/key"),
+                       ("attention.v_lin", "attention/value"),
+                       ("attention.out_lin", "attention/output"), ("ffn.lin1", "intermediate"),
+                       ("ffn.lin2", "output"))
+_DISTILBERT_NORMS = (("sa_layer_norm", "attention_norm"), ("output_layer_norm", "output_norm"))
+_DISTILBERT_RULES: loading.Rules = [
+    (r"embeddings\.(word|position)_embeddings\.weight",
+     r"encoder/embeddings/\1_embeddings/embedding", loading.identity),
+    *_EMBEDDINGS_NORM,
+    *[(rf"{_DISTILBERT_LAYER}\.{re.escape(theirs)}\.weight", rf"encoder/layers/\1/{ours}/kernel",
+       loading.transpose) for theirs, ours in _DISTILBERT_MODULES],
+    *[(rf"{_DISTILBERT_LAYER}\.{re.escape(theirs)}\.bias", rf"encoder/layers/\1/{ours}/bias",
+       loading.identity) for theirs, ours in _DISTILBERT_MODULES],
+    *[(rf"{_DISTILBERT_LAYER}\.{theirs}\.weight", rf"encoder/layers/\1/{ours}/scale",
+       loading.identity) for theirs, ours in _DISTILBERT_NORMS],
+    *[(rf"{_DISTILBERT_LAYER}\.{theirs}\.bias", rf"encoder/layers/\1/{ours}/bias",
+       loading.identity) for theirs, ours in _DISTILBERT_NORMS],
+]
+
 # The new classification head under BertForSequenceClassification's names.
 EXPORT_EXTRA = {"head/kernel": ("classifier.weight", loading.transpose),
                 "head/bias": ("classifier.bias", loading.identity)}
@@ -56,6 +82,7 @@ class Family:
 # model_type -> checkpoint names; the same families as `ftjax.models.bert.FAMILIES`.
 FAMILIES = {
     "bert": Family("bert.", _BERT_RULES),
+    "distilbert": Family("distilbert.", _DISTILBERT_RULES),
     "roberta": Family("roberta.", _BERT_RULES),
     "xlm-roberta": Family("roberta.", _BERT_RULES),
 }

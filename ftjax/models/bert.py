@@ -47,11 +47,20 @@ class Family:
   # Positions count only the tokens that are not pad_token_id, from pad_token_id + 1
   # (RoBERTa's create_position_ids_from_input_ids); padding sits at pad_token_id.
   positions_skip_padding: bool = False
+  token_types: bool = True  # a token-type embedding table (segment A / B)
+  # config.json field -> BertConfig field, for a family that names them otherwise.
+  renamed: tuple[tuple[str, str], ...] = ()
 
 
 # model_type in config.json -> its family.
 FAMILIES = {
     "bert": Family(),
+    "distilbert": Family(
+        required=(("sinusoidal_pos_embds", False),), token_types=False,
+        renamed=(("dim", "hidden_size"), ("n_layers", "num_hidden_layers"),
+                 ("n_heads", "num_attention_heads"), ("hidden_dim", "intermediate_size"),
+                 ("activation", "hidden_act"), ("dropout", "hidden_dropout_prob"),
+                 ("attention_dropout", "attention_probs_dropout_prob"))),
     "roberta": Family(positions_skip_padding=True),
     "xlm-roberta": Family(positions_skip_padding=True),
 }
@@ -109,7 +118,7 @@ class BertConfig(hf_config.HfConfig):
       if raw.get(field, value) != value:
         raise ConfigError(f"{source}: {field}={raw[field]!r} is not supported for "
                           f"model_type={model_type!r}; supported: {value!r}")
-    return super().from_dict(raw, source)
+    return super().from_dict(_renamed(raw, family, source), source)
 
   def check(self, source: str) -> None:
     hf_config.check_encoder(self, source)
@@ -117,6 +126,22 @@ class BertConfig(hf_config.HfConfig):
       raise ConfigError(f"{source}: pad_token_id={self.pad_token_id!r}: model_type="
                         f"{self.model_type!r} numbers positions after the padding token and "
                         "needs its integer id")
+
+
+def _renamed(raw: dict[str, Any], family: Family, source: str) -> dict[str, Any]:
+  """`raw` with the family's own field names (DistilBERT's `dim`, ...) as BertConfig's,
+  each value checked against the type of the field it fills."""
+  defaults = {f.name: f.default for f in dataclasses.fields(BertConfig)}
+  # The type check `from_json` gives the fields named as BertConfig names them.
+  expected_instead = hf_config._expected_instead  # pylint: disable=protected-access
+  raw = dict(raw)
+  for theirs, ours in family.renamed:
+    if theirs in raw:
+      expected = expected_instead(raw[theirs], defaults[ours])
+      if expected:
+        raise ConfigError(f"{source}: {theirs}={raw[theirs]!r}: expected {expected}")
+      raw[ours] = raw.pop(theirs)
+  return raw
 
 
 def _dense(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -133,8 +158,9 @@ class Embeddings(nnx.Module):
     self.word_embeddings = nnx.Embed(config.vocab_size, h, embedding_init=init, rngs=rngs)
     self.position_embeddings = nnx.Embed(config.max_position_embeddings, h,
                                          embedding_init=init, rngs=rngs)
-    self.token_type_embeddings = nnx.Embed(config.type_vocab_size, h, embedding_init=init,
-                                           rngs=rngs)
+    if config.family.token_types:
+      self.token_type_embeddings = nnx.Embed(config.type_vocab_size, h, embedding_init=init,
+                                             rngs=rngs)
     self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
     self.dropout = nnx.Dropout(config.hidden_dropout_prob)
     self.positions_skip_padding = config.family.positions_skip_padding
@@ -148,8 +174,9 @@ class Embeddings(nnx.Module):
 
   def __call__(self, input_ids, token_type_ids, *, deterministic, rngs):
     positions = self._positions(input_ids)
-    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
-         + self.token_type_embeddings(token_type_ids))
+    x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+    if hasattr(self, "token_type_embeddings"):
+      x = x + self.token_type_embeddings(token_type_ids)
     return self.dropout(self.layer_norm(x), deterministic=deterministic, rngs=rngs)
 
 
