@@ -2,6 +2,9 @@
 
 import setuptools
 
+_WANDB = ["wandb>=0.19,<1"]
+_MLFLOW = ["mlflow-skinny>=3.0,<4", "sqlalchemy>=2.0", "alembic>=1.13"]
+
 setuptools.setup(
     name="ftjax",
     version="0.1.0",
@@ -37,7 +40,10 @@ setuptools.setup(
         # Reference implementations for parity tests and benchmarks.
         # (datasets: save_to_disk folders in tests, and the data preparation benchmark.)
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "peft>=0.13", "scikit-image>=0.22",
-                 "accelerate>=1.0", "datasets>=3"],
+                 "accelerate>=1.0", "datasets>=3", *_WANDB, *_MLFLOW],
+        # Trackers (config.trackers): Weights & Biases, MLflow (its default store is SQLite).
+        "wandb": _WANDB,
+        "mlflow": _MLFLOW,
         "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
     },

@@ -47,7 +47,7 @@ Variants through the arg string, e.g. `configs/minilm_sentiment.py:debug,lr=1e-4
 
 import ml_collections
 
-from ftjax import sharding
+from ftjax import sharding, trackers
 from ftjax.config import parse_arg
 from ftjax.data import mixture, registry
 from ftjax.errors import ConfigError
@@ -199,6 +199,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.early_stopping.mode = "max"
   config.early_stopping.patience = 3  # evaluations without improvement; 0 = never stop
   config.early_stopping.min_delta = 0.0
+
+  # Where metrics go besides metrics.jsonl: "tensorboard", "wandb", "mlflow" (settings in
+  # config.tracking; empty ones leave them to the library and its environment variables).
+  config.trackers = ("jsonl", "tensorboard")
+  config.tracking = trackers.default_config()
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 200

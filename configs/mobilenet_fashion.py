@@ -31,7 +31,7 @@ Variants through the arg string, e.g. `configs/mobilenet_fashion.py:linear_probe
 
 import ml_collections
 
-from ftjax import sharding
+from ftjax import sharding, trackers
 from ftjax.config import parse_arg
 from ftjax.data import augment, registry
 from ftjax.errors import ConfigError
@@ -147,6 +147,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.early_stopping.mode = "max"
   config.early_stopping.patience = 0  # the best checkpoint is still kept and tested
   config.early_stopping.min_delta = 0.0
+
+  # Where metrics go besides metrics.jsonl: "tensorboard", "wandb", "mlflow" (settings in
+  # config.tracking; empty ones leave them to the library and its environment variables).
+  config.trackers = ("jsonl", "tensorboard")
+  config.tracking = trackers.default_config()
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 200

@@ -22,7 +22,7 @@ Variants through the arg string, e.g. `configs/smollm2_chat.py:full,lr=2e-5`:
 
 import ml_collections
 
-from ftjax import sharding
+from ftjax import sharding, trackers
 from ftjax.config import parse_arg
 
 _DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4}
@@ -129,6 +129,11 @@ def language_model_config(arg: str | None, *, data_name: str, default_steps: int
   config.early_stopping.mode = "min"
   config.early_stopping.patience = 0
   config.early_stopping.min_delta = 0.0
+
+  # Where metrics go besides metrics.jsonl: "tensorboard", "wandb", "mlflow" (settings in
+  # config.tracking; empty ones leave them to the library and its environment variables).
+  config.trackers = ("jsonl", "tensorboard")
+  config.tracking = trackers.default_config()
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 50

@@ -17,6 +17,8 @@ from jax.experimental.multihost_utils import sync_global_devices
 from ftjax import param_groups
 from ftjax.errors import CheckpointError
 
+BEST_DIR = "best"  # the best parameters, in the workdir
+
 
 def _abstract(tree: Any) -> Any:
   """Shape/dtype/sharding skeleton of `tree`, the restore target."""
@@ -50,7 +52,7 @@ class Checkpointer:
                                          options=options)
     best_options = ocp.CheckpointManagerOptions(
         max_to_keep=1, create=True, enable_async_checkpointing=config.use_async)
-    self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
+    self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), BEST_DIR),
                                        options=best_options)
 
   @contextlib.contextmanager

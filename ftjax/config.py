@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from ftjax import regularizers
+from ftjax import regularizers, trackers
 from ftjax.errors import ConfigError
 
 
@@ -120,6 +120,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.optimizer.lr={config.optimizer.lr!r}: must be a positive number")
   if "regularizer" in config:
     _check_regularizer(config)
+  trackers.check(config)
   if "on_nonfinite" in config:
     check_choice(config.on_nonfinite, ("stop", "skip"), "on_nonfinite")
     if not isinstance(config.max_nonfinite_skips, int) or config.max_nonfinite_skips < 0:

@@ -32,9 +32,14 @@ class MetricWriter:
   the workdir as it was.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               trackers: Any = None):
+    """`tensorboard`: write TensorBoard events too; `trackers`: a `ftjax.trackers.Trackers`
+    that gets every record of scalar metrics as well."""
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self.tensorboard = tensorboard
+    self.trackers = trackers
     self._tb_dir = os.path.join(workdir, "tensorboard")
     self._tb_writer = None
 
@@ -67,6 +72,8 @@ class MetricWriter:
 
   def _rewrite_tensorboard(self, records: list[dict[str, Any]]) -> None:
     """Replaces the TensorBoard event files with one holding `records`."""
+    if not self.tensorboard:
+      return
     self.close()
     self._tb_writer = None
     if os.path.isdir(self._tb_dir):
@@ -90,8 +97,12 @@ class MetricWriter:
     record.update({k: _to_python(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    self._add_scalars(step, split, metrics)
-    self._tb.flush()
+    if self.trackers is not None:
+      self.trackers.log(int(step), split, {k: v for k, v in record.items()
+                                           if k not in ("step", "split")})
+    if self.tensorboard:
+      self._add_scalars(step, split, metrics)
+      self._tb.flush()
 
   def _add_scalars(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     for key, value in metrics.items():
@@ -104,8 +115,9 @@ class MetricWriter:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), "split": "samples", "samples": samples}) + "\n")
-    self._add_samples(step, samples)
-    self._tb.flush()
+    if self.tensorboard:
+      self._add_samples(step, samples)
+      self._tb.flush()
 
   def _add_samples(self, step: int, samples: list[dict[str, str]]) -> None:
     text = "\n\n".join(f"**prompt** {s['prompt']!r}\n\n**completion** {s['completion']!r}"

@@ -69,6 +69,23 @@ def run_info(seed: int) -> dict[str, Any]:
           "devices": device_info()}
 
 
+def facts(workdir: str) -> dict[str, Any]:
+  """The facts of `workdir`'s run_info.json (its first start), flattened: "git.commit",
+  "packages.jax", "devices.kind", ...; lists as text."""
+  record = _read_info(os.path.join(workdir, INFO_FILE)) or {}
+  flat = {}
+
+  def add(prefix: str, value: Any) -> None:
+    if isinstance(value, dict):
+      for key, item in value.items():
+        add(f"{prefix}{key}.", item)
+    else:
+      flat[prefix[:-1]] = value if isinstance(value, (str, int, float, bool)) else str(value)
+
+  add("", {k: v for k, v in record.items() if k != "starts"})
+  return flat
+
+
 def _read_info(path: str) -> dict[str, Any] | None:
   if not os.path.isfile(path):
     return None

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 
 from ftjax import (build, checkpoint, data, generate, param_groups, preemption, regularizers,
                    runs, sharding, tasks, tracking)
+from ftjax import trackers as trackers_lib
 from ftjax.config import check_choice, validate
 from ftjax.data import check as data_check
 from ftjax.data import inputs as inputs_lib
@@ -87,7 +88,10 @@ class _Run:
     self.data_check = self._check_data()
     self.task = tasks.get(config, self.mesh, self.rules, self.inputs.task_classes)
     self._build_state()
-    self.writer = MetricWriter(workdir, enabled=self.process == 0)
+    self.trackers = trackers_lib.Trackers(config, workdir, enabled=self.process == 0)
+    self.writer = MetricWriter(workdir, enabled=self.process == 0,
+                               tensorboard="tensorboard" in config.trackers,
+                               trackers=self.trackers)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
     self._compile()
     self.sample_prompts = []
@@ -389,6 +393,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     with preemption.handling():
       return _train_and_test(run_, on_step, started)
   finally:  # also on errors: pending checkpoint writes complete, files are closed
+    run_.trackers.close()
     run_.writer.close()
     run_.checkpointer.close()
 
@@ -411,6 +416,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   # Only now that the config has proven to fit the workdir's checkpoints, if any.
   _write_config(run_)
   run_.clock = tracking.record_start(workdir, config.seed, started)
+  run_.trackers.start()
   fresh = int(jax.device_get(run_.state.step)) == 0
   if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs
     run_.state = run_.state.replace(anchor={"center": run_.state.anchor["center"],
@@ -441,6 +447,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
     with open(path + ".tmp", "w") as f:
       json.dump(final, f, indent=2)
     os.replace(path + ".tmp", path)
+  run_.trackers.finish(final, os.path.join(workdir, checkpoint.BEST_DIR))
   metric = config.early_stopping.metric
   log_line(f"best step {final['best_step']}: validation {metric} "
            f"{final['validation'][metric]:.4f}, " + ", ".join(
