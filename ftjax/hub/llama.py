@@ -1,4 +1,6 @@
-"""Maps Hugging Face Llama / Qwen2 checkpoint names onto `ftjax.models.llama` parameters.
+"""Maps Hugging Face Llama-family checkpoint names onto `ftjax.models.llama` parameters.
+
+Llama, Qwen2, Mistral and Qwen3 share the names; Qwen3 adds its q/k norms.
 
 HF linear weights are [out, in] and are transposed into [in, out] kernels. A
 model with tied embeddings has no `lm_head/kernel`, so a `lm_head.weight` in
@@ -21,6 +23,9 @@ _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
      r"model/layers/\1/self_attn/\2/kernel", loading.transpose),
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.bias",
      r"model/layers/\1/self_attn/\2/bias", loading.identity),
+    # Qwen3's per-head RMSNorm of queries and keys.
+    (r"model\.layers\.(\d+)\.self_attn\.([qk]_norm)\.weight",
+     r"model/layers/\1/self_attn/\2/scale", loading.identity),
     (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.weight",
      r"model/layers/\1/mlp/\2/kernel", loading.transpose),
     (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.bias",
@@ -36,10 +41,10 @@ EXPORT_EXTRA: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {}
 
 
 def hf_name_to_path(name: str) -> tuple[str, loading.Transform] | None:
-  """Returns the ftjax parameter path and transform for a HF Llama/Qwen2 tensor name."""
+  """Returns the ftjax parameter path and transform for a HF Llama-family tensor name."""
   return loading.rename(name, _RULES)
 
 
 def load_pretrained_into(params: Any, model_dir: str, dont_load: Sequence[str] = ()) -> Any:
-  """Returns `params` with a HF Llama/Qwen2 safetensors checkpoint from `model_dir` loaded in."""
+  """Returns `params` with a HF Llama-family safetensors checkpoint from `model_dir` loaded in."""
   return loading.load_safetensors_into(params, model_dir, hf_name_to_path, dont_load)

@@ -1,4 +1,9 @@
-"""Llama-family decoder-only language model (Llama 2/3, Qwen2) in Flax NNX.
+"""Llama-family decoder-only language models (Llama 2/3, Qwen2, Mistral, Qwen3) in Flax NNX.
+
+One decoder serves every family: `LlamaConfig` records how a checkpoint's
+`model_type` differs from Llama (q/k/v biases, RMSNorm on each head's queries
+and keys, sliding-window attention on some or all layers), as transformers'
+class for that model type builds it.
 
 Parameter names follow Hugging Face's module names with ftjax's '/' separator
 (``model/layers/0/self_attn/q_proj/kernel``); `ftjax.hub.llama` maps checkpoint
@@ -12,7 +17,8 @@ padding, which no real token attends to.
 
 Generation runs the same blocks incrementally: `CausalLM.init_cache` allocates a
 `KVCache` and `CausalLM.decode` appends tokens to it (the whole prompt at once,
-then one token per step), attending to every earlier cached token of its row.
+then one token per step), attending to every earlier cached token of its row
+(within the layer's sliding window, if any).
 """
 
 from __future__ import annotations
@@ -29,12 +35,37 @@ from ftjax import sharding
 from ftjax.errors import ConfigError
 from ftjax.models import hf_config
 
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """How a model type's decoder differs from Llama's, as its transformers class builds it."""
+
+  qkv_bias: bool = False  # q, k and v projections have biases whatever attention_bias says
+  qk_norm: bool = False   # RMSNorm on each head's queries and keys, before RoPE
+  # Where `sliding_window` applies: "never" (the class has no window), "every_layer"
+  # (Mistral: on every layer unless null) or "layer_types" (Qwen2/3: only with
+  # `use_sliding_window`, on the layers `layer_types` marks, by default those from
+  # `max_window_layers` on).
+  window: str = "never"
+
+
 # Model types whose checkpoints this decoder reproduces.
-_MODEL_TYPES = ("llama", "qwen2")
+_FAMILIES = {
+    "llama": _Family(),
+    "qwen2": _Family(qkv_bias=True, window="layer_types"),
+    "mistral": _Family(window="every_layer"),
+    "qwen3": _Family(qk_norm=True, window="layer_types"),
+}
+# transformers' values for the window fields a config.json leaves out.
+_DEFAULT_SLIDING_WINDOW = 4096
+_DEFAULT_MAX_WINDOW_LAYERS = 28
+# Attention types of `layer_types` entries the decoder applies.
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
 PARAM_AXES = (
     (r"model/embed_tokens/embedding", ("vocab", "embed")),
+    (r".*/self_attn/(q_norm|k_norm)/scale", ("norm",)),  # [head_dim], replicated
     (r".*(layernorm|norm)/scale", ("norm",)),
     (r".*/q_proj/kernel", ("embed", "heads")),
     (r".*/q_proj/bias", ("heads",)),
@@ -181,6 +212,12 @@ class LlamaConfig(hf_config.HfConfig):
   parameters; transformers 5's `rope_parameters` is read into `rope_theta` and
   `rope_scaling`. `num_key_value_heads` and `head_dim` default, as in HF, to
   `num_attention_heads` and `hidden_size // num_attention_heads`.
+
+  `sliding_window` and `layer_types` hold the attention window as applied
+  (`from_dict` resolves them from the model type's own fields): on the layers
+  `layer_types` marks "sliding_attention" (every layer when it is None), a token
+  attends only to the last `sliding_window` tokens, itself included; None means
+  no window anywhere.
   """
 
   vocab_size: int = 32000
@@ -200,6 +237,8 @@ class LlamaConfig(hf_config.HfConfig):
   hidden_act: str = "silu"
   model_type: str = "llama"
   initializer_range: float = 0.02
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -210,7 +249,18 @@ class LlamaConfig(hf_config.HfConfig):
   @property
   def qkv_bias(self) -> bool:
     """Whether q, k and v projections have biases (always for Qwen2)."""
-    return self.attention_bias or self.model_type == "qwen2"
+    return self.attention_bias or _FAMILIES[self.model_type].qkv_bias
+
+  @property
+  def qk_norm(self) -> bool:
+    """Whether each head's queries and keys are RMS-normalised before RoPE (Qwen3)."""
+    return _FAMILIES[self.model_type].qk_norm
+
+  def layer_window(self, index: int) -> int | None:
+    """The attention window of layer `index`: None where it attends to every earlier token."""
+    if self.layer_types is not None and self.layer_types[index] != "sliding_attention":
+      return None
+    return self.sliding_window
 
   def rope(self) -> Rope:
     """The rotary embedding this config describes (raises ConfigError if unsupported)."""
@@ -221,26 +271,32 @@ class LlamaConfig(hf_config.HfConfig):
   def from_dict(cls, raw: dict[str, Any], source: str = "config.model.arch") -> "LlamaConfig":
     """Builds and checks a config from HF-named fields; `source` names it in errors.
 
+    Args:
+      raw: the fields, as in a Hugging Face `config.json`.
+      source: where they come from (a file, or the run config's key).
+
+    Returns:
+      The config, its attention window resolved as the model type's
+      transformers class resolves it.
+
     Raises:
       ConfigError: for an unsupported model type, activation, rope type or
-        sliding-window attention, or inconsistent head counts.
+        attention-window setting, or inconsistent head counts.
     """
-    fields = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {
+        "rope_theta", "rope_scaling", "sliding_window", "layer_types"}
     rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", raw.get("rope_theta", cls.rope_theta))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     scaling = {"rope_type": rope_type, **rope} if rope_type != "default" or rope else None
     config = cls(rope_theta=float(theta), rope_scaling=scaling,
                  **{k: v for k, v in raw.items() if k in fields and v is not None})
-    if config.model_type not in _MODEL_TYPES:
+    if config.model_type not in _FAMILIES:
       raise ConfigError(f"{source}: model_type={config.model_type!r} is not supported; "
-                        f"supported: {list(_MODEL_TYPES)}")
+                        f"supported: {list(_FAMILIES)}")
     if config.hidden_act != "silu":
       raise ConfigError(f"{source}: hidden_act={config.hidden_act!r} is not supported; "
                         "supported: ['silu']")
-    if raw.get("use_sliding_window"):
-      raise ConfigError(f"{source}: sliding-window attention (use_sliding_window) is not "
-                        "supported")
     if config.num_attention_heads % config.num_key_value_heads:
       raise ConfigError(f"{source}: num_attention_heads {config.num_attention_heads} is not a "
                         f"multiple of num_key_value_heads {config.num_key_value_heads}")
@@ -248,7 +304,62 @@ class LlamaConfig(hf_config.HfConfig):
       config.rope()
     except ConfigError as e:
       raise ConfigError(f"{source}: {e}") from None
-    return config
+    window, layer_types = _attention_window(raw, config, source)
+    return dataclasses.replace(config, sliding_window=window, layer_types=layer_types)
+
+
+def _attention_window(raw: dict[str, Any], config: LlamaConfig,
+                      source: str) -> tuple[int | None, tuple[str, ...] | None]:
+  """(sliding_window, layer_types) as `config.model_type`'s transformers class applies them.
+
+  Raises:
+    ConfigError: naming `source` and the field for a window that is not a
+      positive integer, a `layer_types` list that is not one full / sliding
+      attention entry per layer, or a window the family's class would not apply
+      as the file asks (Llama has none; Mistral's covers every layer).
+  """
+  family = _FAMILIES[config.model_type]
+  window = raw.get("sliding_window", None if family.window == "never"
+                   else _DEFAULT_SLIDING_WINDOW)
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                             or window < 1):
+    raise ConfigError(f"{source}: sliding_window={window!r}: expected a positive integer or "
+                      "null")
+  layer_types = raw.get("layer_types")
+  if layer_types is not None:
+    if (not isinstance(layer_types, (list, tuple))
+        or len(layer_types) != config.num_hidden_layers):
+      raise ConfigError(f"{source}: layer_types={layer_types!r}: expected a list of one "
+                        f"attention type per layer ({config.num_hidden_layers})")
+    unknown = sorted({str(t) for t in layer_types} - set(_LAYER_TYPES))
+    if unknown:
+      raise ConfigError(f"{source}: layer_types has attention types {unknown} that the "
+                        f"decoder cannot apply; supported: {list(_LAYER_TYPES)}")
+    layer_types = tuple(layer_types)
+  sliding = layer_types is not None and "sliding_attention" in layer_types
+  if family.window == "never":
+    if window is not None or sliding:
+      field = "sliding_window" if window is not None else "layer_types"
+      raise ConfigError(f"{source}: {field}: model_type={config.model_type!r} has no "
+                        "sliding-window attention (its transformers class ignores the field); "
+                        "remove it or name the family that applies it")
+    return None, None
+  if family.window == "every_layer":
+    uniform = "full_attention" if window is None else "sliding_attention"
+    if layer_types is not None and set(layer_types) != {uniform}:
+      raise ConfigError(f"{source}: layer_types={list(layer_types)}: model_type="
+                        f"{config.model_type!r} applies sliding_window={window} to every "
+                        "layer; per-layer attention types are not supported for it")
+    return window, None
+  if not raw.get("use_sliding_window") or window is None:
+    return None, None
+  if layer_types is None:
+    first = raw.get("max_window_layers", _DEFAULT_MAX_WINDOW_LAYERS)
+    if isinstance(first, bool) or not isinstance(first, int):
+      raise ConfigError(f"{source}: max_window_layers={first!r}: expected an integer")
+    layer_types = tuple("sliding_attention" if i >= first else "full_attention"
+                        for i in range(config.num_hidden_layers))
+  return (window, layer_types) if "sliding_attention" in layer_types else (None, None)
 
 
 def _linear(din: int, dout: int, use_bias: bool, config: LlamaConfig,
@@ -290,6 +401,8 @@ class Attention(nnx.Module):
     self.k_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
     self.v_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
     self.o_proj = _linear(self.num_heads * d, h, config.attention_bias, config, rngs)
+    self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+    self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
 
   def _project(self, x: jax.Array, cos: jax.Array,
                sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -298,6 +411,8 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -390,6 +505,22 @@ class Decoder(nnx.Module):
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     self.rope = config.rope()
     self.remat = remat
+    self.windows = tuple(config.layer_window(i) for i in range(config.num_hidden_layers))
+
+  def _masks(self, mask: jax.Array, query_slots: jax.Array,
+             key_slots: jax.Array) -> dict[int | None, jax.Array]:
+    """{window: [B, 1, L, S] mask} for every layer's window, None for full attention.
+
+    A sliding window keeps the keys whose slot is one of the last `window` up to
+    the query's own (transformers' `kv_idx > q_idx - window`). Slots rather than
+    positions, as in transformers: within a packed segment or a left-padded row
+    the two differ by a constant, and other keys are masked anyway.
+    """
+    masks = {None: mask}
+    for window in set(self.windows) - {None}:
+      near = key_slots[None, :] > query_slots[:, None] - window  # [L, S]
+      masks[window] = mask & near[None, None]
+    return masks
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:
@@ -397,12 +528,14 @@ class Decoder(nnx.Module):
     cos, sin = self.rope(positions)
     # [B, 1, L, L]: same segment; `is_causal` adds the causal part. The diagonal is
     # always kept, so padding rows attend to themselves and never produce NaNs.
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    slots = jnp.arange(input_ids.shape[1])
+    masks = self._masks(same_segment, slots, slots)
     run = (_run_layer if self.remat == "none"
            else nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat]))
     x = sharding.constrain(x, _ACTIVATION_AXES)
-    for layer in self.layers:
-      x = sharding.constrain(run(layer, x, cos, sin, mask), _ACTIVATION_AXES)
+    for layer, window in zip(self.layers, self.windows):
+      x = sharding.constrain(run(layer, x, cos, sin, masks[window]), _ACTIVATION_AXES)
     return self.norm(x)
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -428,11 +561,16 @@ class Decoder(nnx.Module):
     # A token sees the valid slots up to its own; its own slot is always kept, so
     # padding tokens attend to themselves and never produce NaNs.
     own = slots[None, :] == query_slots[:, None]
-    mask = (slot_valid[:, None, None, :] & earlier[None, None]) | own[None, None]
+    # The window keeps the own slot too, so the same holds on sliding layers. Every
+    # slot stays cached (no rolling buffer), so a window shorter than the cache
+    # is exact.
+    masks = self._masks((slot_valid[:, None, None, :] & earlier[None, None]) | own[None, None],
+                        query_slots, slots)
     keys, values = [], []
-    for layer, layer_keys, layer_values in zip(self.layers, cache.keys, cache.values):
-      x, layer_keys, layer_values = layer.decode(x, cos, sin, mask, layer_keys, layer_values,
-                                                 cache.index)
+    for layer, window, layer_keys, layer_values in zip(self.layers, self.windows, cache.keys,
+                                                       cache.values):
+      x, layer_keys, layer_values = layer.decode(x, cos, sin, masks[window], layer_keys,
+                                                 layer_values, cache.index)
       keys.append(layer_keys)
       values.append(layer_values)
     return self.norm(x), KVCache(keys=tuple(keys), values=tuple(values), valid=slot_valid,

@@ -1,0 +1,214 @@
+"""Mistral, Qwen3 and windowed Qwen2 through the one decoder, against transformers."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ftjax import generate, models, param_groups, sharding
+from ftjax.errors import ConfigError
+from ftjax.hub import export
+from ftjax.hub import llama as llama_hub
+from ftjax.hub import safetensors_io
+from ftjax.models import llama
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+_TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+_WINDOW = 3
+_LENGTH = 12  # longer than the window, so that it matters
+_EOS = 2
+
+# case -> (transformers family, config overrides, config.json edits that drop the window)
+_CASES = {
+    "mistral": ("Mistral", dict(sliding_window=_WINDOW, head_dim=16),
+                dict(sliding_window=None)),
+    "qwen3": ("Qwen3", dict(head_dim=16), None),
+    # The window on the second layer only (max_window_layers=1), with q/k norms.
+    "qwen3_window": ("Qwen3", dict(head_dim=16, use_sliding_window=True, sliding_window=_WINDOW,
+                                   max_window_layers=1), dict(use_sliding_window=False)),
+    "qwen2_window": ("Qwen2", dict(use_sliding_window=True, sliding_window=_WINDOW,
+                                   max_window_layers=0), dict(use_sliding_window=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """case -> (folder, transformers model, ftjax model, params), each built once."""
+  cache = {}
+
+  def get(case):
+    if case not in cache:
+      family, overrides, _ = _CASES[case]
+      config = getattr(transformers, f"{family}Config")(**{**_TINY, **overrides},
+                                                        eos_token_id=_EOS, pad_token_id=0)
+      torch.manual_seed(0)
+      reference = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+      with torch.no_grad():  # O(1) weights, so that logits differ clearly between tokens
+        for name, param in reference.named_parameters():
+          param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+      directory = str(tmp_path_factory.mktemp(case))
+      reference.save_pretrained(directory)
+      cache[case] = (directory, reference, *models.create(_config(pretrained=directory), seed=0))
+    return cache[case]
+
+  return get
+
+
+def _config(**overrides):
+  values = dict(name="llama_lm", pretrained="", dont_load=[], remat="none")
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
+
+
+def _batch(ids, lengths):
+  """Right-padded rows: segment 1 on the first `lengths[i]` tokens, 0 (padding) after."""
+  positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+  segments = (positions < np.asarray(lengths)[:, None]).astype(np.int32)
+  return {"input_ids": jnp.asarray(ids, jnp.int32), "positions": jnp.asarray(positions),
+          "segment_ids": jnp.asarray(segments)}
+
+
+def _logits(model, params, batch):
+  return np.asarray(jax.jit(lambda p, b: model.apply(p, b, train=False))(params, batch))
+
+
+def _reference_logits(reference, batch):
+  with torch.no_grad():
+    return reference(input_ids=torch.tensor(np.asarray(batch["input_ids"])),
+                     attention_mask=torch.tensor(np.asarray(batch["segment_ids"])),
+                     position_ids=torch.tensor(np.asarray(batch["positions"]),
+                                               dtype=torch.long)).logits.numpy()
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_logits_match_transformers(case, tiny, record_property):
+  directory, reference, model, params = tiny(case)
+  ids = np.random.default_rng(0).integers(3, _TINY["vocab_size"], (2, _LENGTH))
+  batch = _batch(ids, [_LENGTH, _LENGTH - 4])
+  logits = _logits(model, params, batch)
+  expected = _reference_logits(reference, batch)
+  real = np.asarray(batch["segment_ids"]).astype(bool)
+  diff = float(np.max(np.abs(logits[real] - expected[real])))
+  record_property("max_abs_diff", diff)
+  print(f"{case}: max abs logit difference {diff:.2e} (logits up to "
+        f"{np.max(np.abs(expected)):.1f})")
+  assert diff <= 1e-4, (case, diff)
+  assert np.max(np.abs(expected)) > 1.0  # the comparison is not of near-zero logits
+  drop_window = _CASES[case][2]
+  if drop_window is None:
+    return
+  # The same weights without the window give other logits: the window was applied.
+  with open(f"{directory}/config.json") as f:
+    raw = {**json.load(f), **drop_window}
+  unwindowed, _ = models.create(_config(arch=raw), seed=0)
+  assert np.max(np.abs(_logits(unwindowed, params, batch)[real] - expected[real])) > 1e-2
+
+
+def test_window_and_qk_norms_are_read_as_transformers_applies_them(tiny):
+  configs = {case: llama.LlamaConfig.from_json(f"{tiny(case)[0]}/config.json")
+             for case in _CASES}
+  assert configs["mistral"].sliding_window == _WINDOW and configs["mistral"].head_dim == 16
+  assert [configs["mistral"].layer_window(i) for i in range(2)] == [_WINDOW, _WINDOW]
+  assert [configs["qwen3_window"].layer_window(i) for i in range(2)] == [None, _WINDOW]
+  assert [configs["qwen2_window"].layer_window(i) for i in range(2)] == [_WINDOW, _WINDOW]
+  assert configs["qwen3"].sliding_window is None and configs["qwen3"].qk_norm
+  assert not configs["qwen3"].qkv_bias and not configs["mistral"].qk_norm
+  # Qwen3 checkpoints carry a window switched off by use_sliding_window: not applied.
+  off = llama.LlamaConfig.from_dict(dict(_TINY, model_type="qwen3", sliding_window=4,
+                                         use_sliding_window=False, max_window_layers=0))
+  assert off.sliding_window is None
+  # Mistral without the field gets transformers' default window; null is none.
+  assert llama.LlamaConfig.from_dict(dict(_TINY, model_type="mistral")).sliding_window == 4096
+  assert llama.LlamaConfig.from_dict(dict(_TINY, model_type="mistral",
+                                          sliding_window=None)).sliding_window is None
+
+
+def test_every_qwen3_tensor_is_mapped_and_q_k_norms_are_sharded(tiny):
+  directory, _, model, params = tiny("qwen3")
+  tensors = safetensors_io.load_safetensors(directory)
+  assert "model.layers.1.self_attn.k_norm.weight" in tensors
+  assert all(llama_hub.hf_name_to_path(name) is not None for name in tensors)
+  flat = param_groups.flatten(params)
+  np.testing.assert_array_equal(flat["model/layers/1/self_attn/q_norm/scale"],
+                                tensors["model.layers.1.self_attn.q_norm.weight"])
+  assert flat["model/layers/0/self_attn/k_norm/scale"].shape == (16,)
+  assert not any(path.endswith("_proj/bias") for path in flat)
+  sharding.logical_axes(params, model.axes)  # every parameter has axes of its rank
+  assert param_groups.first_match("model/layers/0/self_attn/q_norm/scale",
+                                  model.axes) == (True, ("norm",))
+  assert model.layout.block_index("model/layers/1/self_attn/k_norm/scale") == 1
+
+
+def test_packed_sequences_with_a_window_match_each_sequence_alone(tiny):
+  _, _, model, params = tiny("mistral")
+  first, second = [5, 17, 42, 8, 61], [9, 33, 70, 11]
+  rows = [  # (input_ids, positions, segment_ids), all of length 9
+      (first + second, [0, 1, 2, 3, 4, 0, 1, 2, 3], [1] * 5 + [2] * 4),  # packed
+      (second + [0] * 5, list(range(9)), [1] * 4 + [0] * 5),  # the second alone
+  ]
+  ids, positions, segments = (jnp.asarray(column, jnp.int32) for column in zip(*rows))
+  packed, alone = _logits(model, params, {"input_ids": ids, "positions": positions,
+                                          "segment_ids": segments})
+  np.testing.assert_allclose(packed[5:], alone[:4], atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_with_a_window_matches_transformers_generate(tiny):
+  _, reference, model, params = tiny("mistral")
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(3, _TINY["vocab_size"], n).tolist() for n in (7, 2, 13)]
+  ours = generate.generate(model, params, prompts, max_new_tokens=12, stop_tokens=[_EOS])
+  theirs = []
+  for prompt in prompts:
+    with torch.no_grad():
+      out = reference.generate(torch.tensor([prompt]),
+                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               do_sample=False, max_new_tokens=12, eos_token_id=_EOS,
+                               pad_token_id=0)
+    theirs.append(out[0, len(prompt):].tolist())
+  assert ours == theirs
+  assert any(len(t) == 12 for t in theirs)  # at least one row decodes far past the window
+
+
+def test_merged_export_of_qwen3_loads_in_transformers_with_the_same_logits(tiny, tmp_path):
+  directory, _, model, params = tiny("qwen3_window")
+  rng = np.random.default_rng(2)  # trained weights differ from the checkpoint's
+  params = param_groups.map_with_path(
+      lambda _, x: (np.asarray(x) + 0.05 * rng.normal(size=x.shape)).astype(np.float32), params)
+  source, name_map, extra = models.hf_format(_config(pretrained=directory))
+  names = export.save_merged(model.module(params), str(tmp_path), source_dir=source,
+                             name_map=name_map, extra=extra)
+  assert "model.layers.0.self_attn.q_norm.weight" in names
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
+                                                               dtype=torch.float32).eval()
+  assert type(exported).__name__ == "Qwen3ForCausalLM"
+  ids = np.random.default_rng(3).integers(3, _TINY["vocab_size"], (1, _LENGTH))
+  batch = _batch(ids, [_LENGTH])
+  np.testing.assert_allclose(_logits(model, params, batch), _reference_logits(exported, batch),
+                             atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model_type="gemma"), "model_type='gemma' is not supported"),
+    (dict(model_type="llama", sliding_window=4), "sliding_window: model_type='llama' has no"),
+    (dict(model_type="mistral", sliding_window=0), "sliding_window=0: expected a positive"),
+    (dict(model_type="mistral", layer_types=["full_attention", "sliding_attention"]),
+     "layer_types=.*per-layer attention types are not supported"),
+    (dict(model_type="qwen3", use_sliding_window=True,
+          layer_types=["full_attention", "chunked_attention"]),
+     r"layer_types has attention types \['chunked_attention'\]"),
+    (dict(model_type="qwen3", layer_types=["full_attention"]),
+     "layer_types=.*one attention type per layer"),
+    (dict(model_type="qwen3", rope_parameters=dict(rope_type="yarn", factor=4.0)),
+     "rope_type 'yarn' is not supported"),
+])
+def test_settings_the_decoder_cannot_apply_are_refused_naming_the_file(tmp_path, change,
+                                                                       message):
+  (tmp_path / "config.json").write_text(json.dumps({**_TINY, **change}))
+  with pytest.raises(ConfigError, match=f"config.json: .*{message}"):
+    models.create(_config(pretrained=str(tmp_path)), seed=0)
