@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers
 
-from ftjax import models, param_groups
+from ftjax import models, param_groups, sharding
 from ftjax.errors import ConfigError
 
-SUPPORTED = "['bert', 'distilbert', 'roberta', 'xlm-roberta']"
+SUPPORTED = "['bert', 'distilbert', 'electra', 'roberta', 'xlm-roberta']"
 _SIZES = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=37, max_position_embeddings=40)
 # model_type -> a tiny config of transformers' own classes, and its encoder class.
@@ -22,6 +22,9 @@ FAMILIES = {
     "distilbert": (lambda: transformers.DistilBertConfig(
         vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=40,
         activation="gelu"), transformers.DistilBertModel),
+    # Embeddings narrower than the layers: a projection between them.
+    "electra": (lambda: transformers.ElectraConfig(**_SIZES, embedding_size=24),
+                transformers.ElectraModel),
     "roberta": (lambda: transformers.RobertaConfig(**_SIZES, type_vocab_size=1, pad_token_id=1),
                 transformers.RobertaModel),
     "xlm-roberta": (lambda: transformers.XLMRobertaConfig(**_SIZES, type_vocab_size=1,
@@ -133,3 +136,20 @@ def test_an_arch_without_model_type_is_bert_and_a_named_one_is_checked():
   assert param_groups.flatten(params)["encoder/layers/1/intermediate/kernel"].shape == (32, 37)
   with pytest.raises(ConfigError, match=r"^config\.model\.arch: model_type='gpt2' is not "):
     models.create(_model_config("", arch=dict(arch, model_type="gpt2")), seed=0)
+
+
+def test_every_family_has_bert_s_layer_paths_and_covered_axes(tmp_path):
+  """Freezing presets, LoRA targets, layer-wise LR decay and sharding rules are written
+  against BERT's paths: every family's layers have exactly those, and every parameter
+  (ELECTRA's projection included) has logical axes and a place in the layout."""
+  layer_paths, axes = {}, {}
+  for model_type in FAMILIES:
+    _save_random(model_type, tmp_path / model_type)
+    model, params = models.create(_model_config(tmp_path / model_type), seed=0)
+    # Raises for a parameter that no rule gives axes.
+    axes[model_type] = sharding.logical_axes(params, model.axes)
+    paths = param_groups.flatten(params)
+    layer_paths[model_type] = {p for p in paths if p.startswith("encoder/layers/")}
+    assert all(model.layout.depth(p, 2) == 3 for p in paths if p.startswith("encoder/embed"))
+  assert axes["electra"]["encoder"]["embeddings"]["projection"]["kernel"] == (None, "embed")
+  assert all(paths == layer_paths["bert"] for paths in layer_paths.values())

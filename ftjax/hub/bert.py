@@ -66,6 +66,12 @@ _DISTILBERT_RULES: loading.Rules = [
        loading.identity) for theirs, ours in _DISTILBERT_NORMS],
 ]
 
+_ELECTRA_RULES: loading.Rules = [
+    *_BERT_RULES,
+    (r"embeddings_project\.weight", "encoder/embeddings/projection/kernel", loading.transpose),
+    (r"embeddings_project\.bias", "encoder/embeddings/projection/bias", loading.identity),
+]
+
 # The new classification head under BertForSequenceClassification's names.
 EXPORT_EXTRA = {"head/kernel": ("classifier.weight", loading.transpose),
                 "head/bias": ("classifier.bias", loading.identity)}
@@ -83,6 +89,7 @@ class Family:
 FAMILIES = {
     "bert": Family("bert.", _BERT_RULES),
     "distilbert": Family("distilbert.", _DISTILBERT_RULES),
+    "electra": Family("electra.", _ELECTRA_RULES),
     "roberta": Family("roberta.", _BERT_RULES),
     "xlm-roberta": Family("roberta.", _BERT_RULES),
 }

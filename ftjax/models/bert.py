@@ -21,6 +21,8 @@ from ftjax.models import heads, hf_config
 PARAM_AXES = (
     (r"encoder/embeddings/word_embeddings/embedding", ("vocab", "embed")),
     (r"encoder/embeddings/(position|token_type)_embeddings/embedding", (None, "embed")),
+    (r"encoder/embeddings/projection/kernel", (None, "embed")),
+    (r"encoder/embeddings/projection/bias", ("embed",)),
     (r".*(layer_norm|_norm)/(scale|bias)", ("norm",)),
     (r".*/attention/(query|key|value)/kernel", ("embed", "heads")),
     (r".*/attention/(query|key|value)/bias", ("heads",)),
@@ -50,11 +52,14 @@ class Family:
   token_types: bool = True  # a token-type embedding table (segment A / B)
   # config.json field -> BertConfig field, for a family that names them otherwise.
   renamed: tuple[tuple[str, str], ...] = ()
+  # Embeddings `embedding_size` wide, projected to hidden_size where that differs (ELECTRA).
+  reads_embedding_size: bool = False
 
 
 # model_type in config.json -> its family.
 FAMILIES = {
     "bert": Family(),
+    "electra": Family(reads_embedding_size=True),
     "distilbert": Family(
         required=(("sinusoidal_pos_embds", False),), token_types=False,
         renamed=(("dim", "hidden_size"), ("n_layers", "num_hidden_layers"),
@@ -88,6 +93,13 @@ class BertConfig(hf_config.HfConfig):
   hidden_act: str = "gelu"
   # Used only by the families whose positions skip padding (BERT's may be null).
   pad_token_id: int | None = None
+  embedding_size: int = 0  # of the families that read it; 0: hidden_size
+
+  @property
+  def embedding_width(self) -> int:
+    if self.family.reads_embedding_size and self.embedding_size:
+      return self.embedding_size
+    return self.hidden_size
 
   @property
   def family(self) -> Family:
@@ -150,11 +162,12 @@ def _dense(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 class Embeddings(nnx.Module):
-  """Word + position + token-type embeddings, then LayerNorm and dropout."""
+  """Word + position (+ token-type) embeddings, then LayerNorm, dropout and, where the
+  embeddings are narrower than the layers (ELECTRA), a projection to their width."""
 
   def __init__(self, config: BertConfig, rngs: nnx.Rngs):
     init = nnx.initializers.truncated_normal(stddev=0.02)
-    h = config.hidden_size
+    h = config.embedding_width
     self.word_embeddings = nnx.Embed(config.vocab_size, h, embedding_init=init, rngs=rngs)
     self.position_embeddings = nnx.Embed(config.max_position_embeddings, h,
                                          embedding_init=init, rngs=rngs)
@@ -163,6 +176,8 @@ class Embeddings(nnx.Module):
                                              rngs=rngs)
     self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
     self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    if h != config.hidden_size:
+      self.projection = _dense(h, config.hidden_size, rngs)
     self.positions_skip_padding = config.family.positions_skip_padding
     self.pad_token_id = config.pad_token_id
 
@@ -177,7 +192,8 @@ class Embeddings(nnx.Module):
     x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
     if hasattr(self, "token_type_embeddings"):
       x = x + self.token_type_embeddings(token_type_ids)
-    return self.dropout(self.layer_norm(x), deterministic=deterministic, rngs=rngs)
+    x = self.dropout(self.layer_norm(x), deterministic=deterministic, rngs=rngs)
+    return self.projection(x) if hasattr(self, "projection") else x
 
 
 class SelfAttention(nnx.Module):
