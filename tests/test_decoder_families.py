@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ftjax import generate, models, param_groups, sharding
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, WeightsError
 from ftjax.hub import export
 from ftjax.hub import llama as llama_hub
 from ftjax.hub import safetensors_io
@@ -212,3 +212,61 @@ def test_settings_the_decoder_cannot_apply_are_refused_naming_the_file(tmp_path,
   (tmp_path / "config.json").write_text(json.dumps({**_TINY, **change}))
   with pytest.raises(ConfigError, match=f"config.json: .*{message}"):
     models.create(_config(pretrained=str(tmp_path)), seed=0)
+
+
+@pytest.fixture(scope="module", params=["Llama", "Mistral"])
+def reward_model(request, tmp_path_factory):
+  """(folder, transformers model) of a tiny sequence classifier with 3 labels."""
+  family = request.param
+  window = dict(sliding_window=_WINDOW) if family == "Mistral" else {}
+  config = getattr(transformers, f"{family}Config")(**_TINY, **window, num_labels=3,
+                                                    pad_token_id=0)
+  torch.manual_seed(0)
+  reference = getattr(transformers, f"{family}ForSequenceClassification")(config).eval()
+  with torch.no_grad():
+    for name, param in reference.named_parameters():
+      param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+  directory = str(tmp_path_factory.mktemp("reward"))
+  reference.save_pretrained(directory)
+  return directory, reference
+
+
+def test_decoder_classifier_matches_transformers_last_token_pooling(reward_model,
+                                                                     record_property):
+  directory, reference = reward_model
+  model, params = models.create(_config(name="decoder_classifier", pretrained=directory,
+                                        num_classes=3), seed=0)
+  rng = np.random.default_rng(4)
+  ids = rng.integers(3, _TINY["vocab_size"], (3, _LENGTH))
+  mask = np.ones_like(ids)
+  ids[1, 8:], mask[1, 8:] = 0, 0  # right padding
+  ids[2, :5], mask[2, :5] = 0, 0  # left padding: pooled at the last column all the same
+  batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask)}
+  np.testing.assert_array_equal(model.module(params).last_token(batch["input_ids"],
+                                                                batch["attention_mask"]),
+                                [_LENGTH - 1, 7, _LENGTH - 1])
+  logits = np.asarray(jax.jit(lambda p, b: model.apply(p, b, train=False))(params, batch))
+  with torch.no_grad():
+    expected = reference(input_ids=torch.tensor(ids),
+                         attention_mask=torch.tensor(mask)).logits.numpy()
+  diff = float(np.max(np.abs(logits - expected)))
+  record_property("max_abs_diff", diff)
+  print(f"decoder_classifier ({type(reference).__name__}): max abs logit difference {diff:.2e} (logits up to "
+        f"{np.max(np.abs(expected)):.1f})")
+  assert logits.shape == (3, 3) and diff <= 1e-4, diff
+  assert model.layout.head_is_new and model.layout.depth("score/kernel", 2) == 0
+
+
+def test_decoder_classifier_from_a_causal_lm_starts_a_new_score_head(tiny):
+  directory, _, _, lm_params = tiny("qwen3")
+  config = _config(name="decoder_classifier", pretrained=directory, num_classes=1,
+                   dont_load=["score/.*"])
+  model, params = models.create(config, seed=0)
+  flat, lm_flat = param_groups.flatten(params), param_groups.flatten(lm_params)
+  assert flat["score/kernel"].shape == (32, 1) and not np.any(flat["score/kernel"])
+  assert "lm_head/kernel" not in flat
+  np.testing.assert_array_equal(flat["model/layers/1/self_attn/k_norm/scale"],
+                                lm_flat["model/layers/1/self_attn/k_norm/scale"])
+  with pytest.raises(WeightsError, match="score/kernel"):
+    models.create(_config(name="decoder_classifier", pretrained=directory, num_classes=1),
+                  seed=0)

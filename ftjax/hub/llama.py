@@ -34,6 +34,8 @@ _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
      r"model/layers/\1/\2/scale", loading.identity),
     (r"model\.norm\.weight", "model/norm/scale", loading.identity),
     (r"lm_head\.weight", "lm_head/kernel", loading.transpose),
+    # The head of a sequence classifier (LlamaForSequenceClassification and kin).
+    (r"score\.weight", "score/kernel", loading.transpose),
 ]
 
 # Every parameter of a causal LM comes from its checkpoint: nothing new to name.

@@ -164,7 +164,9 @@ def _bert_classifier(config: ml_collections.ConfigDict):
                              head="head/.*"), bert.PARAM_AXES
 
 
-def _llama_lm(config: ml_collections.ConfigDict):
+def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
+  """A Llama-family decoder from a checkpoint folder, a GGUF file or `config.arch`: a
+  language model, or with `classifier` a sequence classifier of `config.num_classes`."""
   directory = assets.model_dir(config.pretrained) if config.pretrained else ""
   gguf_path = gguf_hub.find_gguf(directory) if directory else None
   if gguf_path:
@@ -176,10 +178,15 @@ def _llama_lm(config: ml_collections.ConfigDict):
     arch = llama.LlamaConfig.from_dict(ml_collections.ConfigDict(config.arch).to_dict())
   else:
     raise ConfigError("config.model.pretrained is empty and config.model.arch is not set: "
-                      "llama_lm needs a checkpoint folder or the architecture's config fields")
+                      f"{config.name} needs a checkpoint folder or the architecture's config "
+                      "fields")
   remat = config.get("remat", "none")
 
   def build(rngs: nnx.Rngs) -> nnx.Module:
+    if classifier:
+      return llama.SequenceClassifier(arch, num_classes=config.num_classes,
+                                      head_init=config.get("head_init", "zeros"), remat=remat,
+                                      rngs=rngs)
     return llama.CausalLM(arch, remat=remat, rngs=rngs)
 
   def load(params):
@@ -190,8 +197,19 @@ def _llama_lm(config: ml_collections.ConfigDict):
     return (llama_hub.load_pretrained_into(params, directory, dont_load)
             if directory else params)
 
-  return build, load, Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
-                             head="lm_head/.*|model/norm/.*", head_is_new=False), llama.PARAM_AXES
+  if classifier:
+    layout = Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
+                    head="score/.*")
+  else:
+    layout = Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
+                    head="lm_head/.*|model/norm/.*", head_is_new=False)
+  return build, load, layout, llama.PARAM_AXES
+
+
+def _decoder_classifier(config: ml_collections.ConfigDict):
+  """A Llama-family decoder scoring each row's last real token (reward models); a causal
+  LM's checkpoint needs `score/.*` in `config.dont_load`."""
+  return _llama_lm(config, classifier=True)
 
 
 def _convnet(config: ml_collections.ConfigDict):
@@ -236,6 +254,7 @@ def _vit(config: ml_collections.ConfigDict):
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "bert_classifier": _bert_classifier,
+    "decoder_classifier": _decoder_classifier,
     "llama_lm": _llama_lm,
     "mobilenet_v2": _convnet,
     "efficientnet_lite0": _convnet,

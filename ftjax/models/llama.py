@@ -15,6 +15,10 @@ attends only to earlier tokens of its own segment, so several examples can be
 packed into one row (positions restarting at 0 for each), and segment 0 marks
 padding, which no real token attends to.
 
+`SequenceClassifier` puts a linear `score` head on the hidden state of each
+row's last real token instead of the language-model head, as transformers'
+`LlamaForSequenceClassification` does (the base of reward models).
+
 Generation runs the same blocks incrementally: `CausalLM.init_cache` allocates a
 `KVCache` and `CausalLM.decode` appends tokens to it (the whole prompt at once,
 then one token per step), attending to every earlier cached token of its row
@@ -33,7 +37,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
-from ftjax.models import hf_config
+from ftjax.models import heads, hf_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,7 @@ PARAM_AXES = (
     (r".*/(gate_proj|up_proj)/bias", ("mlp",)),
     (r".*/down_proj/kernel", ("mlp", "embed")),
     (r"lm_head/kernel", ("embed", "vocab")),
+    (r"score/kernel", ("embed", "classes")),
 )
 
 # Hidden states between blocks: split along the batch, whole along length and width.
@@ -239,6 +244,7 @@ class LlamaConfig(hf_config.HfConfig):
   initializer_range: float = 0.02
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
+  pad_token_id: int | None = None  # where `SequenceClassifier` finds each row's end
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -667,3 +673,61 @@ class CausalLM(nnx.Module):
     """
     del deterministic, rngs
     return self.unembed(self.features(batch))
+
+
+class SequenceClassifier(nnx.Module):
+  """The decoder with a linear `score` head (no bias) on each row's last real token.
+
+  As in transformers' `LlamaForSequenceClassification`, the pooled token is the
+  rightmost one that is not `config.pad_token_id` (so left and right padding both
+  work, and a row of only padding pools its first token). Without a pad token,
+  where transformers takes the last position (and refuses batches of more than
+  one row), it is the last token the attention mask keeps.
+  """
+
+  def __init__(self, config: LlamaConfig, *, num_classes: int, head_init: str = "zeros",
+               remat: str = "none", rngs: nnx.Rngs):
+    """Builds the model.
+
+    Args:
+      config: the decoder's architecture (its `pad_token_id` finds each row's end).
+      num_classes: outputs of the `score` head (transformers' `num_labels`; 1 for a
+        reward model).
+      head_init: how a new head's kernel starts (`ftjax.models.heads`).
+      remat: gradient checkpointing of each block, as for `CausalLM`.
+      rngs: initialises the parameters.
+
+    Raises:
+      ConfigError: for an unknown `remat` or `head_init`.
+    """
+    if remat != "none" and remat not in REMAT_POLICIES:
+      raise ConfigError(f"config.model.remat={remat!r}: must be one of "
+                        f"{['none', *REMAT_POLICIES]}")
+    self.model = Decoder(config, remat=remat, rngs=rngs)
+    self.pad_token_id = config.pad_token_id
+    self.score = nnx.Linear(config.hidden_size, num_classes, use_bias=False,
+                            kernel_init=heads.kernel_init(head_init, config.initializer_range),
+                            rngs=rngs)
+
+  def last_token(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """The [B] index of each row's pooled token (see the class docstring)."""
+    real = attention_mask != 0 if self.pad_token_id is None else input_ids != self.pad_token_id
+    return jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)
+
+  def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Float32 logits [B, num_classes].
+
+    Args:
+      batch: `input_ids` and `attention_mask` (1 for tokens, 0 for padding), each
+        [B, L] integers; positions count from each row's first column, as in
+        transformers when none are given.
+      deterministic: part of the shared model interface; the decoder has no dropout.
+      rngs: likewise unused.
+    """
+    del deterministic, rngs
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    hidden = self.model(input_ids, positions, attention_mask.astype(jnp.int32))
+    pooled = hidden[jnp.arange(input_ids.shape[0]), self.last_token(input_ids, attention_mask)]
+    return self.score(pooled).astype(jnp.float32)
