@@ -12,6 +12,7 @@ import transformers
 
 from ftjax import models, param_groups, sharding
 from ftjax.errors import ConfigError
+from ftjax.hub import export
 
 SUPPORTED = "['bert', 'distilbert', 'electra', 'roberta', 'xlm-roberta']"
 _SIZES = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -65,16 +66,23 @@ def _padded_inputs(pad_token_id):
   return ids, mask
 
 
+def _ftjax_hidden(model, params, ids, mask):
+  return np.asarray(model.module(params).encoder(jnp.asarray(ids), jnp.asarray(mask),
+                                                 jnp.zeros_like(ids)))
+
+
+def _torch_hidden(reference, ids, mask):
+  with torch.no_grad():
+    return reference(input_ids=torch.tensor(ids, dtype=torch.long),
+                     attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+
+
 def _max_difference(model_config, reference, pad_token_id):
   """max |ftjax - transformers| of the last hidden states, padding positions included."""
   ids, mask = _padded_inputs(pad_token_id)
   model, params = models.create(model_config, seed=0)
-  hidden = np.asarray(model.module(params).encoder(jnp.asarray(ids), jnp.asarray(mask),
-                                                   jnp.zeros_like(ids)))
-  with torch.no_grad():
-    expected = reference(input_ids=torch.tensor(ids, dtype=torch.long),
-                         attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
-  return float(np.abs(hidden - expected).max())
+  return float(np.abs(_ftjax_hidden(model, params, ids, mask)
+                      - _torch_hidden(reference, ids, mask)).max())
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -153,3 +161,26 @@ def test_every_family_has_bert_s_layer_paths_and_covered_axes(tmp_path):
     assert all(model.layout.depth(p, 2) == 3 for p in paths if p.startswith("encoder/embed"))
   assert axes["electra"]["encoder"]["embeddings"]["projection"]["kernel"] == (None, "embed")
   assert all(paths == layer_paths["bert"] for paths in layer_paths.values())
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_merged_export_loads_in_the_family_s_transformers_class(tmp_path, model_type):
+  source_model = _save_random(model_type, tmp_path / "source")
+  config = _model_config(tmp_path / "source")
+  model, params = models.create(config, seed=0)
+  rng = np.random.default_rng(1)  # every weight moved, as by fine-tuning
+  params = param_groups.map_with_path(
+      lambda _, x: np.asarray(x) + 0.05 * rng.normal(size=x.shape).astype(np.float32), params)
+  source, name_map, extra = models.hf_format(config)
+  names = export.save_merged(model.module(params), str(tmp_path / "out"), source_dir=source,
+                             name_map=name_map, extra=extra, class_names=("a", "b", "c"))
+  ids, mask = _padded_inputs(source_model.config.pad_token_id)
+  exported = FAMILIES[model_type][1].from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_allclose(_torch_hidden(exported, ids, mask),
+                             _ftjax_hidden(model, params, ids, mask), atol=1e-4, rtol=0)
+  if model_type == "bert":  # BertForSequenceClassification's head is one linear layer
+    classifier = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out")
+    np.testing.assert_array_equal(classifier.classifier.weight.detach().numpy(),
+                                  np.asarray(params["head"]["kernel"]).T)
+  else:  # a two-layer head: the export is the encoder alone
+    assert not any(name.startswith("classifier") for name in names)

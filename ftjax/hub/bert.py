@@ -8,10 +8,12 @@ RobertaForMaskedLM checkpoint) is removed.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Sequence
 
 from ftjax.hub import loading
+from ftjax.models import bert
 
 _EMBEDDINGS_NORM: loading.Rules = [
     (r"embeddings\.LayerNorm\.(weight|gamma)", "encoder/embeddings/layer_norm/scale",
@@ -73,8 +75,8 @@ _ELECTRA_RULES: loading.Rules = [
 ]
 
 # The new classification head under BertForSequenceClassification's names.
-EXPORT_EXTRA = {"head/kernel": ("classifier.weight", loading.transpose),
-                "head/bias": ("classifier.bias", loading.identity)}
+_BERT_HEAD = {"head/kernel": ("classifier.weight", loading.transpose),
+              "head/bias": ("classifier.bias", loading.identity)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +85,16 @@ class Family:
 
   prefix: str  # of the encoder's tensors in task-model checkpoints, e.g. "roberta."
   rules: loading.Rules
+  # The new head's names in the family's ForSequenceClassification model, whose head
+  # is then one linear layer. None where that head has a dense layer before the output
+  # (DistilBERT's pre_classifier, RoBERTa's and ELECTRA's dense + out_proj): ftjax's
+  # head has no such layer, so an export holds the encoder alone, as <Family>Model.
+  head: dict[str, tuple[str, loading.Transform]] | None = None
 
 
 # model_type -> checkpoint names; the same families as `ftjax.models.bert.FAMILIES`.
 FAMILIES = {
-    "bert": Family("bert.", _BERT_RULES),
+    "bert": Family("bert.", _BERT_RULES, _BERT_HEAD),
     "distilbert": Family("distilbert.", _DISTILBERT_RULES),
     "electra": Family("electra.", _ELECTRA_RULES),
     "roberta": Family("roberta.", _BERT_RULES),
@@ -112,6 +119,14 @@ def hf_name_to_path(name: str) -> tuple[str, loading.Transform] | None:
     if target is not None:
       return target
   return None
+
+
+def export_extra(source_dir: str) -> dict[str, tuple[str, loading.Transform] | None]:
+  """{ftjax path: (name, transform)} of the new head in an export of a model loaded from
+  `source_dir`, by its family; None for each head parameter the family's format has no
+  place for (left out of the export)."""
+  model_type = bert.BertConfig.from_json(os.path.join(source_dir, "config.json")).model_type
+  return FAMILIES[model_type].head or {"head/kernel": None, "head/bias": None}
 
 
 def load_pretrained_into(params: Any, model_dir: str, model_type: str,

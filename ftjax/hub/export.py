@@ -4,7 +4,10 @@ Tensor names come from the pretrained checkpoint the model was loaded from: each
 of its tensors is mapped to an ftjax parameter by the model's name map, and the
 export writes that parameter back under the same name (undoing the transform,
 which is the identity or a transpose). So a merged export loads into the same
-transformers class as the original checkpoint. A model read from a llama.cpp
+transformers class as the original checkpoint; a new head that the checkpoint's
+format has no place for is left out (a RoBERTa, DistilBERT or ELECTRA classifier's
+linear head: those families' classification heads have two layers, so their export
+is the encoder, as <Family>Model loads it). A model read from a llama.cpp
 GGUF file is exported as a Hugging Face checkpoint: the HF names its tensors
 were given on reading, a `config.json` from its metadata, and the tokenizer
 (with chat template) converted from the GGUF file.
@@ -18,6 +21,7 @@ import shutil
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import logging
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -32,7 +36,9 @@ from ftjax.peft import lora
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt")
 
-Extra = dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]
+# {ftjax path: (name, transform)} for parameters the checkpoint lacks; None for one the
+# checkpoint's format has no place for, which the export leaves out.
+Extra = dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]] | None]
 
 
 def _source_tensors(source_dir: str) -> dict[str, np.ndarray]:
@@ -84,7 +90,8 @@ def _copy_side_files(source_dir: str, out_dir: str) -> None:
 
 
 def save_merged(module: nnx.Module, out_dir: str, *, source_dir: str,
-                name_map: loading.NameMap, extra: Extra | None = None,
+                name_map: loading.NameMap,
+                extra: Extra | Callable[[str], Extra] | None = None,
                 class_names: Sequence[str] = ()) -> list[str]:
   """Folds adapters into their kernels and writes `model.safetensors` + side files.
 
@@ -94,7 +101,8 @@ def save_merged(module: nnx.Module, out_dir: str, *, source_dir: str,
     source_dir: the pretrained checkpoint folder the model was loaded from.
     name_map: the model's checkpoint name -> (ftjax path, transform) map.
     extra: {ftjax path: (name, transform)} for parameters the checkpoint lacks
-      (e.g. a new classification head).
+      (e.g. a new classification head), None for those left out; or a function of
+      `source_dir` giving it (encoder families name their heads differently).
     class_names: a classifier's classes in label order, written into the exported
       `config.json` as transformers' `id2label` / `label2id` (which set `num_labels`).
 
@@ -103,13 +111,17 @@ def save_merged(module: nnx.Module, out_dir: str, *, source_dir: str,
   """
   flat = _plain_params(lora.merge(module))
   names = _names_by_path(source_dir, name_map)
+  extra = extra(source_dir) if callable(extra) else extra or {}
   tensors = {}
   for path, value in flat.items():
-    if path in names or (extra and path in extra):
-      name, transform = names[path] if path in names else extra[path]
-      tensors[name] = np.ascontiguousarray(transform(value))
-    else:
+    if path not in names and path not in extra:
       raise WeightsError(f"no checkpoint name for parameter {path!r}; cannot export it")
+    if path not in names and extra[path] is None:
+      logging.warning("%s: left out of the export; the format of %s has no place for it",
+                      path, source_dir)
+      continue
+    name, transform = names[path] if path in names else extra[path]
+    tensors[name] = np.ascontiguousarray(transform(value))
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   _copy_side_files(source_dir, out_dir)

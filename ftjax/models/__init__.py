@@ -262,9 +262,10 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
 }
 
 
-# name -> (checkpoint name map, {ftjax path: (name, transform)} for new parameters)
+# name -> (checkpoint name map, {ftjax path: (name, transform)} for new parameters, or a
+# function of the pretrained folder giving it: an encoder family names its head its own way)
 _HF_FORMATS = {
-    "bert_classifier": (bert_hub.hf_name_to_path, bert_hub.EXPORT_EXTRA),
+    "bert_classifier": (bert_hub.hf_name_to_path, bert_hub.export_extra),
     "llama_lm": (llama_hub.hf_name_to_path, llama_hub.EXPORT_EXTRA),
     "vit": (vit_hub.hf_name_to_path, vit_hub.EXPORT_EXTRA),
 }
