@@ -29,8 +29,9 @@ setuptools.setup(
         "safetensors>=0.4",
         "gguf>=0.17,<0.20",
         "tensorboardX>=2.6",
-        # Sweep reports' plots.
+        # Sweep reports' plots; hyperparameter search.
         "matplotlib>=3.8",
+        "optuna>=4.0,<6",
         # Your own data: Parquet tables, image files.
         "pyarrow>=14",
         "Pillow>=10",

@@ -13,6 +13,10 @@ running anything (`--launcher_flags` are appended, e.g.
 `--report_only` only writes the report of the runs finished so far. Every run's
 config is resolved and checked first: a duplicate run name or an override of
 an unknown key stops the sweep before anything starts.
+
+A study that sets `SEARCH` instead (see `ftjax.sweeps.optuna_search`) runs an
+Optuna search: trials sampled one after another, bad ones pruned at their
+evaluations, the storage in DIR/optuna.journal so a stopped search continues.
 """
 
 import os
@@ -22,7 +26,8 @@ import sys
 from absl import app, flags
 
 from ftjax import cli
-from ftjax.sweeps import results, runner, study as study_lib
+from ftjax.errors import ConfigError
+from ftjax.sweeps import optuna_search, results, runner, study as study_lib
 
 _STUDY = flags.DEFINE_string("study", None, "The study file, e.g. experiments/freeze_blocks.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's folder: one workdir per run.")
@@ -38,9 +43,33 @@ _REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where results.csv, result
 flags.mark_flags_as_required(["study", "workdir"])
 
 
+def _search(study: study_lib.Study, sweep_dir: str) -> None:
+  """A study that sets SEARCH: trials sampled and pruned by Optuna, then its report."""
+  spec = optuna_search.from_study(study.search, study.path)
+  if _PRINT.value:
+    raise ConfigError(f"--print={_PRINT.value}: a search samples each trial from the ones "
+                      "before, so there are no commands to print ahead; run this command on "
+                      "a node of the cluster with --workdir on the shared filesystem")
+  outcome = {}
+  if not _REPORT_ONLY.value:
+    try:
+      outcome = optuna_search.run_search(spec, study.name, sweep_dir, _PARALLEL.value)
+    except KeyboardInterrupt:
+      sys.exit(f"stopped; start the same command again to continue the search in {sweep_dir}")
+  report_dir = _REPORT_DIR.value or sweep_dir
+  print(optuna_search.write_report(spec, study.name, study.title, sweep_dir, report_dir))
+  print(f"report of the search in {report_dir}")
+  failed = sorted(name for name, state in outcome.items() if state == "fail")
+  if failed:
+    sys.exit(f"error: {len(failed)} trial(s) failed: {', '.join(failed)}")
+
+
 def _sweep() -> None:
   study = study_lib.load(_STUDY.value)
   sweep_dir = os.path.abspath(_WORKDIR.value)
+  if study.search is not None:
+    _search(study, sweep_dir)
+    return
   if _PRINT.value:
     print("\n".join(runner.commands(study, sweep_dir, _PRINT.value,
                                     shlex.split(_LAUNCHER_FLAGS.value))))

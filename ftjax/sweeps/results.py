@@ -145,15 +145,17 @@ def _union(dicts: Sequence[dict[str, Any]]) -> list[str]:
   return list(dict.fromkeys(key for d in dicts for key in d))
 
 
-def write_csv(results: Sequence[RunResult], path: str) -> None:
+def write_csv(results: Sequence[RunResult], path: str,
+              states: dict[str, str] | None = None) -> None:
   """Writes one row per run: its name, parameters and final metrics.
 
-  Columns: "name", the parameters (in first-seen order, "seed" last), then the
-  final metrics (sorted). A value a run lacks is left empty.
+  Columns: "name", with `states` "state", the parameters (in first-seen order,
+  "seed" last), then the final metrics (sorted). A value a run lacks is left empty.
 
   Args:
     results: the runs.
     path: the CSV file to write.
+    states: run name -> its state (a search's trials: complete, pruned, failed).
   """
   params = _union([r.params for r in results])
   if SEED in params:
@@ -162,9 +164,10 @@ def write_csv(results: Sequence[RunResult], path: str) -> None:
   metrics = sorted(_union([r.final for r in results]))
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["name", *params, *metrics])
+    writer.writerow(["name", *(["state"] if states else []), *params, *metrics])
     for r in results:
-      writer.writerow([r.name, *(r.params.get(p, "") for p in params),
+      writer.writerow([r.name, *([states.get(r.name, "")] if states else []),
+                       *(r.params.get(p, "") for p in params),
                        *(r.final.get(m, "") for m in metrics)])
 
 
@@ -297,7 +300,7 @@ def _save(fig: Any, ax: Any, path: str, xlabel: str, ylabel: str, title: str) ->
   fig.savefig(path, dpi=100)
 
 
-def _pyplot():
+def pyplot():
   """matplotlib's pyplot, drawing to files (the Agg backend)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -340,7 +343,7 @@ def plot_metric(results: Sequence[RunResult], x: str, metric: str, path: str) ->
   numeric = all(_is_number(value) for value in xs)
   categories = list(dict.fromkeys(xs))
   keys = _varying_keys([others for others, _ in series])
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   try:
     for others, points in series:
@@ -388,7 +391,7 @@ def plot_curves(results: Sequence[RunResult], metric: str, split: str, path: str
   """
   groups = group(results)
   keys = _varying_keys([params for params, _ in groups]) if groups else []
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   try:
     drawn = False

@@ -99,11 +99,11 @@ def write_manifest(study: study_lib.Study, sweep_dir: str) -> None:
     json.dump({"study": study.path, "runs": runs}, f, indent=2, default=str)
 
 
-def _log(text: str) -> None:
+def log(text: str) -> None:
   print(f"[sweep {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-class _Child:
+class Child:
   """A run's training process."""
 
   def __init__(self, run: study_lib.Run, sweep_dir: str, python: str, shared: bool):
@@ -133,7 +133,7 @@ class _Child:
 
 
 @contextlib.contextmanager
-def _sweep_lock(sweep_dir: str) -> Iterator[None]:
+def sweep_lock(sweep_dir: str) -> Iterator[None]:
   """One sweep process per folder: two would train the same runs into the same workdirs."""
   with open(os.path.join(sweep_dir, ".lock"), "w") as lock:
     try:
@@ -146,6 +146,16 @@ def _sweep_lock(sweep_dir: str) -> Iterator[None]:
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
   del frame
   raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+  """SIGTERM raises KeyboardInterrupt meanwhile, so the children are stopped too."""
+  previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def run_all(study: study_lib.Study, sweep_dir: str, parallel: int = 1,
@@ -166,24 +176,21 @@ def run_all(study: study_lib.Study, sweep_dir: str, parallel: int = 1,
   if parallel < 1:
     raise ConfigError(f"--parallel={parallel}: must be >= 1")
   os.makedirs(sweep_dir, exist_ok=True)
-  with _sweep_lock(sweep_dir):
+  with sweep_lock(sweep_dir):
     for run in study.runs:
       check_workdir(run, sweep_dir)
     write_manifest(study, sweep_dir)
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    try:
+    with sigterm_as_interrupt():
       return _run_pending(study, sweep_dir, parallel, python, poll_seconds)
-    finally:
-      signal.signal(signal.SIGTERM, previous)
 
 
 def _run_pending(study: study_lib.Study, sweep_dir: str, parallel: int, python: str,
                  poll_seconds: float) -> dict[str, str]:
   outcome = {run.name: "finished" for run in study.runs if is_finished(sweep_dir, run.name)}
   pending = [run for run in study.runs if run.name not in outcome]
-  _log(f"{study.name}: {len(study.runs)} runs, {len(outcome)} already finished, "
+  log(f"{study.name}: {len(study.runs)} runs, {len(outcome)} already finished, "
        f"{len(pending)} to run, {parallel} at a time, in {sweep_dir}")
-  running: list[_Child] = []
+  running: list[Child] = []
   try:
     while pending or running:
       for child in list(running):
@@ -194,7 +201,7 @@ def _run_pending(study: study_lib.Study, sweep_dir: str, parallel: int, python: 
         seconds = time.perf_counter() - child.started
         ok = code == 0 and is_finished(sweep_dir, child.run.name)
         outcome[child.run.name] = "finished" if ok else "failed"
-        _log(f"{child.run.name}: finished in {seconds:.0f} s" if ok else
+        log(f"{child.run.name}: finished in {seconds:.0f} s" if ok else
              f"{child.run.name}: FAILED (exit code {code}) after {seconds:.0f} s; see "
              f"{child.log_path}")
       for run in list(pending):
@@ -204,12 +211,12 @@ def _run_pending(study: study_lib.Study, sweep_dir: str, parallel: int, python: 
         if any(state in ("failed", "skipped") for state in states):
           pending.remove(run)
           outcome[run.name] = "skipped"
-          _log(f"{run.name}: skipped, it needs {', '.join(run.after)}, which did not finish")
+          log(f"{run.name}: skipped, it needs {', '.join(run.after)}, which did not finish")
         elif all(state == "finished" for state in states):
           pending.remove(run)
-          running.append(_Child(run, sweep_dir, python, shared=parallel > 1))
+          running.append(Child(run, sweep_dir, python, shared=parallel > 1))
           done = sum(state == "finished" for state in outcome.values())
-          _log(f"{run.name}: started ({done} of {len(study.runs)} finished)")
+          log(f"{run.name}: started ({done} of {len(study.runs)} finished)")
       if running:
         time.sleep(poll_seconds)
   finally:  # Ctrl-C or SIGTERM: the children stop too

@@ -87,6 +87,8 @@ class Study:
   select: tuple[str, str] | None
   plots: list[tuple[str, str]]
   curves: list[tuple[str, str]]
+  # A search's `SEARCH` (see `ftjax.sweeps.optuna_search`) instead of listed runs.
+  search: dict[str, Any] | None = None
 
 
 def run_dir(sweep_dir: str, name: str) -> str:
@@ -265,12 +267,14 @@ def load(path: str) -> Study:
   """
   module = _import(path)
   sweep: Callable[[Callable[..., Run]], None] | None = getattr(module, "sweep", None)
-  if not callable(sweep):
-    raise ConfigError(f"{path}: a study file defines sweep(add)")
+  search = getattr(module, "SEARCH", None)
+  if callable(sweep) == (search is not None):
+    raise ConfigError(f"{path}: a study file defines sweep(add) or sets SEARCH (one of them)")
   collect = _Collector(path)
-  sweep(collect)
-  if not collect.runs:
-    raise ConfigError(f"{path}: sweep(add) added no runs")
+  if search is None:
+    sweep(collect)
+    if not collect.runs:
+      raise ConfigError(f"{path}: sweep(add) added no runs")
   for run in collect.runs:
     resolve(run, "/sweep")
   doc = (module.__doc__ or "").strip()
@@ -282,8 +286,9 @@ def load(path: str) -> Study:
                                                          "validation/accuracy"])),
                 select=getattr(module, "SELECT", None),
                 plots=list(getattr(module, "PLOTS", [])),
-                curves=list(getattr(module, "CURVES", [])))
-  _check_report_settings(study)
+                curves=list(getattr(module, "CURVES", [])), search=search)
+  if search is None:
+    _check_report_settings(study)
   return study
 
 
