@@ -1,7 +1,9 @@
-"""BERT-family text encoder and sequence classifier in Flax NNX.
+"""BERT-style text encoder and sequence classifier in Flax NNX.
 
-Parameter names follow ftjax's layout (``encoder/layers/0/attention/query/kernel``);
-`ftjax.hub.bert` maps Hugging Face checkpoint tensors onto it.
+One encoder serves the BERT, RoBERTa, XLM-RoBERTa, DistilBERT and ELECTRA families,
+configured by their differences (`FAMILIES`, picked by config.json's model_type).
+Parameter names follow ftjax's layout (``encoder/layers/0/attention/query/kernel``)
+in every family; `ftjax.hub.bert` maps each family's checkpoint tensors onto it.
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ class Family:
 # model_type in config.json -> its family.
 FAMILIES = {
     "bert": Family(),
-    "electra": Family(reads_embedding_size=True),
     "distilbert": Family(
         required=(("sinusoidal_pos_embds", False),), token_types=False,
         renamed=(("dim", "hidden_size"), ("n_layers", "num_hidden_layers"),
                  ("n_heads", "num_attention_heads"), ("hidden_dim", "intermediate_size"),
                  ("activation", "hidden_act"), ("dropout", "hidden_dropout_prob"),
                  ("attention_dropout", "attention_probs_dropout_prob"))),
+    "electra": Family(reads_embedding_size=True),
     "roberta": Family(positions_skip_padding=True),
     "xlm-roberta": Family(positions_skip_padding=True),
 }
@@ -163,7 +165,7 @@ def _dense(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
 
 class Embeddings(nnx.Module):
   """Word + position (+ token-type) embeddings, then LayerNorm, dropout and, where the
-  embeddings are narrower than the layers (ELECTRA), a projection to their width."""
+  embeddings are not as wide as the layers (ELECTRA), a projection to their width."""
 
   def __init__(self, config: BertConfig, rngs: nnx.Rngs):
     init = nnx.initializers.truncated_normal(stddev=0.02)
