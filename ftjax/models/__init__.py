@@ -271,8 +271,12 @@ _HF_FORMATS = {
 }
 
 
-def hf_format(config: ml_collections.ConfigDict) -> tuple[str, Any, dict]:
-  """(pretrained folder, checkpoint name map, names of new parameters) of a model config."""
+def hf_format(config: ml_collections.ConfigDict) -> tuple[str, Any, Any]:
+  """(pretrained folder, checkpoint name map, names of new parameters) of a model config.
+
+  The names of new parameters are {ftjax path: (name, transform) or None (left out)}, or
+  a function of the pretrained folder giving them (`ftjax.hub.export.save_merged`).
+  """
   if not config.pretrained:
     raise ConfigError(f"config.model.pretrained is empty: {config.name} has no checkpoint "
                       "whose tensor names an export could follow")

@@ -147,11 +147,10 @@ def _renamed(raw: dict[str, Any], family: Family, source: str) -> dict[str, Any]
   each value checked against the type of the field it fills."""
   defaults = {f.name: f.default for f in dataclasses.fields(BertConfig)}
   # The type check `from_json` gives the fields named as BertConfig names them.
-  expected_instead = hf_config._expected_instead  # pylint: disable=protected-access
   raw = dict(raw)
   for theirs, ours in family.renamed:
     if theirs in raw:
-      expected = expected_instead(raw[theirs], defaults[ours])
+      expected = hf_config.expected_instead(raw[theirs], defaults[ours])
       if expected:
         raise ConfigError(f"{source}: {theirs}={raw[theirs]!r}: expected {expected}")
       raw[ours] = raw.pop(theirs)

@@ -24,7 +24,7 @@ _JSON_TYPES = ((bool, (bool,), "a boolean"), (int, (int,), "an integer"),
                (float, (int, float), "a number"), (str, (str,), "a string"))
 
 
-def _expected_instead(value: Any, default: Any) -> str | None:
+def expected_instead(value: Any, default: Any) -> str | None:
   """What a JSON value should be to fit a field whose default is `default`; None when it
   fits (a default of None takes anything)."""
   for kind, accepted, expected in _JSON_TYPES:
@@ -59,7 +59,7 @@ class HfConfig:
       raise ConfigError(f"{path}: expected a JSON object of architecture fields, found a "
                         f"{type(raw).__name__}")
     for field in dataclasses.fields(cls):
-      expected = (_expected_instead(raw[field.name], field.default) if field.name in raw
+      expected = (expected_instead(raw[field.name], field.default) if field.name in raw
                   else None)
       if expected:
         raise ConfigError(f"{path}: {field.name}={raw[field.name]!r}: expected {expected}")
