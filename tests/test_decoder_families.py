@@ -4,10 +4,10 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+import tiny_decoders
 from ftjax import generate, models, param_groups, sharding
 from ftjax.errors import ConfigError, WeightsError
 from ftjax.hub import export
@@ -45,33 +45,17 @@ def tiny(tmp_path_factory):
   def get(case):
     if case not in cache:
       family, overrides, _ = _CASES[case]
-      config = getattr(transformers, f"{family}Config")(**{**_TINY, **overrides},
-                                                        eos_token_id=_EOS, pad_token_id=0)
-      torch.manual_seed(0)
-      reference = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-      with torch.no_grad():  # O(1) weights, so that logits differ clearly between tokens
-        for name, param in reference.named_parameters():
-          param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
       directory = str(tmp_path_factory.mktemp(case))
-      reference.save_pretrained(directory)
+      reference = tiny_decoders.save_random(directory, family, **{**_TINY, **overrides},
+                                            eos_token_id=_EOS, pad_token_id=0)
       cache[case] = (directory, reference, *models.create(_config(pretrained=directory), seed=0))
     return cache[case]
 
   return get
 
 
-def _config(**overrides):
-  values = dict(name="llama_lm", pretrained="", dont_load=[], remat="none")
-  values.update(overrides)
-  return ml_collections.ConfigDict(values)
-
-
-def _batch(ids, lengths):
-  """Right-padded rows: segment 1 on the first `lengths[i]` tokens, 0 (padding) after."""
-  positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
-  segments = (positions < np.asarray(lengths)[:, None]).astype(np.int32)
-  return {"input_ids": jnp.asarray(ids, jnp.int32), "positions": jnp.asarray(positions),
-          "segment_ids": jnp.asarray(segments)}
+_config = tiny_decoders.model_config
+_batch = tiny_decoders.padded_batch
 
 
 def _logits(model, params, batch):

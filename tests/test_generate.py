@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import tiny_decoders
 from ftjax import checkpoint, generate, models, param_groups, step
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
@@ -57,17 +58,10 @@ def tiny(tmp_path_factory):
   def get(case):
     if case not in cache:
       family, overrides = _CASES[case]
-      config = getattr(transformers, f"{family}Config")(**{**_TINY, **overrides})
-      torch.manual_seed(0)
-      reference = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-      with torch.no_grad():  # O(1) weights, so that logits differ clearly between tokens
-        for name, param in reference.named_parameters():
-          param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
       directory = str(tmp_path_factory.mktemp(case))
-      reference.save_pretrained(directory)
-      config = ml_collections.ConfigDict(dict(name="llama_lm", pretrained=directory,
-                                              dont_load=[], remat="none"))
-      cache[case] = (directory, reference, *models.create(config, seed=0))
+      reference = tiny_decoders.save_random(directory, family, **{**_TINY, **overrides})
+      cache[case] = (directory, reference, *models.create(
+          tiny_decoders.model_config(pretrained=directory), seed=0))
     return cache[case]
 
   return get

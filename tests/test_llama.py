@@ -6,11 +6,11 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+import tiny_decoders
 from ftjax import models, param_groups, step
 from ftjax.errors import ConfigError, WeightsError
 from ftjax.hub import llama as llama_hub
@@ -41,18 +41,7 @@ _CASES = {
 
 
 def _save_tiny(directory, family, overrides):
-  """Saves a tiny transformers model with O(1) random weights; returns it (in eval mode)."""
-  config = getattr(transformers, f"{family}Config")(**{**_TINY, **overrides})
-  torch.manual_seed(0)
-  reference = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-  with torch.no_grad():
-    for name, param in reference.named_parameters():
-      if name.endswith("norm.weight"):
-        param.copy_(1 + 0.2 * torch.randn_like(param))
-      else:
-        param.normal_(0.0, 0.2)
-  reference.save_pretrained(str(directory))
-  return reference
+  return tiny_decoders.save_random(directory, family, **{**_TINY, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +57,6 @@ def checkpoints(tmp_path_factory):
     return cache[case]
 
   return get
-
-
-def _config(**overrides):
-  values = dict(name="llama_lm", pretrained="", dont_load=[], remat="none")
-  values.update(overrides)
-  return ml_collections.ConfigDict(values)
-
-
-def _batch(ids, lengths):
-  """Right-padded rows: segment 1 on the first `lengths[i]` tokens, 0 (padding) after."""
-  batch, length = ids.shape
-  positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
-  segments = (positions < np.asarray(lengths)[:, None]).astype(np.int32)
-  return {"input_ids": jnp.asarray(ids, jnp.int32), "positions": jnp.asarray(positions),
-          "segment_ids": jnp.asarray(segments)}
 
 
 def _forward(model):
@@ -101,13 +75,13 @@ def _train_grad(model, batch):
 @pytest.mark.parametrize("case", sorted(_CASES))
 def test_logits_match_transformers_on_real_tokens(case, checkpoints, record_property):
   directory, reference = checkpoints(case)
-  model, params = models.create(_config(pretrained=directory), seed=0)
+  model, params = models.create(tiny_decoders.model_config(pretrained=directory), seed=0)
   forward = _forward(model)
   rng = np.random.default_rng(0)
   for length in _CASES[case][2]:  # increasing, as HF's dynamic rope caches the longest
     ids = rng.integers(1, _TINY["vocab_size"], (2, length))
     lengths = [length, length - 5]
-    batch = _batch(ids, lengths)
+    batch = tiny_decoders.padded_batch(ids, lengths)
     logits = forward(params, batch)
     assert logits.dtype == np.float32 and logits.shape == (2, length, _TINY["vocab_size"])
     with torch.no_grad():
@@ -126,10 +100,10 @@ def test_every_checkpoint_tensor_is_mapped_and_tied_head_is_absent(checkpoints):
     directory, _ = checkpoints(case)
     tensors = safetensors_io.load_safetensors(directory)
     assert all(llama_hub.hf_name_to_path(n) is not None for n in tensors), case
-  _, params = models.create(_config(pretrained=checkpoints("tied")[0]), seed=0)
+  _, params = models.create(tiny_decoders.model_config(pretrained=checkpoints("tied")[0]), seed=0)
   flat = param_groups.flatten(params)
   assert not any(p.startswith("lm_head/") for p in flat)
-  _, params = models.create(_config(pretrained=checkpoints("qwen2")[0]), seed=0)
+  _, params = models.create(tiny_decoders.model_config(pretrained=checkpoints("qwen2")[0]), seed=0)
   flat = param_groups.flatten(params)
   assert {"model/layers/1/self_attn/q_proj/bias", "model/layers/1/self_attn/v_proj/bias",
           "lm_head/kernel"} <= set(flat)
@@ -137,7 +111,7 @@ def test_every_checkpoint_tensor_is_mapped_and_tied_head_is_absent(checkpoints):
 
 
 def test_packed_sequences_match_each_sequence_alone(checkpoints):
-  model, params = models.create(_config(pretrained=checkpoints("gqa_untied")[0]), seed=0)
+  model, params = models.create(tiny_decoders.model_config(pretrained=checkpoints("gqa_untied")[0]), seed=0)
   first, second = [5, 17, 42], [9, 33]
   rows = [  # (input_ids, positions, segment_ids), all of length 5
       (first + second, [0, 1, 2, 0, 1], [1, 1, 1, 2, 2]),  # packed
@@ -156,9 +130,9 @@ def test_packed_sequences_match_each_sequence_alone(checkpoints):
 
 def test_bfloat16_compute_gives_float32_logits_near_transformers(checkpoints):
   directory, reference = checkpoints("gqa_untied")
-  model, params = models.create(_config(pretrained=directory), seed=0)
+  model, params = models.create(tiny_decoders.model_config(pretrained=directory), seed=0)
   ids = np.random.default_rng(3).integers(1, 64, (2, 12))
-  low = _forward(model)(step.cast_floats(params, jnp.bfloat16), _batch(ids, [12, 12]))
+  low = _forward(model)(step.cast_floats(params, jnp.bfloat16), tiny_decoders.padded_batch(ids, [12, 12]))
   assert low.dtype == np.float32
   with torch.no_grad():
     expected = reference(input_ids=torch.tensor(ids)).logits.numpy()
@@ -174,12 +148,12 @@ def one_layer(tmp_path_factory):
 
 
 def test_remat_policies_give_the_same_gradients_with_lora_on_every_projection(one_layer):
-  batch = _batch(np.random.default_rng(1).integers(1, 64, (2, 6)), [6, 4])
+  batch = tiny_decoders.padded_batch(np.random.default_rng(1).integers(1, 64, (2, 6)), [6, 4])
   spec = lora.LoraSpec(target=r"model/layers/\d+/(self_attn|mlp)/\w+_proj/kernel", rank=2,
                        alpha=4.0)  # dropout would triple XLA's compile time on CPU
   results = {}
   for remat in ("none", "full", "dots_saveable"):
-    model, params = models.create(_config(pretrained=one_layer, remat=remat), seed=0)
+    model, params = models.create(tiny_decoders.model_config(pretrained=one_layer, remat=remat), seed=0)
     module = model.module(params)
     assert len(lora.inject(module, spec, nnx.Rngs(params=1))) == 7
     graphdef, state = nnx.split(module)
@@ -194,13 +168,13 @@ def test_remat_policies_give_the_same_gradients_with_lora_on_every_projection(on
     for path, grad in param_groups.flatten(results[remat][1]).items():
       np.testing.assert_allclose(grad, flat[path], atol=1e-4, rtol=1e-4, err_msg=path)
   with pytest.raises(ConfigError, match="config.model.remat='some'"):
-    models.create(_config(pretrained=one_layer, remat="some"), seed=0)
+    models.create(tiny_decoders.model_config(pretrained=one_layer, remat="some"), seed=0)
 
 
 def test_architecture_from_config_dict_without_checkpoint():
   arch = dict(_TINY, tie_word_embeddings=True,
               rope_scaling=dict(type="linear", factor=2.0), rope_theta=500000.0)
-  model, params = models.create(_config(arch=arch), seed=0)
+  model, params = models.create(tiny_decoders.model_config(arch=arch), seed=0)
   flat = param_groups.flatten(params)
   assert flat["model/embed_tokens/embedding"].shape == (64, 32)
   assert flat["model/layers/1/self_attn/k_proj/kernel"].shape == (32, 16)
@@ -212,7 +186,7 @@ def test_architecture_from_config_dict_without_checkpoint():
   rope = llama.LlamaConfig.from_dict(arch).rope()
   assert (rope.rope_type, rope.factor, rope.theta) == ("linear", 2.0, 500000.0)
   with pytest.raises(ConfigError, match="config.model.arch is not set"):
-    models.create(_config(), seed=0)
+    models.create(tiny_decoders.model_config(), seed=0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -227,7 +201,7 @@ def test_architecture_from_config_dict_without_checkpoint():
 def test_unsupported_config_raises_naming_the_file(tmp_path, change, message):
   (tmp_path / "config.json").write_text(json.dumps({**_TINY, "model_type": "llama", **change}))
   with pytest.raises(ConfigError, match=f"config.json: .*{message}"):
-    models.create(_config(pretrained=str(tmp_path)), seed=0)
+    models.create(tiny_decoders.model_config(pretrained=str(tmp_path)), seed=0)
 
 
 def _edited_copy(source, target, edit):
@@ -244,7 +218,7 @@ def test_loader_fails_on_missing_tensor_naming_the_parameter(checkpoints, tmp_pa
   directory = _edited_copy(checkpoints("gqa_untied")[0], tmp_path,
                            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   with pytest.raises(WeightsError, match="model/layers/1/mlp/up_proj/kernel"):
-    models.create(_config(pretrained=directory), seed=0)
+    models.create(tiny_decoders.model_config(pretrained=directory), seed=0)
 
 
 def test_loader_fails_on_shape_mismatch_naming_the_tensor(checkpoints, tmp_path):
@@ -254,7 +228,7 @@ def test_loader_fails_on_shape_mismatch_naming_the_tensor(checkpoints, tmp_path)
   directory = _edited_copy(checkpoints("gqa_untied")[0], tmp_path, edit)
   with pytest.raises(WeightsError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*"
                                          r"\(8, 32\).*model/layers/0/self_attn/k_proj/kernel"):
-    models.create(_config(pretrained=directory), seed=0)
+    models.create(tiny_decoders.model_config(pretrained=directory), seed=0)
 
 
 def test_lm_head_tensor_of_a_tied_model_is_reported_not_loaded(checkpoints):
