@@ -315,7 +315,8 @@ def write_report(spec: Search, name: str, title: str, sweep_dir: str, out_dir: s
     value = trial.value if trial.value is not None else (
         max(trial.intermediate_values.values()) if trial.intermediate_values else None)
     rows.append([str(trial.number), trial.state.name.lower(),
-                 *(f"{trial.params.get(k)}" for k in keys),
+                 *(f"{v:.4g}" if isinstance(v := trial.params.get(k), float) else f"{v}"
+                   for k in keys),
                  "" if value is None else f"{value:.4f}",
                  str(max(trial.intermediate_values, default=""))])
   header = ["trial", "state", *keys, spec.metric[0], "last evaluated step"]
