@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import datasets
 import numpy as np
@@ -89,6 +90,14 @@ def test_preparing_files_logs_no_config_warnings(tmp_path, caplog):
   _load(tmp_path, "csv", [_write(tmp_path / "t.csv", "csv", ROWS)])
   _load(tmp_path, "csv", [str(tmp_path / "t.csv")])  # and reading the prepared copy
   assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]
+
+
+def test_preparing_files_leaves_no_temporary_folders(tmp_path, monkeypatch):
+  temporary = tmp_path / "tmp"
+  temporary.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+  _load(tmp_path, "csv", [_write(tmp_path / "t.csv", "csv", ROWS)])
+  assert not os.listdir(temporary)
 
 
 def test_integer_labels_are_ordered_as_numbers_and_given_labels_are_kept(tmp_path):

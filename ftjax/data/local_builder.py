@@ -269,6 +269,15 @@ class SourceConfig(tfds.core.BuilderConfig):
   source_path: str | None = None
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The info of a data set prepared from local files. None is published in TFDS's
+  bucket, so a builder of unprepared data does not look there (TFDS would leave an empty
+  temporary folder behind each time)."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class FileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A TFDS builder whose data set is described by the docstring of its module.
 
@@ -294,7 +303,8 @@ class FileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       license_text: the license of the data.
       supervised_keys: the (input, target) features, if any.
     """
-    return self.dataset_info_from_configs(
+    return _LocalDatasetInfo(
+        builder=self,
         description=sys.modules[type(self).__module__].__doc__,
         features=tfds.features.FeaturesDict(features),
         supervised_keys=supervised_keys,
