@@ -94,6 +94,19 @@ def test_encoder_matches_the_family_s_transformers_model(tmp_path, model_type):
   assert difference <= 1e-4
 
 
+@pytest.mark.parametrize("model_type, longest", [("bert", 40), ("roberta", 38)])
+def test_sequences_longer_than_the_position_table_are_refused(tmp_path, model_type, longest):
+  _save_random(model_type, tmp_path)
+  model, params = models.create(_model_config(tmp_path), seed=0)
+  ids = np.full((1, longest), 5, np.int32)
+  assert _ftjax_hidden(model, params, ids, np.ones_like(ids)).shape == (1, longest, 32)
+  ids = np.full((1, longest + 1), 5, np.int32)
+  with pytest.raises(ConfigError, match=rf"sequences of {longest + 1} tokens need "
+                     rf"{41} positions, but the encoder's max_position_embeddings is 40.*"
+                     rf"set config.data.max_length to at most {longest}"):
+    _ftjax_hidden(model, params, ids, np.ones_like(ids))
+
+
 def test_a_roberta_folder_is_not_loaded_as_bert(tmp_path):
   roberta = _save_random("roberta", tmp_path)
   bert = transformers.BertModel(transformers.BertConfig(**_SIZES, type_vocab_size=1)).eval()

@@ -183,6 +183,16 @@ class Embeddings(nnx.Module):
     self.pad_token_id = config.pad_token_id
 
   def _positions(self, input_ids: jax.Array) -> jax.Array:
+    """Each token's position; sequences too long for the position table are refused
+    (when traced: their length is static), since a lookup past it would be clamped."""
+    first = self.pad_token_id + 1 if self.positions_skip_padding else 0
+    table = self.position_embeddings.num_embeddings
+    if first + input_ids.shape[-1] > table:
+      raise ConfigError(
+          f"sequences of {input_ids.shape[-1]} tokens need {first + input_ids.shape[-1]} "
+          f"positions, but the encoder's max_position_embeddings is {table}"
+          + (f" (positions start at pad_token_id + 1 = {first})" if first else "")
+          + f": set config.data.max_length to at most {table - first}")
     if not self.positions_skip_padding:
       return jnp.arange(input_ids.shape[-1])[None, :]
     real = (input_ids != self.pad_token_id).astype(jnp.int32)
