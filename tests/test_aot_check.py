@@ -150,3 +150,34 @@ def test_parse_bytes(text, expected):
   assert aot_check.parse_bytes(text) == expected
 
 
+
+
+def _with_arch(config, **arch):
+  """`config` with `model.arch` (a random model of that Hugging Face config) and FSDP over
+  8 devices."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.pretrained = ""
+    config.model.arch = arch
+    config.mesh.data, config.mesh.fsdp = 1, 8
+  config.lock()
+  return config
+
+
+@pytest.mark.parametrize("family", ["roberta", "mistral"])
+def test_new_families_compile_sharded_ahead_of_time(family):
+  from configs import minilm_sentiment, smollm2_chat  # pylint: disable=g-import-not-at-top
+  if family == "roberta":  # positions after the padding token, one token type
+    config = _with_arch(minilm_sentiment.get_config("debug"), model_type="roberta",
+                        vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=66, type_vocab_size=1, pad_token_id=1)
+  else:  # a sliding window shorter than the rows
+    config = _with_arch(smollm2_chat.get_config("debug"), model_type="mistral",
+                        vocab_size=49152, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        sliding_window=32, tie_word_embeddings=True)
+  report, failure = aot_check.check(config, "cpu:8", "1GiB")
+  assert failure is None, report
+  per_device, whole = _parameters(report)
+  assert per_device < whole / 4  # FSDP: each device holds a share of the parameters
