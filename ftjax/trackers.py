@@ -30,7 +30,7 @@ from typing import Any
 
 import ml_collections
 
-from ftjax import tracking
+from ftjax import nested, tracking
 from ftjax.errors import ConfigError
 
 TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")
@@ -68,17 +68,6 @@ def check(config: ml_collections.ConfigDict) -> None:
                       "'disabled' (empty: WANDB_MODE or the library's default)")
 
 
-def _flat(tree: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-  """Nested dicts as {"a.b": value} (`sep` between the keys)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}{sep}", sep))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 class _Wandb:
   """A W&B run (`wandb.init` with the run's id, resumed when it has one)."""
 
@@ -106,7 +95,7 @@ class _Wandb:
     self.run.log({f"{split}/{key}": value for key, value in metrics.items()}, step=step)
 
   def finish(self, final: dict[str, Any], best_dir: str) -> None:
-    self.run.summary.update({**_flat(final, "final/", "/"), "best_parameters": best_dir})
+    self.run.summary.update({**nested.leaves(final, "final", "/"), "best_parameters": best_dir})
     self.close()
 
   def close(self) -> None:
@@ -154,7 +143,7 @@ class _Mlflow:
   def finish(self, final: dict[str, Any], best_dir: str) -> None:
     from mlflow.entities import Metric  # pylint: disable=g-import-not-at-top
     now = int(time.time() * 1000)
-    numbers = {k: v for k, v in _flat(final, "final/", "/").items()
+    numbers = {k: v for k, v in nested.leaves(final, "final", "/").items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     self.client.log_batch(self.id, metrics=[Metric(k, float(v), now, 0)
                                             for k, v in numbers.items()])
@@ -189,7 +178,7 @@ class Trackers:
     if os.path.exists(self._path):
       with open(self._path) as f:
         self._state = json.load(f)
-    params = _flat(json.loads(self._config.to_json()))
+    params = nested.leaves(json.loads(self._config.to_json()))
     for name in self.names:
       state = self._state.setdefault(name, {"run_id": None, "sent": {}})
       tracker = _CLASSES[name](self._settings[name], self._workdir, state["run_id"], params,

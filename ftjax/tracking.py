@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ftjax import nested
+
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
              "ml-collections", "tensorflow-datasets", "transformers", "tokenizers")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,17 +75,8 @@ def facts(workdir: str) -> dict[str, Any]:
   """The facts of `workdir`'s run_info.json (its first start), flattened: "git.commit",
   "packages.jax", "devices.kind", ...; lists as text."""
   record = _read_info(os.path.join(workdir, INFO_FILE)) or {}
-  flat = {}
-
-  def add(prefix: str, value: Any) -> None:
-    if isinstance(value, dict):
-      for key, item in value.items():
-        add(f"{prefix}{key}.", item)
-    else:
-      flat[prefix[:-1]] = value if isinstance(value, (str, int, float, bool)) else str(value)
-
-  add("", {k: v for k, v in record.items() if k != "starts"})
-  return flat
+  flat = nested.leaves({k: v for k, v in record.items() if k != "starts"})
+  return {k: v if isinstance(v, (str, int, float, bool)) else str(v) for k, v in flat.items()}
 
 
 def _read_info(path: str) -> dict[str, Any] | None:

@@ -37,6 +37,7 @@ from ftjax.data import file_builder, openai_chat, table_files
 from ftjax.errors import DataError
 
 KINDS = ("messages", "prompt_completion", "text")
+_MOST_PROBLEMS = 100  # malformed rows listed at most
 
 
 @dataclasses.dataclass
@@ -136,7 +137,7 @@ def _example(config: LmFilesConfig, where: str, number: int, row: dict[str, Any]
                                                      ensure_ascii=False)}
 
 
-def problems(config: LmFilesConfig, limit: int = 100) -> list[str]:
+def problems(config: LmFilesConfig, limit: int = _MOST_PROBLEMS) -> list[str]:
   """Every malformed row of the files of `config` (the first `limit`), each as the
   message that preparing would stop with ("<file>: line N: ..."), in file order; a
   file that cannot be read past a point adds that and ends there."""
@@ -162,7 +163,7 @@ def every_problem(error: DataError, config: LmFilesConfig) -> DataError:
   found = problems(config)
   if len(found) <= 1:
     return error
-  more = " (the first 100)" if len(found) == 100 else ""
+  more = f" (the first {_MOST_PROBLEMS})" if len(found) == _MOST_PROBLEMS else ""
   return DataError(f"{len(found)} malformed rows{more} in config.data.files:\n  "
                    + "\n  ".join(found))
 

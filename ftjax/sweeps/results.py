@@ -17,6 +17,7 @@ import re
 import statistics
 from typing import Any, Sequence
 
+from ftjax import nested
 from ftjax.errors import ConfigError, DataError
 
 SEED = "seed"
@@ -42,17 +43,6 @@ class RunResult:
   records: list[dict[str, Any]]
 
 
-def _leaves(tree: dict[str, Any], prefix: str, sep: str) -> dict[str, Any]:
-  leaves = {}
-  for key, value in tree.items():
-    path = f"{prefix}{sep}{key}" if prefix else str(key)
-    if isinstance(value, dict):
-      leaves.update(_leaves(value, path, sep))
-    else:
-      leaves[path] = value
-  return leaves
-
-
 def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -68,13 +58,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     {"validation/accuracy": 0.8, ...}: ints and floats only (booleans, strings
     and lists are left out).
   """
-  return {key: float(value) for key, value in _leaves(tree, prefix, "/").items()
+  return {key: float(value) for key, value in nested.leaves(tree, prefix, "/").items()
           if _is_number(value)}
 
 
 def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
   """A nested config (as in `config.json`) under dotted keys: {"optimizer.lr": 5e-5, ...}."""
-  return _leaves(config, "", ".")
+  return nested.leaves(config)
 
 
 def _read_json(path: str) -> Any:
