@@ -106,6 +106,10 @@ def test_names_resolve_to_presets_formats_and_files(debug_config):
                      r"'parquet', 'hf_disk', 'imagefolder'\] \(reading config.data.files\), "
                      r"or '<format>:<files>'"):
     registry.resolve("imdb", config)
+  missing = with_overrides(config, **{"data.name": "csv:/nonexistent/tickets.csv+tweets"})
+  with pytest.raises(DataError, match=r"^data set 'csv:/nonexistent/tickets.csv'="
+                     r"'/nonexistent/tickets.csv': /nonexistent/tickets.csv: file not found"):
+    inputs.build(missing)
   with pytest.raises(ConfigError, match=r"only one task can read config.data.files"):
     registry.check(with_overrides(config, **{"data.name": "csv+json"}))
   with pytest.raises(ConfigError, match=r"'shakespeare' cannot be a task of a multi-task run"):

@@ -215,12 +215,12 @@ def _load_splits(data: ml_collections.ConfigDict, data_set: registry.DataSet,
     splits = sources.load_splits(data_set.preset.name, data_dir, source_path)
     return splits, data_set.preset.class_names, data_set.kind
   if data_set.format == table_files.HF_DISK:
-    files = _hf_disk_files(data_set.files)
+    files = _hf_disk_files(data_set.files, data_set.settings)
   else:
     expand = (functools.partial(file_images.expand, data_set.format)
               if data_set.kind == "image" else table_files.expand)
-    files = [expand(spec, f"config.data.files.{split}") if spec else []
-             for spec, split in zip(data_set.files, local_builder.SPLIT_NAMES)]
+    files = [expand(spec, setting) if spec else []
+             for spec, setting in zip(data_set.files, data_set.settings)]
   if len(data.split) != 3:
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: needs train, validation and "
                       "test fractions")
@@ -247,14 +247,15 @@ _SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"
                 "test": ("test",)}
 
 
-def _hf_disk_files(files: Sequence[str]) -> list[list[str]]:
+def _hf_disk_files(files: Sequence[str], settings: Sequence[str] = registry.FILE_SETTINGS
+                   ) -> list[list[str]]:
   """The Dataset folders of each split: its files setting, a Dataset folder or a
   DatasetDict folder's same-named split; a split not named is taken from a DatasetDict
-  in the train setting when it has one (validation: also "valid" or "dev")."""
-  train = table_files.hf_disk_splits(files[0], "config.data.files.train")
+  in the train setting when it has one (validation: also "valid" or "dev"). `settings`
+  name each split's setting in errors."""
+  train = table_files.hf_disk_splits(files[0], settings[0])
   folders = []
-  for spec, split in zip(files, local_builder.SPLIT_NAMES):
-    key = f"config.data.files.{split}"
+  for spec, split, key in zip(files, local_builder.SPLIT_NAMES, settings):
     found = table_files.hf_disk_splits(spec, key) if spec else ({} if "" in train else train)
     if "" in found:
       folders.append([found[""]])

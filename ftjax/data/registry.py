@@ -42,6 +42,7 @@ from ftjax.errors import ConfigError
 KIND_TASKS = {"classification": "classification", "image": "classification",
               "chat": "causal_lm", "text": "causal_lm", "language_model_files": "causal_lm"}
 FORMATS = (*table_files.FORMATS, file_images.FOLDER_FORMAT)
+FILE_SETTINGS = tuple(f"config.data.files.{split}" for split in local_builder.SPLIT_NAMES)
 
 # The config.data keys that each kind of data reads (files also read _FILE_KEYS).
 _KIND_KEYS = {
@@ -106,6 +107,8 @@ class DataSet:
     files: the files setting of train, validation and test ("" for none).
     own_classes: whether the classes come from these files alone, not
       `config.data.labels` (a `<format>:<files>` reference).
+    settings: where each split's files setting was written, for error messages
+      (`config.data.files.<split>`, or the reference as given).
   """
 
   name: str
@@ -114,6 +117,7 @@ class DataSet:
   format: str = ""
   files: tuple[str, str, str] = ("", "", "")
   own_classes: bool = False
+  settings: tuple[str, str, str] = FILE_SETTINGS
 
   @property
   def task(self) -> str:
@@ -165,7 +169,8 @@ def resolve(name: str, config: ml_collections.ConfigDict) -> DataSet:
   if reference is not None:
     fmt, spec = reference
     return DataSet(data_set_name(name), _file_kind(fmt, config), format=fmt,
-                   files=(spec, "", ""), own_classes=True)
+                   files=(spec, "", ""), own_classes=True,
+                   settings=(f"data set {name!r}",) * 3)
   raise ConfigError(f"config.data.name={name!r}: unknown data set; known: {sorted(presets())}, "
                     f"a file format {list(FORMATS)} (reading config.data.files), or "
                     "'<format>:<files>' (e.g. 'csv:tickets.csv')")
