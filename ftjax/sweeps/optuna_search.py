@@ -166,18 +166,16 @@ class _Trial:
     self.spec, self.trial = spec, trial
     self.run = trial_run(spec, trial_name(trial.number), trial.params)
     runner.check_workdir(self.run, sweep_dir)
-    self.metrics_path = os.path.join(study_lib.run_dir(sweep_dir, self.run.name),
-                                     "metrics.jsonl")
+    self.workdir = study_lib.run_dir(sweep_dir, self.run.name)
     self.child = runner.Child(self.run, sweep_dir, python, shared)
     self.pruned = False
 
   def report_evaluations(self) -> None:
     """Reports the evaluations logged since the last call; stops the trial (SIGTERM)
     when the pruner says so."""
-    if self.pruned or not os.path.exists(self.metrics_path):
+    if self.pruned or not os.path.exists(os.path.join(self.workdir, "metrics.jsonl")):
       return
-    with open(self.metrics_path) as f:
-      records = [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+    records = metrics_lib.read_metrics(self.workdir)
     reported = self.trial.storage.get_trial(self.trial._trial_id).intermediate_values
     for record in records:
       if (record["split"] == self.spec.split and self.spec.key in record
@@ -246,11 +244,8 @@ def _tell(study: optuna.Study, item: _Trial, code: int, sweep_dir: str) -> None:
   final_path = os.path.join(study_lib.run_dir(sweep_dir, name), runner.FINISHED)
   if code == 0 and os.path.isfile(final_path):
     with open(final_path) as f:
-      final = json.load(f)
-    value = final
-    for part in item.spec.metric[0].split("/"):
-      value = value.get(part, {}) if isinstance(value, dict) else {}
-    if isinstance(value, (int, float)):
+      value = results_lib.flatten(json.load(f)).get(item.spec.metric[0])
+    if value is not None:
       study.tell(item.trial, float(value))
       runner.log(f"{name}: {item.spec.metric[0]}={value:.4g} in {seconds:.0f} s")
       return
