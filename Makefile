@@ -19,7 +19,7 @@ FASHION_MNIST_USER := $(HOME)/.cache/ftjax/debian
 TORCH := torch==2.13.0
 REFERENCES := efficientnet-lite-pytorch==0.1.0
 
-.PHONY: demo test test-slow bench data clean
+.PHONY: demo test test-slow docs bench data clean
 
 $(VENV)/.runtime: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ test: $(VENV)/.test data
 
 test-slow: $(VENV)/.test data
 	$(PY) -m pytest -q -n 2 --dist load -m slow -s tests
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link.
+docs: $(VENV)/.test
+	$(PY) -m mkdocs build --strict --site-dir site
 
 bench: $(VENV)/.test
 	$(PY) bench/data_prepare.py --rows=1000000

@@ -41,10 +41,11 @@ setuptools.setup(
         # Reference implementations for parity tests and benchmarks.
         # (datasets: save_to_disk folders in tests, and the data preparation benchmark.)
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "peft>=0.13", "scikit-image>=0.22",
-                 "accelerate>=1.0", "datasets>=3", *_WANDB, *_MLFLOW],
+                 "accelerate>=1.0", "datasets>=3", "mkdocs==1.6.1", *_WANDB, *_MLFLOW],
         # Trackers (config.trackers): Weights & Biases, MLflow (its default store is SQLite).
         "wandb": _WANDB,
         "mlflow": _MLFLOW,
+        "docs": ["mkdocs==1.6.1"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
     },
