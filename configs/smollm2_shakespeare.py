@@ -6,7 +6,7 @@ three plays held out from training (so the held-out loss measures adaptation to
 unseen text of the domain, not memorisation).
 
 Takes the same variants as configs/smollm2_chat.py (debug, peft=lora|full|qlora|dora,
-lr, steps, batch_size, max_length, rank, dtype, remat, seed).
+lr, steps / epochs, batch_size, max_length, rank, dtype, remat, seed).
 """
 
 import os
@@ -19,4 +19,4 @@ from configs import smollm2_chat  # pylint: disable=g-import-not-at-top,wrong-im
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return smollm2_chat.language_model_config(arg, data_name="shakespeare", default_steps=200)
+  return smollm2_chat.language_model_config(arg, data_name="shakespeare")

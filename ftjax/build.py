@@ -23,7 +23,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax import models, optim, regularizers, runs, sharding, tasks
+from ftjax import models, optim, regularizers, runs, schema, sharding, tasks
 from ftjax import state as state_lib
 from ftjax import step as step_lib
 from ftjax.errors import ConfigError
@@ -32,6 +32,35 @@ from ftjax.peft import methods as peft_methods
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  if config.batch_size % config.grad_accum_steps:
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
+                      f"config.grad_accum_steps={config.grad_accum_steps}")
+  if config.total_steps == 0 and config.num_epochs == 0:
+    raise ConfigError("config.total_steps=0 and config.num_epochs=0: set one of them")
+  if 0 < config.total_steps < config.optimizer.warmup_steps:
+    raise ConfigError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps}: "
+                      f"more than config.total_steps={config.total_steps}")
+
+
+SCHEMA = schema.Section("", "The run's length, batches, precision and starting weights.", {
+    "seed": schema.Key(0, "seeds initialisation, shuffling, dropout and sampling"),
+    "batch_size": schema.Key(32, "examples (rows) per optimizer step, over all devices",
+                             rule=schema.positive),
+    "eval_batch_size": schema.Key(128, "examples per evaluation batch", rule=schema.positive),
+    "grad_accum_steps": schema.Key(1, "micro-batches each step's batch is cut into",
+                                   rule=schema.positive),
+    "num_epochs": schema.Key(1, "passes over the training data (when total_steps is 0)",
+                             rule=schema.at_least(0)),
+    "total_steps": schema.Key(0, "> 0: optimizer steps of the run, instead of num_epochs",
+                              rule=schema.at_least(0)),
+    "compute_dtype": schema.Key("float32", "activations' dtype (weights stay float32)",
+                                choices=tuple(DTYPES)),
+    "init_from": schema.Key("", "the workdir of a finished run whose best weights this run "
+                            "starts from (continual fine-tuning)"),
+}, check=_check)
 
 
 @dataclasses.dataclass
@@ -94,12 +123,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
   else:
     model, base = models.create(config.model, config.seed, shardings_of)
     model, params = peft_methods.adapt(config, model, base, config.seed)
-    if config.get("init_from"):
+    if config.init_from:
       params = runs.initial_weights(config.init_from, params)
   params, stats = model.split_stats(params)
   trainable, frozen = peft_methods.split(config, model, params)
   model = dataclasses.replace(model, updating=batch_norm.updating_layers(
-      config.model.get("batch_norm", "frozen"), stats, trainable))
+      config.model.batch_norm, stats, trainable))
   depths = model.layout.depths(trainable, params)
   tx, schedule = optim.make_optimizer(config.optimizer, trainable, total_steps, depths)
   replicated = NamedSharding(mesh, P())

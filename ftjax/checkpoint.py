@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental.multihost_utils import sync_global_devices
 
-from ftjax import param_groups
+from ftjax import param_groups, schema
 from ftjax.errors import CheckpointError
 
 BEST_DIR = "best"  # the best parameters, in the workdir
@@ -31,6 +31,15 @@ def _empty_fields(state: Any) -> list[str]:
     return []
   return [f.name for f in dataclasses.fields(state)
           if isinstance(getattr(state, f.name), dict) and not getattr(state, f.name)]
+
+
+SCHEMA = schema.Section("checkpoint", "How often the training state is saved.", {
+    "every": schema.Key(200, "steps between checkpoints (also at the end and on "
+                        "preemption)", rule=schema.positive),
+    "max_to_keep": schema.Key(2, "checkpoints kept besides the best parameters",
+                              rule=schema.positive),
+    "use_async": schema.Key(True, "write checkpoints in the background"),
+})
 
 
 class Checkpointer:

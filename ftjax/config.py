@@ -1,14 +1,176 @@
-"""Config helpers: the `arg` string of `get_config(arg)` and config validation."""
+"""The run config: every section assembled from the modules that read it, checked whole.
+
+Each module declares the keys it reads as a `ftjax.schema.Section` (its
+`SCHEMA`); `defaults()` is the config of every default, which `configs/*.py`
+start from and change only where they differ. `validate` checks every key
+(type, choices, range) and every section's rules across keys; the trainer,
+the sweeps' check before anything starts, `launch/aot_check.py` and
+`launch/check_data.py` all run it, so a value a run would refuse is refused
+before anything starts. `reference()` writes the config reference
+(docs/config_reference.md) from the same declarations.
+
+`parse_arg` reads the arg string of `--config=configs/x.py:arg`, whose words
+the shipped configs share (`ARGS`).
+"""
 
 from __future__ import annotations
 
 import ast
-from typing import Any
+from typing import Any, Iterator
 
 import ml_collections
 
-from ftjax import regularizers, trackers
+from ftjax import (build, checkpoint, early_stopping, models, optim, periodic, regularizers,
+                   schema, sharding, tasks, trackers)
+from ftjax.data import registry
 from ftjax.errors import ConfigError
+from ftjax.peft import methods as peft_methods
+
+# In the order of the config reference.
+SECTIONS: tuple[schema.Section, ...] = (
+    tasks.SCHEMA, build.SCHEMA, models.SCHEMA, registry.SCHEMA, peft_methods.SCHEMA,
+    optim.SCHEMA, regularizers.SCHEMA, periodic.SCHEMA, early_stopping.SCHEMA,
+    checkpoint.SCHEMA, trackers.SCHEMA, sharding.SCHEMA,
+)
+
+
+def _keys(keys: schema.Keys, path: str) -> Iterator[tuple[str, schema.Key]]:
+  """(dotted path, key) of every key under `keys`, depth first."""
+  for name, key in keys.items():
+    full = f"{path}.{name}" if path else name
+    if isinstance(key, schema.Key):
+      yield full, key
+    else:
+      yield from _keys(key, full)
+
+
+def all_keys() -> dict[str, schema.Key]:
+  """Every declared key by its dotted path."""
+  found = {}
+  for section in SECTIONS:
+    for path, key in _keys(section.keys, section.path):
+      if path in found:
+        raise RuntimeError(f"config key {path} declared twice")
+      found[path] = key
+  return found
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """A config holding every key's default (unlocked: configs change it, then lock it)."""
+  config = ml_collections.ConfigDict()
+  for path, key in all_keys().items():
+    *parents, name = path.split(".")
+    node = config
+    for parent in parents:
+      if parent not in node:
+        node[parent] = ml_collections.ConfigDict()
+      node = node[parent]
+    default = key.default
+    node[name] = ml_collections.ConfigDict(dict(default)) if key.free else default
+  return config
+
+
+def _leaves(config: ml_collections.ConfigDict, free: set[str], path: str = ""
+            ) -> Iterator[str]:
+  for name in config.keys():
+    full = f"{path}.{name}" if path else name
+    value = config[name]
+    if isinstance(value, ml_collections.ConfigDict) and full not in free:
+      yield from _leaves(value, free, full)
+    else:
+      yield full
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every key and every section's rules; raises ConfigError naming the first
+  problem (an unknown or missing key, a bad value, or values that do not go together)."""
+  declared = all_keys()
+  free = {path for path, key in declared.items() if key.free}
+  present = set(_leaves(config, free))
+  unknown = sorted(present - set(declared))
+  if unknown:
+    raise ConfigError(f"config.{unknown[0]}: unknown key" + _near(unknown[0], declared))
+  missing = sorted(set(declared) - present)
+  if missing:
+    raise ConfigError(f"config.{missing[0]}: missing (a config built without "
+                      "ftjax.config.defaults()?)")
+  for path, key in declared.items():
+    schema.check_value(path, key, _get(config, path))
+  for section in SECTIONS:
+    if section.check is not None:
+      section.check(config)
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+  for part in path.split("."):
+    config = config[part]
+  return config
+
+
+def _near(path: str, declared: dict[str, schema.Key]) -> str:
+  """"; did you mean ..." for a declared key that differs from `path` in its last part."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(path, list(declared), n=1, cutoff=0.8)
+  return f"; did you mean config.{close[0]}?" if close else ""
+
+
+def reference() -> str:
+  """The config reference in Markdown: each section's keys, defaults, choices and docs."""
+  lines = ["# Config reference", "",
+           "Every key of a run config, declared by the module that reads it (its `SCHEMA`).",
+           "`configs/*.py` start from these defaults (`ftjax.config.defaults()`) and state",
+           "only what differs; `--config.<key>=value` overrides any of them. Generated by",
+           "`python -m ftjax.config > docs/config_reference.md`; a test fails when it is stale.",
+           ""]
+  for section in SECTIONS:
+    module = _module_of(section)
+    title = f"`{section.path}`" if section.path else "Top-level keys"
+    lines += [f"## {title} ({module})", "", section.doc, "",
+              "| key | default | doc |", "|---|---|---|"]
+    for path, key in _keys(section.keys, section.path):
+      doc = key.doc + (f" ({', '.join(repr(c) for c in key.choices)})" if key.choices else "")
+      default = repr(key.default).replace("|", "\\|")
+      lines.append(f"| `{path}` | `{default}` | {doc.replace('|', '/')} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _module_of(section: schema.Section) -> str:
+  for module in (tasks, build, models, registry, peft_methods, optim, regularizers, periodic,
+                 early_stopping, checkpoint, trackers, sharding):
+    if getattr(module, "SCHEMA", None) is section:
+      return f"`{module.__name__}`"
+  return ""
+
+
+# The arg words every shipped config takes, with their defaults (`parse_arg(arg, **ARGS,
+# **its own)`); a 0 keeps the config's own value.
+ARGS = dict(debug=False, peft="full", freeze="none", steps=0, epochs=0, batch_size=0, lr=0.0,
+            seed=0, dtype="float32", rank=8)
+
+
+def apply_args(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict) -> None:
+  """Sets what the shared arg words (`ARGS`) say on an unlocked config.
+
+  Raises:
+    ConfigError: for both `steps` and `epochs`.
+  """
+  if arg.steps and arg.epochs:
+    raise ConfigError(f"config args steps={arg.steps} and epochs={arg.epochs}: give one")
+  config.seed = arg.seed
+  config.compute_dtype = arg.dtype
+  config.peft.method = arg.peft
+  config.freeze = arg.freeze
+  config.peft.rank = arg.rank
+  config.peft.alpha = 2.0 * arg.rank
+  if arg.steps:
+    config.total_steps = arg.steps
+  if arg.epochs:
+    config.total_steps, config.num_epochs = 0, arg.epochs
+  if arg.batch_size:
+    config.batch_size = arg.batch_size
+  if arg.lr:
+    config.optimizer.lr = arg.lr
 
 
 def _parse_value(text: str, default: Any, key: str) -> Any:
@@ -34,7 +196,7 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
   return text
 
 
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, **defaults_: Any) -> ml_collections.ConfigDict:
   """Parses a `get_config` arg string like ``"debug,lr=1e-4"`` against defaults.
 
   A bare word ``name`` sets the boolean default ``name`` to True. Values are
@@ -43,12 +205,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
   Args:
     arg: the part after ``:`` in ``--config=configs/x.py:arg``; may be None.
-    **defaults: every accepted key with its default value.
+    **defaults_: every accepted key with its default value.
 
   Returns:
     A locked ConfigDict holding every default, overridden by `arg`.
   """
-  result = dict(defaults)
+  result = dict(defaults_)
   seen = set()
   for item in (arg or "").split(","):
     item = item.strip()
@@ -56,91 +218,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       continue
     key, has_value, text = item.partition("=")
     key = key.strip()
-    if key not in defaults:
-      valid = ", ".join(sorted(defaults))
+    if key not in defaults_:
+      valid = ", ".join(sorted(defaults_))
       raise ConfigError(f"unknown config arg {key!r} in {arg!r}; valid keys: {valid}")
     if key in seen:
       raise ConfigError(f"config arg {key!r} given twice in {arg!r}")
     seen.add(key)
     if not has_value:
-      if not isinstance(defaults[key], bool):
+      if not isinstance(defaults_[key], bool):
         raise ConfigError(f"config arg {key!r} needs a value ({key}=...)")
       result[key] = True
     else:
-      result[key] = _parse_value(text.strip(), defaults[key], key)
+      result[key] = _parse_value(text.strip(), defaults_[key], key)
   config = ml_collections.ConfigDict(result)
   config.lock()
   return config
 
 
-def check_choice(value: Any, choices: tuple[Any, ...], key: str) -> None:
-  """Raises ConfigError unless `value` is one of `choices`."""
-  if value not in choices:
-    raise ConfigError(f"config.{key}={value!r}: must be one of {list(choices)}")
-
-
-def _check_positive(config: ml_collections.ConfigDict, key: str) -> None:
-  value = config
-  for part in key.split("."):
-    value = value[part]
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ConfigError(f"config.{key}={value!r}: must be a positive integer")
-
-
-def _is_number(value: Any) -> bool:
-  """Whether `value` is an int or a float (a bool is neither here)."""
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks a run config's values before anything is built; raises ConfigError.
-
-  Unknown keys never get this far: configs are locked, so a mistyped
-  `--config.key=value` override is rejected by the flag parser.
-  """
-  for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every", "eval_every",
-              "checkpoint.every", "checkpoint.max_to_keep"):
-    _check_positive(config, key)
-  for key in ("max_length", "image_size"):  # text / image data
-    if key in config.data:
-      _check_positive(config, f"data.{key}")
-  if config.task == "classification":
-    count = config.model.num_classes
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-      raise ConfigError(f"config.model.num_classes={count!r}: must be a positive integer, "
-                        "or 0 to take the data's class count")
-  if not isinstance(config.total_steps, int) or isinstance(config.total_steps, bool):
-    raise ConfigError(f"config.total_steps={config.total_steps!r}: must be an integer (0: "
-                      "config.num_epochs epochs)")
-  if config.total_steps <= 0:
-    _check_positive(config, "num_epochs")
-  check_choice(config.compute_dtype, ("float32", "bfloat16"), "compute_dtype")
-  check_choice(config.early_stopping.mode, ("max", "min"), "early_stopping.mode")
-  if not _is_number(config.optimizer.lr) or not config.optimizer.lr > 0:
-    raise ConfigError(f"config.optimizer.lr={config.optimizer.lr!r}: must be a positive number")
-  if "regularizer" in config:
-    _check_regularizer(config)
-  trackers.check(config)
-  if "on_nonfinite" in config:
-    check_choice(config.on_nonfinite, ("stop", "skip"), "on_nonfinite")
-    if not isinstance(config.max_nonfinite_skips, int) or config.max_nonfinite_skips < 0:
-      raise ConfigError(f"config.max_nonfinite_skips={config.max_nonfinite_skips!r}: must be "
-                        "an integer >= 0")
-
-
-def _check_regularizer(config: ml_collections.ConfigDict) -> None:
-  """The penalty toward the starting weights (`ftjax.regularizers`)."""
-  regularizer = config.regularizer
-  check_choice(regularizer.kind, regularizers.KINDS, "regularizer.kind")
-  if regularizer.kind != "none" and not (_is_number(regularizer.strength)
-                                         and regularizer.strength > 0):
-    raise ConfigError(f"config.regularizer.strength={regularizer.strength!r}: must be > 0 "
-                      f"for regularizer.kind={regularizer.kind!r}")
-  if regularizer.kind == "ewc":
-    _check_positive(config, "regularizer.fisher_examples")
-    if not config.get("init_from"):
-      # A new zero-initialised head passes no gradient to the encoder at the start:
-      # the Fisher information would weigh the head alone.
-      raise ConfigError("config.regularizer.kind='ewc' needs config.init_from: the Fisher "
-                        "information is that of the weights a previous run trained on "
-                        "regularizer.fisher_task")
+if __name__ == "__main__":
+  print(reference())

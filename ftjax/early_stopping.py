@@ -7,7 +7,17 @@ import math
 
 import ml_collections
 
-from ftjax.config import check_choice
+from ftjax import schema
+
+SCHEMA = schema.Section("early_stopping", "Which evaluation is best, and when to stop "
+                        "without improvement.", {
+    "metric": schema.Key("accuracy", "the validation metric that picks the best parameters"),
+    "mode": schema.Key("max", "whether higher or lower is better", choices=("max", "min")),
+    "patience": schema.Key(3, "evaluations without improvement before stopping (0: never "
+                           "stop)", rule=schema.at_least(0)),
+    "min_delta": schema.Key(0.0, "the smallest change that counts as improvement",
+                            rule=schema.at_least(0)),
+})
 
 
 @dataclasses.dataclass
@@ -31,7 +41,6 @@ class EarlyStopping:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "EarlyStopping":
-    check_choice(config.mode, ("max", "min"), "early_stopping.mode")
     return cls(metric=config.metric, mode=config.mode, patience=config.patience,
                min_delta=config.min_delta)
 

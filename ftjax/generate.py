@@ -100,7 +100,7 @@ def _generate(params: Any, ids: jax.Array, valid: jax.Array, max_new_tokens: jax
   `stop_tokens` is padded with -1, which matches no token.
   """
   module = model.module(step_lib.cast_floats(params, jnp.dtype(compute_dtype)))
-  lora.bind_dropout(module, train=False, rngs=None)  # adapters, if any, without dropout
+  models.set_call_mode(module, train=False, rngs=None)  # adapters, if any: no dropout
   batch, prompt_len = ids.shape
   choose = functools.partial(_next_token, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k, nucleus=nucleus)
@@ -221,7 +221,7 @@ def load_model(*, workdir: str | None = None, pretrained: str | None = None
     raise ConfigError("load_model: give either a workdir or a pretrained model")
   if workdir:
     config = runs.load_config(workdir)
-    model_config, dtype = config.model, config.get("compute_dtype", "float32")
+    model_config, dtype = config.model, config.compute_dtype
   else:
     model_config = ml_collections.ConfigDict(dict(name="llama_lm", pretrained=pretrained,
                                                   dont_load=[], remat="none"))

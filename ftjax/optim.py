@@ -10,9 +10,42 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ftjax import param_groups
-from ftjax.config import check_choice
+from ftjax import param_groups, schema
 from ftjax.errors import ConfigError
+
+DECAYS = ("linear", "cosine", "constant")
+
+
+def _rules_problem(rules: Any) -> str:
+  ok = all(isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+           and schema.is_number(r[1]) for r in rules)
+  return "" if ok else "must be (regex, multiplier) pairs"
+
+
+SCHEMA = schema.Section("optimizer", "AdamW, its learning-rate schedule and clipping.", {
+    "name": schema.Key("adamw", "the optimizer", choices=("adamw",)),
+    "lr": schema.Key(5e-5, "peak learning rate", rule=schema.positive),
+    "b1": schema.Key(0.9, "Adam's first-moment decay", rule=schema.in_range(0, 1)),
+    "b2": schema.Key(0.999, "Adam's second-moment decay", rule=schema.in_range(0, 1)),
+    "eps": schema.Key(1e-8, "Adam's epsilon", rule=schema.positive),
+    "weight_decay": schema.Key(0.01, "decoupled weight decay (times lr)",
+                               rule=schema.at_least(0)),
+    "wd_mults": schema.Key(((".*/bias", 0.0), (".*norm/scale", 0.0), (".*", 1.0)),
+                           "(regex, multiplier) of the weight decay, first match wins",
+                           rule=_rules_problem),
+    "lr_mults": schema.Key(((".*", 1.0),), "(regex, multiplier) of the learning rate, first "
+                           "match wins", rule=_rules_problem),
+    "layer_decay": schema.Key(1.0, "layer-wise decay: lr * layer_decay**depth from the top "
+                              "(1: off)", rule=schema.in_range(0, 1, low_open=True)),
+    "unfreeze_every": schema.Key(0, "> 0: gradual unfreezing, one more block from the top "
+                                 "every K steps", rule=schema.at_least(0)),
+    "warmup_steps": schema.Key(60, "linear warmup from 0 to lr", rule=schema.at_least(0)),
+    "decay": schema.Key("linear", "the decay after warmup", choices=DECAYS),
+    "end_lr_factor": schema.Key(0.0, "the final learning rate as a fraction of lr",
+                                rule=schema.in_range(0, 1)),
+    "clip_norm": schema.Key(1.0, "clip the gradient's global norm (0: off)",
+                            rule=schema.at_least(0)),
+})
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -25,7 +58,6 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
   Returns:
     An optax schedule: step -> learning rate.
   """
-  check_choice(config.decay, ("linear", "cosine", "constant"), "optimizer.decay")
   warmup = int(config.warmup_steps)
   if not 0 <= warmup <= total_steps:
     raise ConfigError(f"config.optimizer.warmup_steps={warmup}: must be in [0, {total_steps}]"
@@ -133,14 +165,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
   Returns:
     (optimizer, learning-rate schedule).
   """
-  check_choice(config.name, ("adamw",), "optimizer.name")
   schedule = make_schedule(config, total_steps)
   wd_mults = param_groups.assign(params, [tuple(r) for r in config.wd_mults],
                                  "config.optimizer.wd_mults")
   lr_mults = param_groups.assign(params, [tuple(r) for r in config.lr_mults],
                                  "config.optimizer.lr_mults")
-  if not 0.0 < config.layer_decay <= 1.0:
-    raise ConfigError(f"config.optimizer.layer_decay={config.layer_decay!r}: must be in (0, 1]")
   if config.layer_decay < 1.0:
     lr_mults = jax.tree.map(lambda m, d: m * config.layer_decay ** d, lr_mults, depths)
   parts = []
@@ -154,8 +183,6 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
   if any(m != 1.0 for m in jax.tree.leaves(lr_mults)):
     parts.append(scale_by_multipliers(lr_mults))
   tx = optax.chain(*parts)
-  if config.unfreeze_every < 0:
-    raise ConfigError(f"config.optimizer.unfreeze_every={config.unfreeze_every}: must be >= 0")
   if config.unfreeze_every:
     tx = train_from(tx, jax.tree.map(lambda d: d * config.unfreeze_every, depths))
   return tx, schedule

@@ -23,15 +23,53 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ftjax import schema
+from ftjax.data import mixture, registry
 from ftjax.errors import ConfigError
 
 KINDS = ("none", "l2sp", "ewc")
 
 
+def fisher_task(config: ml_collections.ConfigDict) -> str:
+  """The task whose training examples EWC's Fisher information is estimated on."""
+  return (config.regularizer.fisher_task
+          or registry.data_set_name(mixture.task_names(config.data.name)[0]))
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  regularizer = config.regularizer
+  if regularizer.kind != "none" and not regularizer.strength > 0:
+    raise ConfigError(f"config.regularizer.strength={regularizer.strength!r}: must be > 0 "
+                      f"for regularizer.kind={regularizer.kind!r}")
+  if regularizer.kind != "ewc":
+    return
+  if not config.init_from:
+    # A new zero-initialised head passes no gradient to the encoder at the start:
+    # the Fisher information would weigh the head alone.
+    raise ConfigError("config.regularizer.kind='ewc' needs config.init_from: the Fisher "
+                      "information is that of the weights a previous run trained on "
+                      "regularizer.fisher_task")
+  names = [registry.data_set_name(name) for name in mixture.task_names(config.data.name)]
+  if fisher_task(config) not in names:
+    raise ConfigError(f"config.regularizer.fisher_task={regularizer.fisher_task!r}: not a "
+                      f"task of this run; choose from {names}")
+
+
+SCHEMA = schema.Section("regularizer", "A penalty toward the starting weights against "
+                        "forgetting (continual fine-tuning).", {
+    "kind": schema.Key("none", "l2sp: strength / 2 * sum (p - p0)**2; ewc: the same, "
+                       "weighted by the diagonal Fisher information", choices=KINDS),
+    "strength": schema.Key(0.0, "the penalty's strength", rule=schema.at_least(0)),
+    "fisher_task": schema.Key("", "ewc: the task whose training examples estimate the "
+                              "Fisher information (empty: the first task)"),
+    "fisher_examples": schema.Key(512, "ewc: how many examples estimate it",
+                                  rule=schema.positive),
+}, check=_check)
+
+
 def kind(config: ml_collections.ConfigDict) -> str:
   """The run's regularizer: one of KINDS."""
-  regularizer = config.get("regularizer")
-  return "none" if regularizer is None else regularizer.kind
+  return config.regularizer.kind
 
 
 def anchor_layout(config: ml_collections.ConfigDict) -> str:

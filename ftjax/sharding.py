@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax import param_groups
+from ftjax import param_groups, schema
 from ftjax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -57,29 +57,15 @@ DEFAULT_RULES = (
 Axes = tuple[str | None, ...]
 
 
-def default_mesh_config() -> ml_collections.ConfigDict:
-  """`config.mesh`: every device on `data` unless told otherwise."""
-  return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-
-
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Sizes of (data, fsdp, tensor) from `config.mesh`, with one -1 taking the rest.
 
   Raises:
-    ConfigError: for unknown axes, non-positive sizes, more than one -1, or sizes
-      whose product is not the number of devices.
+    ConfigError: for sizes whose product is not the number of devices (`SCHEMA`
+      checks each size).
   """
-  unknown = sorted(set(config.keys()) - set(MESH_AXES))
-  if unknown:
-    raise ConfigError(f"config.mesh: unknown axes {unknown}; the mesh axes are {list(MESH_AXES)}")
-  sizes = [config.get(axis, 1) for axis in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    if not isinstance(size, int) or isinstance(size, bool) or (size <= 0 and size != -1):
-      raise ConfigError(f"config.mesh.{axis}={size!r}: must be a positive integer or -1 "
-                        "(the remaining devices)")
+  sizes = [config[axis] for axis in MESH_AXES]
   rest = [axis for axis, size in zip(MESH_AXES, sizes) if size == -1]
-  if len(rest) > 1:
-    raise ConfigError(f"config.mesh: only one axis may be -1, got {rest}")
   known = math.prod(size for size in sizes if size != -1)
   described = " x ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
   if rest:
@@ -307,3 +293,27 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   mesh, rules = current
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(axes, x.shape,
                                                                             mesh)))
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  rest = [axis for axis in MESH_AXES if config.mesh[axis] == -1]
+  if len(rest) > 1:
+    raise ConfigError(f"config.mesh: only one axis may be -1, got {rest}")
+  Rules.from_config(config.axis_rules)
+
+
+_mesh_size = lambda value: "" if value > 0 or value == -1 else "must be > 0 or -1 (the rest)"
+
+SCHEMA = schema.Section("", "The device mesh and how parameters and batches are split "
+                        "over it.", {
+    "mesh": {
+        "data": schema.Key(-1, "devices along the data-parallel axis (-1: the remaining "
+                           "devices)", rule=_mesh_size),
+        "fsdp": schema.Key(1, "devices the parameters and optimizer state are sharded over",
+                           rule=_mesh_size),
+        "tensor": schema.Key(1, "devices the heads and hidden units are split over",
+                             rule=_mesh_size),
+    },
+    "axis_rules": schema.Key(DEFAULT_RULES, "(logical axis, mesh axes) of parameters and "
+                             "batches"),
+}, check=_check)

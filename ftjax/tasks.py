@@ -33,8 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ftjax import sharding, vocab_parallel
-from ftjax.config import check_choice
+from ftjax import schema, sharding, vocab_parallel
 from ftjax.evals import classification as classification_evals
 
 Batch = dict[str, jax.Array]
@@ -196,6 +195,13 @@ def _causal_lm(loss_chunk: int, mesh: Mesh | None, vocab_axes: tuple[str, ...],
 
 TASKS = ("classification", "causal_lm")
 
+SCHEMA = schema.Section("", "What the model's outputs are scored against.", {
+    "task": schema.Key("classification", "classification (labels) or causal_lm (next "
+                       "tokens)", choices=TASKS),
+    "loss_chunk": schema.Key(1024, "causal_lm: tokens of logits computed at a time (0: all at "
+                             "once)", rule=schema.at_least(0)),
+})
+
 
 def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
         rules: sharding.Rules | None = None,
@@ -204,13 +210,12 @@ def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
 
   Classification reads `config.model.num_classes` and, for a multi-task run, takes
   `task_classes`: (name, number of classes) of each task, in order; causal_lm reads
-  `config.loss_chunk` (tokens of logits per chunk, default 1024; 0 = no chunking).
+  `config.loss_chunk` (tokens of logits per chunk; 0 = no chunking).
   Given the run's `mesh` and axis `rules`, a language model whose vocabulary is
   split over a mesh axis computes its loss with `ftjax.vocab_parallel`.
   """
-  check_choice(config.task, TASKS, "task")
   if config.task == "classification":
     return _classification(config.model.num_classes, task_classes)
   vocab_axes = rules.mapping.get("vocab", ()) if rules else ()
   batch_axes = rules.batch_axes(mesh) if rules and mesh is not None else ()
-  return _causal_lm(config.get("loss_chunk", 1024), mesh, vocab_axes, batch_axes)
+  return _causal_lm(config.loss_chunk, mesh, vocab_axes, batch_axes)

@@ -30,22 +30,13 @@ from typing import Any
 
 import ml_collections
 
-from ftjax import nested, tracking
+from ftjax import nested, schema, tracking
 from ftjax.errors import ConfigError
 
 TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 STATE_FILE = "trackers.json"
 # What a tracker needs installed: (module, pip extra).
 _PACKAGES = {"wandb": ("wandb", "ftjax[wandb]"), "mlflow": ("mlflow", "ftjax[mlflow]")}
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.tracking` section: each tracker's settings ("" / (): the library's
-  default, or its environment variable)."""
-  return ml_collections.ConfigDict({
-      "wandb": {"project": "", "entity": "", "name": "", "group": "", "tags": (), "mode": ""},
-      "mlflow": {"tracking_uri": "", "experiment": "", "run_name": ""},
-  })
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -62,10 +53,30 @@ def check(config: ml_collections.ConfigDict) -> None:
     if name in _PACKAGES and importlib.util.find_spec(_PACKAGES[name][0]) is None:
       raise ConfigError(f"config.trackers: {name!r} needs the package {_PACKAGES[name][0]}: "
                         f"pip install '{_PACKAGES[name][1]}'")
-  mode = config.tracking.wandb.mode
-  if mode not in ("", "online", "offline", "disabled"):
-    raise ConfigError(f"config.tracking.wandb.mode={mode!r}: one of 'online', 'offline', "
-                      "'disabled' (empty: WANDB_MODE or the library's default)")
+
+
+SCHEMA = schema.Section("", "Where metrics go besides metrics.jsonl, and each tracker's "
+                        "settings (empty: the library's default or environment variable).", {
+    "trackers": schema.Key(("jsonl", "tensorboard"), "metrics.jsonl (always), "
+                           f"TensorBoard, W&B, MLflow: from {list(TRACKERS)}"),
+    "tracking": {
+        "wandb": {
+            "project": schema.Key("", "W&B project (default: ftjax)"),
+            "entity": schema.Key("", "W&B entity"),
+            "name": schema.Key("", "W&B run name (default: the workdir's name)"),
+            "group": schema.Key("", "W&B group"),
+            "tags": schema.Key((), "W&B tags"),
+            "mode": schema.Key("", "online, offline or disabled",
+                               choices=("", "online", "offline", "disabled")),
+        },
+        "mlflow": {
+            "tracking_uri": schema.Key("", "MLflow tracking URI (default: SQLite mlflow.db "
+                                       "in the workdir's parent)"),
+            "experiment": schema.Key("", "MLflow experiment (default: ftjax)"),
+            "run_name": schema.Key("", "MLflow run name (default: the workdir's name)"),
+        },
+    },
+}, check=check)
 
 
 class _Wandb:

@@ -13,15 +13,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from ftjax import (build, checkpoint, data, generate, param_groups, preemption, regularizers,
-                   runs, sharding, tasks, tracking)
+from ftjax import (build, checkpoint, data, generate, param_groups, periodic, preemption,
+                   regularizers, run_setup, runs, sharding, tracking)
 from ftjax import trackers as trackers_lib
-from ftjax.config import check_choice, validate
+from ftjax.config import validate
 from ftjax.data import check as data_check
 from ftjax.data import inputs as inputs_lib
 from ftjax.data import registry
 from ftjax.early_stopping import EarlyStopping
-from ftjax.errors import ConfigError, TrainingError
+from ftjax.errors import ConfigError
 from ftjax.metrics import MetricWriter, Progress, log_line
 
 
@@ -74,20 +74,20 @@ class _Run:
                devices: Sequence[jax.Device] | None = None):
     self.config = config
     self.workdir = workdir
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = sharding.Rules.from_config(config.axis_rules)
-    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    self.placement = placement = run_setup.place(config, devices)
+    self.mesh, self.rules = placement.mesh, placement.rules
+    self.batch_sharding = placement.batch_sharding
     self.process = jax.process_index()
-    build.check_batch_sizes(config, self.mesh, self.rules)
-    # Which part of each global batch this process reads.
-    self.data_shard = sharding.process_batch_slice(self.batch_sharding, config.batch_size)
-    check_choice(config.task, tasks.TASKS, "task")  # before the data it decides on
+    self.data_shard = placement.data_shard(config.batch_size)
     self._build_data()
     # The data may say how many classes there are (config.model.num_classes=0).
     self.config = config = inputs_lib.with_class_count(config, self.inputs)
     self.data_check = self._check_data()
-    self.task = tasks.get(config, self.mesh, self.rules, self.inputs.task_classes)
-    self._build_state()
+    self.setup = run_setup.set_up(config, placement, self.inputs.batch_spec,
+                                  self.inputs.task_classes, self.total_steps)
+    self.task, self.built = self.setup.task, self.setup.built
+    self.model, self.state, self.frozen = self.built.model, self.built.state, self.built.frozen
+    self._log_state()
     self.trackers = trackers_lib.Trackers(config, workdir, enabled=self.process == 0)
     self.writer = MetricWriter(workdir, enabled=self.process == 0,
                                tensorboard="tensorboard" in config.trackers,
@@ -101,10 +101,9 @@ class _Run:
       self.sample_prompts = inputs_lib.sample_prompts(
           self.inputs, "validation", config.samples.count, config.samples.prompt_tokens)
 
-  def _build_state(self) -> None:
-    """Model, optimizer and training state, each array created in its own shards."""
-    self.built = built = build.build(self.config, self.mesh, self.rules, self.total_steps)
-    self.model, self.state, self.frozen = built.model, built.state, built.frozen
+  def _log_state(self) -> None:
+    """The parameter counts and each device's share of the state."""
+    built = self.built
     log_line(_parameter_summary(built.base, self.state.params, self.frozen,
                                 self.state.opt_state))
     mib = lambda tree: f"{sharding.local_bytes(tree) / 2**20:.1f} MiB"
@@ -160,14 +159,12 @@ class _Run:
   def _compile(self) -> None:
     """Compiles the train and eval steps once, ahead of time, with explicit shardings
     (after checking that the evaluation reports the early-stopping metric)."""
-    train, evaluate = build.jit_steps(self.built, self.task, self.config, self.rules,
-                                      self.batch_sharding)
-    batch = lambda size: build.abstract_batch(self.inputs.batch_spec, size,
-                                              self.batch_sharding)
-    evaluate = evaluate.lower(self.state.params, self.state.stats, self.frozen,
-                              batch(self.config.eval_batch_size))
+    setup = self.setup
+    evaluate = setup.evaluate.lower(self.state.params, self.state.stats, self.frozen,
+                                    setup.batch(self.config.eval_batch_size))
     self._check_early_stopping_metric(evaluate.out_info)
-    self.train_step = train.lower(self.state, self.frozen, batch(self.config.batch_size)).compile()
+    self.train_step = setup.train.lower(self.state, self.frozen,
+                                        setup.batch(self.config.batch_size)).compile()
     self.eval_step = evaluate.compile()
 
   def _check_early_stopping_metric(self, sums: Any) -> None:
@@ -200,14 +197,14 @@ def _fisher_weights(run: _Run) -> Any:
   regularizer = run.config.regularizer
   sources = run.inputs.task_train or {
       registry.data_set_name(run.config.data.name): run.splits["train"]}
-  examples = data.Head(sources[regularizer.fisher_task], regularizer.fisher_examples)
-  fisher_step = build.jit_fisher_step(run.built, run.task, run.config, run.rules,
-                                      run.batch_sharding)
+  task = regularizers.fisher_task(run.config)
+  examples = data.Head(sources[task], regularizer.fisher_examples)
+  fisher_step = run.setup.fisher_step()
   batches = (_put_batch(batch, run.batch_sharding) for batch in run.eval_batches(examples))
   started = time.perf_counter()
   weights = regularizers.fisher_weights(fisher_step, run.state.params, run.state.stats,
                                         run.frozen, batches)
-  log_line(f"EWC: Fisher information of {len(examples)} {regularizer.fisher_task} examples "
+  log_line(f"EWC: Fisher information of {len(examples)} {task} examples "
            f"in {time.perf_counter() - started:.1f} s")
   return weights
 
@@ -276,9 +273,10 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
   config = run.config
   start = int(jax.device_get(run.state.step))
   progress = Progress(run.total_steps, config.batch_size, start)
-  if start == 0 and config.get("eval_at_start", False):
+  if start == 0 and config.eval_at_start:
     _validate(run, 0, stopper)  # the pretrained model: the baseline fine-tuning must beat
-  guard = _NonFiniteGuard(config)
+  guard = periodic.NonFiniteGuard(config)
+  cadence = periodic.Cadence.from_config(config, run.total_steps, run.steps_per_epoch)
   with jax.transfer_guard("disallow"):
     for step in range(start + 1, run.total_steps + 1):
       if stopper.stop:
@@ -286,19 +284,17 @@ def _train(run: _Run, iterator, stopper: EarlyStopping,
       batch = _put_batch(next(iterator), run.batch_sharding)
       run.state, metrics = run.train_step(run.state, run.frozen, batch)
       guard.check(step, metrics["nonfinite"], run.checkpointer)
-      last = step == run.total_steps
-      if step % config.log_every == 0 or last:
+      if cadence.logs(step):
         metrics = jax.device_get(metrics)
         run.writer.write(step, "train", metrics)
         run.clock.update()
         log_line(progress.line(step, metrics))
-      epoch_end = config.get("eval_at_epoch_end", True) and step % run.steps_per_epoch == 0
-      if step % config.eval_every == 0 or epoch_end or last:
+      if cadence.validates(step):
         _validate(run, step, stopper)
         if stopper.stop:
           log_line(f"early stopping at step {step}: no {stopper.metric} improvement "
                    f"> {stopper.min_delta} in {stopper.patience} evaluations")
-      if step % config.checkpoint.every == 0 or last or stopper.stop:
+      if cadence.checkpoints(step) or stopper.stop:
         run.checkpointer.save(step, run.state, _progress_record(run, iterator, stopper))
       if on_step is not None:
         on_step(step)
@@ -317,50 +313,6 @@ def _preempted(run: _Run, iterator, stopper: EarlyStopping, step: int) -> None:
   log_line(f"preempted: checkpoint of step {step} written to {run.workdir}; start the same "
            "command again to resume")
   raise preemption.Preempted(step)
-
-
-class _NonFiniteGuard:
-  """Stops training, or skips the step, when its loss or gradient norm is NaN or infinite.
-
-  The train step already left the state unchanged on such a step; this decides
-  whether to go on (`config.on_nonfinite="skip"`, at most
-  `config.max_nonfinite_skips` times) or stop with an error naming the step
-  (`"stop"`, the default). The check reads the flag one step late, so the host
-  never waits for the device.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.policy = config.get("on_nonfinite", "stop")
-    self.max_skips = config.get("max_nonfinite_skips", 0)
-    self.skipped: list[int] = []
-    self._pending: tuple[int, jax.Array] | None = None
-
-  def check(self, step: int, flag: jax.Array, checkpointer: checkpoint.Checkpointer) -> None:
-    """Records `step`'s flag and acts on the previous step's."""
-    pending, self._pending = self._pending, (step, flag)
-    if pending is not None:
-      self._act(*pending, checkpointer)
-
-  def finish(self, checkpointer: checkpoint.Checkpointer) -> None:
-    if self._pending is not None:
-      self._act(*self._pending, checkpointer)
-      self._pending = None
-
-  def _act(self, step: int, flag: jax.Array, checkpointer: checkpoint.Checkpointer) -> None:
-    if not float(jax.device_get(flag)):
-      return
-    latest = checkpointer.latest_step()
-    kept = ("no checkpoint was written yet" if latest is None
-            else f"the latest checkpoint (step {latest}) is intact")
-    where = (f"non-finite loss or gradient norm at step {step}: the update was not applied; "
-             f"{kept}")
-    if self.policy == "skip" and len(self.skipped) < self.max_skips:
-      self.skipped.append(step)
-      log_line(f"{where}; skipped ({len(self.skipped)} of at most {self.max_skips})")
-      return
-    checkpointer.wait()
-    raise TrainingError(f"{where}; training stopped (on_nonfinite={self.policy!r}, "
-                        f"{len(self.skipped)} step(s) skipped before: {self.skipped})")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -421,7 +373,7 @@ def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
   if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs
     run_.state = run_.state.replace(anchor={"center": run_.state.anchor["center"],
                                             "weight": _fisher_weights(run_)})
-  if (config.get("test_at_start", False) or config.get("init_from", "")) and fresh:
+  if (config.test_at_start or config.init_from) and fresh:
     run_.test_at_start = _test_at_start(run_)
   at_start = run_.test_at_start
   stopper = _train(run_, iterator, stopper, on_step)

@@ -34,7 +34,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import build, cli, distributed, regularizers, sharding, tasks
+from ftjax import cli, distributed, regularizers, run_setup, sharding
 from ftjax.config import validate
 from ftjax.data import registry
 from ftjax.errors import ConfigError
@@ -299,30 +299,29 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
                       "this check does not read: set --config.model.num_classes")
   limit = parse_bytes(memory_per_device) if memory_per_device is not None else None
   devices = target_devices(topology, chips_per_host)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.Rules.from_config(config.axis_rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
+  placement = run_setup.place(config, devices)
+  mesh, rules = placement.mesh, placement.rules
   mesh_text = sharding.describe_mesh(mesh)
-  build.check_batch_sizes(config, mesh, rules)
   parallel = sharding.batch_parallelism(mesh, rules)
   sets = registry.check(config)
   task_classes = registry.preset_class_counts(config)
   if len(sets) > 1 and not task_classes:
     raise ConfigError(f"config.data.name={config.data.name!r}: a multi-task run of files takes "
                       "its tasks' classes from the data, which this check does not read")
-  task = tasks.get(config, mesh, rules, task_classes)
   # The schedule's length changes no shape; the data set (and so the number of
   # steps of an epoch-based run) is not read.
-  total_steps = max(config.total_steps, config.optimizer.get("warmup_steps", 0), 1)
-  built = build.build(config, mesh, rules, total_steps, abstract=True)
+  total_steps = max(config.total_steps, config.optimizer.warmup_steps, 1)
+  kind = sets[0].kind
+  setup = run_setup.set_up(config, placement,
+                           registry.batch_spec(kind, config.data, multi_task=len(sets) > 1),
+                           task_classes, total_steps, abstract=True)
+  built = setup.built
   state = built.state
-  spec = registry.batch_spec(sets[0].kind, config.data, multi_task=len(sets) > 1)
-  train_batch = build.abstract_batch(spec, config.batch_size, batch_sharding)
-  eval_batch = build.abstract_batch(spec, config.eval_batch_size, batch_sharding)
-  train, evaluate = build.jit_steps(built, task, config, rules, batch_sharding)
-  train_compiled, train_seconds = _compile(train, state, built.frozen, train_batch)
-  eval_compiled, eval_seconds = _compile(evaluate, state.params, state.stats, built.frozen,
-                                         eval_batch)
+  train_batch = setup.batch(config.batch_size)
+  eval_batch = setup.batch(config.eval_batch_size)
+  train_compiled, train_seconds = _compile(setup.train, state, built.frozen, train_batch)
+  eval_compiled, eval_seconds = _compile(setup.evaluate, state.params, state.stats,
+                                         built.frozen, eval_batch)
 
   trees = {"trainable parameters": state.params, "frozen parameters": built.frozen,
            "optimizer state": state.opt_state}
@@ -346,18 +345,21 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
           eval_compiled, eval_seconds, held,
           eval_args, "activations, collective buffers")}
   if regularizers.kind(config) == "ewc":  # run once at the start, on evaluation batches
-    fisher = build.jit_fisher_step(built, task, config, rules, batch_sharding)
+    fisher = setup.fisher_step()
     fisher_compiled, fisher_seconds = _compile(fisher, state.params, state.stats, built.frozen,
                                                eval_batch)
     steps["EWC Fisher step"] = StepMemory(
         fisher_compiled, fisher_seconds, held, eval_args, "per-example gradients, activations")
 
   platform = devices[0].platform
-  kind = getattr(devices[0], "device_kind", platform)
+  device_kind = getattr(devices[0], "device_kind", platform)
   batch_axes = ",".join(a for a in rules.batch_axes(mesh) if mesh.shape[a] > 1) or "none"
-  lines = [f"mesh: {mesh_text} over {len(devices)} {kind} devices (--topology={topology})",
+  rows = (f"{config.data.image_size}x{config.data.image_size} images" if kind == "image"
+          else f"{config.data.max_length} tokens")
+  lines = [f"mesh: {mesh_text} over {len(devices)} {device_kind} devices "
+           f"(--topology={topology})",
            f"batch: train {config.batch_size}, eval {config.eval_batch_size} rows of "
-           f"{config.data.max_length} tokens, split {parallel} ways over mesh axes "
+           f"{rows}, split {parallel} ways over mesh axes "
            f"{batch_axes}; grad_accum_steps={config.grad_accum_steps}, "
            f"compute_dtype={config.compute_dtype}",
            "", _state_table(local, whole), "", _steps_table(steps, platform)]

@@ -47,7 +47,7 @@ def _tokenizer(workdir: str | None, model: str | None) -> Any:
   """The transformers tokenizer of the run's (or the pretrained model's) folder."""
   if workdir:
     config = runs.load_config(workdir)
-    model = config.data.get("tokenizer") or config.model.get("pretrained")
+    model = config.data.tokenizer or config.model.pretrained
     if not model:
       raise ConfigError(f"{workdir}: the run names neither config.data.tokenizer nor "
                         "config.model.pretrained, so it has no tokenizer")

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from ftjax import config as ftjax_config
 from ftjax.data import augment, idx, images, pipeline
 from ftjax.data.presets import fashion_mnist, mnist_digits
 from ftjax.errors import ConfigError, DataError
@@ -310,7 +311,7 @@ def test_few_shot_errors():
 
 
 def _augment_config(**overrides):
-  config = augment.default_config()
+  config = ftjax_config.defaults().data.augment
   config.lock()
   return with_overrides(config, **overrides)
 
@@ -341,7 +342,8 @@ def test_augment_config():
                      ("crop_ratio", (1.0,)), ("mixup_alpha", -1.0), ("mix_prob", 1.5),
                      ("switch_prob", -0.1)]:
     with pytest.raises(ConfigError, match=f"config.data.augment.{key}="):
-      augment.from_config(_augment_config(**{key: value}))
+      ftjax_config.validate(with_overrides(ftjax_config.defaults(),
+                                           **{f"data.augment.{key}": value}))
 
 
 @pytest.mark.parametrize("switch_prob", [0.0, 1.0])

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import with_overrides
 from ftjax import build, data, param_groups, sharding, tasks, trainer
+from ftjax import config as ftjax_config
 from ftjax.data import inputs as inputs_lib
 from ftjax.data import registry
 from ftjax.errors import ConfigError
@@ -23,7 +24,7 @@ STEPS = 3
 
 
 def _mesh_config(**sizes):
-  config = sharding.default_mesh_config()
+  config = ftjax_config.defaults().mesh
   config.data = 1
   config.update(sizes)
   return config
@@ -44,15 +45,13 @@ def test_mesh_sizes_fill_the_rest_and_reject_mismatches():
     sharding.mesh_shape(_mesh_config(data=2, fsdp=2), 8)
   with pytest.raises(ConfigError, match="other axes \\(3 devices\\) do not divide the 8"):
     sharding.mesh_shape(_mesh_config(data=-1, tensor=3), 8)
+  config = ftjax_config.defaults()
   with pytest.raises(ConfigError, match="only one axis may be -1"):
-    sharding.mesh_shape(_mesh_config(data=-1, fsdp=-1), 8)
+    ftjax_config.validate(with_overrides(config, **{"mesh.data": -1, "mesh.fsdp": -1}))
   with pytest.raises(ConfigError, match="config.mesh.tensor=0"):
-    sharding.mesh_shape(_mesh_config(tensor=0), 8)
-  bad = sharding.default_mesh_config()
-  bad.unlock()
-  bad.pipeline = 2
-  with pytest.raises(ConfigError, match="unknown axes \\['pipeline'\\]"):
-    sharding.mesh_shape(bad, 8)
+    ftjax_config.validate(with_overrides(config, **{"mesh.tensor": 0}))
+  with pytest.raises(ConfigError, match="config.mesh.pipeline: unknown key"):
+    ftjax_config.validate(with_overrides(config, **{"mesh.pipeline": 2}))
 
 
 def test_axis_rules_name_what_is_wrong():

@@ -3,7 +3,7 @@
 `Augment` works on preprocessed batches (see
 `ftjax.data.images.image_classification_preprocess`): float images
 [b, S, S, 3] with "label", "label_mix" and "mix". It is configured by a
-config section, `config.data.augment` (see `default_config`):
+config section, `config.data.augment` (`KEYS`):
 
 * crop_scale (lo, hi): random resized crop of an area fraction drawn from
   [lo, hi], resized back to S x S; on when hi > lo or lo < 1. (1.0, 1.0): off.
@@ -35,6 +35,7 @@ import math
 import ml_collections
 import numpy as np
 
+from ftjax import schema
 from ftjax.data.images import resize
 from ftjax.data.pipeline import Batch
 from ftjax.errors import ConfigError
@@ -43,38 +44,34 @@ from ftjax.errors import ConfigError
 CROP_TRIES = 10
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Returns the augment section with everything off (see the module docstring)."""
-  return ml_collections.ConfigDict({
-      "crop_scale": (1.0, 1.0),
-      "crop_ratio": (3 / 4, 4 / 3),
-      "flip": False,
-      "mixup_alpha": 0.0,
-      "cutmix_alpha": 0.0,
-      "mix_prob": 1.0,
-      "switch_prob": 0.5,
-  })
+def _range(top: float | None) -> schema.Rule:
+  """A (lo, hi) pair with 0 < lo <= hi (<= top)."""
+  text = "must be two numbers (lo, hi), 0 < lo <= hi" + (f" <= {top}" if top else "")
+
+  def rule(value):
+    pair = tuple(value)
+    ok = (len(pair) == 2 and all(schema.is_number(v) for v in pair)
+          and 0 < pair[0] <= pair[1] and (top is None or pair[1] <= top))
+    return "" if ok else text
+  return rule
 
 
-def _pair(section: ml_collections.ConfigDict, key: str, name: str) -> tuple[float, float]:
-  """Returns the (lo, hi) pair of the section's `key`."""
-  value = section[key]
-  try:
-    lo, hi = (float(v) for v in value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"config.{name}.{key}={value!r}: expected two numbers (lo, hi)") from None
-  return lo, hi
-
-
-def _number(section: ml_collections.ConfigDict, key: str, name: str,
-            hi: float | None = None) -> float:
-  """Returns a number >= 0 (and <= `hi` if given) of the section."""
-  value = section[key]
-  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
-      or hi is not None and value > hi):
-    expected = "a number >= 0" if hi is None else f"a number in [0, {hi}]"
-    raise ConfigError(f"config.{name}.{key}={value!r}: expected {expected}")
-  return float(value)
+# The `config.data.augment` keys (everything off by default).
+KEYS = {
+    "crop_scale": schema.Key((1.0, 1.0), "random resized crop: the range of the kept area "
+                             "fraction ((1, 1): off)", rule=_range(1.0)),
+    "crop_ratio": schema.Key((3 / 4, 4 / 3), "random resized crop: the range of the aspect "
+                             "ratio", rule=_range(None)),
+    "flip": schema.Key(False, "random horizontal flip"),
+    "mixup_alpha": schema.Key(0.0, "mixup with Beta(a, a) weights (0: off)",
+                              rule=schema.at_least(0)),
+    "cutmix_alpha": schema.Key(0.0, "cutmix with Beta(a, a) weights (0: off)",
+                               rule=schema.at_least(0)),
+    "mix_prob": schema.Key(1.0, "the probability that a batch is mixed",
+                           rule=schema.in_range(0, 1)),
+    "switch_prob": schema.Key(0.5, "mixup and cutmix both on: the probability of cutmix",
+                              rule=schema.in_range(0, 1)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,36 +193,14 @@ class Augment:
     return mixed.astype(np.float32)
 
 
-def from_config(section: ml_collections.ConfigDict,
-                name: str = "data.augment") -> Augment | None:
-  """Returns the augmentation a config section describes, or None when all is off.
-
-  Args:
-    section: a section with the keys of `default_config()`.
-    name: the section's path under `config`, for error messages.
-
-  Returns:
-    An `Augment`, or None when no crop, flip, mixup or cutmix is on.
-
-  Raises:
-    ConfigError: naming `config.<name>.<key>` for a value out of range.
-  """
-  crop_scale = _pair(section, "crop_scale", name)
-  if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-    raise ConfigError(f"config.{name}.crop_scale={section.crop_scale!r}: expected "
-                      f"0 < lo <= hi <= 1")
-  crop_ratio = _pair(section, "crop_ratio", name)
-  if not 0 < crop_ratio[0] <= crop_ratio[1]:
-    raise ConfigError(f"config.{name}.crop_ratio={section.crop_ratio!r}: expected "
-                      f"0 < lo <= hi")
-  if not isinstance(section.flip, bool):
-    raise ConfigError(f"config.{name}.flip={section.flip!r}: expected true or false")
+def from_config(section: ml_collections.ConfigDict) -> Augment | None:
+  """The augmentation a config section (`KEYS`, checked by `ftjax.config.validate`)
+  describes, or None when all is off."""
   augment = Augment(
-      crop_scale=crop_scale, crop_ratio=crop_ratio, flip=section.flip,
-      mixup_alpha=_number(section, "mixup_alpha", name),
-      cutmix_alpha=_number(section, "cutmix_alpha", name),
-      mix_prob=_number(section, "mix_prob", name, 1.0),
-      switch_prob=_number(section, "switch_prob", name, 1.0))
+      crop_scale=tuple(float(v) for v in section.crop_scale),
+      crop_ratio=tuple(float(v) for v in section.crop_ratio), flip=section.flip,
+      mixup_alpha=float(section.mixup_alpha), cutmix_alpha=float(section.cutmix_alpha),
+      mix_prob=float(section.mix_prob), switch_prob=float(section.switch_prob))
   if not (augment.crops or augment.flip or augment.mixes):
     return None
   return augment

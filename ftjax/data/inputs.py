@@ -180,8 +180,8 @@ def build(config: ml_collections.ConfigDict) -> Inputs:
   sets = registry.check(config)
   if len(sets) > 1:
     return _multi_task_inputs(config, sets)
-  return _data_set_inputs(config, sets[0], source_path=config.data.get("source_path") or None,
-                          labels=config.data.get("labels", ()))
+  return _data_set_inputs(config, sets[0], source_path=config.data.source_path or None,
+                          labels=config.data.labels)
 
 
 def _data_set_inputs(config: ml_collections.ConfigDict, data_set: registry.DataSet,
@@ -281,12 +281,12 @@ def _multi_task_inputs(config: ml_collections.ConfigDict, sets: list[registry.Da
   """Every task's splits, tagged with the task; training examples mixed (`mixture`)."""
   data = config.data
   names = [data_set.name for data_set in sets]
-  train_examples = tuple(data.get("train_examples", ())) or (0,) * len(names)
-  mixing = data.get("mixing", "proportional")
+  train_examples = tuple(data.train_examples) or (0,) * len(names)
+  mixing = data.mixing
   parts: dict[str, list[Sequence[Any]]] = {"train": [], "validation": [], "test": []}
   class_names, task_classes = [], []
   for task, data_set in enumerate(sets):
-    splits, classes, _ = _load_splits(data, data_set, None, data.get("labels", ()))
+    splits, classes, _ = _load_splits(data, data_set, None, data.labels)
     class_names += [f"{data_set.name}/{label}" for label in classes]
     task_classes.append((data_set.name, len(classes)))
     splits["train"] = pipeline.Head(splits["train"], train_examples[task])
@@ -295,7 +295,7 @@ def _multi_task_inputs(config: ml_collections.ConfigDict, sets: list[registry.Da
     for split, source in splits.items():
       parts[split].append(mixture.Tagged(source, task))
   splits = {"train": mixture.training_mixture(parts["train"], mixing,
-                                              data.get("weights", ()), config.seed),
+                                              data.weights, config.seed),
             "validation": mixture.Concatenation(parts["validation"]),
             "test": mixture.Concatenation(parts["test"])}
   log_line(f"tasks {names}: {len(splits['train'])} training entries ({mixing} mixing of "
@@ -335,7 +335,7 @@ def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
   tokenizer = tokenizer_lib.load_hf_tokenizer(tokenizer_dir)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   formatter = lm.ChatFormatter(tokenizer) if kind == "chat" else None
-  raw = {"train": pipeline.Head(splits["train"], data.get("max_train_examples", 0))}
+  raw = {"train": pipeline.Head(splits["train"], data.max_train_examples)}
   for split in ("validation", "test"):
     raw[split] = pipeline.Head(splits[split], data.max_eval_examples)
   packed = {}
@@ -343,7 +343,7 @@ def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
     seed = config.seed if split == "train" else None
     if kind == "chat":
       packed[split] = lm.pack_chat(source, formatter, max_length=data.max_length,
-                                   pad_id=pad_id, overlong=data.get("overlong", "split"),
+                                   pad_id=pad_id, overlong=data.overlong,
                                    order_seed=seed)
     else:
       packed[split] = lm.pack_text(source, tokenizer, max_length=data.max_length,

@@ -33,7 +33,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ftjax.data import file_images, lm, local_builder, mixture, table_files
+from ftjax import models, schema
+from ftjax.data import augment, file_images, lm, local_builder, mixture, table_files
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 
@@ -44,16 +45,9 @@ KIND_TASKS = {"classification": "classification", "image": "classification",
 FORMATS = (*table_files.FORMATS, file_images.FOLDER_FORMAT)
 FILE_SETTINGS = tuple(f"config.data.files.{split}" for split in local_builder.SPLIT_NAMES)
 
-# The config.data keys that each kind of data reads (files also read _FILE_KEYS).
-_KIND_KEYS = {
-    "classification": ("max_length", "max_eval_examples", "tokenizer"),
-    "image": ("image_size", "mean", "std", "shots", "augment", "max_eval_examples"),
-    "chat": ("max_length", "max_eval_examples", "tokenizer"),
-    "text": ("max_length", "max_eval_examples", "tokenizer"),
-    "language_model_files": ("max_length", "max_eval_examples", "tokenizer"),
-}
-_FILE_KEYS = ("files", "columns", "split")
-_PRESET_KEYS = ("source_path",)
+# Kind of data -> what a model must read to take it (`ftjax.models.INPUTS`).
+KIND_INPUTS = {"classification": "text", "image": "image", "chat": "tokens", "text": "tokens",
+               "language_model_files": "tokens"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +120,7 @@ class DataSet:
 
 def _file_kind(fmt: str, config: ml_collections.ConfigDict) -> str:
   """The kind of the files of format `fmt` under `config` (task and columns)."""
-  if fmt == file_images.FOLDER_FORMAT or "image" in config.data.get("columns", {}):
+  if fmt == file_images.FOLDER_FORMAT or config.data.columns.image:
     return "image"
   return "language_model_files" if config.task == "causal_lm" else "classification"
 
@@ -162,7 +156,7 @@ def resolve(name: str, config: ml_collections.ConfigDict) -> DataSet:
     preset = presets()[name]
     return DataSet(name, preset.kind, preset=preset)
   if name in FORMATS:
-    files = config.data.get("files", {})
+    files = config.data.files
     return DataSet(name, _file_kind(name, config), format=name,
                    files=tuple(files.get(split, "") for split in local_builder.SPLIT_NAMES))
   reference = _files_reference(name)
@@ -191,16 +185,15 @@ def check(config: ml_collections.ConfigDict) -> list[DataSet]:
   if len(set(names)) != len(names):
     raise ConfigError(f"config.data.name={data.name!r}: two data sets named alike {names}")
   for data_set in sets:
+    _check_kind(config, data_set)
     if len(sets) > 1 and data_set.kind != "classification":
       raise ConfigError(f"config.data.name={data.name!r}: {data_set.name!r} cannot be a task "
                         "of a multi-task run: tasks are text classification data (presets "
                         f"{sorted(n for n, p in presets().items() if p.kind == 'classification')}"
                         ", a file format or '<format>:<files>')")
-    _check_keys(config, data_set)
-  _check_fisher_task(config, names)
   if len(sets) == 1:
     for key in ("weights", "train_examples"):
-      if data.get(key):
+      if data[key]:
         raise ConfigError(f"config.data.{key}={tuple(data[key])!r}: only for multi-task runs "
                           f"(config.data.name joining data sets with '+'), not {data.name!r}")
     return sets
@@ -208,18 +201,19 @@ def check(config: ml_collections.ConfigDict) -> list[DataSet]:
   return sets
 
 
-def _check_keys(config: ml_collections.ConfigDict, data_set: DataSet) -> None:
+def _check_kind(config: ml_collections.ConfigDict, data_set: DataSet) -> None:
+  """The data's task is the run's, and the model reads that kind of data."""
   data = config.data
   named = f"config.data.name={data.name!r}" + (
       "" if data.name == data_set.name else f": {data_set.name!r}")  # a part of the name
   if config.task != data_set.task:
     raise ConfigError(f"{named} is {data_set.kind} data, scored by task {data_set.task!r}, "
                       f"but config.task={config.task!r}")
-  needed = _KIND_KEYS[data_set.kind] + (_PRESET_KEYS if data_set.preset else _FILE_KEYS)
-  missing = [key for key in needed if key not in data]
-  if missing:
-    raise ConfigError(f"{named} is {data_set.kind} data, which needs config.data keys "
-                      f"{missing} that this config lacks (a config of another kind of data?)")
+  needs, reads = KIND_INPUTS[data_set.kind], models.INPUTS[config.model.name]
+  if needs != reads:
+    fitting = sorted(name for name, kind in models.INPUTS.items() if kind == needs)
+    raise ConfigError(f"{named} is {data_set.kind} data, but config.model.name="
+                      f"{config.model.name!r} reads {reads}; models for it: {fitting}")
   if not data_set.preset and not data_set.files[0]:
     raise ConfigError(f"config.data.name={data.name!r} reads files: set "
                       "config.data.files.train (and optionally .validation, .test)")
@@ -228,10 +222,10 @@ def _check_keys(config: ml_collections.ConfigDict, data_set: DataSet) -> None:
 def _check_tasks(config: ml_collections.ConfigDict, sets: list[DataSet]) -> None:
   """The checks of a multi-task run (several data sets joined with "+")."""
   data = config.data
-  if data.get("source_path"):
+  if data.source_path:
     raise ConfigError(f"config.data.source_path={data.source_path!r}: multi-task runs read "
                       "each data set's own source; set it only for a single data set")
-  if data.get("columns", {}).get("text_pair"):
+  if data.columns.text_pair:
     raise ConfigError(f"config.data.columns.text_pair={data.columns.text_pair!r}: sentence "
                       "pairs are read in runs of a single data set, not multi-task runs")
   if sum(not s.preset and not s.own_classes for s in sets) > 1:
@@ -243,20 +237,12 @@ def _check_tasks(config: ml_collections.ConfigDict, sets: list[DataSet]) -> None
                       f"{data.name!r} have {sum(c for _, c in counts)} classes together "
                       f"({', '.join(f'{n}: {c}' for n, c in counts)})")
   names = [s.name for s in sets]
-  mixture.check_weights(data.get("mixing", "proportional"), data.get("weights", ()), names)
-  train_examples = data.get("train_examples", ())
+  mixture.check_weights(data.mixing, data.weights, names)
+  train_examples = data.train_examples
   if train_examples and (len(train_examples) != len(names)
                          or any(not isinstance(n, int) or n < 0 for n in train_examples)):
     raise ConfigError(f"config.data.train_examples={tuple(train_examples)!r}: needs a count "
                       f">= 0 per task of {names} (0: all)")
-
-
-def _check_fisher_task(config: ml_collections.ConfigDict, names: list[str]) -> None:
-  regularizer = config.get("regularizer")
-  if regularizer is not None and regularizer.kind == "ewc" and (
-      regularizer.fisher_task not in names):
-    raise ConfigError(f"config.regularizer.fisher_task={regularizer.fisher_task!r}: not a "
-                      f"task of this run; choose from {names}")
 
 
 def preset_class_counts(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
@@ -292,3 +278,72 @@ def batch_spec(kind: str, data: ml_collections.ConfigDict, multi_task: bool = Fa
   spec["mask"] = ((), np.bool_)
   return spec
 
+
+
+def _split_problem(value: Any) -> str:
+  fractions = tuple(value)
+  ok = (len(fractions) == 3 and all(schema.is_number(f) and f >= 0 for f in fractions)
+        and fractions[0] > 0 and abs(sum(fractions) - 1) < 1e-6)
+  return "" if ok else "must be three fractions (train, validation, test) summing to 1"
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SCHEMA = schema.Section("data", "What a run reads and how examples become batches.", {
+    "name": schema.Key("rotten_tomatoes", "a packaged data set, a file format reading "
+                       "`files`, or '<format>:<files>'; '+' joins the tasks of a multi-task "
+                       "run"),
+    "data_dir": schema.Key("~/.cache/ftjax/tensorflow_datasets", "where prepared data sets "
+                           "are kept"),
+    "source_path": schema.Key("", "a packaged data set's source read from here instead "
+                              "(empty: the packaged files)"),
+    "files": {split: schema.Key("", f"file formats: the {split} files (paths, globs or "
+                                "comma-separated lists)" + ("" if split == "train" else
+                                "; empty: cut from train by `split`"))
+              for split in local_builder.SPLIT_NAMES},
+    "columns": {
+        "text": schema.Key("text", "the column of texts (classification) or passages "
+                           "(language models)"),
+        "text_pair": schema.Key("", "the column of second texts of sentence pairs (empty: "
+                                "single texts)"),
+        "label": schema.Key("label", "the column of labels"),
+        "image": schema.Key("", "the column of image paths or bytes (set: the files are "
+                            "images)"),
+        "messages": schema.Key("messages", "language models: the column of chat messages "
+                               "(OpenAI format)"),
+        "prompt": schema.Key("prompt", "language models: the column of prompts"),
+        "completion": schema.Key("completion", "language models: the column of completions "
+                                 "(the only tokens trained)"),
+    },
+    "labels": schema.Key((), "class names in label order (empty: the sorted labels of the "
+                         "training files)"),
+    "split": schema.Key((0.8, 0.1, 0.1), "fractions of the training files cut into train, "
+                        "validation and test (stratified by label, seed 0)",
+                        rule=_split_problem),
+    "extra_eval": schema.Key((), "further evaluation sets reported under their names: "
+                             "packaged data sets or '<format>:<files>'"),
+    "tokenizer": schema.Key("", "a packaged model name or folder whose tokenizer to use "
+                            "(empty: the model's own)"),
+    "max_length": schema.Key(64, "tokens per example (classification) or packed row "
+                             "(language models)", rule=schema.positive),
+    "overlong": schema.Key("split", "language models: a chat longer than a row",
+                           choices=lm.OVERLONG),
+    "max_train_examples": schema.Key(0, "language models: train on the first N examples "
+                                     "only (0: all)", rule=schema.at_least(0)),
+    "max_eval_examples": schema.Key(0, "evaluate on the first N examples of each split "
+                                    "only (0: all)", rule=schema.at_least(0)),
+    "mixing": schema.Key("proportional", "multi-task runs: tasks mixed in proportion to "
+                         "their sizes, or by `weights`", choices=mixture.MIXINGS),
+    "weights": schema.Key((), "multi-task runs with mixing='weights': one weight per task "
+                          "(0: evaluated, not trained)"),
+    "train_examples": schema.Key((), "multi-task runs: per task, keep the first N training "
+                                 "examples (0: all)"),
+    "image_size": schema.Key(64, "images: the side they are resized to",
+                             rule=schema.positive),
+    "mean": schema.Key(_IMAGENET_MEAN, "images: per-channel mean subtracted (ImageNet's)"),
+    "std": schema.Key(_IMAGENET_STD, "images: per-channel standard deviation divided by"),
+    "shots": schema.Key(0, "images: > 0 trains on k images per class (fixed by the seed)",
+                        rule=schema.at_least(0)),
+    "augment": augment.KEYS,
+}, check=check)

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from ftjax import param_groups
+from ftjax import param_groups, schema
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.hub import bert as bert_hub
@@ -20,8 +20,7 @@ from ftjax.hub import llama as llama_hub
 from ftjax.hub import loading
 from ftjax.hub import vision as vision_hub
 from ftjax.hub import vit as vit_hub
-from ftjax.models import batch_norm, bert, llama, mobilenet, vit
-from ftjax.peft import lora
+from ftjax.models import batch_norm, bert, heads, llama, mobilenet, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +62,14 @@ class Layout:
     """Each leaf's `depth` in a tree like `tree`, counting the blocks of all `params`."""
     num_blocks = self.num_blocks(param_groups.flatten(params))
     return param_groups.map_with_path(lambda path, _: self.depth(path, num_blocks), tree)
+
+
+def set_call_mode(module: nnx.Module, *, train: bool, rngs: nnx.Rngs | None) -> None:
+  """Gives the layers wrapped around a model's own (adapters: their `set_call_mode`) the
+  mode and dropout rng of the coming call."""
+  for _, node in nnx.iter_graph(module):
+    if hasattr(node, "set_call_mode"):
+      node.set_call_mode(train=train, rngs=rngs)
 
 
 class Features(NamedTuple):
@@ -133,7 +140,7 @@ class Model:
     """
     module = nnx.merge(self.graphdef, param_groups.combine(params, stats) if stats else params)
     rngs = nnx.Rngs(dropout=rng) if train else None
-    lora.bind_dropout(module, train=train, rngs=rngs)
+    set_call_mode(module, train=train, rngs=rngs)
     batch_norm.set_updating(module, self.updating if train else frozenset())
     if features:
       out = Features(module.features(batch), module.unembed, module.unembed_kernel())
@@ -149,7 +156,7 @@ def _bert_classifier(config: ml_collections.ConfigDict):
   if directory:
     arch = bert.BertConfig.from_json(os.path.join(directory, "config.json"))
   else:  # a randomly initialised encoder of the architecture in config.arch
-    arch = bert.BertConfig.from_dict(ml_collections.ConfigDict(config.get("arch", {})).to_dict())
+    arch = bert.BertConfig.from_dict(ml_collections.ConfigDict(config.arch).to_dict())
 
   def build(rngs: nnx.Rngs) -> nnx.Module:
     return bert.SequenceClassifier(arch, num_classes=config.num_classes,
@@ -174,23 +181,23 @@ def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
     arch = llama.LlamaConfig.from_dict(raw, source=gguf_path)
   elif directory:
     arch = llama.LlamaConfig.from_json(os.path.join(directory, "config.json"))
-  elif config.get("arch"):
+  elif config.arch:
     arch = llama.LlamaConfig.from_dict(ml_collections.ConfigDict(config.arch).to_dict())
   else:
     raise ConfigError("config.model.pretrained is empty and config.model.arch is not set: "
                       f"{config.name} needs a checkpoint folder or the architecture's config "
                       "fields")
-  remat = config.get("remat", "none")
+  remat = config.remat
 
   def build(rngs: nnx.Rngs) -> nnx.Module:
     if classifier:
       return llama.SequenceClassifier(arch, num_classes=config.num_classes,
-                                      head_init=config.get("head_init", "zeros"), remat=remat,
+                                      head_init=config.head_init, remat=remat,
                                       rngs=rngs)
     return llama.CausalLM(arch, remat=remat, rngs=rngs)
 
   def load(params):
-    dont_load = config.get("dont_load", ())
+    dont_load = config.dont_load
     if gguf_path:
       return loading.load_tensors(params, tensors, llama_hub.hf_name_to_path, source=gguf_path,
                                   dont_load=dont_load)[0]
@@ -235,11 +242,11 @@ def _vit(config: ml_collections.ConfigDict):
   (the position table is interpolated when it differs from the checkpoint's), or
   randomly initialised from `config.arch`."""
   directory = assets.model_dir(config.pretrained) if config.pretrained else ""
-  image_size = config.get("image_size", 0) or None
+  image_size = config.image_size or None
   if directory:
     arch = vit_hub.model_config(directory, image_size)
   else:
-    arch = vit.ViTConfig.from_dict(ml_collections.ConfigDict(config.get("arch", {})).to_dict())
+    arch = vit.ViTConfig.from_dict(ml_collections.ConfigDict(config.arch).to_dict())
 
   def build(rngs: nnx.Rngs) -> nnx.Module:
     return vit.ImageClassifier(arch, config.num_classes, head_init=config.head_init, rngs=rngs)
@@ -260,6 +267,10 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
     "efficientnet_lite0": _convnet,
     "vit": _vit,
 }
+# What each model reads: "text" (tokens of texts to classify), "tokens" (language-model
+# rows) or "image".
+INPUTS = {"bert_classifier": "text", "decoder_classifier": "text", "llama_lm": "tokens",
+          "mobilenet_v2": "image", "efficientnet_lite0": "image", "vit": "image"}
 
 
 # name -> (checkpoint name map, {ftjax path: (name, transform)} for new parameters, or a
@@ -269,6 +280,30 @@ _HF_FORMATS = {
     "llama_lm": (llama_hub.hf_name_to_path, llama_hub.EXPORT_EXTRA),
     "vit": (vit_hub.hf_name_to_path, vit_hub.EXPORT_EXTRA),
 }
+
+
+SCHEMA = schema.Section("model", "The network: its family, checkpoint and new head.", {
+    "name": schema.Key("bert_classifier", "the model family and head",
+                       choices=tuple(sorted(_REGISTRY))),
+    "pretrained": schema.Key("", "a packaged model name, a Hugging Face folder, a GGUF or "
+                             ".pth file; empty: random weights of `arch`"),
+    "arch": schema.Key({}, "Hugging Face config fields of a randomly initialised model "
+                       "(used when `pretrained` is empty)", free=True),
+    "num_classes": schema.Key(0, "classes of the new head (0: as many as the data has)",
+                              rule=schema.at_least(0)),
+    "pooling": schema.Key("mean", "encoder classifiers: how token states become one vector",
+                          choices=bert.POOLINGS),
+    "head_init": schema.Key("zeros", "how a new head's kernel starts", choices=heads.HEAD_INITS),
+    "dont_load": schema.Key((), "regexes of parameters not taken from the checkpoint (a "
+                            "replaced head)"),
+    "remat": schema.Key("none", "decoders: recompute each block in the backward pass",
+                        choices=("none",) + tuple(llama.REMAT_POLICIES)),
+    "batch_norm": schema.Key("update", "trained BatchNorm layers: normalise with batch "
+                             "statistics and update the running ones, or keep them frozen",
+                             choices=batch_norm.MODES),
+    "image_size": schema.Key(0, "ViT: the input resolution the position table is "
+                             "interpolated to (0: the checkpoint's)", rule=schema.at_least(0)),
+})
 
 
 def hf_format(config: ml_collections.ConfigDict) -> tuple[str, Any, Any]:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import param_groups
-from ftjax.config import check_choice
+from ftjax.schema import check_choice
 
 # config.model.batch_norm
 MODES = ("frozen", "update")

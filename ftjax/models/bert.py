@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax import sharding
+from ftjax import schema, sharding
 from ftjax.errors import ConfigError
 from ftjax.models import heads, hf_config
 
@@ -39,6 +39,10 @@ PARAM_AXES = (
 
 # Hidden states between blocks: split along the batch, whole along length and width.
 _ACTIVATION_AXES = ("batch", None, None)
+
+# How a classifier turns token states into one vector: their mean over real tokens, or
+# the first ([CLS]) token's.
+POOLINGS = ("mean", "cls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,8 +293,7 @@ class SequenceClassifier(nnx.Module):
 
   def __init__(self, config: BertConfig, *, num_classes: int, pooling: str = "mean",
                head_init: str = "zeros", rngs: nnx.Rngs):
-    if pooling not in ("mean", "cls"):
-      raise ConfigError(f"config.model.pooling={pooling!r}: must be 'mean' or 'cls'")
+    schema.check_choice(pooling, POOLINGS, "model.pooling")
     self.encoder = Encoder(config, rngs)
     self.pooling = pooling
     self.dropout = nnx.Dropout(config.hidden_dropout_prob)

@@ -11,8 +11,9 @@ model computes exactly what the base model computes until the first update.
          dimension, treated as constants in the backward pass (as the DoRA paper
          recommends); with dropout, y = x W + (g - 1) d(x) W + g s d(x) A B + b, g = m / ||V||.
 
-Dropout needs the step's rng and mode; `bind_dropout` sets them on every
-adapted layer of a freshly merged module before it is called.
+Dropout needs the step's rng and mode: `LoraLinear.set_call_mode`, which
+`ftjax.models.set_call_mode` calls on every adapted layer of a freshly merged
+module before it is called.
 """
 
 from __future__ import annotations
@@ -55,10 +56,6 @@ class LoraSpec:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LoraSpec":
-    if not isinstance(config.rank, int) or config.rank <= 0:
-      raise ConfigError(f"config.peft.rank={config.rank!r}: must be a positive integer")
-    if not 0.0 <= config.dropout < 1.0:
-      raise ConfigError(f"config.peft.dropout={config.dropout!r}: must be in [0, 1)")
     qlora = config.method == "qlora"
     return cls(target=config.target, rank=config.rank, alpha=float(config.alpha),
                dropout=float(config.dropout), rslora=bool(config.rslora),
@@ -94,6 +91,11 @@ class LoraLinear(nnx.Module):
     self.dropout = nnx.Dropout(spec.dropout)
     self.deterministic = True
     self.rngs = nnx.data(None)
+
+  def set_call_mode(self, *, train: bool, rngs: nnx.Rngs | None) -> None:
+    """The mode and dropout rng of the coming call."""
+    self.deterministic = not train
+    self.rngs = nnx.data(rngs)
 
   def base_kernel(self) -> jax.Array:
     """The frozen kernel as float32 (dequantized for QLoRA)."""
@@ -201,14 +203,6 @@ def inject(module: nnx.Module, spec: LoraSpec, rngs: nnx.Rngs) -> list[str]:
                         f"{tuple(base.kernel.shape)} of {kernel_path}")
     _replace(module, path, LoraLinear(base, spec, rngs))
   return matched
-
-
-def bind_dropout(module: nnx.Module, *, train: bool, rngs: nnx.Rngs | None) -> None:
-  """Sets the mode and rng of every adapter's dropout before a call."""
-  for _, node in nnx.iter_graph(module):
-    if isinstance(node, LoraLinear):
-      node.deterministic = not train
-      node.rngs = nnx.data(rngs)
 
 
 def merge(module: nnx.Module) -> nnx.Module:

@@ -18,21 +18,60 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from ftjax import param_groups
-from ftjax.config import check_choice
+from ftjax import param_groups, schema
 from ftjax.errors import ConfigError
 from ftjax.models import Layout, Model
-from ftjax.peft import lora
+from ftjax.peft import lora, quant
 
 METHODS = ("full", "lora", "dora", "qlora", "bitfit")
 ADAPTERS = ("lora", "dora", "qlora")
 FREEZE = ("none", "all_but_head")
 
 
+def _check(config: ml_collections.ConfigDict) -> None:
+  """One way of choosing what trains at a time."""
+  chosen = [name for name, on in (("peft.method", config.peft.method != "full"),
+                                  ("freeze", config.freeze != "none"),
+                                  ("freeze_blocks", config.freeze_blocks > 0)) if on]
+  if len(chosen) > 1:
+    raise ConfigError(f"config.{' and config.'.join(chosen)} choose different sets of "
+                      "trainable parameters; set only one")
+  for rule in config.trainable:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            and rule[1] in (True, None)):
+      raise ConfigError(f"config.trainable: {rule!r} is not a (regex, True | None) rule")
+
+
+SCHEMA = schema.Section("", "What trains (PEFT methods, freezing) and how adapters are built.", {
+    "trainable": schema.Key((), "(regex, True | None) rules tried before the method's own; "
+                            "None freezes"),
+    "freeze": schema.Key("none", "all_but_head: a linear probe, only the new head trains",
+                         choices=FREEZE),
+    "freeze_blocks": schema.Key(0, "freeze the embeddings and the bottom k blocks",
+                                rule=schema.at_least(0)),
+    "peft": {
+        "method": schema.Key("full", "full fine-tuning, adapters (QLoRA: on a quantized "
+                             "base) or BitFit (biases and the new head)", choices=METHODS),
+        "target": schema.Key(".*attention/(query|value)/kernel",
+                             "LoRA / DoRA: regex of the kernels to adapt"),
+        "rank": schema.Key(8, "LoRA / DoRA rank", rule=schema.positive),
+        "alpha": schema.Key(16.0, "LoRA scale numerator: alpha / rank", rule=schema.positive),
+        "dropout": schema.Key(0.05, "dropout on the adapters' input",
+                              rule=lambda v: "" if 0 <= v < 1 else "must be in [0, 1)"),
+        "rslora": schema.Key(False, "scale alpha / sqrt(rank) instead of alpha / rank"),
+        "quant": schema.Key("nf4", "QLoRA storage of the frozen base: NF4 blocks or int8 per "
+                            "output channel", choices=quant.FORMATS),
+        "quant_block": schema.Key(64, "NF4 block size (even)", rule=schema.positive),
+        "double_quant": schema.Key(False, "NF4: quantize the block scales too"),
+        "quantize": schema.Key("encoder/.*/kernel", "QLoRA: regex of further frozen kernels "
+                               "stored quantized"),
+    },
+}, check=_check)
+
+
 def adapt(config: ml_collections.ConfigDict, model: Model, params: dict,
           seed: int) -> tuple[Model, dict]:
   """Adds LoRA / DoRA adapters when `config.peft.method` asks for them."""
-  check_choice(config.peft.method, METHODS, "peft.method")
   if config.peft.method not in ADAPTERS:
     return model, params
   module = model.module(params)
@@ -44,14 +83,7 @@ def adapt(config: ml_collections.ConfigDict, model: Model, params: dict,
 def trainable_rules(config: ml_collections.ConfigDict, layout: Layout,
                     num_blocks: int) -> list[tuple[str, Any]]:
   """The `(regex, True | None)` rules of a run: `config.trainable` first, then the method's."""
-  check_choice(config.freeze, FREEZE, "freeze")
   method, freeze, blocks = config.peft.method, config.freeze, config.freeze_blocks
-  chosen = [name for name, on in (("peft.method", method != "full"),
-                                  ("freeze", freeze != "none"), ("freeze_blocks", blocks > 0))
-            if on]
-  if len(chosen) > 1:
-    raise ConfigError(f"config.{' and config.'.join(chosen)} choose different sets of "
-                      "trainable parameters; set only one")
   if not 0 <= blocks <= num_blocks:
     raise ConfigError(f"config.freeze_blocks={blocks}: the model has {num_blocks} blocks")
   rules = [tuple(rule) for rule in config.trainable]

@@ -306,7 +306,6 @@ def resolve(run: Run, sweep_dir: str) -> ml_collections.ConfigDict:
   config = apply_overrides(config, run.resolved_overrides(sweep_dir), where)
   try:
     validate(config)
-    registry.check(config)
   except ConfigError as e:
     raise ConfigError(f"{where}: {e}") from e
   return config
