@@ -42,7 +42,6 @@ from typing import Any, Callable
 import ml_collections
 
 from ftjax.config import validate
-from ftjax.data import registry
 from ftjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
