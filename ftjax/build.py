@@ -39,7 +39,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
                       f"config.grad_accum_steps={config.grad_accum_steps}")
   if config.total_steps == 0 and config.num_epochs == 0:
-    raise ConfigError("config.total_steps=0 and config.num_epochs=0: set one of them")
+    raise ConfigError("config.num_epochs=0: must be a positive integer when "
+                      "config.total_steps is 0")
   if 0 < config.total_steps < config.optimizer.warmup_steps:
     raise ConfigError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps}: "
                       f"more than config.total_steps={config.total_steps}")

@@ -71,12 +71,25 @@ def is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _noun(value: Any) -> str:
+  return "integer" if is_int(value) else "number"
+
+
 def positive(value: Any) -> str:
-  return "" if value > 0 else "must be > 0"
+  return "" if value > 0 else f"must be a positive {_noun(value)}"
 
 
 def at_least(low: float) -> Rule:
-  return lambda value: "" if value >= low else f"must be >= {low}"
+  rule = lambda value: "" if value >= low else f"must be {_article(value)} >= {low}"
+  rule.wording = ("", f" >= {low}")
+  return rule
+
+
+def _article(value: Any) -> str:
+  return f"an {_noun(value)}" if is_int(value) else f"a {_noun(value)}"
+
+
+positive.wording = ("positive ", "")
 
 
 def in_range(low: float, high: float, *, low_open: bool = False) -> Rule:
@@ -86,14 +99,17 @@ def in_range(low: float, high: float, *, low_open: bool = False) -> Rule:
   return lambda value: "" if above(value) and value <= high else text
 
 
-def type_problem(value: Any, default: Any) -> str:
-  """What is wrong with the type of `value` for a key whose default is `default`; ""."""
+def type_problem(value: Any, default: Any, rule: Rule | None = None) -> str:
+  """What is wrong with the type of `value` for a key whose default is `default` (and
+  whose value `rule` words a number, e.g. "a positive integer"); ""."""
+  before, after = getattr(rule, "wording", ("", ""))
   if isinstance(default, bool):
     return "" if isinstance(value, bool) else "must be true or false"
   if is_int(default):
-    return "" if is_int(value) else "must be an integer"
+    article = "an" if not before else "a"
+    return "" if is_int(value) else f"must be {article} {before}integer{after}"
   if isinstance(default, float):
-    return "" if is_number(value) else "must be a number"
+    return "" if is_number(value) else f"must be a {before}number{after}"
   if isinstance(default, str):
     return "" if isinstance(value, str) else "must be a string"
   if isinstance(default, (tuple, list)):
@@ -105,7 +121,7 @@ def type_problem(value: Any, default: Any) -> str:
 
 def check_value(path: str, key: Key, value: Any) -> None:
   """Raises ConfigError naming `config.<path>` unless `value` suits `key`."""
-  problem = type_problem(value, key.default)
+  problem = type_problem(value, key.default, key.rule)
   if not problem and key.choices and value not in key.choices:
     problem = f"must be one of {list(key.choices)}"
   if not problem and key.rule is not None:

@@ -229,7 +229,7 @@ def test_config_arg_of_the_wrong_type(arg, match):
     pytest.param({"total_steps": None}, r"config.total_steps=None: must be an integer",
                  id="total_steps_none"),
     pytest.param({"regularizer.kind": "l2sp", "regularizer.strength": None},
-                 r"config.regularizer.strength=None: must be > 0", id="strength_none"),
+                 r"config.regularizer.strength=None: must be a number >= 0", id="strength_none"),
 ])
 def test_validate_names_the_bad_value(overrides, match):  # wrong types included
   config = with_overrides(minilm_sentiment.get_config("debug"), **overrides)
@@ -319,11 +319,11 @@ def _assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None
     pytest.param({"eval_batch_size": 60}, ConfigError, r"config.eval_batch_size=60 is not "
                  r"divisible by the batch-parallel size \(8", id="eval_batch_not_divisible"),
     pytest.param({"grad_accum_steps": 3}, ConfigError, r"config.batch_size=8 is not divisible "
-                 r"by .* times grad_accum_steps \(3\)", id="batch_not_divisible_by_accumulation"),
+                 r"by config.grad_accum_steps=3", id="batch_not_divisible_by_accumulation"),
     pytest.param({"mesh.data": 3}, ConfigError, r"config.mesh \(data=3 x fsdp=1 x tensor=1\) "
                  r"has 3 devices, but the run has 8", id="mesh_of_other_size"),
     pytest.param({"optimizer.warmup_steps": 100}, ConfigError, r"config.optimizer.warmup_steps="
-                 r"100: must be in \[0, 12\]", id="warmup_longer_than_the_run"),
+                 r"100: more than config.total_steps=12", id="warmup_longer_than_the_run"),
     pytest.param({"optimizer.decay": "exponential"}, ConfigError, r"config.optimizer.decay="
                  r"'exponential': must be one of \['linear', 'cosine', 'constant'\]",
                  id="unknown_decay"),
@@ -336,12 +336,12 @@ def _assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None
                  r"classification data, scored by task 'classification', but "
                  r"config.task='causal_lm'", id="text_classification_data_for_causal_lm"),
     pytest.param({"data.name": "fashion_mnist"}, ConfigError, r"config.data.name="
-                 r"'fashion_mnist' is image data, which needs config.data keys \['image_size', "
-                 r"'mean', 'std', 'shots', 'augment'\]", id="image_data_for_a_text_config"),
+                 r"'fashion_mnist' is image data, but config.model.name='bert_classifier' reads "
+                 r"text; models for it: \['efficientnet_lite0', 'mobilenet_v2', 'vit'\]", id="image_data_for_a_text_config"),
     pytest.param({"task": "regression"}, ConfigError, r"config.task='regression': must be one "
                  r"of \['classification', 'causal_lm'\]", id="unknown_task"),
-    pytest.param({"model.name": "bert"}, ConfigError, r"config.model.name='bert': unknown "
-                 r"model; known: \['bert_classifier'", id="unknown_model"),
+    pytest.param({"model.name": "bert"}, ConfigError, r"config.model.name='bert': must be "
+                 r"one of \['bert_classifier'", id="unknown_model"),
     pytest.param({"model.pretrained": "minilm-l12"}, ConfigError, r"model 'minilm-l12': not a "
                  r"folder and not a packaged model; packaged models: \['minilm-l6'",
                  id="unknown_pretrained_model"),

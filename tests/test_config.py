@@ -84,13 +84,13 @@ def test_config_is_locked_against_new_keys():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("batch_size", 0, "config.batch_size=0: must be > 0"),
+    ("batch_size", 0, "config.batch_size=0: must be a positive integer"),
     ("compute_dtype", "float16", "compute_dtype='float16': must be one of"),
     ("optimizer.decay", "exponential", "config.optimizer.decay='exponential': must be one of "
      "\\['linear', 'cosine', 'constant'\\]"),
     ("peft.method", "lorra", "config.peft.method='lorra': must be one of"),
     ("model.name", "bert", "config.model.name='bert': must be one of"),
-    ("optimizer.lr", -1e-4, "config.optimizer.lr=-0.0001: must be > 0"),
+    ("optimizer.lr", -1e-4, "config.optimizer.lr=-0.0001: must be a positive number"),
     ("optimizer.layer_decay", 0.0, "must be in \\(0, 1\\]"),
     ("data.split", (0.5, 0.5), "must be three fractions"),
     ("data.augment.mix_prob", 2.0, "config.data.augment.mix_prob=2.0: must be in \\[0, 1\\]"),
@@ -144,7 +144,7 @@ def _launch(*args, workdir):
     (["--config=configs/minilm_sentiment.py:debug", "--config.batch_size=abc"],
      "flag --config.batch_size=abc"),
     (["--config=configs/minilm_sentiment.py:debug", "--config.batch_size=0"],
-     "error: config.batch_size=0: must be > 0"),
+     "error: config.batch_size=0: must be a positive integer"),
 ])
 def test_launcher_rejects_bad_config_before_training(tmp_path, args, message):
   workdir = tmp_path / "run"

@@ -282,6 +282,13 @@ _HF_FORMATS = {
 }
 
 
+def _class_count_problem(value: int) -> str:
+  return ("" if value >= 0 else
+          "must be a positive integer, or 0 to take the data's class count")
+
+
+_class_count_problem.wording = ("positive ", ", or 0 to take the data's class count")
+
 SCHEMA = schema.Section("model", "The network: its family, checkpoint and new head.", {
     "name": schema.Key("bert_classifier", "the model family and head",
                        choices=tuple(sorted(_REGISTRY))),
@@ -290,7 +297,7 @@ SCHEMA = schema.Section("model", "The network: its family, checkpoint and new he
     "arch": schema.Key({}, "Hugging Face config fields of a randomly initialised model "
                        "(used when `pretrained` is empty)", free=True),
     "num_classes": schema.Key(0, "classes of the new head (0: as many as the data has)",
-                              rule=schema.at_least(0)),
+                              rule=_class_count_problem),
     "pooling": schema.Key("mean", "encoder classifiers: how token states become one vector",
                           choices=bert.POOLINGS),
     "head_init": schema.Key("zeros", "how a new head's kernel starts", choices=heads.HEAD_INITS),
