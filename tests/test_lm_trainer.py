@@ -18,6 +18,16 @@ def _debug(module, data_dir, arg="debug"):
   return config
 
 
+def _held_out_losses_fall(workdir):
+  """Asserts the validation loss fell at every evaluation, the first (step 0) being the
+  starting model's. The debug runs (a small random model trained 4 steps) lowered it by
+  0.0014 to 0.0024 in all, each evaluation by at least 0.0006 (seeds 0 to 2, both
+  configs); with nothing learned (a learning rate of 1e-12) the losses stay equal."""
+  losses = [r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "validation"]
+  assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+  assert losses[0] - losses[-1] > 5e-4, losses
+
+
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp("chat"))
@@ -29,7 +39,7 @@ def test_chat_run_reports_held_out_loss_before_and_after(chat_run):
   records = metrics.read_metrics(workdir)
   validation = [r for r in records if r["split"] == "validation"]
   assert [r["step"] for r in validation] == [0, 2, 4]  # step 0: the starting model
-  assert validation[-1]["loss"] < validation[0]["loss"]
+  _held_out_losses_fall(workdir)
   for split in ("validation", "test"):
     assert final[split]["perplexity"] == pytest.approx(2.718281828 ** final[split]["loss"])
     assert final[split]["tokens"] > 0
@@ -49,7 +59,8 @@ def test_chat_run_writes_sampled_completions_at_each_evaluation(chat_run):
 def test_text_run_trains_on_packed_passages(tmp_path, data_dir):
   final = trainer.run(_debug(smollm2_shakespeare, data_dir), str(tmp_path),
                       devices=ONE_DEVICE)
-  assert final["test"]["tokens"] > 1000 and final["test"]["loss"] > 0
+  assert final["test"]["tokens"] > 1000
+  _held_out_losses_fall(str(tmp_path))
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["data"]["name"] == "shakespeare" and config["task"] == "causal_lm"
 
