@@ -3,6 +3,7 @@ test_faults.py)."""
 
 import json
 import logging
+import math
 import os
 
 import jax
@@ -32,11 +33,19 @@ def test_debug_run_end_to_end(uninterrupted):
   assert config["total_steps"] == 12 and config["model"]["pretrained"] == "minilm-l6"
   final = json.loads((workdir / "final_metrics.json").read_text())
   assert final["validation"]["count"] == 128 and final["test"]["count"] == 128
-  for split in ("validation", "test"):
-    assert 0.0 <= final[split]["accuracy"] <= 1.0 and final[split]["loss"] > 0
   records = _read_jsonl(workdir / "metrics.jsonl")
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
   assert [r["step"] for r in records if r["split"] == "validation"] == [6, 12]
+  best = [r for r in records if r["split"] == "validation" and r["step"] == final["best_step"]]
+  assert final["validation"] == {k: v for k, v in best[0].items() if k not in ("step", "split")}
+  # It learns: the new head starts at zero (every example's loss is ln 2) and 12 steps at
+  # the debug learning rate lower the training loss of the later batches a little, on
+  # average by 0.0006 to 0.0019 (seeds 0 to 2); with nothing learned (a learning rate of
+  # 1e-12) it stays ln 2. (Validation loss and accuracy barely move in so few steps.)
+  losses = [r["loss"] for r in records if r["split"] == "train"]
+  assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+  later = losses[len(losses) // 2:]
+  assert sum(later) / len(later) < math.log(2) - 2e-4, losses
   assert {"loss", "accuracy", "grad_norm", "lr"} <= set(records[0])
   assert os.listdir(workdir / "tensorboard")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "8"]  # max_to_keep=2
