@@ -124,7 +124,7 @@ def test_mixtures():
 def test_bad_multi_task_configs(overrides, message):
   config = with_overrides(minilm_sentiment.get_config(f"data={TWO_TASKS}"), **overrides)
   with pytest.raises(ConfigError, match=None) as error:
-    registry.check(config)
+    config_lib.validate(config)
   assert message in str(error.value)
 
 

@@ -291,7 +291,8 @@ def test_own_tickets_train_through_the_launcher(tmp_path):
 
 def test_the_ahead_of_time_check_asks_for_the_class_count_of_file_data(debug_config):
   from launch import aot_check  # pylint: disable=g-import-not-at-top
-  config = with_overrides(debug_config, **{"data.name": "csv", "model.num_classes": 0})
+  config = with_overrides(debug_config, **{"data.name": "csv", "data.files.train": "train.csv",
+                                           "model.num_classes": 0})
   with pytest.raises(ConfigError, match=r"config.model.num_classes=0 takes the class count "
                      r"from the data, which this check does not read"):
     aot_check.check(config, "cpu:1", None)

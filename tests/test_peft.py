@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs import minilm_sentiment, smollm2_chat
 from conftest import with_overrides
-from ftjax import models, optim, param_groups, state as state_lib, step as step_lib, tasks
+from ftjax import config as config_lib, models, optim, param_groups, state as state_lib, step as step_lib, tasks
 from ftjax.errors import ConfigError
 from ftjax.peft import lora, methods, quant
 
@@ -186,8 +186,11 @@ def test_layer_wise_lr_decay_scales_updates_by_depth():
     ("", {"trainable": [("encoder/layer/0/.*", None)]}, "pattern 'encoder/layer/0/.*' matches"),
 ])
 def test_bad_peft_configs_name_the_problem(base, arg, overrides, match):
+  """Refused by the config check the trainer runs first, or by the adapter itself."""
   with pytest.raises(ConfigError, match=match):
-    config, model, params = _adapted(base, arg, **overrides)
+    config = _config(arg, **overrides)
+    config_lib.validate(config)
+    model, params = methods.adapt(config, *base, seed=0)
     methods.split(config, model, params)
 
 

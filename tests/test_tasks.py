@@ -10,12 +10,12 @@ import optax
 import pytest
 
 from configs import minilm_sentiment
-from ftjax import models, optim, state as state_lib, step as step_lib, tasks
+from ftjax import config as config_lib, models, optim, state as state_lib, step as step_lib, tasks
 from ftjax.errors import ConfigError
 
 ARCH = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-LM = tasks.get(ml_collections.ConfigDict({"task": "causal_lm"}))
+LM = tasks.get(ml_collections.ConfigDict({"task": "causal_lm", "loss_chunk": 1024}))
 
 
 def _lm_batch(rows=4, length=10, seed=0):
@@ -125,5 +125,8 @@ def test_lm_train_step_learns_and_accumulates_like_one_batch(tiny_lm):
 
 
 def test_unknown_task_is_a_config_error():
+  config = minilm_sentiment.get_config()
+  config.unlock()
+  config.task = "regression"
   with pytest.raises(ConfigError, match="config.task='regression': must be one of"):
-    tasks.get(ml_collections.ConfigDict({"task": "regression"}))
+    config_lib.validate(config)

@@ -1,10 +1,11 @@
 """Tiny random decoders saved by transformers' own classes, and ftjax inputs for them."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import torch
 import transformers
+
+from ftjax import config as config_lib
 
 
 def save_random(directory, family, **fields):
@@ -21,10 +22,11 @@ def save_random(directory, family, **fields):
 
 
 def model_config(**overrides):
-  """A `config.model` section of `llama_lm` (or what `overrides` name)."""
-  values = dict(name="llama_lm", pretrained="", dont_load=[], remat="none")
-  values.update(overrides)
-  return ml_collections.ConfigDict(values)
+  """A `config.model` section of `llama_lm`: the defaults, changed by `overrides`."""
+  model = config_lib.defaults().model
+  model.name = "llama_lm"
+  model.update(overrides)
+  return model
 
 
 def padded_batch(ids, lengths):

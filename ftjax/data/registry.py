@@ -185,12 +185,12 @@ def check(config: ml_collections.ConfigDict) -> list[DataSet]:
   if len(set(names)) != len(names):
     raise ConfigError(f"config.data.name={data.name!r}: two data sets named alike {names}")
   for data_set in sets:
-    _check_kind(config, data_set)
     if len(sets) > 1 and data_set.kind != "classification":
       raise ConfigError(f"config.data.name={data.name!r}: {data_set.name!r} cannot be a task "
                         "of a multi-task run: tasks are text classification data (presets "
                         f"{sorted(n for n, p in presets().items() if p.kind == 'classification')}"
                         ", a file format or '<format>:<files>')")
+    _check_kind(config, data_set)
   if len(sets) == 1:
     for key in ("weights", "train_examples"):
       if data[key]:
