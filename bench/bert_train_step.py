@@ -137,10 +137,12 @@ def make_batch(batch_size: int, seq_len: int, vocab_size: int,
   }
 
 
-def make_config(args: argparse.Namespace, peft_arg: str) -> Any:
-  """The packaged MiniLM sentiment config at the bench's shape, with `peft_arg` added."""
+def make_config(args: argparse.Namespace, peft_arg: str, dtype: str = "float32") -> Any:
+  """The packaged MiniLM sentiment config at the bench's shape and compute `dtype`, with
+  `peft_arg` added."""
   return minilm_sentiment.get_config(
-      f"{peft_arg},max_length={args.seq_len},batch_size={args.batch_size},seed={args.seed}")
+      f"{peft_arg},max_length={args.seq_len},batch_size={args.batch_size},seed={args.seed},"
+      f"dtype={dtype}")
 
 
 class TorchClassifier(torch.nn.Module):
@@ -287,17 +289,16 @@ def memory_table(args: argparse.Namespace, model_dir: str, torch_device: torch.d
   base_model, base_params = models.create(base_config.model, base_config.seed)
   base_count = common.num_params(base_params)
   rows = []
+  vocab_size = base_params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
+  tiny = make_batch(2, 16, vocab_size, args.seed)
   for label, peft_arg in _MEMORY_METHODS:
-    config = make_config(args, peft_arg)
-    model, trainable, frozen = common.build_ftjax(config, base_model, base_params)
-    tx, _ = common.make_tx(config, model, trainable, frozen)
-    opt_state = tx.init(trainable)
+    built = common.set_up_ftjax(make_config(args, peft_arg), tiny,
+                                (base_model, base_params)).built
+    trainable, frozen, opt_state = built.state.params, built.frozen, built.state.opt_state
     counters = sum(x.nbytes for x in jax.tree.leaves(opt_state) if x.ndim == 0)
     rows.append(("ftjax (optax)", label, common.num_params(trainable),
                  common.num_bytes(opt_state), f"{counters} B of step counters",
                  common.num_bytes(trainable) + common.num_bytes(frozen)))
-  vocab_size = base_params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
-  tiny = make_batch(2, 16, vocab_size, args.seed)
   for label, peft_arg in (("full", "peft=full"), ("LoRA r=8 (peft)", "peft=lora,rank=8")):
     config = make_config(args, peft_arg)
     bench = TorchBench(config, model_dir, tiny, torch_device, args.seed)
@@ -328,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
   torch_device = common.setup(args.threads)
 
   lora = args.peft == "lora"
-  config = make_config(args, "peft=lora,rank=8" if lora else "peft=full")
+  peft_arg = "peft=lora,rank=8" if lora else "peft=full"
+  config = make_config(args, peft_arg)
   model_dir = assets.model_dir(config.model.pretrained)
   print("\n".join(common.machine_info(torch_device)), flush=True)
   print(f"model: {model_dir}", flush=True)
@@ -336,18 +338,20 @@ def main(argv: list[str] | None = None) -> None:
           f"{config.peft.dropout:g}) + head" if lora else "full fine-tune")
   print(f"method: {what}, lr {config.optimizer.lr:g}", flush=True)
 
-  model, trainable, frozen = common.build_ftjax(config)
-  num_params = common.num_params(trainable) + common.num_params(frozen)
-  every = param_groups.combine(trainable, frozen)
-  vocab_size = every["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
+  base = models.create(config.model, config.seed)
+  vocab_size = base[1]["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
   batch = make_batch(args.batch_size, args.seq_len, vocab_size, args.seed)
 
   benches: dict[str, Any] = {}
   dtypes = ["float32"] + (["bfloat16"] if args.bf16 else [])
   for dtype in dtypes:
-    bench = common.FtjaxBench(config, model, trainable, frozen, batch, dtype)
+    bench = common.FtjaxBench(make_config(args, peft_arg, dtype), batch, base)
     print(f"ftjax {dtype}: compiled in {bench.compile_s:.1f}s", flush=True)
     benches[f"ftjax {dtype}"] = bench
+  ours = benches["ftjax float32"]  # its starting weights, read before any step donates them
+  model, trainable, frozen = ours.built.model, ours.state.params, ours.frozen
+  num_params = common.num_params(trainable) + common.num_params(frozen)
+  every = param_groups.combine(trainable, frozen)
   torch_bench = TorchBench(config, model_dir, batch, torch_device, args.seed,
                            lora_from=trainable if lora else None)
   torch_params = sum(p.numel() for p in torch_bench.model.parameters())

@@ -9,7 +9,6 @@ be imported before JAX. The benchmarks import it as `common` when run as scripts
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import os
 import platform
@@ -27,17 +26,13 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from ftjax import build, models, optim, param_groups, step as step_lib, tasks  # noqa: E402
-from ftjax import state as state_lib  # noqa: E402
-from ftjax.peft import methods  # noqa: E402
+from ftjax import build, models, run_setup  # noqa: E402
 
 DTYPES = build.DTYPES
 # Long enough that the timed steps stay inside the schedule (warmup, then decay).
@@ -115,78 +110,48 @@ def num_bytes(tree: Any) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def build_ftjax(config: Any, model: models.Model | None = None,
-                params: Any = None) -> tuple[models.Model, Any, Any]:
-  """(model, trainable, frozen) for `config.peft.method`, as `ftjax.trainer._Run` builds them.
+def set_up_ftjax(config: Any, batch: dict[str, np.ndarray],
+                 base: tuple[models.Model, Any] | None = None) -> run_setup.Setup:
+  """The trainer's set-up of `config` (`ftjax.run_setup`) on one device, for batches
+  like `batch`: model, state and jitted steps, not yet compiled.
 
   Args:
-    config: a run config.
-    model: the base model from `models.create`; None creates it and `params`.
-    params: the base model's parameters.
-
-  Returns:
-    The (possibly adapted) model and the trainable and frozen halves of its parameters.
+    config: the run config (its compute dtype, method and optimizer).
+    batch: a batch of the run.
+    base: the model of `config.model` and its parameters, created once for several
+      configs (copied where the state would donate them); by default created from
+      `config.model`.
   """
-  if model is None:
-    model, params = models.create(config.model, config.seed)
-  model, params = methods.adapt(config, model, params, config.seed)
-  trainable, frozen = methods.split(config, model, params)
-  return model, trainable, frozen
-
-
-def make_tx(config: Any, model: models.Model, trainable: Any,
-            frozen: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer and schedule of `trainable`, with per-leaf depths as the trainer passes.
-
-  Args:
-    config: a run config.
-    model: the (possibly adapted) model.
-    trainable: its trainable parameters.
-    frozen: its frozen parameters.
-
-  Returns:
-    The optimizer and its learning-rate schedule over `SCHEDULE_STEPS` steps.
-  """
-  depths = model.layout.depths(trainable, param_groups.combine(trainable, frozen))
-  return optim.make_optimizer(config.optimizer, trainable, SCHEDULE_STEPS, depths)
+  placement = run_setup.place(config, jax.devices()[:1])
+  spec = {key: (value.shape[1:], value.dtype) for key, value in batch.items()}
+  return run_setup.set_up(config, placement, spec, (), SCHEDULE_STEPS, base=base)
 
 
 class FtjaxBench:
-  """The ftjax train step, compiled as the trainer compiles it, with its own state.
+  """The trainer's train step, set up and compiled as `ftjax.trainer` does it
+  (`ftjax.run_setup` on one device), with its own state.
 
   Attributes:
-    tx: the optimizer.
-    schedule: its learning-rate schedule.
+    built: what `ftjax.build.build` returned (model, optimizer, schedule, frozen part).
+    schedule: the learning-rate schedule.
     state: the train state (donated to each step).
+    frozen: the frozen parameters (empty for full fine-tuning).
+    batch: the batch every step trains on, on the device.
     compile_s: seconds spent lowering and compiling the step.
     first_loss: the loss of the first step run, once `run` has run.
   """
 
-  def __init__(self, config: Any, model: models.Model, trainable: Any, frozen: Any,
-               batch: dict[str, np.ndarray], compute_dtype: str):
-    """Compiles the step.
-
-    Args:
-      config: the run config.
-      model: the (possibly adapted) model.
-      trainable: its trainable parameters (copied: the state is donated).
-      frozen: its frozen parameters.
-      batch: the batch every step trains on.
-      compute_dtype: a key of `DTYPES`.
-    """
-    self.tx, self.schedule = make_tx(config, model, trainable, frozen)
-    train = functools.partial(step_lib.train_step, model=model, task=tasks.get(config),
-                              tx=self.tx,
-                              schedule=self.schedule, grad_accum_steps=1,
-                              compute_dtype=DTYPES[compute_dtype])
-    # A private copy: the state is donated, and the trainable parameters are shared
-    # between configurations. The frozen half (empty for a full fine-tune) is not donated.
-    self.state = state_lib.create(jax.tree.map(jnp.array, trainable), self.tx, config.seed)
-    self.frozen = jax.device_put(frozen)
-    self.batch = jax.device_put(batch)
+  def __init__(self, config: Any, batch: dict[str, np.ndarray],
+               base: tuple[models.Model, Any] | None = None):
+    """Builds the model and state (`set_up_ftjax`) and compiles the step; `batch` is
+    the batch every step trains on."""
+    setup = set_up_ftjax(config, batch, base)
+    self.built = setup.built
+    self.schedule = self.built.schedule
+    self.state, self.frozen = self.built.state, self.built.frozen
+    self.batch = jax.device_put(batch, setup.placement.batch_sharding)
     started = time.perf_counter()
-    self.step_fn = jax.jit(train, donate_argnums=0).lower(
-        self.state, self.frozen, self.batch).compile()
+    self.step_fn = setup.train.lower(self.state, self.frozen, self.batch).compile()
     self.compile_s = time.perf_counter() - started
     self.first_loss: float | None = None
 

@@ -380,15 +380,15 @@ def run_method(args: argparse.Namespace, method: str, base: tuple[models.Model, 
     "trainable": ftjax's trainable parameter count}.
   """
   config = make_config(args, method)
-  base_model, base_params = base
-  model, trainable, frozen = common.build_ftjax(config, base_model, base_params)
-  flops = model_flops_per_token(trainable, frozen, SHAPES[args.shape], args.seq_len)
+  base_params = base[1]
+  ftjax_bench = common.FtjaxBench(config, batch, base)
+  trainable = ftjax_bench.state.params
+  flops = model_flops_per_token(trainable, ftjax_bench.frozen, SHAPES[args.shape],
+                                args.seq_len)
   num_trainable = common.num_params(trainable)
   label = _METHOD_LABELS[method]
-  ftjax_bench = common.FtjaxBench(config, model, trainable, frozen, batch, args.dtype)
   print(f"{label}: ftjax compiled in {ftjax_bench.compile_s:.1f}s; {num_trainable:,} trainable "
         f"parameters; {flops['total'] / 1e9:.3f} GFLOP per token", flush=True)
-  del model, trainable, frozen
   benches: dict[str, Any] = {"ftjax": ftjax_bench}
   if not args.skip_torch:
     trainable_paths = set(param_groups.flatten(ftjax_bench.state.params))

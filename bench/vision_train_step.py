@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from typing import Any, Callable
 
 # Sets JAX_PLATFORMS and puts the repository on sys.path: imported before JAX.
@@ -76,7 +75,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configs import mobilenet_fashion  # noqa: E402
-from ftjax import build, param_groups, sharding, tasks  # noqa: E402
+from ftjax import param_groups  # noqa: E402
 from ftjax.hub import vision  # noqa: E402
 from ftjax.models import batch_norm  # noqa: E402
 
@@ -140,44 +139,7 @@ def make_batch(batch_size: int, image_size: int, num_classes: int,
 
 
 class FtjaxBench(common.FtjaxBench):
-  """The trainer's compiled train step (`build.build` + `build.jit_steps`) with its state.
-
-  `run` is `common.FtjaxBench.run`; only the construction differs, since these
-  models carry batch statistics in the train state.
-
-  Attributes:
-    built: what `build.build` returned (model, optimizer, initial state, frozen part).
-    tx: the optimizer.
-    schedule: its learning-rate schedule.
-    state: the train state (donated to each step).
-    frozen: the frozen parameters (empty for full fine-tuning).
-    batch: the batch every step trains on, on the device.
-    compile_s: seconds spent lowering and compiling the step.
-    first_loss: the loss of the first step run, once `run` has run.
-  """
-
-  # pylint: disable-next=super-init-not-called
-  def __init__(self, config: Any, batch: dict[str, np.ndarray]):
-    """Builds the model and state and compiles the step, as `ftjax.trainer` does.
-
-    Args:
-      config: the run config.
-      batch: the batch every step trains on.
-    """
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    rules = sharding.Rules.from_config(config.axis_rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    build.check_batch_sizes(config, mesh, rules)
-    self.built = build.build(config, mesh, rules, common.SCHEDULE_STEPS)
-    self.tx, self.schedule = self.built.tx, self.built.schedule
-    self.state, self.frozen = self.built.state, self.built.frozen
-    self.batch = jax.device_put(batch, batch_sharding)
-    train, _ = build.jit_steps(self.built, tasks.get(config, mesh, rules), config, rules,
-                               batch_sharding)
-    started = time.perf_counter()
-    self.step_fn = train.lower(self.state, self.frozen, self.batch).compile()
-    self.compile_s = time.perf_counter() - started
-    self.first_loss: float | None = None
+  """`common.FtjaxBench`, and the pooled features of its starting weights."""
 
   def pooled_features(self, images: np.ndarray) -> np.ndarray:
     """The head's input [B, 1280] in evaluation mode (running statistics, no dropout).

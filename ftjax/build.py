@@ -88,8 +88,7 @@ def _adapted_shapes(config: ml_collections.ConfigDict) -> tuple[models.Model, An
   built = {}
 
   def create():
-    model, base = models.create(config.model, config.seed)
-    built["model"], params = peft_methods.adapt(config, model, base, config.seed)
+    built["model"], base, params = peft_methods.create(config)
     return base, params
 
   try:
@@ -102,7 +101,8 @@ def _adapted_shapes(config: ml_collections.ConfigDict) -> tuple[models.Model, An
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
-          total_steps: int, *, abstract: bool = False) -> Built:
+          total_steps: int, *, abstract: bool = False,
+          base: tuple[models.Model, Any] | None = None) -> Built:
   """The model, optimizer and training state of `config` on `mesh`.
 
   Args:
@@ -111,6 +111,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
     rules: the logical-to-mesh axis rules.
     total_steps: optimizer steps of the run (the schedule's length).
     abstract: return shapes with shardings instead of arrays.
+    base: the model of `config.model` and its pretrained parameters, already created
+      (several runs of one base model, e.g. the benchmarks' methods); by default
+      created here.
 
   Returns:
     A `Built` whose `state` and `frozen` are sharded arrays (or their shapes).
@@ -120,12 +123,14 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
     return sharding.param_shardings(tree, model.axes, rules, mesh)
 
   if abstract:
-    model, base, params = _adapted_shapes(config)
+    model, base_params, params = _adapted_shapes(config)
+  elif base is None:
+    model, base_params, params = peft_methods.create(config, shardings_of)
   else:
-    model, base = models.create(config.model, config.seed, shardings_of)
-    model, params = peft_methods.adapt(config, model, base, config.seed)
-    if config.init_from:
-      params = runs.initial_weights(config.init_from, params)
+    base_model, base_params = base
+    model, params = peft_methods.adapt(config, base_model, base_params, config.seed)
+  if config.init_from and not abstract:
+    params = runs.initial_weights(config.init_from, params)
   params, stats = model.split_stats(params)
   trainable, frozen = peft_methods.split(config, model, params)
   model = dataclasses.replace(model, updating=batch_norm.updating_layers(
@@ -147,12 +152,15 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
     state = _with_shardings(jax.eval_shape(create, trainable, stats), state_shardings)
     frozen = _with_shardings(frozen, frozen_shardings)
   else:
+    if base is not None:  # the caller's arrays, which creating the state would donate
+      trainable, stats = jax.tree.map(jnp.array, (trainable, stats))
     frozen = jax.device_put(frozen, frozen_shardings)
     state = jax.jit(create, out_shardings=state_shardings, donate_argnums=(0, 1))(
         jax.device_put(trainable, trainable_shardings),
         jax.device_put(stats, state_shardings.stats))
-  return Built(model=model, base=base, tx=tx, schedule=schedule, state=state, frozen=frozen,
-               state_shardings=state_shardings, frozen_shardings=frozen_shardings)
+  return Built(model=model, base=base_params, tx=tx, schedule=schedule, state=state,
+               frozen=frozen, state_shardings=state_shardings,
+               frozen_shardings=frozen_shardings)
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh,

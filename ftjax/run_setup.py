@@ -77,7 +77,7 @@ class Setup:
 def set_up(config: ml_collections.ConfigDict, placement: Placement,
            batch_spec: dict[str, tuple[tuple[int, ...], Any]],
            task_classes: Sequence[tuple[str, int]], total_steps: int, *,
-           abstract: bool = False) -> Setup:
+           abstract: bool = False, base: tuple[Any, Any] | None = None) -> Setup:
   """Builds the task, the model and its sharded state, and jits the steps.
 
   Args:
@@ -87,9 +87,11 @@ def set_up(config: ml_collections.ConfigDict, placement: Placement,
     task_classes: (name, classes) of each task of a multi-task run; ().
     total_steps: optimizer steps of the run (the schedule's length).
     abstract: shapes with shardings instead of arrays (`build.build`).
+    base: an already created base model and its parameters (`build.build`).
   """
   task = tasks.get(config, placement.mesh, placement.rules, task_classes)
-  built = build.build(config, placement.mesh, placement.rules, total_steps, abstract=abstract)
+  built = build.build(config, placement.mesh, placement.rules, total_steps, abstract=abstract,
+                      base=base)
   train, evaluate = build.jit_steps(built, task, config, placement.rules,
                                     placement.batch_sharding)
   return Setup(config, placement, dict(batch_spec), task, built, train, evaluate)

@@ -45,8 +45,7 @@ def best_weights(workdir: str) -> tuple[ml_collections.ConfigDict, models.Model,
     adaptation (LoRA etc.), the best trained parameters and batch statistics.
   """
   config = load_config(workdir)
-  model, params = models.create(config.model, config.seed)
-  model, params = methods.adapt(config, model, params, config.seed)
+  model, _, params = methods.create(config)
   params, stats = model.split_stats(params)
   trainable, frozen = methods.split(config, model, params)
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)

@@ -1,4 +1,12 @@
-"""The fine-tuning loop: `run(config, workdir)`, built from small named helpers."""
+"""The fine-tuning loop: `run(config, workdir)`.
+
+A run is built once (`_Run`: placement, `_RunData`, the model and state from
+`ftjax.run_setup`, the compiled steps, the writers); the loop (`_train`) holds
+the training state and calls small named pieces: `periodic.Cadence` (when),
+`_Validation` (evaluation, best checkpoint, early stopping, `_Samples`),
+`_Checkpoints` (state with the run's progress, preemption) and
+`periodic.NonFiniteGuard`.
+"""
 
 from __future__ import annotations
 
@@ -59,82 +67,34 @@ def _write_config(run: _Run) -> None:
     return
   with open(os.path.join(run.workdir, "config.json"), "w") as f:
     f.write(run.config.to_json(indent=2, sort_keys=True))
-  if run.inputs.class_names:
+  if run.data.inputs.class_names:
     with open(os.path.join(run.workdir, runs.LABELS_FILE), "w") as f:
-      json.dump({"names": list(run.inputs.class_names)}, f, indent=2)
+      json.dump({"names": list(run.data.inputs.class_names)}, f, indent=2)
   if run.data_check is not None:
     with open(os.path.join(run.workdir, data_check.CHECK_FILE), "w") as f:
       json.dump(run.data_check.to_dict(), f, indent=2)
 
 
-class _Run:
-  """Everything a run builds once: mesh, data, sharded state, compiled steps, writers."""
+class _RunData:
+  """A run's data: this process's share of the training stream and the evaluation sets
+  (the validation and test splits, and each extra data set's validation split)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               devices: Sequence[jax.Device] | None = None):
-    self.config = config
-    self.workdir = workdir
-    self.placement = placement = run_setup.place(config, devices)
-    self.mesh, self.rules = placement.mesh, placement.rules
-    self.batch_sharding = placement.batch_sharding
-    self.process = jax.process_index()
-    self.data_shard = placement.data_shard(config.batch_size)
-    self._build_data()
-    # The data may say how many classes there are (config.model.num_classes=0).
-    self.config = config = inputs_lib.with_class_count(config, self.inputs)
-    self.data_check = self._check_data()
-    self.setup = run_setup.set_up(config, placement, self.inputs.batch_spec,
-                                  self.inputs.task_classes, self.total_steps)
-    self.task, self.built = self.setup.task, self.setup.built
-    self.model, self.state, self.frozen = self.built.model, self.built.state, self.built.frozen
-    self._log_state()
-    self.trackers = trackers_lib.Trackers(config, workdir, enabled=self.process == 0)
-    self.writer = MetricWriter(workdir, enabled=self.process == 0,
-                               tensorboard="tensorboard" in config.trackers,
-                               trackers=self.trackers)
-    self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
-    self._compile()
-    self.sample_prompts = []
-    self.test_at_start: dict[str, float] | None = None  # with init_from / test_at_start
-    self.clock: tracking.RunClock | None = None  # once the start is recorded
-    if self.task.name == "causal_lm" and config.samples.count > 0:
-      self.sample_prompts = inputs_lib.sample_prompts(
-          self.inputs, "validation", config.samples.count, config.samples.prompt_tokens)
-
-  def _log_state(self) -> None:
-    """The parameter counts and each device's share of the state."""
-    built = self.built
-    log_line(_parameter_summary(built.base, self.state.params, self.frozen,
-                                self.state.opt_state))
-    mib = lambda tree: f"{sharding.local_bytes(tree) / 2**20:.1f} MiB"
-    log_line(f"mesh {dict(self.mesh.shape)}: per device {mib(self.state.params)} trainable + "
-             f"{mib(self.frozen)} frozen parameters, {mib(self.state.opt_state)} optimizer "
-             "state")
-
-  def _build_data(self) -> None:
-    config = self.config
+  def __init__(self, config: ml_collections.ConfigDict, data_shard: tuple[int, int]):
     self.inputs = inputs_lib.build(config)
-    self.splits, self.preprocess = self.inputs.splits, self.inputs.preprocess
-    # What evaluations read: the run's splits, and each extra data set's validation split.
-    self.eval_sets = {split: (self.splits[split], self.preprocess)
+    self.seed, self.data_shard = config.seed, data_shard
+    self.train = self.inputs.splits["train"]
+    self.eval_sets = {split: (self.inputs.splits[split], self.inputs.preprocess)
                       for split in ("validation", "test")}
     for name, extra in inputs_lib.build_extra_evals(config, self.inputs).items():
       self.eval_sets[name] = (extra.splits["validation"], extra.preprocess)
-    self.host_batch = config.batch_size // self.data_shard[1]
-    self.steps_per_epoch = len(self.splits["train"]) // config.batch_size
+    self.host_batch = config.batch_size // data_shard[1]
+    self.host_eval_batch = config.eval_batch_size // data_shard[1]
+    self.steps_per_epoch = len(self.train) // config.batch_size
     if self.steps_per_epoch == 0:
-      raise ConfigError(f"train split of {len(self.splits['train'])} examples is smaller than "
-                       f"config.batch_size={config.batch_size}")
+      raise ConfigError(f"train split of {len(self.train)} examples is smaller than "
+                        f"config.batch_size={config.batch_size}")
     self.total_steps = (config.total_steps if config.total_steps > 0
                         else config.num_epochs * self.steps_per_epoch)
-
-  def _check_data(self) -> data_check.Report | None:
-    """The data check (process 0, at a run's first start: a resumed run was checked)."""
-    if self.process != 0 or os.path.exists(os.path.join(self.workdir, data_check.CHECK_FILE)):
-      return None
-    report = data_check.check(self.config, self.inputs)
-    log_line(report.table(self.inputs.class_names))
-    return report
 
   @property
   def extra_evals(self) -> list[str]:
@@ -142,42 +102,34 @@ class _Run:
     return [name for name in self.eval_sets if name not in ("validation", "test")]
 
   def train_iterator(self):
+    """The training batches of this process, shuffled each epoch, with a resumable state."""
     return data.train_iterator(
-        self.splits["train"], self.preprocess, batch_size=self.host_batch,
-        seed=self.config.seed, num_epochs=None, shard_index=self.data_shard[0],
-        shard_count=self.data_shard[1], augment=self.inputs.augment)
+        self.train, self.inputs.preprocess, batch_size=self.host_batch, seed=self.seed,
+        num_epochs=None, shard_index=self.data_shard[0], shard_count=self.data_shard[1],
+        augment=self.inputs.augment)
 
   def eval_batches(self, split: str | Sequence[Any]) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of an evaluation set (by name: a split or an extra data set) or of any
-    source of the run's data, each example once, padded."""
+    """Batches of an evaluation set (by name) or of any source of the run's data, each
+    example once, padded."""
     source, preprocess = (self.eval_sets[split] if isinstance(split, str)
-                          else (split, self.preprocess))
-    return data.eval_batches(
-        source, preprocess, batch_size=self.config.eval_batch_size // self.data_shard[1],
-        shard_index=self.data_shard[0], shard_count=self.data_shard[1])
+                          else (split, self.inputs.preprocess))
+    return data.eval_batches(source, preprocess, batch_size=self.host_eval_batch,
+                             shard_index=self.data_shard[0], shard_count=self.data_shard[1])
 
-  def _compile(self) -> None:
-    """Compiles the train and eval steps once, ahead of time, with explicit shardings
-    (after checking that the evaluation reports the early-stopping metric)."""
-    setup = self.setup
-    evaluate = setup.evaluate.lower(self.state.params, self.state.stats, self.frozen,
-                                    setup.batch(self.config.eval_batch_size))
-    self._check_early_stopping_metric(evaluate.out_info)
-    self.train_step = setup.train.lower(self.state, self.frozen,
-                                        setup.batch(self.config.batch_size)).compile()
-    self.eval_step = evaluate.compile()
 
-  def _check_early_stopping_metric(self, sums: Any) -> None:
-    """Raises ConfigError unless the early-stopping metric is one of the metrics that the
-    evaluation's `sums` (their shapes) summarize to."""
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), sums)
-    names = sorted(self.task.summarize(zeros))
-    metric = self.config.early_stopping.metric
-    if metric not in names:
-      raise ConfigError(f"config.early_stopping.metric={metric!r}: not an evaluation metric; "
-                        f"choose from {names}")
+class _Evaluator:
+  """The compiled evaluation over a whole evaluation set: `evaluator(weights, split)`."""
 
-  def evaluate(self, weights: tuple[Any, Any], split: str) -> dict[str, float]:
+  def __init__(self, run_data: _RunData, setup: run_setup.Setup, eval_batch_size: int):
+    self.data, self.task, self.frozen = run_data, setup.task, setup.built.frozen
+    self.batch_sharding = setup.placement.batch_sharding
+    params, stats = setup.built.state.params, setup.built.state.stats
+    lowered = setup.evaluate.lower(params, stats, self.frozen, setup.batch(eval_batch_size))
+    self.metric_names = sorted(self.task.summarize(
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), lowered.out_info)))
+    self.step = lowered.compile()
+
+  def __call__(self, weights: tuple[Any, Any], split: str) -> dict[str, float]:
     """The task's metrics over every example of `split`, each counted once.
 
     Args:
@@ -185,134 +137,215 @@ class _Run:
       split: "validation", "test" or an extra evaluation set's name.
     """
     sums = None
-    for batch in self.eval_batches(split):
-      out = self.eval_step(*weights, self.frozen, _put_batch(batch, self.batch_sharding))
+    for batch in self.data.eval_batches(split):
+      out = self.step(*weights, self.frozen, _put_batch(batch, self.batch_sharding))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    return self.task.summarize(sums)
+    return self.task.summarize(jax.device_get(sums))
 
 
-def _fisher_weights(run: _Run) -> Any:
+class _Run:
+  """What a run builds once: placement, data, model and state, compiled steps, writers.
+
+  The training state itself lives in the loop (`_train`); nothing here changes after
+  construction.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               devices: Sequence[jax.Device] | None = None):
+    self.workdir = workdir
+    self.process = jax.process_index()
+    placement = run_setup.place(config, devices)
+    self.mesh, self.batch_sharding = placement.mesh, placement.batch_sharding
+    self.data = _RunData(config, placement.data_shard(config.batch_size))
+    # The data may say how many classes there are (config.model.num_classes=0).
+    self.config = config = inputs_lib.with_class_count(config, self.data.inputs)
+    self.data_check = self._check_data()
+    self.setup = run_setup.set_up(config, placement, self.data.inputs.batch_spec,
+                                  self.data.inputs.task_classes, self.data.total_steps)
+    self.task, self.built = self.setup.task, self.setup.built
+    self._log_state()
+    self.trackers = trackers_lib.Trackers(config, workdir, enabled=self.process == 0)
+    self.writer = MetricWriter(workdir, enabled=self.process == 0,
+                               tensorboard="tensorboard" in config.trackers,
+                               trackers=self.trackers)
+    self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
+    # Compiled once, ahead of time, with explicit shardings; the early-stopping metric
+    # is checked against what the evaluation reports before the train step compiles.
+    self.evaluate = _Evaluator(self.data, self.setup, config.eval_batch_size)
+    metric = config.early_stopping.metric
+    if metric not in self.evaluate.metric_names:
+      raise ConfigError(f"config.early_stopping.metric={metric!r}: not an evaluation metric; "
+                        f"choose from {self.evaluate.metric_names}")
+    self.train_step = self.setup.train.lower(self.built.state, self.built.frozen,
+                                             self.setup.batch(config.batch_size)).compile()
+
+  def _log_state(self) -> None:
+    """The parameter counts and each device's share of the state."""
+    state, frozen = self.built.state, self.built.frozen
+    log_line(_parameter_summary(self.built.base, state.params, frozen, state.opt_state))
+    mib = lambda tree: f"{sharding.local_bytes(tree) / 2**20:.1f} MiB"
+    log_line(f"mesh {dict(self.mesh.shape)}: per device {mib(state.params)} trainable + "
+             f"{mib(frozen)} frozen parameters, {mib(state.opt_state)} optimizer state")
+
+  def _check_data(self) -> data_check.Report | None:
+    """The data check (process 0, at a run's first start: a resumed run was checked)."""
+    if self.process != 0 or os.path.exists(os.path.join(self.workdir, data_check.CHECK_FILE)):
+      return None
+    report = data_check.check(self.config, self.data.inputs)
+    log_line(report.table(self.data.inputs.class_names))
+    return report
+
+
+def _fisher_weights(run: _Run, state: Any) -> Any:
   """EWC's weights: the Fisher information of the starting weights on `fisher_task`."""
   regularizer = run.config.regularizer
-  sources = run.inputs.task_train or {
-      registry.data_set_name(run.config.data.name): run.splits["train"]}
+  sources = run.data.inputs.task_train or {
+      registry.data_set_name(run.config.data.name): run.data.train}
   task = regularizers.fisher_task(run.config)
   examples = data.Head(sources[task], regularizer.fisher_examples)
   fisher_step = run.setup.fisher_step()
-  batches = (_put_batch(batch, run.batch_sharding) for batch in run.eval_batches(examples))
+  batches = (_put_batch(batch, run.batch_sharding) for batch in run.data.eval_batches(examples))
   started = time.perf_counter()
-  weights = regularizers.fisher_weights(fisher_step, run.state.params, run.state.stats,
-                                        run.frozen, batches)
+  weights = regularizers.fisher_weights(fisher_step, state.params, state.stats,
+                                        run.built.frozen, batches)
   log_line(f"EWC: Fisher information of {len(examples)} {task} examples "
            f"in {time.perf_counter() - started:.1f} s")
   return weights
 
 
-def _test_at_start(run: _Run) -> dict[str, float]:
-  """Test metrics of the starting weights (kept in every checkpoint's progress record)."""
-  metrics = run.evaluate((run.state.params, run.state.stats), "test")
-  log_line("test at start: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-  return metrics
+class _Checkpoints:
+  """Saves the state with the run's progress: the data position, the early-stopping
+  record and the test metrics at the start (which a resumed run reports)."""
+
+  def __init__(self, run: _Run, iterator, stopper: EarlyStopping,
+               test_at_start: dict[str, float] | None):
+    self.checkpointer, self.workdir = run.checkpointer, run.workdir
+    self.iterator, self.stopper, self.test_at_start = iterator, stopper, test_at_start
+
+  def save(self, step: int, state: Any) -> None:
+    self.checkpointer.save(step, state, {
+        "data_iterator": self.iterator.get_state(), "early_stopping": self.stopper.to_dict(),
+        "test_at_start": self.test_at_start})
+
+  def preempted(self, step: int, state: Any) -> None:
+    """Checkpoints the state after `step` (unless just done) and raises `Preempted`."""
+    if self.checkpointer.latest_step() != step:
+      self.save(step, state)
+    self.checkpointer.wait()
+    log_line(f"preempted: checkpoint of step {step} written to {self.workdir}; start the "
+             "same command again to resume")
+    raise preemption.Preempted(step)
 
 
-def _progress_record(run: _Run, iterator, stopper: EarlyStopping) -> dict[str, Any]:
-  return {"data_iterator": iterator.get_state(), "early_stopping": stopper.to_dict(),
-          "test_at_start": run.test_at_start}
-
-
-def _resume(run: _Run, iterator, stopper: EarlyStopping) -> EarlyStopping:
-  """Continues from the workdir's latest checkpoint, if any."""
-  restored = run.checkpointer.restore_latest(run.state)
+def _resume(run: _Run, iterator) -> tuple[Any, EarlyStopping, dict[str, float] | None]:
+  """(state, early-stopping record, test metrics at the start) of the workdir's latest
+  checkpoint, with the data iterator moved to its position; those of a fresh start
+  without one."""
+  state = run.built.state
+  stopper = EarlyStopping.from_config(run.config.early_stopping)
+  restored = run.checkpointer.restore_latest(state)
   if restored is None:  # (again) from the start: drop records of a start killed earlier
     run.writer.truncate_after(-1)
-    return stopper
-  run.state, progress = restored
+    return state, stopper, None
+  state, progress = restored
   iterator.set_state(progress["data_iterator"])
-  run.test_at_start = progress.get("test_at_start")
-  step = int(jax.device_get(run.state.step))
+  step = int(jax.device_get(state.step))
   run.writer.truncate_after(step)
   run.checkpointer.drop_best_after(step)
   log_line(f"resumed from step {step} in {run.workdir}")
-  return EarlyStopping.from_dict(progress["early_stopping"])
+  return state, EarlyStopping.from_dict(progress["early_stopping"]), progress.get(
+      "test_at_start")
 
 
-def _write_samples(run: _Run, step: int) -> None:
-  """Continues the validation prompts with the current parameters (greedy) and logs them."""
-  config, tokenizer = run.config, run.inputs.tokenizer
-  with jax.transfer_guard("allow"):  # prompts go to the device; tokens come back
-    completions = generate.generate(
-        run.model, param_groups.combine(run.state.params, run.frozen), run.sample_prompts,
-        max_new_tokens=config.samples.max_new_tokens, stop_tokens=[tokenizer.eos_token_id],
-        pad_id=tokenizer.pad_token_id or 0, compute_dtype=build.DTYPES[config.compute_dtype])
-  samples = [{"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)}
-             for prompt, completion in zip(run.sample_prompts, completions)]
-  run.writer.write_samples(step, samples)
-  log_line(f"sample at step {step}: {samples[0]['completion']!r}")
+class _Samples:
+  """Continues validation prompts with the current parameters (greedy) and writes them."""
+
+  def __init__(self, run: _Run):
+    config = run.config
+    self.model, self.frozen, self.writer = run.built.model, run.built.frozen, run.writer
+    self.tokenizer = run.data.inputs.tokenizer
+    self.max_new_tokens = config.samples.max_new_tokens
+    self.compute_dtype = build.DTYPES[config.compute_dtype]
+    self.prompts = inputs_lib.sample_prompts(run.data.inputs, "validation",
+                                             config.samples.count, config.samples.prompt_tokens)
+
+  def __call__(self, step: int, params: Any) -> None:
+    tokenizer = self.tokenizer
+    with jax.transfer_guard("allow"):  # prompts go to the device; tokens come back
+      completions = generate.generate(
+          self.model, param_groups.combine(params, self.frozen), self.prompts,
+          max_new_tokens=self.max_new_tokens, stop_tokens=[tokenizer.eos_token_id],
+          pad_id=tokenizer.pad_token_id or 0, compute_dtype=self.compute_dtype)
+    samples = [{"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)}
+               for prompt, completion in zip(self.prompts, completions)]
+    self.writer.write_samples(step, samples)
+    log_line(f"sample at step {step}: {samples[0]['completion']!r}")
 
 
-def _validate(run: _Run, step: int, stopper: EarlyStopping) -> None:
-  """Evaluates on validation, saves the best parameters and updates early stopping."""
-  weights = (run.state.params, run.state.stats)
-  metrics = run.evaluate(weights, "validation")
-  run.writer.write(step, "validation", metrics)
-  for name in run.extra_evals:  # watched, not what early stopping follows
-    extra = run.evaluate(weights, name)
-    run.writer.write(step, name, extra)
-    log_line(f"{name} step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in extra.items()))
-  if stopper.update(step, metrics):
-    run.checkpointer.save_best(step, run.state.params, run.state.stats)
-  log_line(f"validation step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-           + f" (best {stopper.metric}={stopper.best} at step {stopper.best_step})")
-  if run.sample_prompts:
-    _write_samples(run, step)
+class _Validation:
+  """Evaluates on validation (saving the best parameters, updating early stopping), on
+  the extra evaluation sets, and writes samples of a language model."""
+
+  def __init__(self, run: _Run, stopper: EarlyStopping):
+    self.evaluate, self.writer, self.checkpointer = run.evaluate, run.writer, run.checkpointer
+    self.stopper = stopper
+    wants_samples = run.task.name == "causal_lm" and run.config.samples.count > 0
+    self.samples = _Samples(run) if wants_samples else None
+
+  def __call__(self, step: int, state: Any) -> None:
+    weights, stopper = (state.params, state.stats), self.stopper
+    metrics = self.evaluate(weights, "validation")
+    self.writer.write(step, "validation", metrics)
+    for name in self.evaluate.data.extra_evals:  # watched, not what early stopping follows
+      extra = self.evaluate(weights, name)
+      self.writer.write(step, name, extra)
+      log_line(f"{name} step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in extra.items()))
+    if stopper.update(step, metrics):
+      self.checkpointer.save_best(step, state.params, state.stats)
+    log_line(f"validation step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+             + f" (best {stopper.metric}={stopper.best} at step {stopper.best_step})")
+    if self.samples is not None:
+      self.samples(step, state.params)
 
 
-def _train(run: _Run, iterator, stopper: EarlyStopping,
-           on_step: Callable[[int], None] | None) -> EarlyStopping:
-  config = run.config
-  start = int(jax.device_get(run.state.step))
-  progress = Progress(run.total_steps, config.batch_size, start)
+def _train(run: _Run, state: Any, iterator, stopper: EarlyStopping,
+           saver: _Checkpoints, clock: tracking.RunClock,
+           on_step: Callable[[int], None] | None) -> Any:
+  """The training loop from `state` to the last step or an early stop; the final state."""
+  config, total = run.config, run.data.total_steps
+  start = int(jax.device_get(state.step))
+  progress = Progress(total, config.batch_size, start)
+  validation = _Validation(run, stopper)
   if start == 0 and config.eval_at_start:
-    _validate(run, 0, stopper)  # the pretrained model: the baseline fine-tuning must beat
+    validation(0, state)  # the pretrained model: the baseline fine-tuning must beat
   guard = periodic.NonFiniteGuard(config)
-  cadence = periodic.Cadence.from_config(config, run.total_steps, run.steps_per_epoch)
+  cadence = periodic.Cadence.from_config(config, total, run.data.steps_per_epoch)
   with jax.transfer_guard("disallow"):
-    for step in range(start + 1, run.total_steps + 1):
+    for step in range(start + 1, total + 1):
       if stopper.stop:
         break
       batch = _put_batch(next(iterator), run.batch_sharding)
-      run.state, metrics = run.train_step(run.state, run.frozen, batch)
+      state, metrics = run.train_step(state, run.built.frozen, batch)
       guard.check(step, metrics["nonfinite"], run.checkpointer)
       if cadence.logs(step):
         metrics = jax.device_get(metrics)
         run.writer.write(step, "train", metrics)
-        run.clock.update()
+        clock.update()
         log_line(progress.line(step, metrics))
       if cadence.validates(step):
-        _validate(run, step, stopper)
+        validation(step, state)
         if stopper.stop:
           log_line(f"early stopping at step {step}: no {stopper.metric} improvement "
                    f"> {stopper.min_delta} in {stopper.patience} evaluations")
       if cadence.checkpoints(step) or stopper.stop:
-        run.checkpointer.save(step, run.state, _progress_record(run, iterator, stopper))
+        saver.save(step, state)
       if on_step is not None:
         on_step(step)
       if preemption.requested():
         guard.finish(run.checkpointer)
-        _preempted(run, iterator, stopper, step)
+        saver.preempted(step, state)
     guard.finish(run.checkpointer)
-  return stopper
-
-
-def _preempted(run: _Run, iterator, stopper: EarlyStopping, step: int) -> None:
-  """Checkpoints the state after `step` (unless just done) and raises `Preempted`."""
-  if run.checkpointer.latest_step() != step:
-    run.checkpointer.save(step, run.state, _progress_record(run, iterator, stopper))
-  run.checkpointer.wait()
-  log_line(f"preempted: checkpoint of step {step} written to {run.workdir}; start the same "
-           "command again to resume")
-  raise preemption.Preempted(step)
+  return state
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -338,7 +371,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   _check_workdir(workdir)
   started = time.perf_counter()
   run_ = _Run(config, workdir, devices)
-  log_line(f"{run_.total_steps} steps ({run_.steps_per_epoch} per epoch), batch "
+  log_line(f"{run_.data.total_steps} steps ({run_.data.steps_per_epoch} per epoch), batch "
            f"{config.batch_size}, {run_.mesh.size} device(s), {jax.process_count()} "
            "process(es)")
   try:
@@ -353,7 +386,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def _forgetting(run_: _Run, at_start: dict[str, float], test: dict[str, float]
                 ) -> dict[str, float]:
   """Test accuracy lost on each task (data set) since the start of the run."""
-  names = [name for name, _ in run_.inputs.task_classes]
+  names = [name for name, _ in run_.data.inputs.task_classes]
   if not names:
     return {registry.data_set_name(run_.config.data.name):
             at_start["accuracy"] - test["accuracy"]}
@@ -363,36 +396,38 @@ def _forgetting(run_: _Run, at_start: dict[str, float], test: dict[str, float]
 def _train_and_test(run_: _Run, on_step: Callable[[int], None] | None,
                     started: float) -> dict[str, Any]:
   config, workdir = run_.config, run_.workdir
-  iterator = run_.train_iterator()
-  stopper = _resume(run_, iterator, EarlyStopping.from_config(config.early_stopping))
+  iterator = run_.data.train_iterator()
+  state, stopper, at_start = _resume(run_, iterator)
   # Only now that the config has proven to fit the workdir's checkpoints, if any.
   _write_config(run_)
-  run_.clock = tracking.record_start(workdir, config.seed, started)
+  clock = tracking.record_start(workdir, config.seed, started)
   run_.trackers.start()
-  fresh = int(jax.device_get(run_.state.step)) == 0
-  if fresh and regularizers.kind(config) == "ewc":  # resumed runs restore theirs
-    run_.state = run_.state.replace(anchor={"center": run_.state.anchor["center"],
-                                            "weight": _fisher_weights(run_)})
-  if (config.test_at_start or config.init_from) and fresh:
-    run_.test_at_start = _test_at_start(run_)
-  at_start = run_.test_at_start
-  stopper = _train(run_, iterator, stopper, on_step)
+  if int(jax.device_get(state.step)) == 0:  # a resumed run restores what follows
+    if regularizers.kind(config) == "ewc":
+      state = state.replace(anchor={"center": state.anchor["center"],
+                                    "weight": _fisher_weights(run_, state)})
+    if config.test_at_start or config.init_from:  # kept in every checkpoint
+      at_start = run_.evaluate((state.params, state.stats), "test")
+      log_line("test at start: " + " ".join(f"{k}={v:.4f}" for k, v in at_start.items()))
+  saver = _Checkpoints(run_, iterator, stopper, at_start)
+  state = _train(run_, state, iterator, stopper, saver, clock, on_step)
   run_.checkpointer.wait()
-  best = run_.checkpointer.restore_best(run_.state.params, run_.state.stats)
+  best = run_.checkpointer.restore_best(state.params, state.stats)
   final = {
       "best_step": stopper.best_step,
       "stopped_early": stopper.stop,
       # The best evaluation's metrics are those of the restored best parameters.
       "validation": stopper.best_metrics or run_.evaluate(best, "validation"),
       "test": run_.evaluate(best, "test"),
-      "train_seconds": run_.clock.update(),  # every start's share, killed ones included
+      "train_seconds": clock.update(),  # every start's share, killed ones included
   }
-  if run_.extra_evals:  # the extra sets' validation metrics of the best parameters
-    final["extra_eval"] = {name: run_.evaluate(best, name) for name in run_.extra_evals}
+  extra_evals = run_.data.extra_evals
+  if extra_evals:  # the extra sets' validation metrics of the best parameters
+    final["extra_eval"] = {name: run_.evaluate(best, name) for name in extra_evals}
   if at_start is not None:
     final["test_at_start"] = at_start
     final["forgetting"] = _forgetting(run_, at_start, final["test"])
-  step = int(jax.device_get(run_.state.step))
+  step = int(jax.device_get(state.step))
   run_.writer.write(step, "test", final["test"])
   if run_.process == 0:  # written whole or not at all: it marks the run finished
     path = os.path.join(workdir, "final_metrics.json")

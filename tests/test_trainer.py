@@ -72,7 +72,7 @@ def test_early_stopping_stops_and_restores_best(debug_config, tmp_path):
   # ... and the restored best parameters reproduce it.
   run = trainer._Run(config, str(tmp_path), ONE_DEVICE)  # pylint: disable=protected-access
   try:
-    best = run.checkpointer.restore_best(run.state.params, run.state.stats)
+    best = run.checkpointer.restore_best(run.built.state.params, run.built.state.stats)
     assert run.evaluate(best, "validation") == pytest.approx(first, rel=1e-6)
   finally:
     run.writer.close()

@@ -13,12 +13,12 @@ no update.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 from flax import nnx
 
-from ftjax import param_groups, schema
+from ftjax import models, param_groups, schema
 from ftjax.errors import ConfigError
 from ftjax.models import Layout, Model
 from ftjax.peft import lora, quant
@@ -67,6 +67,18 @@ SCHEMA = schema.Section("", "What trains (PEFT methods, freezing) and how adapte
                                "stored quantized"),
     },
 }, check=_check)
+
+
+def create(config: ml_collections.ConfigDict,
+           shardings: Callable[[Model, Any], Any] | None = None) -> tuple[Model, Any, dict]:
+  """The model of `config.model` with its pretrained parameters, adapted by `config.peft`.
+
+  Returns:
+    (model, base parameters, adapted parameters); `shardings` as in `models.create`.
+  """
+  model, base = models.create(config.model, config.seed, shardings)
+  model, params = adapt(config, model, base, config.seed)
+  return model, base, params
 
 
 def adapt(config: ml_collections.ConfigDict, model: Model, params: dict,
