@@ -1,4 +1,5 @@
-"""Mistral, Qwen3 and windowed Qwen2 through the one decoder, against transformers."""
+"""Mistral, Qwen3, windowed Qwen2, Gemma 2 and Gemma 3 through the one decoder, against
+transformers."""
 
 import json
 
@@ -24,16 +25,33 @@ _WINDOW = 3
 _LENGTH = 12  # longer than the window, so that it matters
 _EOS = 2
 
-# case -> (transformers family, config overrides, config.json edits that drop the window)
+# Gemma 3's rotary bases: linear scaling on global layers, a base of its own on local ones.
+_GEMMA3_ROPE = {"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+                "sliding_attention": dict(rope_type="default", rope_theta=100.0)}
+
+# case -> (transformers family, config overrides, config.json edits each of which changes
+# the logits: what the case checks is applied)
 _CASES = {
     "mistral": ("Mistral", dict(sliding_window=_WINDOW, head_dim=16),
-                dict(sliding_window=None)),
-    "qwen3": ("Qwen3", dict(head_dim=16), None),
+                [dict(sliding_window=None)]),
+    "qwen3": ("Qwen3", dict(head_dim=16), []),
     # The window on the second layer only (max_window_layers=1), with q/k norms.
     "qwen3_window": ("Qwen3", dict(head_dim=16, use_sliding_window=True, sliding_window=_WINDOW,
-                                   max_window_layers=1), dict(use_sliding_window=False)),
+                                   max_window_layers=1), [dict(use_sliding_window=False)]),
     "qwen2_window": ("Qwen2", dict(use_sliding_window=True, sliding_window=_WINDOW,
-                                   max_window_layers=0), dict(use_sliding_window=False)),
+                                   max_window_layers=0), [dict(use_sliding_window=False)]),
+    # Local (windowed) and global layers alternating, soft-capped attention scores and
+    # logits, and a query scale other than head_dim's.
+    "gemma2": ("Gemma2", dict(head_dim=16, sliding_window=_WINDOW, attn_logit_softcapping=2.0,
+                              final_logit_softcapping=5.0, query_pre_attn_scalar=24),
+               [dict(sliding_window=None), dict(attn_logit_softcapping=None),
+                dict(final_logit_softcapping=None), dict(query_pre_attn_scalar=16)]),
+    # q/k norms, and sliding layers rotating with their own base.
+    "gemma3": ("Gemma3Text", dict(head_dim=16, sliding_window=_WINDOW, sliding_window_pattern=2,
+                                  query_pre_attn_scalar=24, rope_parameters=_GEMMA3_ROPE),
+               [dict(sliding_window=None),
+                dict(rope_parameters={**_GEMMA3_ROPE,
+                                      "sliding_attention": dict(rope_theta=1e6)})]),
 }
 
 
@@ -84,14 +102,12 @@ def test_logits_match_transformers(case, tiny, record_property):
         f"{np.max(np.abs(expected)):.1f})")
   assert diff <= 1e-4, (case, diff)
   assert np.max(np.abs(expected)) > 1.0  # the comparison is not of near-zero logits
-  drop_window = _CASES[case][2]
-  if drop_window is None:
-    return
-  # The same weights without the window give other logits: the window was applied.
+  # The same weights without each checked setting give other logits: it was applied.
   with open(f"{directory}/config.json") as f:
-    raw = {**json.load(f), **drop_window}
-  unwindowed, _ = models.create(_config(arch=raw), seed=0)
-  assert np.max(np.abs(_logits(unwindowed, params, batch)[real] - expected[real])) > 1e-2
+    raw = json.load(f)
+  for edit in _CASES[case][2]:
+    other, _ = models.create(_config(arch={**raw, **edit}), seed=0)
+    assert np.max(np.abs(_logits(other, params, batch)[real] - expected[real])) > 1e-2, edit
 
 
 def test_window_and_qk_norms_are_read_as_transformers_applies_them(tiny):
@@ -142,8 +158,9 @@ def test_packed_sequences_with_a_window_match_each_sequence_alone(tiny):
   np.testing.assert_allclose(packed[5:], alone[:4], atol=1e-5, rtol=0)
 
 
-def test_greedy_generation_with_a_window_matches_transformers_generate(tiny):
-  _, reference, model, params = tiny("mistral")
+@pytest.mark.parametrize("case", ["mistral", "gemma2", "gemma3"])
+def test_greedy_generation_with_a_window_matches_transformers_generate(tiny, case):
+  _, reference, model, params = tiny(case)
   rng = np.random.default_rng(1)
   prompts = [rng.integers(3, _TINY["vocab_size"], n).tolist() for n in (7, 2, 13)]
   ours = generate.generate(model, params, prompts, max_new_tokens=12, stop_tokens=[_EOS])
@@ -159,8 +176,11 @@ def test_greedy_generation_with_a_window_matches_transformers_generate(tiny):
   assert any(len(t) == 12 for t in theirs)  # at least one row decodes far past the window
 
 
-def test_merged_export_of_qwen3_loads_in_transformers_with_the_same_logits(tiny, tmp_path):
-  directory, _, model, params = tiny("qwen3_window")
+@pytest.mark.parametrize("case, loaded_as", [("qwen3_window", "Qwen3ForCausalLM"),
+                                              ("gemma3", "Gemma3ForCausalLM")])
+def test_merged_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path, case,
+                                                                  loaded_as):
+  directory, _, model, params = tiny(case)
   rng = np.random.default_rng(2)  # trained weights differ from the checkpoint's
   params = param_groups.map_with_path(
       lambda _, x: (np.asarray(x) + 0.05 * rng.normal(size=x.shape)).astype(np.float32), params)
@@ -170,7 +190,7 @@ def test_merged_export_of_qwen3_loads_in_transformers_with_the_same_logits(tiny,
   assert "model.layers.0.self_attn.q_norm.weight" in names
   exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
                                                                dtype=torch.float32).eval()
-  assert type(exported).__name__ == "Qwen3ForCausalLM"
+  assert type(exported).__name__ == loaded_as
   ids = np.random.default_rng(3).integers(3, _TINY["vocab_size"], (1, _LENGTH))
   batch = _batch(ids, [_LENGTH])
   np.testing.assert_allclose(_logits(model, params, batch), _reference_logits(exported, batch),
@@ -190,6 +210,13 @@ def test_merged_export_of_qwen3_loads_in_transformers_with_the_same_logits(tiny,
      "layer_types=.*one attention type per layer"),
     (dict(model_type="qwen3", rope_parameters=dict(rope_type="yarn", factor=4.0)),
      "rope_type 'yarn' is not supported"),
+    (dict(model_type="gemma3_text", rope_parameters={
+        "full_attention": dict(rope_type="default"),
+        "sliding_attention": dict(rope_type="linear", factor=2.0)}),
+     "rope_parameters.sliding_attention.rope_type='linear' is not supported"),
+    (dict(model_type="gemma2", hidden_activation="relu"), "hidden_act='relu' is not supported"),
+    (dict(model_type="gemma3_text", use_bidirectional_attention=True),
+     "use_bidirectional_attention=True is not supported"),
 ])
 def test_settings_the_decoder_cannot_apply_are_refused_naming_the_file(tmp_path, change,
                                                                        message):
@@ -198,11 +225,11 @@ def test_settings_the_decoder_cannot_apply_are_refused_naming_the_file(tmp_path,
     models.create(_config(pretrained=str(tmp_path)), seed=0)
 
 
-@pytest.fixture(scope="module", params=["Llama", "Mistral"])
+@pytest.fixture(scope="module", params=["Llama", "Mistral", "Gemma3Text"])
 def reward_model(request, tmp_path_factory):
   """(folder, transformers model) of a tiny sequence classifier with 3 labels."""
   family = request.param
-  window = dict(sliding_window=_WINDOW) if family == "Mistral" else {}
+  window = dict(sliding_window=_WINDOW) if family != "Llama" else {}
   config = getattr(transformers, f"{family}Config")(**_TINY, **window, num_labels=3,
                                                     pad_token_id=0)
   torch.manual_seed(0)

@@ -8,12 +8,17 @@ import transformers
 from ftjax import config as config_lib
 
 
+# Families whose causal LM class is not named after their config class.
+_CAUSAL_LM = {"Gemma3Text": "Gemma3ForCausalLM"}
+
+
 def save_random(directory, family, **fields):
-  """Saves a `<family>ForCausalLM` of config `fields` with O(1) random weights (so that
-  logits differ clearly between tokens) in `directory`; returns it, in eval mode."""
+  """Saves a `<family>ForCausalLM` of `<family>Config(**fields)` with O(1) random weights
+  (so that logits differ clearly between tokens) in `directory`; returns it, in eval mode."""
   config = getattr(transformers, f"{family}Config")(**fields)
   torch.manual_seed(0)
-  reference = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+  causal_lm = _CAUSAL_LM.get(family, f"{family}ForCausalLM")
+  reference = getattr(transformers, causal_lm)(config).eval()
   with torch.no_grad():
     for name, param in reference.named_parameters():
       param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)

@@ -77,7 +77,7 @@ class Features(NamedTuple):
 
   hidden: jax.Array  # [B, L, hidden] in the compute dtype
   unembed: Callable[[jax.Array], jax.Array]  # hidden [..., hidden] -> float32 logits
-  kernel: jax.Array | None  # the [hidden, vocab] unembedding matrix; None if adapted
+  kernel: jax.Array | None  # the [hidden, vocab] unembedding matrix; None if adapted or capped
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Llama-family decoder-only language models (Llama 2/3, Qwen2, Mistral, Qwen3) in Flax NNX.
+"""Decoder-only language models (Llama 2/3, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3) in Flax NNX.
 
 One decoder serves every family: `LlamaConfig` records how a checkpoint's
 `model_type` differs from Llama (q/k/v biases, RMSNorm on each head's queries
-and keys, sliding-window attention on some or all layers), as transformers'
+and keys, sliding-window attention on some or all layers, Gemma's (1 + w) norms
+before and after each sub-block, scaled embeddings, GELU, soft-capped attention
+and output logits, a separate rotary base for local layers), as transformers'
 class for that model type builds it.
 
 Parameter names follow Hugging Face's module names with ftjax's '/' separator
@@ -47,10 +49,19 @@ class _Family:
   qkv_bias: bool = False  # q, k and v projections have biases whatever attention_bias says
   qk_norm: bool = False   # RMSNorm on each head's queries and keys, before RoPE
   # Where `sliding_window` applies: "never" (the class has no window), "every_layer"
-  # (Mistral: on every layer unless null) or "layer_types" (Qwen2/3: only with
+  # (Mistral: on every layer unless null), "layer_types" (Qwen2/3: only with
   # `use_sliding_window`, on the layers `layer_types` marks, by default those from
-  # `max_window_layers` on).
+  # `max_window_layers` on) or "pattern" (Gemma: on the layers `layer_types` marks, by
+  # default all but every `pattern`-th).
   window: str = "never"
+  pattern: int = 0
+  # Gemma: norms scale by (1 + weight), in float32; the attention and the MLP each have
+  # a norm before and after them; embeddings are multiplied by sqrt(hidden_size).
+  gemma: bool = False
+  # Gemma 3: layers with a sliding window rotate with their own base (`rope_local_base_freq`).
+  local_rope: bool = False
+  default_theta: float = 10000.0  # rope_theta when config.json gives none
+  default_act: str = "silu"       # the activation when config.json names none
 
 
 # Model types whose checkpoints this decoder reproduces.
@@ -59,12 +70,23 @@ _FAMILIES = {
     "qwen2": _Family(qkv_bias=True, window="layer_types"),
     "mistral": _Family(window="every_layer"),
     "qwen3": _Family(qk_norm=True, window="layer_types"),
+    "gemma2": _Family(window="pattern", pattern=2, gemma=True,
+                      default_act="gelu_pytorch_tanh"),
+    "gemma3_text": _Family(qk_norm=True, window="pattern", pattern=6, gemma=True,
+                           local_rope=True, default_theta=1_000_000.0,
+                           default_act="gelu_pytorch_tanh"),
 }
 # transformers' values for the window fields a config.json leaves out.
 _DEFAULT_SLIDING_WINDOW = 4096
 _DEFAULT_MAX_WINDOW_LAYERS = 28
+_DEFAULT_LOCAL_THETA = 10000.0  # Gemma 3's rope_local_base_freq
 # Attention types of `layer_types` entries the decoder applies.
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+# The MLP's activations, by the names of transformers' ACT2FN.
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
 PARAM_AXES = (
@@ -245,6 +267,12 @@ class LlamaConfig(hf_config.HfConfig):
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
   pad_token_id: int | None = None  # where `SequenceClassifier` finds each row's end
+  # Gemma: attention scores are scaled by query_pre_attn_scalar ** -0.5 (else head_dim's),
+  # and attention scores and output logits capped smoothly (cap * tanh(x / cap)).
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  local_rope_theta: float | None = None  # Gemma 3: the rotary base of sliding layers
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -259,8 +287,24 @@ class LlamaConfig(hf_config.HfConfig):
 
   @property
   def qk_norm(self) -> bool:
-    """Whether each head's queries and keys are RMS-normalised before RoPE (Qwen3)."""
+    """Whether each head's queries and keys are RMS-normalised before RoPE (Qwen3, Gemma 3)."""
     return _FAMILIES[self.model_type].qk_norm
+
+  @property
+  def gemma(self) -> bool:
+    """Whether the blocks are Gemma's: (1 + w) norms around each sub-block, scaled
+    embeddings."""
+    return _FAMILIES[self.model_type].gemma
+
+  def layer_is_local(self, index: int) -> bool:
+    """Whether layer `index` is a sliding ("local") layer with its own rotary base."""
+    return (self.local_rope_theta is not None and self.layer_types is not None
+            and self.layer_types[index] == "sliding_attention")
+
+  def local_rope(self) -> Rope:
+    """Gemma 3's rotary embedding of sliding layers (plain RoPE with its own base)."""
+    return Rope(head_dim=self.head_dim, theta=float(self.local_rope_theta),
+                max_position_embeddings=self.max_position_embeddings)
 
   def layer_window(self, index: int) -> int | None:
     """The attention window of layer `index`: None where it attends to every earlier token."""
@@ -289,20 +333,27 @@ class LlamaConfig(hf_config.HfConfig):
       ConfigError: for an unsupported model type, activation, rope type or
         attention-window setting, or inconsistent head counts.
     """
-    fields = {f.name for f in dataclasses.fields(cls)} - {
-        "rope_theta", "rope_scaling", "sliding_window", "layer_types"}
-    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
-    theta = rope.pop("rope_theta", raw.get("rope_theta", cls.rope_theta))
-    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    scaling = {"rope_type": rope_type, **rope} if rope_type != "default" or rope else None
-    config = cls(rope_theta=float(theta), rope_scaling=scaling,
-                 **{k: v for k, v in raw.items() if k in fields and v is not None})
-    if config.model_type not in _FAMILIES:
-      raise ConfigError(f"{source}: model_type={config.model_type!r} is not supported; "
+    model_type = raw.get("model_type", cls.model_type)
+    if model_type not in _FAMILIES:
+      raise ConfigError(f"{source}: model_type={model_type!r} is not supported; "
                         f"supported: {list(_FAMILIES)}")
-    if config.hidden_act != "silu":
+    family = _FAMILIES[model_type]
+    gemma_fields = ("query_pre_attn_scalar", "attn_logit_softcapping",
+                    "final_logit_softcapping")
+    fields = {f.name for f in dataclasses.fields(cls)} - {
+        "rope_theta", "rope_scaling", "sliding_window", "layer_types", "hidden_act",
+        "local_rope_theta", *([] if family.gemma else gemma_fields)}
+    if raw.get("use_bidirectional_attention"):
+      raise ConfigError(f"{source}: use_bidirectional_attention=True is not supported (the "
+                        "decoder is causal)")
+    scaling, theta, local_theta = _rope_fields(raw, family, source)
+    activation = raw.get("hidden_activation") or raw.get("hidden_act") or family.default_act
+    config = cls(rope_theta=float(theta), rope_scaling=scaling, hidden_act=activation,
+                 local_rope_theta=local_theta,
+                 **{k: v for k, v in raw.items() if k in fields and v is not None})
+    if config.hidden_act not in ACTIVATIONS:
       raise ConfigError(f"{source}: hidden_act={config.hidden_act!r} is not supported; "
-                        "supported: ['silu']")
+                        f"supported: {list(ACTIVATIONS)}")
     if config.num_attention_heads % config.num_key_value_heads:
       raise ConfigError(f"{source}: num_attention_heads {config.num_attention_heads} is not a "
                         f"multiple of num_key_value_heads {config.num_key_value_heads}")
@@ -312,6 +363,29 @@ class LlamaConfig(hf_config.HfConfig):
       raise ConfigError(f"{source}: {e}") from None
     window, layer_types = _attention_window(raw, config, source)
     return dataclasses.replace(config, sliding_window=window, layer_types=layer_types)
+
+
+def _rope_fields(raw: dict[str, Any], family: _Family,
+                 source: str) -> tuple[dict[str, Any] | None, float, float | None]:
+  """(rope_scaling, rope_theta, local rope theta) from transformers 4's `rope_theta`,
+  `rope_scaling` (and Gemma 3's `rope_local_base_freq`) or transformers 5's
+  `rope_parameters` (for Gemma 3, one entry per attention type)."""
+  rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+  local_theta = None
+  if family.local_rope:
+    local_theta = raw.get("rope_local_base_freq", _DEFAULT_LOCAL_THETA)
+    if rope and set(rope) <= set(_LAYER_TYPES):  # {attention type: its parameters}
+      local = dict(rope.get("sliding_attention") or {})
+      rope = dict(rope.get("full_attention") or {})
+      if local.get("rope_type", "default") != "default":
+        raise ConfigError(f"{source}: rope_parameters.sliding_attention.rope_type="
+                          f"{local['rope_type']!r} is not supported; supported: ['default']")
+      local_theta = local.get("rope_theta", local_theta)
+    local_theta = float(local_theta)
+  theta = rope.pop("rope_theta", raw.get("rope_theta", family.default_theta))
+  rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+  scaling = {"rope_type": rope_type, **rope} if rope_type != "default" or rope else None
+  return scaling, theta, local_theta
 
 
 def _attention_window(raw: dict[str, Any], config: LlamaConfig,
@@ -350,6 +424,12 @@ def _attention_window(raw: dict[str, Any], config: LlamaConfig,
                         "sliding-window attention (its transformers class ignores the field); "
                         "remove it or name the family that applies it")
     return None, None
+  if family.window == "pattern":
+    if layer_types is None:
+      every = raw.get("sliding_window_pattern", family.pattern)
+      layer_types = tuple("sliding_attention" if (i + 1) % every else "full_attention"
+                          for i in range(config.num_hidden_layers))
+    return window, layer_types
   if family.window == "every_layer":
     uniform = "full_attention" if window is None else "sliding_attention"
     if layer_types is not None and set(layer_types) != {uniform}:
@@ -375,16 +455,44 @@ def _linear(din: int, dout: int, use_bias: bool, config: LlamaConfig,
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square normalisation, computed in float32, then scaled."""
+  """Root-mean-square normalisation, computed in float32, then scaled: by `scale` in the
+  input's dtype (Llama), or with `offset` by (1 + `scale`) in float32 (Gemma, whose
+  scale starts at zero)."""
 
-  def __init__(self, dim: int, eps: float):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-    self.eps = eps
+  def __init__(self, dim: int, eps: float, offset: bool = False):
+    self.scale = nnx.Param((jnp.zeros if offset else jnp.ones)((dim,), jnp.float32))
+    self.eps, self.offset = eps, offset
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = x.astype(jnp.float32)
     y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
     return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap): values kept smoothly within (-cap, cap); x when cap is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, is_causal: bool,
+            scale: float | None, softcap: float | None) -> jax.Array:
+  """Grouped-query attention [B, L, heads, d] of queries to keys and values
+  [B, S, kv_heads, d] where `mask` [B, 1, L, S] (and, with `is_causal`, causality)
+  allows; scores scaled by `scale` (default d ** -0.5) and soft-capped by `softcap`."""
+  if softcap is None:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
+  groups = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+  scores = _softcap(scores, softcap)
+  if is_causal:
+    mask = mask & jnp.tril(jnp.ones(scores.shape[-2:], bool))
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -407,8 +515,11 @@ class Attention(nnx.Module):
     self.k_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
     self.v_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
     self.o_proj = _linear(self.num_heads * d, h, config.attention_bias, config, rngs)
-    self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
-    self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+    self.q_norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if config.qk_norm else None
+    self.k_norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if config.qk_norm else None
+    self.scale = (None if config.query_pre_attn_scalar is None
+                  else config.query_pre_attn_scalar ** -0.5)
+    self.softcap = config.attn_logit_softcapping
 
   def _project(self, x: jax.Array, cos: jax.Array,
                sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -424,7 +535,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                mask: jax.Array) -> jax.Array:
     q, k, v = self._project(x, cos, sin)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    out = _attend(q, k, v, mask, is_causal=True, scale=self.scale, softcap=self.softcap)
     batch, length, _ = x.shape
     return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
@@ -451,38 +562,52 @@ class Attention(nnx.Module):
     start = (0, index, 0, 0)
     keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
     values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-    out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
-                                       mask=mask)
+    out = _attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, is_causal=False,
+                  scale=self.scale, softcap=self.softcap)
     batch, length, _ = x.shape
     return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim)), keys, values
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  """Gated feed-forward: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or GELU (GeGLU)."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     h, m = config.hidden_size, config.intermediate_size
     self.gate_proj = _linear(h, m, config.mlp_bias, config, rngs)
     self.up_proj = _linear(h, m, config.mlp_bias, config, rngs)
     self.down_proj = _linear(m, h, config.mlp_bias, config, rngs)
+    self.act = ACTIVATIONS[config.hidden_act]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)). Gemma's normalises
+  each sub-block's output too: x + post_norm(attention(norm(x))), likewise for the MLP
+  (its norms: input, post_attention, pre_feedforward, post_feedforward)."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
-    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma)
+    self.input_layernorm = norm()
     self.self_attn = Attention(config, rngs)
-    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    # Llama's norm before the MLP; Gemma's after the attention.
+    self.post_attention_layernorm = norm()
+    self.pre_feedforward_layernorm = norm() if config.gemma else None
+    self.post_feedforward_layernorm = norm() if config.gemma else None
     self.mlp = MLP(config, rngs)
+
+  def _feed_forward(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+    """The block's output from its input `x` and the attention's output."""
+    if self.pre_feedforward_layernorm is None:
+      x = x + attended
+      return x + self.mlp(self.post_attention_layernorm(x))
+    x = x + self.post_attention_layernorm(attended)
+    return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                mask: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-    return x + self.mlp(self.post_attention_layernorm(x))
+    return self._feed_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, mask))
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
              keys: jax.Array, values: jax.Array,
@@ -490,8 +615,7 @@ class DecoderLayer(nnx.Module):
     """The block on new tokens against this layer's cache (see `Attention.decode`)."""
     attended, keys, values = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask,
                                                    keys, values, index)
-    x = x + attended
-    return x + self.mlp(self.post_attention_layernorm(x)), keys, values
+    return self._feed_forward(x, attended), keys, values
 
 
 def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -508,10 +632,25 @@ class Decoder(nnx.Module):
                                   rngs=rngs)
     self.layers = nnx.List([DecoderLayer(config, rngs)
                             for _ in range(config.num_hidden_layers)])
-    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-    self.rope = config.rope()
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma)
+    self.embed_scale = config.hidden_size ** 0.5 if config.gemma else None
+    # The rotary embeddings (global; Gemma 3's local of sliding layers), and each layer's.
+    layers = range(config.num_hidden_layers)
+    local = tuple(config.layer_is_local(i) for i in layers)
+    self.ropes = (config.rope(),) + ((config.local_rope(),) if any(local) else ())
+    self.layer_ropes = tuple(int(is_local) for is_local in local)
     self.remat = remat
-    self.windows = tuple(config.layer_window(i) for i in range(config.num_hidden_layers))
+    self.windows = tuple(config.layer_window(i) for i in layers)
+
+  def _embed(self, input_ids: jax.Array) -> jax.Array:
+    x = self.embed_tokens(input_ids)
+    # Gemma: the scale rounded to the embeddings' dtype first, as in transformers.
+    return x if self.embed_scale is None else x * jnp.asarray(self.embed_scale, x.dtype)
+
+  def _rotations(self, positions: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Each layer's (cos, sin) for `positions`."""
+    angles = [rope(positions) for rope in self.ropes]
+    return [angles[index] for index in self.layer_ropes]
 
   def _masks(self, mask: jax.Array, query_slots: jax.Array,
              key_slots: jax.Array) -> dict[int | None, jax.Array]:
@@ -530,8 +669,8 @@ class Decoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:
-    x = self.embed_tokens(input_ids)
-    cos, sin = self.rope(positions)
+    x = self._embed(input_ids)
+    rotations = self._rotations(positions)
     # [B, 1, L, L]: same segment; `is_causal` adds the causal part. The diagonal is
     # always kept, so padding rows attend to themselves and never produce NaNs.
     same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
@@ -540,7 +679,7 @@ class Decoder(nnx.Module):
     run = (_run_layer if self.remat == "none"
            else nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat]))
     x = sharding.constrain(x, _ACTIVATION_AXES)
-    for layer, window in zip(self.layers, self.windows):
+    for layer, window, (cos, sin) in zip(self.layers, self.windows, rotations):
       x = sharding.constrain(run(layer, x, cos, sin, masks[window]), _ACTIVATION_AXES)
     return self.norm(x)
 
@@ -557,8 +696,8 @@ class Decoder(nnx.Module):
     Returns:
       (hidden [B, L, hidden] after the final norm, updated cache).
     """
-    x = self.embed_tokens(input_ids)
-    cos, sin = self.rope(positions)
+    x = self._embed(input_ids)
+    rotations = self._rotations(positions)
     length = input_ids.shape[1]
     slot_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool), (0, cache.index))
     slots = jnp.arange(cache.max_len)
@@ -573,8 +712,8 @@ class Decoder(nnx.Module):
     masks = self._masks((slot_valid[:, None, None, :] & earlier[None, None]) | own[None, None],
                         query_slots, slots)
     keys, values = [], []
-    for layer, window, layer_keys, layer_values in zip(self.layers, self.windows, cache.keys,
-                                                       cache.values):
+    for layer, window, (cos, sin), layer_keys, layer_values in zip(
+        self.layers, self.windows, rotations, cache.keys, cache.values):
       x, layer_keys, layer_values = layer.decode(x, cos, sin, masks[window], layer_keys,
                                                  layer_values, cache.index)
       keys.append(layer_keys)
@@ -603,6 +742,7 @@ class CausalLM(nnx.Module):
                         f"{['none', *REMAT_POLICIES]}")
     self.model = Decoder(config, remat=remat, rngs=rngs)
     self.tied = config.tie_word_embeddings
+    self.final_softcap = config.final_logit_softcapping
     self.lm_head = (None if self.tied else
                     _linear(config.hidden_size, config.vocab_size, False, config, rngs))
 
@@ -651,7 +791,9 @@ class CausalLM(nnx.Module):
 
   def unembed_kernel(self) -> jax.Array | None:
     """The [hidden, vocab] unembedding matrix, or None when the head is adapted
-    (then only `unembed` computes its logits)."""
+    (then only `unembed` computes its logits) or the logits are soft-capped."""
+    if self.final_softcap is not None:
+      return None
     if self.tied:
       return self.model.embed_tokens.embedding[...].T
     kernel = self.lm_head.kernel
@@ -660,7 +802,7 @@ class CausalLM(nnx.Module):
   def unembed(self, hidden: jax.Array) -> jax.Array:
     """Float32 next-token logits [..., vocab] of hidden states [..., hidden]."""
     logits = self.model.embed_tokens.attend(hidden) if self.tied else self.lm_head(hidden)
-    return logits.astype(jnp.float32)
+    return _softcap(logits.astype(jnp.float32), self.final_softcap)
 
   def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
