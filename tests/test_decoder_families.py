@@ -1,5 +1,5 @@
-"""Mistral, Qwen3, windowed Qwen2, Gemma 2 and Gemma 3 through the one decoder, against
-transformers."""
+"""Mistral, Qwen3, windowed Qwen2, Phi-3, Gemma 2 and Gemma 3 through the one decoder,
+against transformers."""
 
 import json
 
@@ -40,6 +40,8 @@ _CASES = {
                                    max_window_layers=1), [dict(use_sliding_window=False)]),
     "qwen2_window": ("Qwen2", dict(use_sliding_window=True, sliding_window=_WINDOW,
                                    max_window_layers=0), [dict(use_sliding_window=False)]),
+    # Fused q/k/v and gate/up projections, a window on every layer.
+    "phi3": ("Phi3", dict(sliding_window=_WINDOW), [dict(sliding_window=None)]),
     # Local (windowed) and global layers alternating, soft-capped attention scores and
     # logits, and a query scale other than head_dim's.
     "gemma2": ("Gemma2", dict(head_dim=16, sliding_window=_WINDOW, attn_logit_softcapping=2.0,
@@ -176,10 +178,12 @@ def test_greedy_generation_with_a_window_matches_transformers_generate(tiny, cas
   assert any(len(t) == 12 for t in theirs)  # at least one row decodes far past the window
 
 
-@pytest.mark.parametrize("case, loaded_as", [("qwen3_window", "Qwen3ForCausalLM"),
-                                              ("gemma3", "Gemma3ForCausalLM")])
+@pytest.mark.parametrize("case, loaded_as, tensor", [
+    ("qwen3_window", "Qwen3ForCausalLM", "model.layers.0.self_attn.q_norm.weight"),
+    ("phi3", "Phi3ForCausalLM", "model.layers.0.self_attn.qkv_proj.weight"),
+    ("gemma3", "Gemma3ForCausalLM", "model.layers.0.pre_feedforward_layernorm.weight")])
 def test_merged_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path, case,
-                                                                  loaded_as):
+                                                                  loaded_as, tensor):
   directory, _, model, params = tiny(case)
   rng = np.random.default_rng(2)  # trained weights differ from the checkpoint's
   params = param_groups.map_with_path(
@@ -187,7 +191,7 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path
   source, name_map, extra = models.hf_format(_config(pretrained=directory))
   names = export.save_merged(model.module(params), str(tmp_path), source_dir=source,
                              name_map=name_map, extra=extra)
-  assert "model.layers.0.self_attn.q_norm.weight" in names
+  assert tensor in names
   exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
                                                                dtype=torch.float32).eval()
   assert type(exported).__name__ == loaded_as
@@ -215,6 +219,10 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path
         "sliding_attention": dict(rope_type="linear", factor=2.0)}),
      "rope_parameters.sliding_attention.rope_type='linear' is not supported"),
     (dict(model_type="gemma2", hidden_activation="relu"), "hidden_act='relu' is not supported"),
+    (dict(model_type="phi3", partial_rotary_factor=0.75),
+     "partial_rotary_factor=0.75 is not supported"),
+    (dict(model_type="phi3", rope_parameters=dict(rope_type="longrope", short_factor=[1.0])),
+     "rope_type 'longrope' is not supported"),
     (dict(model_type="gemma3_text", use_bidirectional_attention=True),
      "use_bidirectional_attention=True is not supported"),
 ])

@@ -1,7 +1,8 @@
 """Maps Hugging Face Llama-family checkpoint names onto `ftjax.models.llama` parameters.
 
 Llama, Qwen2, Mistral, Qwen3, Gemma 2 and Gemma 3 share the names; Qwen3 and Gemma 3
-add q/k norms, Gemma 2 and 3 a norm before and after the MLP.
+add q/k norms, Gemma 2 and 3 a norm before and after the MLP; Phi-3 fuses q/k/v into
+`qkv_proj` and gate/up into `gate_up_proj`, kept fused as in the checkpoint.
 
 HF linear weights are [out, in] and are transposed into [in, out] kernels. A
 model with tied embeddings has no `lm_head/kernel`, so a `lm_head.weight` in
@@ -20,16 +21,16 @@ from ftjax.hub import loading
 # (HF name regex, ftjax path template, transform)
 _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     (r"model\.embed_tokens\.weight", "model/embed_tokens/embedding", loading.identity),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.weight",
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj|qkv_proj)\.weight",
      r"model/layers/\1/self_attn/\2/kernel", loading.transpose),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)\.bias",
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo]_proj|qkv_proj)\.bias",
      r"model/layers/\1/self_attn/\2/bias", loading.identity),
     # Qwen3's and Gemma 3's per-head RMSNorm of queries and keys.
     (r"model\.layers\.(\d+)\.self_attn\.([qk]_norm)\.weight",
      r"model/layers/\1/self_attn/\2/scale", loading.identity),
-    (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.weight",
+    (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down|gate_up)_proj)\.weight",
      r"model/layers/\1/mlp/\2/kernel", loading.transpose),
-    (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.bias",
+    (r"model\.layers\.(\d+)\.mlp\.((?:gate|up|down|gate_up)_proj)\.bias",
      r"model/layers/\1/mlp/\2/bias", loading.identity),
     (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|"
      r"pre_feedforward_layernorm|post_feedforward_layernorm)\.weight",

@@ -1,11 +1,11 @@
-"""Decoder-only language models (Llama 2/3, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3) in Flax NNX.
+"""Decoder-only language models (Llama 2/3, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3) in Flax NNX.
 
 One decoder serves every family: `LlamaConfig` records how a checkpoint's
 `model_type` differs from Llama (q/k/v biases, RMSNorm on each head's queries
 and keys, sliding-window attention on some or all layers, Gemma's (1 + w) norms
 before and after each sub-block, scaled embeddings, GELU, soft-capped attention
-and output logits, a separate rotary base for local layers), as transformers'
-class for that model type builds it.
+and output logits, a separate rotary base for local layers, Phi-3's fused q/k/v and
+gate/up projections), as transformers' class for that model type builds it.
 
 Parameter names follow Hugging Face's module names with ftjax's '/' separator
 (``model/layers/0/self_attn/q_proj/kernel``); `ftjax.hub.llama` maps checkpoint
@@ -60,6 +60,9 @@ class _Family:
   gemma: bool = False
   # Gemma 3: layers with a sliding window rotate with their own base (`rope_local_base_freq`).
   local_rope: bool = False
+  # Phi-3: one `qkv_proj` for queries, keys and values, one `gate_up_proj` for the MLP.
+  fused: bool = False
+  default_window: int | None = 4096  # sliding_window when config.json gives none
   default_theta: float = 10000.0  # rope_theta when config.json gives none
   default_act: str = "silu"       # the activation when config.json names none
 
@@ -69,6 +72,7 @@ _FAMILIES = {
     "llama": _Family(),
     "qwen2": _Family(qkv_bias=True, window="layer_types"),
     "mistral": _Family(window="every_layer"),
+    "phi3": _Family(window="every_layer", fused=True, default_window=None),
     "qwen3": _Family(qk_norm=True, window="layer_types"),
     "gemma2": _Family(window="pattern", pattern=2, gemma=True,
                       default_act="gelu_pytorch_tanh"),
@@ -77,7 +81,6 @@ _FAMILIES = {
                            default_act="gelu_pytorch_tanh"),
 }
 # transformers' values for the window fields a config.json leaves out.
-_DEFAULT_SLIDING_WINDOW = 4096
 _DEFAULT_MAX_WINDOW_LAYERS = 28
 _DEFAULT_LOCAL_THETA = 10000.0  # Gemma 3's rope_local_base_freq
 # Attention types of `layer_types` entries the decoder applies.
@@ -97,6 +100,9 @@ PARAM_AXES = (
     (r".*/q_proj/bias", ("heads",)),
     (r".*/(k_proj|v_proj)/kernel", ("embed", "kv_heads")),
     (r".*/(k_proj|v_proj)/bias", ("kv_heads",)),
+    # Phi-3's fused projections: queries, keys and values (or gate and up) side by side.
+    (r".*/qkv_proj/kernel", ("embed", "heads")),
+    (r".*/gate_up_proj/kernel", ("embed", "mlp")),
     (r".*/o_proj/kernel", ("heads", "embed")),
     (r".*/(o_proj|down_proj)/bias", ("embed",)),
     (r".*/(gate_proj|up_proj)/kernel", ("embed", "mlp")),
@@ -296,6 +302,11 @@ class LlamaConfig(hf_config.HfConfig):
     embeddings."""
     return _FAMILIES[self.model_type].gemma
 
+  @property
+  def fused(self) -> bool:
+    """Whether q/k/v and gate/up are each one projection (Phi-3's `qkv_proj`, `gate_up_proj`)."""
+    return _FAMILIES[self.model_type].fused
+
   def layer_is_local(self, index: int) -> bool:
     """Whether layer `index` is a sliding ("local") layer with its own rotary base."""
     return (self.local_rope_theta is not None and self.layer_types is not None
@@ -343,6 +354,9 @@ class LlamaConfig(hf_config.HfConfig):
     fields = {f.name for f in dataclasses.fields(cls)} - {
         "rope_theta", "rope_scaling", "sliding_window", "layer_types", "hidden_act",
         "local_rope_theta", *([] if family.gemma else gemma_fields)}
+    if raw.get("partial_rotary_factor", 1.0) != 1.0:
+      raise ConfigError(f"{source}: partial_rotary_factor={raw['partial_rotary_factor']!r} is "
+                        "not supported (rotary embeddings cover the whole head)")
     if raw.get("use_bidirectional_attention"):
       raise ConfigError(f"{source}: use_bidirectional_attention=True is not supported (the "
                         "decoder is causal)")
@@ -400,7 +414,7 @@ def _attention_window(raw: dict[str, Any], config: LlamaConfig,
   """
   family = _FAMILIES[config.model_type]
   window = raw.get("sliding_window", None if family.window == "never"
-                   else _DEFAULT_SLIDING_WINDOW)
+                   else family.default_window)
   if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                              or window < 1):
     raise ConfigError(f"{source}: sliding_window={window!r}: expected a positive integer or "
@@ -511,9 +525,13 @@ class Attention(nnx.Module):
     self.num_heads = config.num_attention_heads
     self.num_kv_heads = config.num_key_value_heads
     self.head_dim = d
-    self.q_proj = _linear(h, self.num_heads * d, config.qkv_bias, config, rngs)
-    self.k_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
-    self.v_proj = _linear(h, self.num_kv_heads * d, config.qkv_bias, config, rngs)
+    sizes = (self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d)
+    if config.fused:
+      self.qkv_proj = _linear(h, sum(sizes), config.qkv_bias, config, rngs)
+    else:
+      self.q_proj, self.k_proj, self.v_proj = (_linear(h, size, config.qkv_bias, config, rngs)
+                                               for size in sizes)
+    self.split_at = (sizes[0], sizes[0] + sizes[1]) if config.fused else None
     self.o_proj = _linear(self.num_heads * d, h, config.attention_bias, config, rngs)
     self.q_norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if config.qk_norm else None
     self.k_norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if config.qk_norm else None
@@ -525,9 +543,13 @@ class Attention(nnx.Module):
                sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Rotated queries [B, L, heads, d] and keys, and values [B, L, kv_heads, d]."""
     batch, length, _ = x.shape
-    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.split_at is None:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    else:
+      q, k, v = jnp.split(self.qkv_proj(x), self.split_at, axis=-1)
+    q = q.reshape(batch, length, self.num_heads, self.head_dim)
+    k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -573,13 +595,21 @@ class MLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     h, m = config.hidden_size, config.intermediate_size
-    self.gate_proj = _linear(h, m, config.mlp_bias, config, rngs)
-    self.up_proj = _linear(h, m, config.mlp_bias, config, rngs)
+    if config.fused:  # gate and up side by side
+      self.gate_up_proj = _linear(h, 2 * m, config.mlp_bias, config, rngs)
+    else:
+      self.gate_proj = _linear(h, m, config.mlp_bias, config, rngs)
+      self.up_proj = _linear(h, m, config.mlp_bias, config, rngs)
     self.down_proj = _linear(m, h, config.mlp_bias, config, rngs)
     self.act = ACTIVATIONS[config.hidden_act]
+    self.fused = config.fused
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    if self.fused:
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
