@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from ftjax import (build, checkpoint, data, generate, param_groups, periodic, preemption,
-                   regularizers, run_setup, runs, sharding, tracking)
+from ftjax import (build, checkpoint, data, generate, models, param_groups, periodic,
+                   preemption, regularizers, run_setup, runs, sharding, tracking)
 from ftjax import trackers as trackers_lib
 from ftjax.config import validate
 from ftjax.data import check as data_check
@@ -368,6 +368,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     The final metrics: best validation metrics and test metrics of the best parameters.
   """
   validate(config)
+  config = models.resolved(config)  # model.name "auto": the model the checkpoint needs
   _check_workdir(workdir)
   started = time.perf_counter()
   run_ = _Run(config, workdir, devices)

@@ -34,7 +34,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import cli, distributed, regularizers, run_setup, sharding
+from ftjax import cli, distributed, models, regularizers, run_setup, sharding
 from ftjax.config import validate
 from ftjax.data import registry
 from ftjax.errors import ConfigError
@@ -294,6 +294,7 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
     do not fit `memory_per_device` (None when they fit or there is no limit).
   """
   validate(config)
+  config = models.resolved(config)
   if config.task == "classification" and config.model.num_classes == 0:
     raise ConfigError("config.model.num_classes=0 takes the class count from the data, which "
                       "this check does not read: set --config.model.num_classes")

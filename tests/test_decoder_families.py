@@ -2,11 +2,13 @@
 against transformers."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import tiny_decoders
 from ftjax import generate, models, param_groups, sharding
@@ -276,16 +278,53 @@ def test_decoder_classifier_matches_transformers_last_token_pooling(reward_model
   assert model.layout.head_is_new and model.layout.depth("score/kernel", 2) == 0
 
 
-def test_decoder_classifier_from_a_causal_lm_starts_a_new_score_head(tiny):
+def test_decoder_classifier_from_a_causal_lm_starts_a_new_score_head(tiny, tmp_path):
   directory, _, _, lm_params = tiny("qwen3")
-  config = _config(name="decoder_classifier", pretrained=directory, num_classes=1,
-                   dont_load=["score/.*"])
-  model, params = models.create(config, seed=0)
+  config = _config(name="decoder_classifier", pretrained=directory, num_classes=1)
+  model, params = models.create(config, seed=0)  # the checkpoint has no score head
   flat, lm_flat = param_groups.flatten(params), param_groups.flatten(lm_params)
   assert flat["score/kernel"].shape == (32, 1) and not np.any(flat["score/kernel"])
   assert "lm_head/kernel" not in flat
   np.testing.assert_array_equal(flat["model/layers/1/self_attn/k_norm/scale"],
                                 lm_flat["model/layers/1/self_attn/k_norm/scale"])
-  with pytest.raises(WeightsError, match="score/kernel"):
-    models.create(_config(name="decoder_classifier", pretrained=directory, num_classes=1),
+  # Any other tensor the checkpoint lacks is still an error.
+  tensors = safetensors_io.load_safetensors(directory)
+  del tensors["model.layers.1.self_attn.k_norm.weight"]
+  shutil.copy(f"{directory}/config.json", tmp_path / "config.json")
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  with pytest.raises(WeightsError, match=r"model/layers/1/self_attn/k_norm/scale"):
+    models.create(_config(name="decoder_classifier", pretrained=str(tmp_path), num_classes=1),
                   seed=0)
+
+
+def test_auto_picks_the_model_from_the_folder_and_the_task(tiny, tmp_path):
+  directory = tiny("qwen3")[0]
+  auto = _config(name="auto", pretrained=directory)
+  assert models.resolve_name(auto, "causal_lm") == "llama_lm"
+  assert models.resolve_name(auto, "classification") == "decoder_classifier"
+  encoder = tmp_path / "encoder"
+  transformers.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             intermediate_size=37).save_pretrained(encoder)
+  assert models.resolve_name(_config(name="auto", pretrained=str(encoder)),
+                             "classification") == "bert_classifier"
+  # A run config resolved: the MiniLM sentiment config given a decoder folder classifies
+  # with the decoder; the name the run records is the model it built.
+  from configs import minilm_sentiment  # pylint: disable=g-import-not-at-top
+  from ftjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = minilm_sentiment.get_config()
+  with config.unlocked():
+    config.model.name, config.model.pretrained = "auto", directory
+  config_lib.validate(config)
+  assert models.resolved(config).model.name == "decoder_classifier"
+  assert config.model.name == "auto"  # unchanged
+  gpt2 = tmp_path / "gpt2"
+  gpt2.mkdir()
+  (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  with pytest.raises(ConfigError, match=r"gpt2/config.json: model_type='gpt2': "
+                     r"config.model.name='auto' knows no model for it; supported model "
+                     r"types: \['bert', 'distilbert', 'electra', 'gemma2'"):
+    models.resolve_name(_config(name="auto", pretrained=str(gpt2)), "causal_lm")
+  with pytest.raises(ConfigError, match="has none; name the model"):
+    models.resolve_name(_config(name="auto", pretrained=str(tmp_path)), "causal_lm")
+  with pytest.raises(ConfigError, match="resolve it first"):
+    models.create(auto, seed=0)

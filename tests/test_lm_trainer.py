@@ -57,12 +57,15 @@ def test_chat_run_writes_sampled_completions_at_each_evaluation(chat_run):
 
 
 def test_text_run_trains_on_packed_passages(tmp_path, data_dir):
-  final = trainer.run(_debug(smollm2_shakespeare, data_dir), str(tmp_path),
-                      devices=ONE_DEVICE)
+  config = _debug(smollm2_shakespeare, data_dir)
+  with config.unlocked():  # the model picked from the architecture's model_type
+    config.model.name, config.model.arch.model_type = "auto", "llama"
+  final = trainer.run(config, str(tmp_path), devices=ONE_DEVICE)
   assert final["test"]["tokens"] > 1000
   _held_out_losses_fall(str(tmp_path))
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["data"]["name"] == "shakespeare" and config["task"] == "causal_lm"
+  assert config["model"]["name"] == "llama_lm"
 
 
 def test_chat_data_with_a_classification_task_is_refused(tmp_path, data_dir):

@@ -209,11 +209,14 @@ def _check_kind(config: ml_collections.ConfigDict, data_set: DataSet) -> None:
   if config.task != data_set.task:
     raise ConfigError(f"{named} is {data_set.kind} data, scored by task {data_set.task!r}, "
                       f"but config.task={config.task!r}")
-  needs, reads = KIND_INPUTS[data_set.kind], models.INPUTS[config.model.name]
+  model = models.resolve_name(config.model, config.task)
+  needs, reads = KIND_INPUTS[data_set.kind], models.INPUTS[model]
   if needs != reads:
     fitting = sorted(name for name, kind in models.INPUTS.items() if kind == needs)
+    resolved = "" if model == config.model.name else f" ({model} for this checkpoint)"
     raise ConfigError(f"{named} is {data_set.kind} data, but config.model.name="
-                      f"{config.model.name!r} reads {reads}; models for it: {fitting}")
+                      f"{config.model.name!r}{resolved} reads {reads}; models for it: "
+                      f"{fitting}")
   if not data_set.preset and not data_set.files[0]:
     raise ConfigError(f"config.data.name={data.name!r} reads files: set "
                       "config.data.files.train (and optionally .validation, .test)")

@@ -11,7 +11,7 @@ its checkpoint is reported as unexpected and not loaded.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -48,8 +48,3 @@ EXPORT_EXTRA: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {}
 def hf_name_to_path(name: str) -> tuple[str, loading.Transform] | None:
   """Returns the ftjax parameter path and transform for a HF Llama-family tensor name."""
   return loading.rename(name, _RULES)
-
-
-def load_pretrained_into(params: Any, model_dir: str, dont_load: Sequence[str] = ()) -> Any:
-  """Returns `params` with a HF Llama-family safetensors checkpoint from `model_dir` loaded in."""
-  return loading.load_safetensors_into(params, model_dir, hf_name_to_path, dont_load)

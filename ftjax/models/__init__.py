@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Any, Callable, NamedTuple
@@ -17,7 +18,7 @@ from ftjax.hub import assets
 from ftjax.hub import bert as bert_hub
 from ftjax.hub import gguf as gguf_hub
 from ftjax.hub import llama as llama_hub
-from ftjax.hub import loading
+from ftjax.hub import loading, safetensors_io
 from ftjax.hub import vision as vision_hub
 from ftjax.hub import vit as vit_hub
 from ftjax.models import batch_norm, bert, heads, llama, mobilenet, vit
@@ -197,12 +198,14 @@ def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
     return llama.CausalLM(arch, remat=remat, rngs=rngs)
 
   def load(params):
-    dont_load = config.dont_load
-    if gguf_path:
-      return loading.load_tensors(params, tensors, llama_hub.hf_name_to_path, source=gguf_path,
-                                  dont_load=dont_load)[0]
-    return (llama_hub.load_pretrained_into(params, directory, dont_load)
-            if directory else params)
+    if not directory:
+      return params
+    checkpoint = tensors if gguf_path else safetensors_io.load_safetensors(directory)
+    dont_load = tuple(config.dont_load)
+    if classifier and "score.weight" not in checkpoint:  # a causal LM's: a new head
+      dont_load += ("score/.*",)
+    return loading.load_tensors(params, checkpoint, llama_hub.hf_name_to_path,
+                                source=gguf_path or directory, dont_load=dont_load)[0]
 
   if classifier:
     layout = Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
@@ -214,8 +217,8 @@ def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
 
 
 def _decoder_classifier(config: ml_collections.ConfigDict):
-  """A Llama-family decoder scoring each row's last real token (reward models); a causal
-  LM's checkpoint needs `score/.*` in `config.dont_load`."""
+  """A Llama-family decoder scoring each row's last real token (reward models); from a
+  causal LM's checkpoint, which has no `score` head, the head starts new."""
   return _llama_lm(config, classifier=True)
 
 
@@ -273,6 +276,68 @@ INPUTS = {"bert_classifier": "text", "decoder_classifier": "text", "llama_lm": "
           "mobilenet_v2": "image", "efficientnet_lite0": "image", "vit": "image"}
 
 
+AUTO = "auto"
+
+
+def _model_type(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(model_type, where it was read) of `config.pretrained` (its config.json, or "llama"
+  for a GGUF folder) or, without a checkpoint, of `config.arch`."""
+  if not config.pretrained:
+    return dict(config.arch).get("model_type", ""), "config.model.arch"
+  directory = assets.model_dir(config.pretrained)
+  path = os.path.join(directory, "config.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      try:
+        raw = json.load(f)
+      except ValueError as e:
+        raise ConfigError(f"{path}: cannot read it as JSON: {e}") from e
+    return (raw.get("model_type", "") if isinstance(raw, dict) else ""), path
+  if gguf_hub.find_gguf(directory):
+    return "llama", gguf_hub.find_gguf(directory)
+  raise ConfigError(f"config.model.name={AUTO!r} reads the model family from a Hugging Face "
+                    f"folder's config.json, and {directory} has none; name the model "
+                    f"(config.model.name, one of {sorted(_REGISTRY)})")
+
+
+def resolve_name(config: ml_collections.ConfigDict, task: str) -> str:
+  """`config.name`, or for "auto" the model that reads the checkpoint's `model_type` for
+  `task`: an encoder classifier, a decoder classifier or language model, or a ViT.
+
+  Args:
+    config: the `model` section of a run config.
+    task: the run's task (`config.task`).
+
+  Raises:
+    ConfigError: for "auto" with a checkpoint whose `model_type` no model reads, naming
+      the file and the supported types.
+  """
+  if config.name != AUTO:
+    return config.name
+  model_type, where = _model_type(config)
+  if model_type in bert.FAMILIES:
+    return "bert_classifier"
+  if model_type in llama.FAMILIES:
+    return "llama_lm" if task == "causal_lm" else "decoder_classifier"
+  if model_type == "vit":
+    return "vit"
+  supported = sorted([*bert.FAMILIES, *llama.FAMILIES, "vit"])
+  raise ConfigError(f"{where}: model_type={model_type!r}: config.model.name={AUTO!r} knows "
+                    f"no model for it; supported model types: {supported}")
+
+
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `model.name` "auto" replaced by the model it resolves to (a copy; as
+  is otherwise), so that what a run records names the model it built."""
+  name = resolve_name(config.model, config.task)
+  if name == config.model.name:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.name = name
+  return config
+
+
 # name -> (checkpoint name map, {ftjax path: (name, transform)} for new parameters, or a
 # function of the pretrained folder giving it: an encoder family names its head its own way)
 _HF_FORMATS = {
@@ -290,8 +355,9 @@ def _class_count_problem(value: int) -> str:
 _class_count_problem.wording = ("positive ", ", or 0 to take the data's class count")
 
 SCHEMA = schema.Section("model", "The network: its family, checkpoint and new head.", {
-    "name": schema.Key("bert_classifier", "the model family and head",
-                       choices=tuple(sorted(_REGISTRY))),
+    "name": schema.Key("bert_classifier", "the model family and head; auto: from the "
+                       "checkpoint's config.json model_type and the task",
+                       choices=tuple(sorted(_REGISTRY)) + (AUTO,)),
     "pretrained": schema.Key("", "a packaged model name, a Hugging Face folder, a GGUF or "
                              ".pth file; empty: random weights of `arch`"),
     "arch": schema.Key({}, "Hugging Face config fields of a randomly initialised model "
@@ -344,6 +410,9 @@ def create(config: ml_collections.ConfigDict, seed: int,
     tensors (host numpy arrays) where the model has a pretrained checkpoint,
     fresh initial values for the rest (and for everything without one).
   """
+  if config.name == AUTO:
+    raise ConfigError(f"config.model.name={AUTO!r} depends on the run's task: resolve it "
+                      "first (ftjax.models.resolved)")
   if config.name not in _REGISTRY:
     raise ConfigError(f"config.model.name={config.name!r}: unknown model; "
                       f"known: {sorted(_REGISTRY)}")

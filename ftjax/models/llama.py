@@ -68,7 +68,7 @@ class _Family:
 
 
 # Model types whose checkpoints this decoder reproduces.
-_FAMILIES = {
+FAMILIES = {
     "llama": _Family(),
     "qwen2": _Family(qkv_bias=True, window="layer_types"),
     "mistral": _Family(window="every_layer"),
@@ -289,23 +289,23 @@ class LlamaConfig(hf_config.HfConfig):
   @property
   def qkv_bias(self) -> bool:
     """Whether q, k and v projections have biases (always for Qwen2)."""
-    return self.attention_bias or _FAMILIES[self.model_type].qkv_bias
+    return self.attention_bias or FAMILIES[self.model_type].qkv_bias
 
   @property
   def qk_norm(self) -> bool:
     """Whether each head's queries and keys are RMS-normalised before RoPE (Qwen3, Gemma 3)."""
-    return _FAMILIES[self.model_type].qk_norm
+    return FAMILIES[self.model_type].qk_norm
 
   @property
   def gemma(self) -> bool:
     """Whether the blocks are Gemma's: (1 + w) norms around each sub-block, scaled
     embeddings."""
-    return _FAMILIES[self.model_type].gemma
+    return FAMILIES[self.model_type].gemma
 
   @property
   def fused(self) -> bool:
     """Whether q/k/v and gate/up are each one projection (Phi-3's `qkv_proj`, `gate_up_proj`)."""
-    return _FAMILIES[self.model_type].fused
+    return FAMILIES[self.model_type].fused
 
   def layer_is_local(self, index: int) -> bool:
     """Whether layer `index` is a sliding ("local") layer with its own rotary base."""
@@ -345,10 +345,10 @@ class LlamaConfig(hf_config.HfConfig):
         attention-window setting, or inconsistent head counts.
     """
     model_type = raw.get("model_type", cls.model_type)
-    if model_type not in _FAMILIES:
+    if model_type not in FAMILIES:
       raise ConfigError(f"{source}: model_type={model_type!r} is not supported; "
-                        f"supported: {list(_FAMILIES)}")
-    family = _FAMILIES[model_type]
+                        f"supported: {list(FAMILIES)}")
+    family = FAMILIES[model_type]
     gemma_fields = ("query_pre_attn_scalar", "attn_logit_softcapping",
                     "final_logit_softcapping")
     fields = {f.name for f in dataclasses.fields(cls)} - {
@@ -412,7 +412,7 @@ def _attention_window(raw: dict[str, Any], config: LlamaConfig,
       attention entry per layer, or a window the family's class would not apply
       as the file asks (Llama has none; Mistral's covers every layer).
   """
-  family = _FAMILIES[config.model_type]
+  family = FAMILIES[config.model_type]
   window = raw.get("sliding_window", None if family.window == "never"
                    else family.default_window)
   if window is not None and (isinstance(window, bool) or not isinstance(window, int)
