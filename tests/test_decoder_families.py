@@ -328,3 +328,30 @@ def test_auto_picks_the_model_from_the_folder_and_the_task(tiny, tmp_path):
     models.resolve_name(_config(name="auto", pretrained=str(tmp_path)), "causal_lm")
   with pytest.raises(ConfigError, match="resolve it first"):
     models.create(auto, seed=0)
+
+
+def test_decoder_classifier_export_loads_as_a_sequence_classifier(tiny, tmp_path):
+  """A classifier started from a causal LM exports the decoder and its new score head;
+  transformers loads it as Qwen3ForSequenceClassification with the same logits."""
+  directory = tiny("qwen3")[0]
+  config = _config(name="decoder_classifier", pretrained=directory, num_classes=3)
+  model, params = models.create(config, seed=0)
+  rng = np.random.default_rng(5)  # a trained head and decoder
+  params = param_groups.map_with_path(
+      lambda _, x: (np.asarray(x) + 0.05 * rng.normal(size=x.shape)).astype(np.float32), params)
+  source, name_map, extra = models.hf_format(config)
+  names = export.save_merged(model.module(params), str(tmp_path), source_dir=source,
+                             name_map=name_map, extra=extra, class_names=["a", "b", "c"])
+  assert "score.weight" in names and "lm_head.weight" not in names
+  exported = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path), dtype=torch.float32).eval()
+  assert type(exported).__name__ == "Qwen3ForSequenceClassification"
+  ids = np.random.default_rng(6).integers(3, _TINY["vocab_size"], (2, _LENGTH))
+  mask = np.ones_like(ids)
+  ids[1, 9:], mask[1, 9:] = 0, 0
+  batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask)}
+  logits = np.asarray(jax.jit(lambda p, b: model.apply(p, b, train=False))(params, batch))
+  with torch.no_grad():
+    expected = exported(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+  assert np.max(np.abs(expected.numpy())) > 0.1  # not a comparison of near-zero logits
+  np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)

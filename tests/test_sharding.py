@@ -203,13 +203,32 @@ def _reference_cache():
   return {}
 
 
-@pytest.mark.parametrize("model", ["bert", "llama"])
-@pytest.mark.parametrize("mesh_sizes", MESHES, ids=lambda m: "-".join(f"{k}{v}" for k, v in
-                                                                     m.items()))
-def test_sharded_steps_equal_one_device(model, mesh_sizes, debug_config, llama_debug_config,
+# Decoder families other than Llama, on the debug config's tiny architecture: Gemma 3
+# (sandwich norms, q/k norms, local and global layers) and Phi-3 (fused projections).
+_DECODER_ARCHS = {
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=16,
+                   sliding_window_pattern=2, query_pre_attn_scalar=16),
+    "phi3": dict(model_type="phi3", sliding_window=16),
+}
+
+
+def _case_id(case):
+  model, mesh_sizes = case
+  return f"{'-'.join(f'{k}{v}' for k, v in mesh_sizes.items())}-{model}"
+
+
+@pytest.mark.parametrize("case", [(model, mesh) for model in ("bert", "llama")
+                                  for mesh in MESHES]
+                         + [(model, dict(fsdp=4, tensor=2)) for model in _DECODER_ARCHS],
+                         ids=_case_id)
+def test_sharded_steps_equal_one_device(case, debug_config, llama_debug_config,
                                         _reference_cache):
+  model, mesh_sizes = case
   config = debug_config if model == "bert" else with_overrides(llama_debug_config,
                                                                **{"peft.method": "full"})
+  if model in _DECODER_ARCHS:
+    config = with_overrides(config, **{"model.arch": {**config.model.arch.to_dict(),
+                                                      **_DECODER_ARCHS[model]}})
   if model not in _reference_cache:
     batches = _host_batches(config)
     _reference_cache[model] = batches, _steps(config, batches, dict(data=1),

@@ -192,6 +192,7 @@ def continual_sweep(tmp_path_factory, data_dir):
   return study, sweep_dir, result
 
 
+@pytest.mark.slow  # its sweep (about 3 minutes) is shared with the resume check below
 def test_continual_sweep_runs_in_order_and_reports(continual_sweep):
   study, sweep_dir, result = continual_sweep
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

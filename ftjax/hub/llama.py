@@ -43,6 +43,8 @@ _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
 
 # Every parameter of a causal LM comes from its checkpoint: nothing new to name.
 EXPORT_EXTRA: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {}
+# A decoder classifier's new head, under `<Family>ForSequenceClassification`'s name.
+CLASSIFIER_EXPORT_EXTRA = {"score/kernel": ("score.weight", loading.transpose)}
 
 
 def hf_name_to_path(name: str) -> tuple[str, loading.Transform] | None:

@@ -343,6 +343,7 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 _HF_FORMATS = {
     "bert_classifier": (bert_hub.hf_name_to_path, bert_hub.export_extra),
     "llama_lm": (llama_hub.hf_name_to_path, llama_hub.EXPORT_EXTRA),
+    "decoder_classifier": (llama_hub.hf_name_to_path, llama_hub.CLASSIFIER_EXPORT_EXTRA),
     "vit": (vit_hub.hf_name_to_path, vit_hub.EXPORT_EXTRA),
 }
 
