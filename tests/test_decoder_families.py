@@ -272,8 +272,8 @@ def test_decoder_classifier_matches_transformers_last_token_pooling(reward_model
                          attention_mask=torch.tensor(mask)).logits.numpy()
   diff = float(np.max(np.abs(logits - expected)))
   record_property("max_abs_diff", diff)
-  print(f"decoder_classifier ({type(reference).__name__}): max abs logit difference {diff:.2e} (logits up to "
-        f"{np.max(np.abs(expected)):.1f})")
+  print(f"decoder_classifier ({type(reference).__name__}): max abs logit difference "
+        f"{diff:.2e} (logits up to {np.max(np.abs(expected)):.1f})")
   assert logits.shape == (3, 3) and diff <= 1e-4, diff
   assert model.layout.head_is_new and model.layout.depth("score/kernel", 2) == 0
 

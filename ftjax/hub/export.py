@@ -77,9 +77,10 @@ def _copy_side_files(source_dir: str, out_dir: str) -> None:
   if gguf_path:
     tokenizer = tokenizer_lib.load_hf_tokenizer(source_dir)
     # transformers' generate stops at the config's eos token (for a chat model, end of turn).
-    config = dict(gguf_hub.read_config(gguf_path), architectures=["LlamaForCausalLM"],
-                  torch_dtype="float32", bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = dict(gguf_hub.read_config(gguf_path),
+                  architectures=[gguf_hub.causal_lm_class(gguf_path)], torch_dtype="float32",
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
     tokenizer.save_pretrained(out_dir)

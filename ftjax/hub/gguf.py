@@ -1,14 +1,18 @@
-"""Reads llama.cpp GGUF checkpoints of Llama models as a HF config dict and HF-named tensors.
+"""Reads llama.cpp GGUF checkpoints of Llama and Gemma 3 models as a HF config dict and
+HF-named tensors.
 
 Quantized tensors are dequantized to float32 with the `gguf` package, so the
-model trains from the values llama.cpp would compute with. llama.cpp stores the
-rows of `attn_q` and `attn_k` permuted for its interleaved rotary layout; they
+model trains from the values llama.cpp would compute with. What llama.cpp's
+converter changed is undone per architecture (`_ARCHITECTURES`): Llama's
+`attn_q` and `attn_k` rows are permuted for its interleaved rotary layout and
 are permuted back into Hugging Face's half-split layout, which
-`ftjax.models.llama` uses, so `ftjax.hub.llama.hf_name_to_path` maps every tensor.
+`ftjax.models.llama` uses; Gemma 3's norm weights are stored as 1 + w and get 1
+subtracted. Then `ftjax.hub.llama.hf_name_to_path` maps every tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
@@ -23,15 +27,15 @@ from ftjax.errors import WeightsError
 _HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 _SUPPORTED_TYPES = tuple(getattr(gguf.GGMLQuantizationType, name)
-                         for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"))
+                         for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                                      "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
 
-# (GGUF tensor name regex, HF name template)
-_NAMES = [
+# (GGUF tensor name regex, HF name template) shared by the architectures
+_COMMON_NAMES = [
     (r"token_embd\.weight", "model.embed_tokens.weight"),
     (r"output_norm\.weight", "model.norm.weight"),
     (r"output\.weight", "lm_head.weight"),
     (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
     (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"model.layers.\1.self_attn.q_proj.\2"),
     (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"model.layers.\1.self_attn.k_proj.\2"),
     (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"model.layers.\1.self_attn.v_proj.\2"),
@@ -40,6 +44,40 @@ _NAMES = [
     (r"blk\.(\d+)\.ffn_up\.(weight|bias)", r"model.layers.\1.mlp.up_proj.\2"),
     (r"blk\.(\d+)\.ffn_down\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2"),
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+  """How llama.cpp stores one architecture, and the HF model it came from."""
+
+  model_type: str             # the HF config's model_type
+  causal_lm: str              # the transformers class an export loads as
+  names: list[tuple[str, str]]  # GGUF -> HF tensor names, besides `_COMMON_NAMES`
+  permuted_qk: bool           # q/k rows interleaved for llama.cpp's rotary layout
+  norm_plus_one: bool         # norm weights stored as 1 + w (Gemma)
+  fields: dict[str, Any]      # HF config fields llama.cpp leaves implicit
+
+
+_ARCHITECTURES = {
+    "llama": _Architecture(
+        "llama", "LlamaForCausalLM",
+        [(r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight")],
+        permuted_qk=True, norm_plus_one=False, fields={}),
+    "gemma3": _Architecture(
+        "gemma3_text", "Gemma3ForCausalLM",
+        [(r"blk\.(\d+)\.post_attention_norm\.weight",
+          r"model.layers.\1.post_attention_layernorm.weight"),
+         (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.pre_feedforward_layernorm.weight"),
+         (r"blk\.(\d+)\.post_ffw_norm\.weight",
+          r"model.layers.\1.post_feedforward_layernorm.weight"),
+         (r"blk\.(\d+)\.attn_q_norm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
+         (r"blk\.(\d+)\.attn_k_norm\.weight", r"model.layers.\1.self_attn.k_norm.weight")],
+        # llama.cpp's Gemma 3: five local layers to one global, local layers rotating with
+        # base 10000, GeGLU; it scales queries by head_dim ** -0.5.
+        permuted_qk=False, norm_plus_one=True,
+        fields={"sliding_window_pattern": 6, "rope_local_base_freq": 10000.0,
+                "hidden_activation": "gelu_pytorch_tanh"}),
+}
 
 
 def find_gguf(directory: str) -> str | None:
@@ -85,13 +123,18 @@ def _metadata(reader: gguf.GGUFReader, key: str, path: str, default: Any = None)
   return field.contents()
 
 
+def _architecture(reader: gguf.GGUFReader, path: str) -> tuple[str, _Architecture]:
+  name = _metadata(reader, "general.architecture", path)
+  if name not in _ARCHITECTURES:
+    raise WeightsError(f"{path}: GGUF architecture {name!r} is not supported; "
+                       f"supported: {list(_ARCHITECTURES)}")
+  return name, _ARCHITECTURES[name]
+
+
 def _config(reader: gguf.GGUFReader, tensors: dict[str, Any], path: str) -> dict[str, Any]:
-  """The HF Llama config dict of a GGUF file's metadata and {name: `ReaderTensor`}."""
-  architecture = _metadata(reader, "general.architecture", path)
-  if architecture != "llama":
-    raise WeightsError(f"{path}: GGUF architecture {architecture!r} is not supported; "
-                       "supported: ['llama']")
-  get = lambda key, default=None: _metadata(reader, f"llama.{key}", path, default)
+  """The HF config dict of a GGUF file's metadata and {name: `ReaderTensor`}."""
+  name, architecture = _architecture(reader, path)
+  get = lambda key, default=None: _metadata(reader, f"{name}.{key}", path, default)
   if "rope_freqs.weight" in tensors or get("rope.scaling.type", "none") != "none":
     raise WeightsError(f"{path}: scaled rotary embeddings (rope_freqs / rope.scaling) are not "
                        "supported in GGUF files")
@@ -103,8 +146,8 @@ def _config(reader: gguf.GGUFReader, tensors: dict[str, Any], path: str) -> dict
     raise WeightsError(f"{path}: rope.dimension_count {get('rope.dimension_count')} differs "
                        f"from the head size {head_dim}: partial rotary embeddings are not "
                        "supported")
-  return {
-      "model_type": "llama",
+  config = {
+      "model_type": architecture.model_type,
       "vocab_size": int(tensors["token_embd.weight"].shape[-1]),  # GGUF lists dims inner first
       "hidden_size": hidden,
       "intermediate_size": get("feed_forward_length"),
@@ -118,12 +161,22 @@ def _config(reader: gguf.GGUFReader, tensors: dict[str, Any], path: str) -> dict
       "tie_word_embeddings": "output.weight" not in tensors,
       "attention_bias": any(re.fullmatch(r"blk\.\d+\.attn_\w+\.bias", n) for n in tensors),
       "mlp_bias": any(re.fullmatch(r"blk\.\d+\.ffn_\w+\.bias", n) for n in tensors),
+      **architecture.fields,
   }
+  if architecture.model_type == "gemma3_text":
+    config.update(sliding_window=get("attention.sliding_window"),
+                  query_pre_attn_scalar=head_dim)
+  return config
 
 
-def _hf_name(name: str) -> str:
+def causal_lm_class(path: str) -> str:
+  """The transformers class a model read from the GGUF file `path` exports as."""
+  return _architecture(_reader(path), path)[1].causal_lm
+
+
+def _hf_name(name: str, architecture: _Architecture) -> str:
   """The HF name of a GGUF tensor; names without a rule are kept (and reported unexpected)."""
-  for pattern, template in _NAMES:
+  for pattern, template in _COMMON_NAMES + architecture.names:
     match = re.fullmatch(pattern, name)
     if match:
       return match.expand(template)
@@ -147,36 +200,41 @@ def _reader(path: str) -> gguf.GGUFReader:
 
 
 def read_config(path: str) -> dict[str, Any]:
-  """The Hugging Face-style Llama config dict of a GGUF file, without reading its tensors."""
+  """The Hugging Face-style config dict of a GGUF file, without reading its tensors."""
   reader = _reader(path)
   return _config(reader, {tensor.name: tensor for tensor in reader.tensors}, path)
 
 
 def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Reads a Llama GGUF file.
+  """Reads a Llama or Gemma 3 GGUF file.
 
   Args:
     path: the `.gguf` file.
 
   Returns:
-    (config, tensors): a Hugging Face-style Llama config dict (for
+    (config, tensors): a Hugging Face-style config dict (for
     `LlamaConfig.from_dict`) and {HF tensor name: float32 array}, weights
-    [out, in] as in HF checkpoints, q and k rows in HF's rotary layout.
+    [out, in] as in HF checkpoints, q and k rows in HF's rotary layout, norm
+    weights as HF stores them.
 
   Raises:
     WeightsError: for a missing, truncated or malformed file, an architecture
-      other than llama, scaled or partial rotary embeddings, or a tensor type
-      other than F32, F16, BF16, Q4_0, Q4_1 and Q8_0.
+      other than llama and gemma3, scaled or partial rotary embeddings, or a tensor
+      type not in `_SUPPORTED_TYPES`.
   """
   reader = _reader(path)
   by_name = {tensor.name: tensor for tensor in reader.tensors}
   config = _config(reader, by_name, path)
-  heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+  _, architecture = _architecture(reader, path)
+  heads = ({"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+           if architecture.permuted_qk else {})
   tensors = {}
   for name, tensor in by_name.items():
     values = _dequantize(tensor, path)
     kind = name.split(".")[-2] if name.startswith("blk.") else ""
     if kind in heads:
       values = _unpermute_rows(values, heads[kind])
-    tensors[_hf_name(name)] = values
+    if architecture.norm_plus_one and name.endswith("norm.weight"):
+      values = values - 1.0
+    tensors[_hf_name(name, architecture)] = values
   return config, tensors
