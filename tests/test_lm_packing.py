@@ -52,6 +52,30 @@ def test_a_system_message_is_rendered_and_weight_0_answers_are_not_trained(token
   assert _trained_texts(tokenizer, ids, trained) == ["Blue.<|im_end|>"]
 
 
+def test_a_tokenizer_without_a_template_takes_a_built_in_one_or_a_file(tmp_path):
+  tokenizer = tokenizer_lib.load_hf_tokenizer(assets.model_dir("smollm2-135m-instruct"))
+  tokenizer.chat_template = None  # as a base model's
+  with pytest.raises(DataError, match="has no chat template: set config.data.chat_template"):
+    lm.ChatFormatter(tokenizer)
+  messages = json.loads(_chat(0)["messages"])
+  answers = [m["content"] for m in messages if m["role"] == "assistant"]
+  ids, trained = lm.ChatFormatter(tokenizer, *lm.chat_template("chatml")).encode(messages,
+                                                                                 "c0")
+  assert tokenizer.decode(ids).startswith("<|im_start|>user\nquestion 0 0 why")
+  assert _trained_texts(tokenizer, ids, trained) == [a + "<|im_end|>" for a in answers]
+  template = tmp_path / "turns.jinja"
+  template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                      "{% endfor %}")
+  ids, trained = lm.ChatFormatter(tokenizer, *lm.chat_template(str(template))).encode(
+      messages, "c0")
+  assert tokenizer.decode(ids).startswith("user: question 0 0 why")
+  texts = _trained_texts(tokenizer, ids, trained)
+  assert len(texts) == 2 and all(a in t for a, t in zip(answers, texts)), texts
+  assert lm.chat_template_problem(str(template)) == lm.chat_template_problem("gemma") == ""
+  assert "must be empty (the tokenizer's own template), one of ['chatml', 'gemma']" in (
+      lm.chat_template_problem("gemma3"))
+
+
 def test_a_template_without_a_system_role_names_the_conversation():
   tokenizer = tokenizer_lib.load_hf_tokenizer(assets.model_dir("smollm2-135m-instruct"))
   tokenizer.chat_template = (  # as Gemma's first templates: no system role

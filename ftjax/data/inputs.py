@@ -334,7 +334,8 @@ def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
                       "folder: language-model data needs a tokenizer")
   tokenizer = tokenizer_lib.load_hf_tokenizer(tokenizer_dir)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  formatter = lm.ChatFormatter(tokenizer) if kind == "chat" else None
+  formatter = (lm.ChatFormatter(tokenizer, *lm.chat_template(data.chat_template))
+               if kind == "chat" else None)
   raw = {"train": pipeline.Head(splits["train"], data.max_train_examples)}
   for split in ("validation", "test"):
     raw[split] = pipeline.Head(splits[split], data.max_eval_examples)

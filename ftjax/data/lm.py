@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,42 @@ class PackStats:
     return "; ".join(parts)
 
 
+# Chat templates for tokenizers without one (a base model's): name -> (Jinja template, the
+# end-of-turn token trained after each assistant message). Both render message text as is.
+CHAT_TEMPLATES = {
+    # Gemma's turns (`<start_of_turn>` / `<end_of_turn>` are tokens of Gemma's vocabulary);
+    # the assistant speaks as "model", a system message as "user".
+    "gemma": ("{{ bos_token }}{% for message in messages %}"
+              "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+              "<start_of_turn>{{ role }}\n{{ message['content'] }}<end_of_turn>\n"
+              "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+              "<end_of_turn>"),
+    "chatml": ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+               "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+               "<|im_end|>"),
+}
+
+
+def chat_template_problem(value: str) -> str:
+  """Why `config.data.chat_template` cannot be used ("" when it can)."""
+  if not value or value in CHAT_TEMPLATES or os.path.isfile(value):
+    return ""
+  return (f"must be empty (the tokenizer's own template), one of {sorted(CHAT_TEMPLATES)} or "
+          "the path of a Jinja template file")
+
+
+def chat_template(value: str) -> tuple[str | None, str | None]:
+  """(Jinja template, end-of-turn token or None) of `config.data.chat_template`;
+  (None, None) for the tokenizer's own."""
+  if not value:
+    return None, None
+  if value in CHAT_TEMPLATES:
+    return CHAT_TEMPLATES[value]
+  with open(value, encoding="utf-8") as f:
+    return f.read(), None
+
+
 class ChatFormatter:
   """Renders conversations with a Hugging Face tokenizer's chat template and tokenizes them.
 
@@ -81,20 +118,36 @@ class ChatFormatter:
   refused rather than mislabelled).
   """
 
-  def __init__(self, tokenizer: Any):
-    """Args: tokenizer: a transformers fast tokenizer with a chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-      raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
+  def __init__(self, tokenizer: Any, template: str | None = None,
+               end_of_turn: str | None = None):
+    """Builds the formatter.
+
+    Args:
+      tokenizer: a transformers fast tokenizer.
+      template: a Jinja chat template used instead of the tokenizer's own (which a
+        base model's tokenizer lacks).
+      end_of_turn: the token that ends an assistant turn in `template`, trained with
+        it; by default the tokenizer's end-of-sequence token.
+    """
+    if template is None and not getattr(tokenizer, "chat_template", None):
+      raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no chat template: set "
+                      f"config.data.chat_template (one of {sorted(CHAT_TEMPLATES)} or a "
+                      "Jinja file)")
     self._tokenizer = tokenizer
+    self._template = template
     self._fast = tokenizer.backend_tokenizer
-    self.eos_id = tokenizer.eos_token_id
+    turn_end = None if end_of_turn is None else tokenizer.convert_tokens_to_ids(end_of_turn)
+    # A marker that is no single token of the vocabulary: the end-of-sequence token.
+    known = turn_end is not None and turn_end != tokenizer.unk_token_id
+    self.eos_id = turn_end if known else tokenizer.eos_token_id
 
   def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False,
               where: str = "a conversation") -> str:
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # no weights
     try:
       return self._tokenizer.apply_chat_template(plain, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
+                                                 add_generation_prompt=generation_prompt,
+                                                 chat_template=self._template)
     except Exception as e:  # jinja2 raises the template's own errors (e.g. no system role)
       raise DataError(f"{where}: the chat template of {self._tokenizer.name_or_path!r} cannot "
                       f"render it: {e}") from e

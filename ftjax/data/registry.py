@@ -328,6 +328,10 @@ SCHEMA = schema.Section("data", "What a run reads and how examples become batche
                              "packaged data sets or '<format>:<files>'"),
     "tokenizer": schema.Key("", "a packaged model name or folder whose tokenizer to use "
                             "(empty: the model's own)"),
+    "chat_template": schema.Key("", "chat data: how conversations are rendered: empty, the "
+                                "tokenizer's own template; 'gemma' or 'chatml'; or a Jinja "
+                                "file (a base model's tokenizer has none)",
+                                rule=lm.chat_template_problem),
     "max_length": schema.Key(64, "tokens per example (classification) or packed row "
                              "(language models)", rule=schema.positive),
     "overlong": schema.Key("split", "language models: a chat longer than a row",
