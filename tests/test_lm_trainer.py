@@ -77,3 +77,24 @@ def test_chat_data_with_a_classification_task_is_refused(tmp_path, data_dir):
   with pytest.raises(Exception, match="config.data.name='chat' is chat data, scored by task "
                      "'causal_lm', but config.task='classification'"):
     trainer.run(config, str(tmp_path), devices=ONE_DEVICE)
+
+
+@pytest.mark.slow
+def test_lora_chat_run_on_the_packaged_gemma3(tmp_path, data_dir):
+  """LoRA on real Gemma 3 270M weights (GGUF), its base tokenizer given Gemma's chat
+  template: the validation loss falls at each evaluation (measured 5.268, 5.193, 5.087).
+  About 4 minutes on 2 cores."""
+  config = smollm2_chat.get_config("steps=4,max_length=64,batch_size=4")
+  with config.unlocked():
+    config.model.pretrained = "gemma3-270m"
+    config.data.data_dir = data_dir
+    config.data.chat_template = "gemma"
+    config.data.max_train_examples, config.data.max_eval_examples = 32, 8
+    config.eval_batch_size, config.eval_every = 4, 2
+    config.samples.count, config.samples.max_new_tokens = 1, 8
+  final = trainer.run(config, str(tmp_path), devices=ONE_DEVICE)
+  losses = [r["loss"] for r in metrics.read_metrics(str(tmp_path)) if r["split"] == "validation"]
+  assert len(losses) == 3 and losses[2] < losses[1] < losses[0] - 0.02, losses
+  assert final["best_step"] == 4
+  samples = [r for r in metrics.read_metrics(str(tmp_path)) if r["split"] == "samples"]
+  assert samples[0]["samples"][0]["prompt"].endswith("<start_of_turn>model\n")
