@@ -343,7 +343,7 @@ def _assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None
     pytest.param({"model.name": "bert"}, ConfigError, r"config.model.name='bert': must be "
                  r"one of \['bert_classifier'", id="unknown_model"),
     pytest.param({"model.pretrained": "minilm-l12"}, ConfigError, r"model 'minilm-l12': not a "
-                 r"folder and not a packaged model; packaged models: \['minilm-l6'",
+                 r"folder and not a packaged model; packaged models: \['gemma3-270m', 'minilm-l6'",
                  id="unknown_pretrained_model"),
     pytest.param({"peft.method": "lorra"}, ConfigError, r"config.peft.method='lorra': must be "
                  r"one of \['full', 'lora'", id="unknown_peft_method"),

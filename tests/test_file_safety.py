@@ -27,8 +27,9 @@ _FORBIDDEN = [
      "only yaml.SafeLoader"),
     (r"(?<![\w.])(eval|exec)\(", None, "no code from strings"),
     (r"spec_from_file_location|__import__\(|importlib\.import_module\(",
-     ("ftjax/sweeps/study.py", "ftjax/data/registry.py"),
-     "study and config files the user names; the packaged preset modules"),
+     ("ftjax/sweeps/study.py", "ftjax/data/registry.py", "ftjax/hub/assets.py"),
+     "study and config files the user names; the packaged preset modules; the packages "
+     "that assemble a model shipped in parts"),
 ]
 
 
