@@ -7,7 +7,7 @@ import pytest
 from configs import smollm2_chat
 from conftest import ONE_DEVICE, with_overrides
 from ftjax import metrics, trainer
-from ftjax.data import file_lm, inputs, sources
+from ftjax.data import check, file_lm, inputs, sources
 from ftjax.errors import ConfigError, DataError
 
 
@@ -158,3 +158,18 @@ def test_extra_evaluation_sets_are_evaluated_at_every_evaluation(tmp_path, data_
     with pytest.raises(ConfigError, match=match):
       trainer.run(with_overrides(config, **{"data.extra_eval": extra}), str(tmp_path / "x"),
                   devices=ONE_DEVICE)
+
+
+def test_the_data_check_counts_windows_of_split_conversations(data_dir):
+  """Rows shorter than some conversations: those are split into windows, and what does
+  not fit is counted against the examples and windows packed, not the conversations."""
+  config = with_overrides(smollm2_chat.get_config("debug"),
+                          **{"data.data_dir": data_dir, "data.max_length": 64})
+  built = inputs.build(config)
+  stats = built.splits["train"].stats
+  assert stats.split_conversations > 0 and stats.truncated > 0
+  pieces = stats.examples - stats.split_conversations + stats.windows
+  warning = next(w for w in check.check(config, built).warnings if w.startswith("train: "))
+  assert warning.startswith(f"train: {stats.truncated + stats.skipped_overlong:,} of "
+                            f"{pieces:,} examples and windows of split conversations do not "
+                            "fit config.data.max_length=64 tokens"), warning

@@ -157,7 +157,10 @@ def _language_model(inputs: Inputs) -> tuple[dict[str, SplitReport], list[str]]:
     reports[split] = SplitReport(stats.examples, packing=stats.summary(split))
     lost = stats.truncated + stats.skipped_overlong
     if lost:
-      warnings.append(f"{split}: {lost:,} of {stats.examples:,} examples do not fit "
+      # Conversations split into windows are counted by their windows.
+      pieces = stats.examples - stats.split_conversations + stats.windows
+      what = "examples and windows of split conversations" if stats.windows else "examples"
+      warnings.append(f"{split}: {lost:,} of {pieces:,} {what} do not fit "
                       f"config.data.max_length={stats.row_length} tokens (truncated "
                       f"{stats.truncated:,}, skipped {stats.skipped_overlong:,})")
   return reports, warnings
