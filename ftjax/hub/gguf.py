@@ -131,9 +131,10 @@ def _architecture(reader: gguf.GGUFReader, path: str) -> tuple[str, _Architectur
   return name, _ARCHITECTURES[name]
 
 
-def _config(reader: gguf.GGUFReader, tensors: dict[str, Any], path: str) -> dict[str, Any]:
-  """The HF config dict of a GGUF file's metadata and {name: `ReaderTensor`}."""
-  name, architecture = _architecture(reader, path)
+def _config(reader: gguf.GGUFReader, tensors: dict[str, Any], path: str,
+            name: str, architecture: _Architecture) -> dict[str, Any]:
+  """The HF config dict of a GGUF file's metadata and {name: `ReaderTensor`}, for its
+  architecture (`name` in the metadata keys)."""
   get = lambda key, default=None: _metadata(reader, f"{name}.{key}", path, default)
   if "rope_freqs.weight" in tensors or get("rope.scaling.type", "none") != "none":
     raise WeightsError(f"{path}: scaled rotary embeddings (rope_freqs / rope.scaling) are not "
@@ -202,7 +203,8 @@ def _reader(path: str) -> gguf.GGUFReader:
 def read_config(path: str) -> dict[str, Any]:
   """The Hugging Face-style config dict of a GGUF file, without reading its tensors."""
   reader = _reader(path)
-  return _config(reader, {tensor.name: tensor for tensor in reader.tensors}, path)
+  return _config(reader, {tensor.name: tensor for tensor in reader.tensors}, path,
+                 *_architecture(reader, path))
 
 
 def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -224,8 +226,8 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """
   reader = _reader(path)
   by_name = {tensor.name: tensor for tensor in reader.tensors}
-  config = _config(reader, by_name, path)
-  _, architecture = _architecture(reader, path)
+  arch_name, architecture = _architecture(reader, path)
+  config = _config(reader, by_name, path, arch_name, architecture)
   heads = ({"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
            if architecture.permuted_qk else {})
   tensors = {}

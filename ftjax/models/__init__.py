@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable, NamedTuple
@@ -21,7 +20,7 @@ from ftjax.hub import llama as llama_hub
 from ftjax.hub import loading, safetensors_io
 from ftjax.hub import vision as vision_hub
 from ftjax.hub import vit as vit_hub
-from ftjax.models import batch_norm, bert, heads, llama, mobilenet, vit
+from ftjax.models import batch_norm, bert, heads, hf_config, llama, mobilenet, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,21 +279,17 @@ AUTO = "auto"
 
 
 def _model_type(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(model_type, where it was read) of `config.pretrained` (its config.json, or "llama"
-  for a GGUF folder) or, without a checkpoint, of `config.arch`."""
+  """(model_type, where it was read) of `config.pretrained` (its config.json or GGUF
+  metadata) or, without a checkpoint, of `config.arch`."""
   if not config.pretrained:
     return dict(config.arch).get("model_type", ""), "config.model.arch"
   directory = assets.model_dir(config.pretrained)
   path = os.path.join(directory, "config.json")
   if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      try:
-        raw = json.load(f)
-      except ValueError as e:
-        raise ConfigError(f"{path}: cannot read it as JSON: {e}") from e
-    return (raw.get("model_type", "") if isinstance(raw, dict) else ""), path
-  if gguf_hub.find_gguf(directory):
-    return "llama", gguf_hub.find_gguf(directory)
+    return hf_config.read_json(path).get("model_type", ""), path
+  gguf_path = gguf_hub.find_gguf(directory)
+  if gguf_path:
+    return gguf_hub.read_config(gguf_path)["model_type"], gguf_path
   raise ConfigError(f"config.model.name={AUTO!r} reads the model family from a Hugging Face "
                     f"folder's config.json, and {directory} has none; name the model "
                     f"(config.model.name, one of {sorted(_REGISTRY)})")

@@ -34,6 +34,26 @@ def expected_instead(value: Any, default: Any) -> str | None:
   return None
 
 
+def read_json(path: str) -> dict[str, Any]:
+  """The fields of a Hugging Face `config.json`.
+
+  Raises:
+    ConfigError: naming the file when it is missing or is not a JSON object.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path} not found: {os.path.dirname(path)} is not a Hugging Face "
+                      "model folder")
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: cannot read it as JSON: {e}") from e
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{path}: expected a JSON object of architecture fields, found a "
+                      f"{type(raw).__name__}")
+  return raw
+
+
 class HfConfig:
   """A mixin for frozen dataclasses of architecture fields named as in Hugging Face's
   `config.json`: `from_json` reads such a file, `from_dict` keeps the fields the
@@ -47,17 +67,7 @@ class HfConfig:
       ConfigError: naming the file when it is missing, is not a JSON object, or
         gives a field a value of another type than the field's default.
     """
-    if not os.path.isfile(path):
-      raise ConfigError(f"{path} not found: {os.path.dirname(path)} is not a Hugging Face "
-                        "model folder")
-    try:
-      with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    except (OSError, ValueError) as e:
-      raise ConfigError(f"{path}: cannot read it as JSON: {e}") from e
-    if not isinstance(raw, dict):
-      raise ConfigError(f"{path}: expected a JSON object of architecture fields, found a "
-                        f"{type(raw).__name__}")
+    raw = read_json(path)
     for field in dataclasses.fields(cls):
       expected = (expected_instead(raw[field.name], field.default) if field.name in raw
                   else None)
