@@ -15,12 +15,14 @@ from ftjax import param_groups, schema
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.hub import bert as bert_hub
+from ftjax.hub import deberta as deberta_hub
 from ftjax.hub import gguf as gguf_hub
 from ftjax.hub import llama as llama_hub
 from ftjax.hub import loading, safetensors_io
 from ftjax.hub import vision as vision_hub
 from ftjax.hub import vit as vit_hub
 from ftjax.models import batch_norm, bert, heads, hf_config, llama, mobilenet, vit
+from ftjax.models import deberta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +173,26 @@ def _bert_classifier(config: ml_collections.ConfigDict):
                              head="head/.*"), bert.PARAM_AXES
 
 
+def _deberta_classifier(config: ml_collections.ConfigDict):
+  """A DeBERTa-v2 / v3 encoder with BERT's pooling and a new linear head, from a Hugging
+  Face folder or randomly initialised from `config.arch`."""
+  directory = assets.model_dir(config.pretrained) if config.pretrained else ""
+  arch = (deberta.DebertaConfig.from_json(os.path.join(directory, "config.json")) if directory
+          else deberta.DebertaConfig.from_dict(ml_collections.ConfigDict(config.arch).to_dict()))
+
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return deberta.SequenceClassifier(arch, num_classes=config.num_classes,
+                                      pooling=config.pooling, head_init=config.head_init,
+                                      rngs=rngs)
+
+  def load(params):
+    return (deberta_hub.load_pretrained_into(params, directory, config.dont_load)
+            if directory else params)
+
+  return build, load, Layout(embeddings=deberta.EMBEDDINGS, block="encoder/layers/{}",
+                             head="head/.*"), deberta.PARAM_AXES
+
+
 def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
   """A Llama-family decoder from a checkpoint folder, a GGUF file or `config.arch`: a
   language model, or with `classifier` a sequence classifier of `config.num_classes`."""
@@ -263,6 +285,7 @@ def _vit(config: ml_collections.ConfigDict):
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
     "bert_classifier": _bert_classifier,
+    "deberta_classifier": _deberta_classifier,
     "decoder_classifier": _decoder_classifier,
     "llama_lm": _llama_lm,
     "mobilenet_v2": _convnet,
@@ -271,7 +294,8 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
 }
 # What each model reads: "text" (tokens of texts to classify), "tokens" (language-model
 # rows) or "image".
-INPUTS = {"bert_classifier": "text", "decoder_classifier": "text", "llama_lm": "tokens",
+INPUTS = {"bert_classifier": "text", "deberta_classifier": "text",
+          "decoder_classifier": "text", "llama_lm": "tokens",
           "mobilenet_v2": "image", "efficientnet_lite0": "image", "vit": "image"}
 
 
@@ -312,11 +336,13 @@ def resolve_name(config: ml_collections.ConfigDict, task: str) -> str:
   model_type, where = _model_type(config)
   if model_type in bert.FAMILIES:
     return "bert_classifier"
+  if model_type in deberta.MODEL_TYPES:
+    return "deberta_classifier"
   if model_type in llama.FAMILIES:
     return "llama_lm" if task == "causal_lm" else "decoder_classifier"
   if model_type == "vit":
     return "vit"
-  supported = sorted([*bert.FAMILIES, *llama.FAMILIES, "vit"])
+  supported = sorted([*bert.FAMILIES, *deberta.MODEL_TYPES, *llama.FAMILIES, "vit"])
   raise ConfigError(f"{where}: model_type={model_type!r}: config.model.name={AUTO!r} knows "
                     f"no model for it; supported model types: {supported}")
 
@@ -337,6 +363,7 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # function of the pretrained folder giving it: an encoder family names its head its own way)
 _HF_FORMATS = {
     "bert_classifier": (bert_hub.hf_name_to_path, bert_hub.export_extra),
+    "deberta_classifier": (deberta_hub.hf_name_to_path, deberta_hub.EXPORT_EXTRA),
     "llama_lm": (llama_hub.hf_name_to_path, llama_hub.EXPORT_EXTRA),
     "decoder_classifier": (llama_hub.hf_name_to_path, llama_hub.CLASSIFIER_EXPORT_EXTRA),
     "vit": (vit_hub.hf_name_to_path, vit_hub.EXPORT_EXTRA),

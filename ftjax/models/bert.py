@@ -242,11 +242,15 @@ class SelfAttention(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-  """Post-LayerNorm transformer block: attention, then the MLP."""
+  """Post-LayerNorm transformer block: attention, then the MLP.
 
-  def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+  `attention` replaces BERT's self-attention (DeBERTa's disentangled attention, which
+  takes further keyword inputs: the call passes them on).
+  """
+
+  def __init__(self, config: BertConfig, rngs: nnx.Rngs, attention: nnx.Module | None = None):
     h, eps = config.hidden_size, config.layer_norm_eps
-    self.attention = SelfAttention(config, rngs)
+    self.attention = attention if attention is not None else SelfAttention(config, rngs)
     self.attention_norm = nnx.LayerNorm(h, epsilon=eps, rngs=rngs)
     self.intermediate = _dense(h, config.intermediate_size, rngs)
     self.output = _dense(config.intermediate_size, h, rngs)
@@ -254,9 +258,10 @@ class EncoderLayer(nnx.Module):
     self.dropout = nnx.Dropout(config.hidden_dropout_prob)
     self.activation = config.hidden_act
 
-  def __call__(self, x, attention_mask, *, deterministic, rngs):
+  def __call__(self, x, attention_mask, *, deterministic, rngs, **attention_inputs):
     drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
-    y = self.attention(x, attention_mask, deterministic=deterministic, rngs=rngs)
+    y = self.attention(x, attention_mask, deterministic=deterministic, rngs=rngs,
+                       **attention_inputs)
     x = self.attention_norm(x + drop(y))
     y = self.output(hf_config.ACTIVATIONS[self.activation](self.intermediate(x)))
     return self.output_norm(x + drop(y))
@@ -291,10 +296,13 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, method: str) -> jax.Array
 class SequenceClassifier(nnx.Module):
   """Encoder + pooling + a new linear head; the pretrained pooler is not used."""
 
+  # The encoder under the head (a subclass's: DeBERTa's), built from the same config.
+  encoder_class = Encoder
+
   def __init__(self, config: BertConfig, *, num_classes: int, pooling: str = "mean",
                head_init: str = "zeros", rngs: nnx.Rngs):
     schema.check_choice(pooling, POOLINGS, "model.pooling")
-    self.encoder = Encoder(config, rngs)
+    self.encoder = self.encoder_class(config, rngs)
     self.pooling = pooling
     self.dropout = nnx.Dropout(config.hidden_dropout_prob)
     self.head = nnx.Linear(config.hidden_size, num_classes,
