@@ -175,6 +175,12 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *,
     raise ConfigError(f"top_k={top_k}: must be >= 0 (0 keeps every token)")
   if not 0.0 < top_p <= 1.0:
     raise ConfigError(f"top_p={top_p}: must be in (0, 1]")
+  longest = max(len(p) for p in prompts) + max_new_tokens
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+  limit = model.module(abstract).model.max_positions
+  if limit is not None and longest > limit:
+    raise ConfigError(f"generate: the longest prompt plus max_new_tokens is {longest} "
+                      f"tokens, but the model's position table has {limit} positions")
   stops = sorted({int(t) for t in stop_tokens})
   stop_ids = np.full(max(MAX_STOP_TOKENS, len(stops)), -1, np.int32)
   stop_ids[:len(stops)] = stops

@@ -1,4 +1,4 @@
-"""Mistral, Qwen3, windowed Qwen2, Phi-3, Gemma 2 and Gemma 3 through the one decoder,
+"""Mistral, Qwen3, windowed Qwen2, Phi-3, Gemma 2, Gemma 3 and GPT-2 through the one decoder,
 against transformers."""
 
 import json
@@ -56,6 +56,8 @@ _CASES = {
                [dict(sliding_window=None),
                 dict(rope_parameters={**_GEMMA3_ROPE,
                                       "sliding_attention": dict(rope_theta=1e6)})]),
+    # LayerNorms, learned positions, a fused c_attn, a plain GELU MLP, biases everywhere.
+    "gpt2": ("GPT2", dict(), [dict(layer_norm_epsilon=1.0)]),
 }
 
 
@@ -149,8 +151,9 @@ def test_every_qwen3_tensor_is_mapped_and_q_k_norms_are_sharded(tiny):
   assert model.layout.block_index("model/layers/1/self_attn/k_norm/scale") == 1
 
 
-def test_packed_sequences_with_a_window_match_each_sequence_alone(tiny):
-  _, _, model, params = tiny("mistral")
+@pytest.mark.parametrize("case", ["mistral", "gpt2"])  # a window; learned positions
+def test_packed_sequences_match_each_sequence_alone(tiny, case):
+  _, _, model, params = tiny(case)
   first, second = [5, 17, 42, 8, 61], [9, 33, 70, 11]
   rows = [  # (input_ids, positions, segment_ids), all of length 9
       (first + second, [0, 1, 2, 3, 4, 0, 1, 2, 3], [1] * 5 + [2] * 4),  # packed
@@ -162,7 +165,19 @@ def test_packed_sequences_with_a_window_match_each_sequence_alone(tiny):
   np.testing.assert_allclose(packed[5:], alone[:4], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["mistral", "gemma2", "gemma3"])
+def test_rows_longer_than_a_learned_position_table_are_refused(tiny):
+  _, _, model, params = tiny("gpt2")  # 64 positions
+  ids = np.full((1, 65), 3)
+  with pytest.raises(ConfigError, match="rows of 65 tokens.*has 64 positions.*max_length"):
+    _logits(model, params, _batch(ids, [65]))
+  with pytest.raises(ConfigError, match="max_new_tokens is 65 tokens.*has 64 positions"):
+    generate.generate(model, params, [[5, 6, 7]], max_new_tokens=62, stop_tokens=[_EOS])
+  # Up to the table's end (a cache of 64 + 63 slots, positions up to 63).
+  [tokens] = generate.generate(model, params, [[5, 6, 7]], max_new_tokens=61)
+  assert 1 <= len(tokens) <= 61
+
+
+@pytest.mark.parametrize("case", ["mistral", "gemma2", "gemma3", "gpt2"])
 def test_greedy_generation_with_a_window_matches_transformers_generate(tiny, case):
   _, reference, model, params = tiny(case)
   rng = np.random.default_rng(1)
@@ -183,7 +198,8 @@ def test_greedy_generation_with_a_window_matches_transformers_generate(tiny, cas
 @pytest.mark.parametrize("case, loaded_as, tensor", [
     ("qwen3_window", "Qwen3ForCausalLM", "model.layers.0.self_attn.q_norm.weight"),
     ("phi3", "Phi3ForCausalLM", "model.layers.0.self_attn.qkv_proj.weight"),
-    ("gemma3", "Gemma3ForCausalLM", "model.layers.0.pre_feedforward_layernorm.weight")])
+    ("gemma3", "Gemma3ForCausalLM", "model.layers.0.pre_feedforward_layernorm.weight"),
+    ("gpt2", "GPT2LMHeadModel", "transformer.h.0.attn.c_attn.weight")])
 def test_merged_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path, case,
                                                                   loaded_as, tensor):
   directory, _, model, params = tiny(case)
@@ -227,6 +243,9 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path
      "rope_type 'longrope' is not supported"),
     (dict(model_type="gemma3_text", use_bidirectional_attention=True),
      "use_bidirectional_attention=True is not supported"),
+    (dict(model_type="gpt2", scale_attn_by_inverse_layer_idx=True),
+     "scale_attn_by_inverse_layer_idx=True is not supported"),
+    (dict(model_type="gpt2", activation_function="relu"), "hidden_act='relu' is not supported"),
 ])
 def test_settings_the_decoder_cannot_apply_are_refused_naming_the_file(tmp_path, change,
                                                                        message):
@@ -235,18 +254,16 @@ def test_settings_the_decoder_cannot_apply_are_refused_naming_the_file(tmp_path,
     models.create(_config(pretrained=str(tmp_path)), seed=0)
 
 
-@pytest.fixture(scope="module", params=["Llama", "Mistral", "Gemma3Text"])
+@pytest.fixture(scope="module", params=["Llama", "Mistral", "Gemma3Text", "GPT2"])
 def reward_model(request, tmp_path_factory):
   """(folder, transformers model) of a tiny sequence classifier with 3 labels."""
   family = request.param
-  window = dict(sliding_window=_WINDOW) if family != "Llama" else {}
+  window = dict(sliding_window=_WINDOW) if family not in ("Llama", "GPT2") else {}
   config = getattr(transformers, f"{family}Config")(**_TINY, **window, num_labels=3,
                                                     pad_token_id=0)
   torch.manual_seed(0)
-  reference = getattr(transformers, f"{family}ForSequenceClassification")(config).eval()
-  with torch.no_grad():
-    for name, param in reference.named_parameters():
-      param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+  reference = tiny_decoders.randomize(
+      getattr(transformers, f"{family}ForSequenceClassification")(config).eval())
   directory = str(tmp_path_factory.mktemp("reward"))
   reference.save_pretrained(directory)
   return directory, reference
@@ -317,13 +334,13 @@ def test_auto_picks_the_model_from_the_folder_and_the_task(tiny, tmp_path):
   config_lib.validate(config)
   assert models.resolved(config).model.name == "decoder_classifier"
   assert config.model.name == "auto"  # unchanged
-  gpt2 = tmp_path / "gpt2"
-  gpt2.mkdir()
-  (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-  with pytest.raises(ConfigError, match=r"gpt2/config.json: model_type='gpt2': "
+  mamba = tmp_path / "mamba"
+  mamba.mkdir()
+  (mamba / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+  with pytest.raises(ConfigError, match=r"mamba/config.json: model_type='mamba': "
                      r"config.model.name='auto' knows no model for it; supported model "
-                     r"types: \['bert', 'distilbert', 'electra', 'gemma2'"):
-    models.resolve_name(_config(name="auto", pretrained=str(gpt2)), "causal_lm")
+                     r"types: \['bert', .*'gemma2', .*'gpt2', .*'llama'"):
+    models.resolve_name(_config(name="auto", pretrained=str(mamba)), "causal_lm")
   with pytest.raises(ConfigError, match="has none; name the model"):
     models.resolve_name(_config(name="auto", pretrained=str(tmp_path)), "causal_lm")
   with pytest.raises(ConfigError, match="resolve it first"):

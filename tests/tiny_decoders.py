@@ -1,5 +1,7 @@
 """Tiny random decoders saved by transformers' own classes, and ftjax inputs for them."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -9,7 +11,9 @@ from ftjax import config as config_lib
 
 
 # Families whose causal LM class is not named after their config class.
-_CAUSAL_LM = {"Gemma3Text": "Gemma3ForCausalLM"}
+_CAUSAL_LM = {"Gemma3Text": "Gemma3ForCausalLM", "GPT2": "GPT2LMHeadModel"}
+# Norm scales (Llama's `*norm.weight`, GPT-2's `ln_*.weight`), drawn around 1.
+_NORM_SCALE = re.compile(r".*(norm|ln_\w+)\.weight")
 
 
 def save_random(directory, family, **fields):
@@ -18,11 +22,16 @@ def save_random(directory, family, **fields):
   config = getattr(transformers, f"{family}Config")(**fields)
   torch.manual_seed(0)
   causal_lm = _CAUSAL_LM.get(family, f"{family}ForCausalLM")
-  reference = getattr(transformers, causal_lm)(config).eval()
+  reference = randomize(getattr(transformers, causal_lm)(config).eval())
+  reference.save_pretrained(str(directory))
+  return reference
+
+
+def randomize(reference):
+  """`reference` with O(1) random weights: norm scales around 1, the rest around 0."""
   with torch.no_grad():
     for name, param in reference.named_parameters():
-      param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
-  reference.save_pretrained(str(directory))
+      param.normal_(1.0 if _NORM_SCALE.fullmatch(name) else 0.0, 0.2)
   return reference
 
 

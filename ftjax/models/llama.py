@@ -62,9 +62,26 @@ class _Family:
   local_rope: bool = False
   # Phi-3: one `qkv_proj` for queries, keys and values, one `gate_up_proj` for the MLP.
   fused: bool = False
+  # GPT-2: LayerNorm (with a bias) instead of RMSNorm; learned absolute positions
+  # (`embed_positions`) instead of rotary ones; a plain MLP down(act(up(x))) instead of a
+  # gated one; a bias on every projection.
+  layer_norm: bool = False
+  learned_positions: bool = False
+  gated: bool = True
+  biases: bool = False
+  # config.json field -> LlamaConfig field, for a family that names them otherwise.
+  renamed: tuple[tuple[str, str], ...] = ()
+  # config.json fields with the only value this decoder implements: anything else is
+  # refused by name.
+  required: tuple[tuple[str, Any], ...] = ()
+  # Fields the family's class does not read (GPT-2 has neither grouped queries nor a
+  # head_dim of its own), dropped should a config.json carry them.
+  ignored: tuple[str, ...] = ()
   default_window: int | None = 4096  # sliding_window when config.json gives none
   default_theta: float = 10000.0  # rope_theta when config.json gives none
   default_act: str = "silu"       # the activation when config.json names none
+  default_tied: bool = False      # tie_word_embeddings when config.json gives none
+  mlp_ratio: int = 0  # intermediate_size = mlp_ratio * hidden_size when config.json gives none
 
 
 # Model types whose checkpoints this decoder reproduces.
@@ -79,6 +96,17 @@ FAMILIES = {
     "gemma3_text": _Family(qk_norm=True, window="pattern", pattern=6, gemma=True,
                            local_rope=True, default_theta=1_000_000.0,
                            default_act="gelu_pytorch_tanh"),
+    "gpt2": _Family(fused=True, layer_norm=True, learned_positions=True, gated=False,
+                    biases=True, default_act="gelu_new", default_tied=True, mlp_ratio=4,
+                    renamed=(("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                             ("n_head", "num_attention_heads"), ("n_inner", "intermediate_size"),
+                             ("n_positions", "max_position_embeddings"),
+                             ("layer_norm_epsilon", "rms_norm_eps"),
+                             ("activation_function", "hidden_act")),
+                    required=(("scale_attn_weights", True),
+                              ("scale_attn_by_inverse_layer_idx", False),
+                              ("add_cross_attention", False)),
+                    ignored=("num_key_value_heads", "head_dim")),
 }
 # transformers' values for the window fields a config.json leaves out.
 _DEFAULT_MAX_WINDOW_LAYERS = 28
@@ -89,19 +117,23 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
 PARAM_AXES = (
     (r"model/embed_tokens/embedding", ("vocab", "embed")),
+    (r"model/embed_positions/embedding", (None, "embed")),
     (r".*/self_attn/(q_norm|k_norm)/scale", ("norm",)),  # [head_dim], replicated
-    (r".*(layernorm|norm)/scale", ("norm",)),
+    (r".*(layernorm|norm)/(scale|bias)", ("norm",)),
     (r".*/q_proj/kernel", ("embed", "heads")),
     (r".*/q_proj/bias", ("heads",)),
     (r".*/(k_proj|v_proj)/kernel", ("embed", "kv_heads")),
     (r".*/(k_proj|v_proj)/bias", ("kv_heads",)),
     # Phi-3's fused projections: queries, keys and values (or gate and up) side by side.
     (r".*/qkv_proj/kernel", ("embed", "heads")),
+    (r".*/qkv_proj/bias", ("heads",)),
     (r".*/gate_up_proj/kernel", ("embed", "mlp")),
     (r".*/o_proj/kernel", ("heads", "embed")),
     (r".*/(o_proj|down_proj)/bias", ("embed",)),
@@ -289,23 +321,27 @@ class LlamaConfig(hf_config.HfConfig):
   @property
   def qkv_bias(self) -> bool:
     """Whether q, k and v projections have biases (always for Qwen2)."""
-    return self.attention_bias or FAMILIES[self.model_type].qkv_bias
+    return self.attention_bias or self.family.qkv_bias
 
   @property
   def qk_norm(self) -> bool:
     """Whether each head's queries and keys are RMS-normalised before RoPE (Qwen3, Gemma 3)."""
-    return FAMILIES[self.model_type].qk_norm
+    return self.family.qk_norm
 
   @property
   def gemma(self) -> bool:
     """Whether the blocks are Gemma's: (1 + w) norms around each sub-block, scaled
     embeddings."""
-    return FAMILIES[self.model_type].gemma
+    return self.family.gemma
 
   @property
   def fused(self) -> bool:
     """Whether q/k/v and gate/up are each one projection (Phi-3's `qkv_proj`, `gate_up_proj`)."""
-    return FAMILIES[self.model_type].fused
+    return self.family.fused
+
+  @property
+  def family(self) -> _Family:
+    return FAMILIES[self.model_type]
 
   def layer_is_local(self, index: int) -> bool:
     """Whether layer `index` is a sliding ("local") layer with its own rotary base."""
@@ -349,6 +385,7 @@ class LlamaConfig(hf_config.HfConfig):
       raise ConfigError(f"{source}: model_type={model_type!r} is not supported; "
                         f"supported: {list(FAMILIES)}")
     family = FAMILIES[model_type]
+    raw = _family_fields(raw, family, source)
     gemma_fields = ("query_pre_attn_scalar", "attn_logit_softcapping",
                     "final_logit_softcapping")
     fields = {f.name for f in dataclasses.fields(cls)} - {
@@ -377,6 +414,31 @@ class LlamaConfig(hf_config.HfConfig):
       raise ConfigError(f"{source}: {e}") from None
     window, layer_types = _attention_window(raw, config, source)
     return dataclasses.replace(config, sliding_window=window, layer_types=layer_types)
+
+
+def _family_fields(raw: dict[str, Any], family: _Family, source: str) -> dict[str, Any]:
+  """`raw` under LlamaConfig's names, with the family's defaults filled in.
+
+  Raises:
+    ConfigError: for a field of `family.required` with another value.
+  """
+  for field, value in family.required:
+    if raw.get(field, value) != value:
+      raise ConfigError(f"{source}: {field}={raw[field]!r} is not supported (the decoder "
+                        f"implements {field}={value!r} for model_type={raw['model_type']!r})")
+  # The family's own name wins over ours (GPT-2's config.json keeps both n_inner and an
+  # intermediate_size its class ignores).
+  renamed = dict(family.renamed)
+  raw = {**{key: value for key, value in raw.items()
+            if key not in renamed and key not in family.ignored},
+         **{ours: raw[theirs] for theirs, ours in renamed.items() if theirs in raw}}
+  raw.setdefault("tie_word_embeddings", family.default_tied)
+  if family.mlp_ratio and raw.get("intermediate_size") is None:
+    raw["intermediate_size"] = family.mlp_ratio * raw.get("hidden_size",
+                                                          LlamaConfig.hidden_size)
+  if family.biases:
+    raw.update(attention_bias=True, mlp_bias=True)
+  return raw
 
 
 def _rope_fields(raw: dict[str, Any], family: _Family,
@@ -485,6 +547,29 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """Layer normalisation (GPT-2's) with a scale and a bias, computed in float32."""
+
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x.astype(jnp.float32)
+    y = y - jnp.mean(y, axis=-1, keepdims=True)
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)
+            + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _norm(config: LlamaConfig) -> RMSNorm | LayerNorm:
+  """A norm over the hidden states, of the family's kind."""
+  if config.family.layer_norm:
+    return LayerNorm(config.hidden_size, config.rms_norm_eps)
+  return RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma)
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   """cap * tanh(x / cap): values kept smoothly within (-cap, cap); x when cap is None."""
   return x if cap is None else cap * jnp.tanh(x / cap)
@@ -552,6 +637,8 @@ class Attention(nnx.Module):
     v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
+    if cos is None:  # learned absolute positions, added to the embeddings
+      return q, k, v
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -591,20 +678,24 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Gated feed-forward: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or GELU (GeGLU)."""
+  """Gated feed-forward: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or GELU (GeGLU);
+  GPT-2's is plain: down(act(up(x)))."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     h, m = config.hidden_size, config.intermediate_size
-    if config.fused:  # gate and up side by side
+    self.gated = config.family.gated
+    self.fused = self.gated and config.fused
+    if self.fused:  # gate and up side by side
       self.gate_up_proj = _linear(h, 2 * m, config.mlp_bias, config, rngs)
     else:
-      self.gate_proj = _linear(h, m, config.mlp_bias, config, rngs)
+      self.gate_proj = _linear(h, m, config.mlp_bias, config, rngs) if self.gated else None
       self.up_proj = _linear(h, m, config.mlp_bias, config, rngs)
     self.down_proj = _linear(m, h, config.mlp_bias, config, rngs)
     self.act = ACTIVATIONS[config.hidden_act]
-    self.fused = config.fused
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if not self.gated:
+      return self.down_proj(self.act(self.up_proj(x)))
     if self.fused:
       gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
     else:
@@ -618,7 +709,7 @@ class DecoderLayer(nnx.Module):
   (its norms: input, post_attention, pre_feedforward, post_feedforward)."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
-    norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma)
+    norm = lambda: _norm(config)
     self.input_layernorm = norm()
     self.self_attn = Attention(config, rngs)
     # Llama's norm before the MLP; Gemma's after the attention.
@@ -662,23 +753,38 @@ class Decoder(nnx.Module):
                                   rngs=rngs)
     self.layers = nnx.List([DecoderLayer(config, rngs)
                             for _ in range(config.num_hidden_layers)])
-    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma)
+    self.embed_positions = (nnx.Embed(config.max_position_embeddings, config.hidden_size,
+                                      embedding_init=init, rngs=rngs)
+                            if config.family.learned_positions else None)
+    self.norm = _norm(config)
     self.embed_scale = config.hidden_size ** 0.5 if config.gemma else None
-    # The rotary embeddings (global; Gemma 3's local of sliding layers), and each layer's.
+    # The rotary embeddings (global; Gemma 3's local of sliding layers; none with learned
+    # positions), and each layer's.
     layers = range(config.num_hidden_layers)
     local = tuple(config.layer_is_local(i) for i in layers)
-    self.ropes = (config.rope(),) + ((config.local_rope(),) if any(local) else ())
+    self.ropes = (() if self.embed_positions is not None else
+                  (config.rope(),) + ((config.local_rope(),) if any(local) else ()))
     self.layer_ropes = tuple(int(is_local) for is_local in local)
     self.remat = remat
     self.windows = tuple(config.layer_window(i) for i in layers)
 
-  def _embed(self, input_ids: jax.Array) -> jax.Array:
-    x = self.embed_tokens(input_ids)
-    # Gemma: the scale rounded to the embeddings' dtype first, as in transformers.
-    return x if self.embed_scale is None else x * jnp.asarray(self.embed_scale, x.dtype)
+  @property
+  def max_positions(self) -> int | None:
+    """The size of the learned position table; None with rotary embeddings (no limit)."""
+    return None if self.embed_positions is None else self.embed_positions.num_embeddings
 
-  def _rotations(self, positions: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
-    """Each layer's (cos, sin) for `positions`."""
+  def _embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token embeddings, plus learned position embeddings where the family has them."""
+    x = self.embed_tokens(input_ids)
+    if self.embed_scale is not None:
+      # Gemma: the scale rounded to the embeddings' dtype first, as in transformers.
+      x = x * jnp.asarray(self.embed_scale, x.dtype)
+    return x if self.embed_positions is None else x + self.embed_positions(positions)
+
+  def _rotations(self, positions: jax.Array) -> list[tuple[jax.Array | None, ...]]:
+    """Each layer's (cos, sin) for `positions`; (None, None) without rotary embeddings."""
+    if not self.ropes:
+      return [(None, None)] * len(self.layer_ropes)
     angles = [rope(positions) for rope in self.ropes]
     return [angles[index] for index in self.layer_ropes]
 
@@ -699,7 +805,13 @@ class Decoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:
-    x = self._embed(input_ids)
+    # Positions never exceed a row's length; a lookup past the table would not fail.
+    if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
+      raise ConfigError(f"rows of {input_ids.shape[1]} tokens, but the decoder's position "
+                        f"table (max_position_embeddings) has {self.max_positions} "
+                        f"positions: set config.data.max_length to at most "
+                        f"{self.max_positions}")
+    x = self._embed(input_ids, positions)
     rotations = self._rotations(positions)
     # [B, 1, L, L]: same segment; `is_causal` adds the causal part. The diagonal is
     # always kept, so padding rows attend to themselves and never produce NaNs.
@@ -726,7 +838,7 @@ class Decoder(nnx.Module):
     Returns:
       (hidden [B, L, hidden] after the final norm, updated cache).
     """
-    x = self._embed(input_ids)
+    x = self._embed(input_ids, positions)
     rotations = self._rotations(positions)
     length = input_ids.shape[1]
     slot_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool), (0, cache.index))
