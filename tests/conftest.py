@@ -106,6 +106,42 @@ def tensorboard_scalars(workdir):
   return sorted(scalars)
 
 
+def save_perturbed(model_class, config, folder):
+  """Builds a transformers `model_class` of `config`, moves every weight (LayerNorms and
+  biases included) away from its initial value, seeded, and saves it to `folder`.
+
+  Returns:
+    The model, in eval mode.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = model_class(config).eval()
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.add_(0.1 * torch.randn_like(parameter))
+  model.save_pretrained(folder)
+  return model
+
+
+def fine_tuned_export(model, params, model_config, out_dir, class_names=("a", "b", "c")):
+  """Moves every parameter (as fine-tuning would) and writes the merged Hugging Face
+  export of `model_config`'s format to `out_dir`.
+
+  Returns:
+    (the moved parameters, the exported tensor names).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ftjax import models, param_groups  # pylint: disable=g-import-not-at-top
+  from ftjax.hub import export  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  params = param_groups.map_with_path(
+      lambda _, x: np.asarray(x) + 0.05 * rng.normal(size=x.shape).astype(np.float32), params)
+  source, name_map, extra = models.hf_format(model_config)
+  names = export.save_merged(model.module(params), str(out_dir), source_dir=source,
+                             name_map=name_map, extra=extra, class_names=class_names)
+  return params, names
+
+
 def pytest_terminal_summary(terminalreporter):
   """Counts the fault harness's SIGKILLs by the phase of the run they hit (the tests
   record them as the `sigkill_phases` property, which pytest-xdist passes on)."""

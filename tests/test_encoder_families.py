@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import fine_tuned_export, save_perturbed
 
 from ftjax import models, param_groups, sharding
 from ftjax.errors import ConfigError
-from ftjax.hub import export
 
 SUPPORTED = "['bert', 'distilbert', 'electra', 'roberta', 'xlm-roberta']"
 _SIZES = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -48,13 +48,7 @@ def _save_random(model_type, folder, **overrides):
   config = make_config()
   for key, value in overrides.items():
     setattr(config, key, value)
-  torch.manual_seed(0)
-  model = model_class(config).eval()
-  with torch.no_grad():
-    for parameter in model.parameters():
-      parameter.add_(0.1 * torch.randn_like(parameter))
-  model.save_pretrained(folder)
-  return model
+  return save_perturbed(model_class, config, folder)
 
 
 def _padded_inputs(pad_token_id):
@@ -181,12 +175,7 @@ def test_merged_export_loads_in_the_family_s_transformers_class(tmp_path, model_
   source_model = _save_random(model_type, tmp_path / "source")
   config = _model_config(tmp_path / "source")
   model, params = models.create(config, seed=0)
-  rng = np.random.default_rng(1)  # every weight moved, as by fine-tuning
-  params = param_groups.map_with_path(
-      lambda _, x: np.asarray(x) + 0.05 * rng.normal(size=x.shape).astype(np.float32), params)
-  source, name_map, extra = models.hf_format(config)
-  names = export.save_merged(model.module(params), str(tmp_path / "out"), source_dir=source,
-                             name_map=name_map, extra=extra, class_names=("a", "b", "c"))
+  params, names = fine_tuned_export(model, params, config, tmp_path / "out")
   ids, mask = _padded_inputs(source_model.config.pad_token_id)
   exported = FAMILIES[model_type][1].from_pretrained(tmp_path / "out").eval()
   np.testing.assert_allclose(_torch_hidden(exported, ids, mask),

@@ -19,9 +19,10 @@ from ftjax.hub import deberta as deberta_hub
 from ftjax.hub import gguf as gguf_hub
 from ftjax.hub import llama as llama_hub
 from ftjax.hub import loading, safetensors_io
+from ftjax.hub import modernbert as modernbert_hub
 from ftjax.hub import vision as vision_hub
 from ftjax.hub import vit as vit_hub
-from ftjax.models import batch_norm, bert, heads, hf_config, llama, mobilenet, vit
+from ftjax.models import batch_norm, bert, heads, hf_config, llama, mobilenet, modernbert, vit
 from ftjax.models import deberta
 
 
@@ -193,6 +194,37 @@ def _deberta_classifier(config: ml_collections.ConfigDict):
                              head="head/.*"), deberta.PARAM_AXES
 
 
+def _modernbert_classifier(config: ml_collections.ConfigDict):
+  """A ModernBERT encoder with ModernBertForSequenceClassification's head, from a
+  Hugging Face folder (the head loaded where its checkpoint has one) or `config.arch`."""
+  directory = assets.model_dir(config.pretrained) if config.pretrained else ""
+  if directory:
+    source = os.path.join(directory, "config.json")
+    arch = modernbert.ModernBertConfig.from_json(source)
+  else:
+    source = "config.model.arch"
+    raw = ml_collections.ConfigDict(config.arch).to_dict()
+    arch = modernbert.ModernBertConfig.from_dict(
+        {"classifier_pooling": config.pooling, **raw}, source)
+  if arch.classifier_pooling != config.pooling:
+    raise ConfigError(f"{source}: classifier_pooling={arch.classifier_pooling!r}, but "
+                      f"config.model.pooling={config.pooling!r}: a ModernBERT classifier "
+                      "pools as its config says (so do transformers and a merged export); "
+                      f"set config.model.pooling={arch.classifier_pooling!r}, or "
+                      f"classifier_pooling in {source}")
+
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return modernbert.SequenceClassifier(arch, num_classes=config.num_classes,
+                                         head_init=config.head_init, rngs=rngs)
+
+  def load(params):
+    return (modernbert_hub.load_pretrained_into(params, directory, config.dont_load)
+            if directory else params)
+
+  return build, load, Layout(embeddings="encoder/embeddings/.*", block="encoder/layers/{}",
+                             head="head/.*|classifier/.*"), modernbert.PARAM_AXES
+
+
 def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
   """A Llama-family decoder from a checkpoint folder, a GGUF file or `config.arch`: a
   language model, or with `classifier` a sequence classifier of `config.num_classes`."""
@@ -289,6 +321,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
     "decoder_classifier": _decoder_classifier,
     "llama_lm": _llama_lm,
     "mobilenet_v2": _convnet,
+    "modernbert_classifier": _modernbert_classifier,
     "efficientnet_lite0": _convnet,
     "vit": _vit,
 }
@@ -296,6 +329,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
 # rows) or "image".
 INPUTS = {"bert_classifier": "text", "deberta_classifier": "text",
           "decoder_classifier": "text", "llama_lm": "tokens",
+          "modernbert_classifier": "text",
           "mobilenet_v2": "image", "efficientnet_lite0": "image", "vit": "image"}
 
 
@@ -336,13 +370,16 @@ def resolve_name(config: ml_collections.ConfigDict, task: str) -> str:
   model_type, where = _model_type(config)
   if model_type in bert.FAMILIES:
     return "bert_classifier"
+  if model_type == modernbert.MODEL_TYPE:
+    return "modernbert_classifier"
   if model_type in deberta.MODEL_TYPES:
     return "deberta_classifier"
   if model_type in llama.FAMILIES:
     return "llama_lm" if task == "causal_lm" else "decoder_classifier"
   if model_type == "vit":
     return "vit"
-  supported = sorted([*bert.FAMILIES, *deberta.MODEL_TYPES, *llama.FAMILIES, "vit"])
+  supported = sorted([*bert.FAMILIES, *deberta.MODEL_TYPES, *llama.FAMILIES,
+                      modernbert.MODEL_TYPE, "vit"])
   raise ConfigError(f"{where}: model_type={model_type!r}: config.model.name={AUTO!r} knows "
                     f"no model for it; supported model types: {supported}")
 
@@ -366,6 +403,7 @@ _HF_FORMATS = {
     "deberta_classifier": (deberta_hub.hf_name_to_path, deberta_hub.EXPORT_EXTRA),
     "llama_lm": (llama_hub.hf_name_to_path, llama_hub.EXPORT_EXTRA),
     "decoder_classifier": (llama_hub.hf_name_to_path, llama_hub.CLASSIFIER_EXPORT_EXTRA),
+    "modernbert_classifier": (modernbert_hub.hf_name_to_path, modernbert_hub.EXPORT_EXTRA),
     "vit": (vit_hub.hf_name_to_path, vit_hub.EXPORT_EXTRA),
 }
 

@@ -211,6 +211,21 @@ class Embeddings(nnx.Module):
     return self.projection(x) if hasattr(self, "projection") else x
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, dropout: nnx.Dropout, *,
+           deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+  """Softmax attention of queries [B, L, heads, d] to keys and values [B, S, heads, d]
+  where `keep` [B, 1, L or 1, S] allows, `dropout` applied to the probabilities.
+
+  Masked keys get the dtype's lowest score, as in the reference implementations (a
+  query that may see no key attends uniformly rather than yielding NaN).
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  probs = dropout(probs, deterministic=deterministic, rngs=rngs)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class SelfAttention(nnx.Module):
   """Bidirectional multi-head self-attention with a padding mask."""
 
@@ -231,14 +246,9 @@ class SelfAttention(nnx.Module):
       return y.reshape(batch, length, self.num_heads, head_dim)
 
     q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
-    # Padding keys get the dtype's lowest value, as in the reference implementation.
     keep = attention_mask[:, None, None, :].astype(bool)
-    logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-    probs = self.dropout(probs, deterministic=deterministic, rngs=rngs)
-    context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, hidden)
-    return self.output(context)
+    context = attend(q, k, v, keep, self.dropout, deterministic=deterministic, rngs=rngs)
+    return self.output(context.reshape(batch, length, hidden))
 
 
 class EncoderLayer(nnx.Module):
