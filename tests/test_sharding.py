@@ -204,12 +204,21 @@ def _reference_cache():
 
 
 # Decoder families other than Llama, on the debug config's tiny architecture: Gemma 3
-# (sandwich norms, q/k norms, local and global layers) and Phi-3 (fused projections).
+# (sandwich norms, q/k norms, local and global layers), Phi-3 (fused projections) and
+# GPT-2 (LayerNorms, learned positions, a plain MLP, biases).
 _DECODER_ARCHS = {
     "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=16,
                    sliding_window_pattern=2, query_pre_attn_scalar=16),
     "phi3": dict(model_type="phi3", sliding_window=16),
+    "gpt2": dict(model_type="gpt2"),
 }
+# An encoder family other than BERT: a random RoBERTa (positions after the padding token)
+# reading MiniLM's tokenizer.
+_ROBERTA = {"model.pretrained": "", "data.tokenizer": "minilm-l6",
+            "model.arch": dict(model_type="roberta", vocab_size=30522, hidden_size=32,
+                               num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=40,
+                               type_vocab_size=1, pad_token_id=0)}
 
 
 def _case_id(case):
@@ -219,13 +228,16 @@ def _case_id(case):
 
 @pytest.mark.parametrize("case", [(model, mesh) for model in ("bert", "llama")
                                   for mesh in MESHES]
-                         + [(model, dict(fsdp=4, tensor=2)) for model in _DECODER_ARCHS],
+                         + [(model, dict(fsdp=4, tensor=2))
+                            for model in [*_DECODER_ARCHS, "roberta"]],
                          ids=_case_id)
 def test_sharded_steps_equal_one_device(case, debug_config, llama_debug_config,
                                         _reference_cache):
   model, mesh_sizes = case
-  config = debug_config if model == "bert" else with_overrides(llama_debug_config,
-                                                               **{"peft.method": "full"})
+  if model in ("bert", "roberta"):
+    config = debug_config if model == "bert" else with_overrides(debug_config, **_ROBERTA)
+  else:
+    config = with_overrides(llama_debug_config, **{"peft.method": "full"})
   if model in _DECODER_ARCHS:
     config = with_overrides(config, **{"model.arch": {**config.model.arch.to_dict(),
                                                       **_DECODER_ARCHS[model]}})
@@ -249,7 +261,7 @@ def test_sharded_steps_equal_one_device(case, debug_config, llama_debug_config,
 
 def config_model_axes(model):
   from ftjax.models import bert, llama  # pylint: disable=g-import-not-at-top
-  return bert.PARAM_AXES if model == "bert" else llama.PARAM_AXES
+  return bert.PARAM_AXES if model in ("bert", "roberta") else llama.PARAM_AXES
 
 
 # --- a checkpoint written on one mesh resumes on another ----------------------------------

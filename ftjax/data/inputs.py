@@ -269,10 +269,11 @@ def _hf_disk_files(files: Sequence[str], settings: Sequence[str] = registry.FILE
 
 
 def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextTokenizer:
-  """The tokenizer file `config.data.tokenizer`, else the pretrained model's."""
-  pretrained = config.model.pretrained
-  path = config.data.tokenizer or os.path.join(
-      assets.model_dir(pretrained) if pretrained else "", "tokenizer.json")
+  """The tokenizer of `config.data.tokenizer` (a packaged model name, a folder or a
+  tokenizer.json file), else the pretrained model's."""
+  source = config.data.tokenizer or config.model.pretrained
+  path = source if os.path.isfile(source) else os.path.join(
+      assets.model_dir(source) if source else "", "tokenizer.json")
   return tokenizer_lib.load_tokenizer(path, config.data.max_length)
 
 
