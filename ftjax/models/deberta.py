@@ -253,15 +253,20 @@ class Embeddings(nnx.Module):
     self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
     self.dropout = nnx.Dropout(config.hidden_dropout_prob)
 
+  def _positions(self, length: int) -> jax.Array:
+    """0 .. length - 1; sequences longer than the table are refused (their length is
+    static when traced), since a lookup past it would be clamped."""
+    table = self.position_embeddings.num_embeddings
+    if length > table:
+      raise ConfigError(f"sequences of {length} tokens need {length} positions, but the "
+                        f"encoder's max_position_embeddings is {table}: set "
+                        f"config.data.max_length to at most {table}")
+    return jnp.arange(length)[None, :]
+
   def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic, rngs):
     x = self.word_embeddings(input_ids)
     if hasattr(self, "position_embeddings"):
-      table, length = self.position_embeddings.num_embeddings, input_ids.shape[-1]
-      if length > table:  # a lookup past the table would be clamped
-        raise ConfigError(f"sequences of {length} tokens need {length} positions, but the "
-                          f"encoder's max_position_embeddings is {table}: set "
-                          f"config.data.max_length to at most {table}")
-      x = x + self.position_embeddings(jnp.arange(length)[None, :])
+      x = x + self.position_embeddings(self._positions(input_ids.shape[-1]))
     if hasattr(self, "token_type_embeddings"):
       x = x + self.token_type_embeddings(token_type_ids)
     if hasattr(self, "projection"):
