@@ -50,6 +50,17 @@ def _save_random(folder, model_class=transformers.DebertaV2Model, **overrides):
   return model
 
 
+def _save_tokenizer(folder):
+  """A DeBERTa-v3 tokenizer (a sentencepiece unigram vocabulary) saved by transformers,
+  which writes the tokenizer.json that ftjax reads."""
+  pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "▁", "▁ticket", "▁about",
+            "▁billing", "▁tech", "▁sales", *"0123456789"]
+  tokenizer = transformers.DebertaV2Tokenizer(vocab=[(p, 0.0 if p[0] == "[" else -1.0)
+                                                     for p in pieces])
+  tokenizer.save_pretrained(folder)
+  return tokenizer
+
+
 def _model_config(pretrained, **overrides):
   values = dict(name="deberta_classifier", pretrained=str(pretrained), num_classes=3,
                 pooling="mean", head_init="zeros", dont_load=[])
@@ -130,6 +141,7 @@ def test_a_sequence_classification_checkpoint_loads_without_its_pooler(tmp_path)
 def test_merged_export_loads_as_debertav2model(tmp_path, variant):
   _save_random(tmp_path / "source", transformers.DebertaV2ForSequenceClassification,
                **VARIANTS[variant])
+  tokenizer = _save_tokenizer(tmp_path / "source")
   config = _model_config(tmp_path / "source")
   model, params = models.create(config, seed=0)
   params = _perturbed(params)  # every weight moved, as by fine-tuning
@@ -138,6 +150,9 @@ def test_merged_export_loads_as_debertav2model(tmp_path, variant):
                              name_map=name_map, extra=extra, class_names=("a", "b", "c"))
   assert not any(name.startswith(("classifier", "pooler")) for name in names)
   exported = transformers.DebertaV2Model.from_pretrained(tmp_path / "out").eval()
+  text = "ticket 7 about sales"
+  assert (transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text)["input_ids"]
+          == tokenizer(text)["input_ids"])
   ids, mask, types = _inputs()
   np.testing.assert_allclose(_torch_hidden(exported, ids, mask, types),
                              _ftjax_hidden(model, params, ids, mask, types), atol=1e-4, rtol=0)
@@ -210,17 +225,6 @@ def test_axes_layout_and_adapters_cover_deberta_s_own_parameters(tmp_path, debug
   ids, mask, types = _inputs()
   np.testing.assert_allclose(_ftjax_hidden(adapted, adapted_params, ids, mask, types),
                              _ftjax_hidden(model, params, ids, mask, types), atol=1e-6)
-
-
-def _save_tokenizer(folder):
-  """A DeBERTa-v3 tokenizer (a sentencepiece unigram vocabulary) saved by transformers,
-  which writes the tokenizer.json that ftjax reads."""
-  pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "▁", "▁ticket", "▁about",
-            "▁billing", "▁tech", "▁sales", *"0123456789"]
-  tokenizer = transformers.DebertaV2Tokenizer(vocab=[(p, 0.0 if p[0] == "[" else -1.0)
-                                                     for p in pieces])
-  tokenizer.save_pretrained(folder)
-  return tokenizer
 
 
 def test_a_deberta_folder_trains_with_its_own_tokenizer(tmp_path, debug_config):

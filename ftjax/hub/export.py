@@ -34,7 +34,7 @@ from ftjax.peft import lora
 
 # Files copied next to an exported model so that tokenizer and config load with it.
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.txt")
+               "special_tokens_map.json", "vocab.txt", "spm.model")
 
 # {ftjax path: (name, transform)} for parameters the checkpoint lacks; None for one the
 # checkpoint's format has no place for, which the export leaves out.
