@@ -14,7 +14,7 @@ import transformers
 from conftest import ONE_DEVICE, with_overrides
 from ftjax import models, param_groups, sharding, trainer
 from ftjax.data.tokenizer import load_tokenizer
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, DataError
 from ftjax.hub import export
 from ftjax.models import deberta
 from ftjax.peft import methods
@@ -225,6 +225,15 @@ def test_axes_layout_and_adapters_cover_deberta_s_own_parameters(tmp_path, debug
   ids, mask, types = _inputs()
   np.testing.assert_allclose(_ftjax_hidden(adapted, adapted_params, ids, mask, types),
                              _ftjax_hidden(model, params, ids, mask, types), atol=1e-6)
+
+
+def test_a_folder_with_only_a_sentencepiece_model_says_how_to_write_tokenizer_json(tmp_path):
+  (tmp_path / "spm.model").write_bytes(b"")
+  with pytest.raises(DataError, match=re.escape(
+      f"{tmp_path}/tokenizer.json: tokenizer file not found; {tmp_path} has a sentencepiece "
+      "spm.model: write its tokenizer.json with transformers: "
+      "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)")):
+    load_tokenizer(str(tmp_path / "tokenizer.json"), 16)
 
 
 def test_a_deberta_folder_trains_with_its_own_tokenizer(tmp_path, debug_config):

@@ -89,7 +89,12 @@ def load_tokenizer(path: str, max_length: int) -> TextTokenizer:
   if max_length < 2:
     raise DataError(f"{path}: max_length must be at least 2, got {max_length}")
   if not os.path.isfile(path):
-    raise DataError(f"{path}: tokenizer file not found")
+    folder = os.path.dirname(path)
+    # A DeBERTa-v3 folder as published holds the sentencepiece model only.
+    hint = (f"; {folder} has a sentencepiece spm.model: write its tokenizer.json with "
+            "transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
+            if os.path.isfile(os.path.join(folder, "spm.model")) else "")
+    raise DataError(f"{path}: tokenizer file not found{hint}")
   try:
     tokenizer = tokenizers.Tokenizer.from_file(path)
   except Exception as e:  # The Rust loader raises a bare Exception.
