@@ -181,7 +181,8 @@ def test_auto_and_arch(tmp_path):
 
 
 @pytest.mark.parametrize("model_class", [transformers.ModernBertModel,
-                                         transformers.ModernBertForMaskedLM])
+                                         transformers.ModernBertForMaskedLM,
+                                         transformers.ModernBertForSequenceClassification])
 def test_merged_export_loads_as_a_transformers_sequence_classifier(tmp_path, model_class):
   _save_random(tmp_path / "source", model_class)
   config = _model_config(tmp_path / "source")

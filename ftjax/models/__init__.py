@@ -425,7 +425,8 @@ SCHEMA = schema.Section("model", "The network: its family, checkpoint and new he
                        "(used when `pretrained` is empty)", free=True),
     "num_classes": schema.Key(0, "classes of the new head (0: as many as the data has)",
                               rule=_class_count_problem),
-    "pooling": schema.Key("mean", "encoder classifiers: how token states become one vector",
+    "pooling": schema.Key("mean", "encoder classifiers: how token states become one vector "
+                          "(ModernBERT: its config.json's classifier_pooling)",
                           choices=bert.POOLINGS),
     "head_init": schema.Key("zeros", "how a new head's kernel starts", choices=heads.HEAD_INITS),
     "dont_load": schema.Key((), "regexes of parameters not taken from the checkpoint (a "
