@@ -219,6 +219,15 @@ _ROBERTA = {"model.pretrained": "", "data.tokenizer": "minilm-l6",
                                num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64, max_position_embeddings=40,
                                type_vocab_size=1, pad_token_id=0)}
+# DeBERTa-v3's attention: relative positions in log buckets through the shared projections.
+_DEBERTA = {"model.name": "deberta_classifier", "model.pretrained": "",
+            "data.tokenizer": "minilm-l6",
+            "model.arch": dict(model_type="deberta-v2", vocab_size=30522, hidden_size=32,
+                               num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, relative_attention=True,
+                               position_buckets=8, norm_rel_ebd="layer_norm",
+                               share_att_key=True, pos_att_type="p2c|c2p",
+                               position_biased_input=False)}
 
 
 def _case_id(case):
@@ -229,13 +238,14 @@ def _case_id(case):
 @pytest.mark.parametrize("case", [(model, mesh) for model in ("bert", "llama")
                                   for mesh in MESHES]
                          + [(model, dict(fsdp=4, tensor=2))
-                            for model in [*_DECODER_ARCHS, "roberta"]],
+                            for model in [*_DECODER_ARCHS, "roberta", "deberta"]],
                          ids=_case_id)
 def test_sharded_steps_equal_one_device(case, debug_config, llama_debug_config,
                                         _reference_cache):
   model, mesh_sizes = case
-  if model in ("bert", "roberta"):
-    config = debug_config if model == "bert" else with_overrides(debug_config, **_ROBERTA)
+  if model in ("bert", "roberta", "deberta"):
+    config = debug_config if model == "bert" else with_overrides(
+        debug_config, **(_ROBERTA if model == "roberta" else _DEBERTA))
   else:
     config = with_overrides(llama_debug_config, **{"peft.method": "full"})
   if model in _DECODER_ARCHS:
@@ -260,7 +270,9 @@ def test_sharded_steps_equal_one_device(case, debug_config, llama_debug_config,
 
 
 def config_model_axes(model):
-  from ftjax.models import bert, llama  # pylint: disable=g-import-not-at-top
+  from ftjax.models import bert, deberta, llama  # pylint: disable=g-import-not-at-top
+  if model == "deberta":
+    return deberta.PARAM_AXES
   return bert.PARAM_AXES if model in ("bert", "roberta") else llama.PARAM_AXES
 
 
