@@ -337,7 +337,8 @@ def _assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None
                  r"config.task='causal_lm'", id="text_classification_data_for_causal_lm"),
     pytest.param({"data.name": "fashion_mnist"}, ConfigError, r"config.data.name="
                  r"'fashion_mnist' is image data, but config.model.name='bert_classifier' reads "
-                 r"text; models for it: \['efficientnet_lite0', 'mobilenet_v2', 'vit'\]", id="image_data_for_a_text_config"),
+                 r"text; models for it: \['convnext', 'efficientnet_lite0', 'mobilenet_v2', 'resnet', "
+                 r"'vit'\]", id="image_data_for_a_text_config"),
     pytest.param({"task": "regression"}, ConfigError, r"config.task='regression': must be one "
                  r"of \['classification', 'causal_lm'\]", id="unknown_task"),
     pytest.param({"model.name": "bert"}, ConfigError, r"config.model.name='bert': must be "

@@ -98,8 +98,8 @@ def test_config_is_locked_against_new_keys():
     ("freeze", "all_but_head", "config.peft.method and config.freeze choose different"),
     ("regularizer.kind", "ewc", "regularizer.strength=0.0: must be > 0"),
     ("data.name", "fashion_mnist", "'fashion_mnist' is image data, but config.model.name="
-     "'bert_classifier' reads text; models for it: \\['efficientnet_lite0', 'mobilenet_v2', "
-     "'vit'\\]"),
+     "'bert_classifier' reads text; models for it: \\['convnext', 'efficientnet_lite0', "
+     "'mobilenet_v2', 'resnet', 'vit'\\]"),
 ])
 def test_validate_names_the_bad_value(key, value, match):
   overrides = {key: value}

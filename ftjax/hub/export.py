@@ -51,8 +51,8 @@ def _source_tensors(source_dir: str) -> dict[str, np.ndarray]:
 def _names_by_path(source_dir: str, name_map: loading.NameMap) -> dict[str, tuple[str, Any]]:
   """{ftjax path: (checkpoint name, transform back)} for every mapped source tensor.
 
-  Name-map transforms are identities or transposes, so each is its own inverse;
-  this is checked on the source tensor.
+  The transform back is `loading.inverse` of the name map's; that it restores the
+  source tensor is checked.
   """
   result = {}
   for name, array in _source_tensors(source_dir).items():
@@ -60,15 +60,17 @@ def _names_by_path(source_dir: str, name_map: loading.NameMap) -> dict[str, tupl
     if target is None:
       continue
     path, transform = target
-    if not np.array_equal(transform(transform(array)), array):
-      raise WeightsError(f"the transform of {name!r} is not its own inverse; cannot export")
-    result[path] = (name, transform)
+    back = loading.inverse(transform)
+    if not np.array_equal(back(transform(array)), array):
+      raise WeightsError(f"the transform of {name!r} has no known inverse; cannot export")
+    result[path] = (name, back)
   return result
 
 
 def _plain_params(module: nnx.Module) -> dict[str, np.ndarray]:
-  return {p: np.asarray(v) for p, v in
-          param_groups.flatten(nnx.to_pure_dict(nnx.state(module, nnx.Param))).items()}
+  """Parameters and BatchNorm running statistics (which a checkpoint holds too)."""
+  state = nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat))
+  return {p: np.asarray(v) for p, v in param_groups.flatten(nnx.to_pure_dict(state)).items()}
 
 
 def _copy_side_files(source_dir: str, out_dir: str) -> None:

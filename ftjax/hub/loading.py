@@ -35,6 +35,44 @@ def conv_kernel(x: np.ndarray) -> np.ndarray:
   return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
 
 
+def conv_weight(x: np.ndarray) -> np.ndarray:
+  """A Flax kernel [kh, kw, in, out] as a PyTorch convolution weight [out, in, kh, kw]."""
+  return x.transpose(3, 2, 0, 1) if x.ndim == 4 else x
+
+
+def any_conv_kernel(x: np.ndarray) -> np.ndarray:
+  """A PyTorch convolution weight as the kernel of the layer ftjax builds for it: a 1x1
+  convolution [out, in, 1, 1] is an `nnx.Linear` over the channels ([in, out]), a larger
+  one an `nnx.Conv` ([kh, kw, in, out]). A checkpoint whose kernel size differs from the
+  model's so gives a tensor of the wrong rank, which `load_tensors` reports."""
+  if x.ndim == 4 and x.shape[2:] == (1, 1):
+    return x[:, :, 0, 0].T
+  return conv_kernel(x)
+
+
+def any_conv_weight(x: np.ndarray) -> np.ndarray:
+  """The PyTorch convolution weight of an `any_conv_kernel` kernel."""
+  return x.T[:, :, None, None] if x.ndim == 2 else conv_weight(x)
+
+
+# What an export applies to write a parameter back under its checkpoint name: the
+# inverse of the transform it was loaded with; the others here are their own inverses.
+_INVERSES: dict[Transform, Transform] = {conv_kernel: conv_weight,
+                                         any_conv_kernel: any_conv_weight}
+
+
+def inverse(transform: Transform) -> Transform:
+  """The transform that undoes `transform` (one of this module's)."""
+  return _INVERSES.get(transform, transform)
+
+
+def batch_norm_rules(prefix: str, path: str) -> list[tuple[str, str, Transform]]:
+  """Rules for a PyTorch BatchNorm2d at checkpoint-name regex `prefix` -> the ftjax
+  `BatchNorm` at `path` (`num_batches_tracked` has no place: it maps to nothing)."""
+  names = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+  return [(rf"{prefix}\.{name}", f"{path}/{ours}", identity) for name, ours in names.items()]
+
+
 def rename(name: str, rules: Rules) -> tuple[str, Transform] | None:
   """The ftjax path and transform of the first rule whose regex fully matches `name`."""
   for pattern, template, transform in rules:
@@ -112,3 +150,31 @@ def load_tensors(params: Any, tensors: dict[str, np.ndarray], name_map: NameMap,
   logging.info("%s: %s", source, report.summary())
   new = param_groups.map_with_path(lambda p, x: values.get(p, x), params)
   return new, report
+
+
+def load_every_tensor(params: Any, tensors: dict[str, np.ndarray], name_map: NameMap, *,
+                      source: str, dont_load: Sequence[str] = (),
+                      unused: str = r"(.*\.)?num_batches_tracked") -> Any:
+  """`load_tensors`, also refusing checkpoint tensors that fill no parameter.
+
+  A checkpoint of a deeper network than the model's architecture would otherwise
+  load in part, its extra blocks silently dropped.
+
+  Args:
+    unused: a regex of checkpoint tensors the model does without (counters).
+
+  Returns:
+    The updated parameter tree.
+
+  Raises:
+    WeightsError: as `load_tensors`, and for checkpoint tensors that are not `unused`
+      and have no parameter, naming them.
+  """
+  params, report = load_tensors(params, tensors, name_map, source=source, dont_load=dont_load)
+  extra = [name for name in report.unexpected if not re.fullmatch(unused, name)]
+  if extra:
+    raise WeightsError(f"{source}: checkpoint tensors {extra[:10]}"
+                       f"{' ...' if len(extra) > 10 else ''} ({len(extra)} in all) have no "
+                       "parameter in the model: the checkpoint is not of the model's "
+                       "architecture")
+  return params

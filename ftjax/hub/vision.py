@@ -50,11 +50,7 @@ def _pointwise(x: np.ndarray) -> np.ndarray:
   return x.reshape(x.shape[0], -1).T if x.ndim == 4 else x
 
 
-def _batch_norm(prefix: str, path: str) -> list[tuple[str, str, loading.Transform]]:
-  """Rules for a BatchNorm2d at checkpoint-name regex `prefix` -> ftjax `path`."""
-  names = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
-  return [(rf"{prefix}\.{name}", f"{path}/{ours}", loading.identity)
-          for name, ours in names.items()]
+_batch_norm = loading.batch_norm_rules
 
 
 def _torchvision_rules(arch: mobilenet.ConvNetConfig) -> list[tuple[str, str, loading.Transform]]:

@@ -18,12 +18,14 @@ from ftjax.hub import bert as bert_hub
 from ftjax.hub import deberta as deberta_hub
 from ftjax.hub import gguf as gguf_hub
 from ftjax.hub import llama as llama_hub
+from ftjax.hub import convnext as convnext_hub
 from ftjax.hub import loading, safetensors_io
+from ftjax.hub import resnet as resnet_hub
 from ftjax.hub import modernbert as modernbert_hub
 from ftjax.hub import vision as vision_hub
 from ftjax.hub import vit as vit_hub
 from ftjax.models import batch_norm, bert, heads, hf_config, llama, mobilenet, modernbert, vit
-from ftjax.models import deberta
+from ftjax.models import convnext, deberta, resnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +317,27 @@ def _vit(config: ml_collections.ConfigDict):
                              head="head/.*"), vit.PARAM_AXES
 
 
+def _stage_convnet(config: ml_collections.ConfigDict, module: Any, hub: Any):
+  """A ResNet or ConvNeXt (`module`, its checkpoints read by `hub`) from a Hugging Face
+  folder, a torchvision state dict (ResNet; the architecture from `config.arch`) or
+  random weights of `config.arch`. Its stages are the layout's blocks."""
+  arch = hub.model_config(config.pretrained, ml_collections.ConfigDict(config.arch).to_dict())
+
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return module.ImageClassifier(arch, config.num_classes, head_init=config.head_init,
+                                  rngs=rngs)
+
+  def load(params):
+    return (hub.load_pretrained_into(params, config.pretrained, config.dont_load)
+            if config.pretrained else params)
+
+  return build, load, Layout(embeddings="stem/.*", block="stages/{}",
+                             head="head/.*"), module.param_axes(arch)
+
+
 _REGISTRY: dict[str, Callable[..., Any]] = {
+    "convnext": lambda config: _stage_convnet(config, convnext, convnext_hub),
+    "resnet": lambda config: _stage_convnet(config, resnet, resnet_hub),
     "bert_classifier": _bert_classifier,
     "deberta_classifier": _deberta_classifier,
     "decoder_classifier": _decoder_classifier,
@@ -330,6 +352,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
 INPUTS = {"bert_classifier": "text", "deberta_classifier": "text",
           "decoder_classifier": "text", "llama_lm": "tokens",
           "modernbert_classifier": "text",
+          "resnet": "image", "convnext": "image",
           "mobilenet_v2": "image", "efficientnet_lite0": "image", "vit": "image"}
 
 
@@ -351,6 +374,10 @@ def _model_type(config: ml_collections.ConfigDict) -> tuple[str, str]:
   raise ConfigError(f"config.model.name={AUTO!r} reads the model family from a Hugging Face "
                     f"folder's config.json, and {directory} has none; name the model "
                     f"(config.model.name, one of {sorted(_REGISTRY)})")
+
+
+# Image families whose `model_type` is the name of the model reading them.
+_IMAGE_FAMILIES = ("vit", "resnet", "convnext")
 
 
 def resolve_name(config: ml_collections.ConfigDict, task: str) -> str:
@@ -376,10 +403,10 @@ def resolve_name(config: ml_collections.ConfigDict, task: str) -> str:
     return "deberta_classifier"
   if model_type in llama.FAMILIES:
     return "llama_lm" if task == "causal_lm" else "decoder_classifier"
-  if model_type == "vit":
-    return "vit"
+  if model_type in _IMAGE_FAMILIES:
+    return model_type
   supported = sorted([*bert.FAMILIES, *deberta.MODEL_TYPES, *llama.FAMILIES,
-                      modernbert.MODEL_TYPE, "vit"])
+                      modernbert.MODEL_TYPE, *_IMAGE_FAMILIES])
   raise ConfigError(f"{where}: model_type={model_type!r}: config.model.name={AUTO!r} knows "
                     f"no model for it; supported model types: {supported}")
 
@@ -405,6 +432,8 @@ _HF_FORMATS = {
     "decoder_classifier": (llama_hub.hf_name_to_path, llama_hub.CLASSIFIER_EXPORT_EXTRA),
     "modernbert_classifier": (modernbert_hub.hf_name_to_path, modernbert_hub.EXPORT_EXTRA),
     "vit": (vit_hub.hf_name_to_path, vit_hub.EXPORT_EXTRA),
+    "resnet": (resnet_hub.hf_name_to_path, resnet_hub.EXPORT_EXTRA),
+    "convnext": (convnext_hub.hf_name_to_path, convnext_hub.EXPORT_EXTRA),
 }
 
 
