@@ -142,6 +142,21 @@ def fine_tuned_export(model, params, model_config, out_dir, class_names=("a", "b
   return params, names
 
 
+def ticket_run_config(debug_config, folder, tmp_path, **overrides):
+  """The debug config on a 30-row CSV of three queues ("ticket 4 about tech" -> tech),
+  classified by model.name=auto from the checkpoint `folder` (tokenizer included)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  rows = [(f"ticket {i} about {queue}", queue)
+          for i, queue in enumerate(["billing", "tech", "sales"] * 10)]
+  with open(tmp_path / "t.csv", "w", newline="") as f:
+    csv.writer(f).writerows([("body", "queue"), *rows])
+  return with_overrides(debug_config, **{
+      "model.name": "auto", "model.pretrained": str(folder), "model.num_classes": 0,
+      "data.name": "csv", "data.files.train": str(tmp_path / "t.csv"),
+      "data.columns.text": "body", "data.columns.label": "queue",
+      "data.data_dir": str(tmp_path / "tfds"), **overrides})
+
+
 def pytest_terminal_summary(terminalreporter):
   """Counts the fault harness's SIGKILLs by the phase of the run they hit (the tests
   record them as the `sigkill_phases` property, which pytest-xdist passes on)."""

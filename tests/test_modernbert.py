@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
-from conftest import fine_tuned_export, save_perturbed
+from conftest import ONE_DEVICE, fine_tuned_export, save_perturbed, ticket_run_config
 
 from ftjax import config as config_lib
-from ftjax import models, param_groups, sharding
+from ftjax import models, param_groups, sharding, trainer
 from ftjax.errors import ConfigError
 from ftjax.peft import methods
 
@@ -248,3 +249,29 @@ def test_sharded_logits_equal_one_device(tmp_path):
     logits = jax.jit(lambda p, b: model.apply(p, b, train=False))(
         placed, jax.device_put(batch, sharding.batch_sharding(mesh, rules)))
   np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+
+
+def _save_tokenizer(folder):
+  """A word-level tokenizer.json ([CLS] text [SEP], [PAD] = 0) within the tiny vocabulary."""
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "ticket", "about", "billing", "tech", "sales",
+           *map(str, range(30))]
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+  tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def test_a_modernbert_folder_trains_with_lora_on_its_fused_projections(tmp_path, debug_config):
+  """A run from a ModernBertModel folder and its tokenizer: auto picks the model, the
+  text pipeline feeds it, the new head and the adapters learn."""
+  folder = tmp_path / "model"
+  _save_random(folder, transformers.ModernBertModel, classifier_pooling="mean")
+  _save_tokenizer(folder)
+  config = ticket_run_config(debug_config, folder, tmp_path, **{
+      "peft.method": "lora", "peft.target": r".*/(Wqkv|Wi|Wo)/kernel"})
+  final = trainer.run(config, str(tmp_path / "run"), devices=ONE_DEVICE)
+  assert final["validation"]["loss"] < np.log(3)  # below the zero head's
+  recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert recorded["model"]["name"] == "modernbert_classifier"
