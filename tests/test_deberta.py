@@ -7,6 +7,7 @@ import re
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
@@ -17,7 +18,7 @@ from ftjax.data.tokenizer import load_tokenizer
 from ftjax.errors import ConfigError, DataError
 from ftjax.hub import export
 from ftjax.models import deberta
-from ftjax.peft import methods
+from ftjax.peft import lora, methods
 
 # microsoft/deberta-v3-*'s options at a tiny size: relative attention in 8 log buckets
 # (distances beyond 4 share them), a normalised position table shared through the
@@ -225,6 +226,29 @@ def test_axes_layout_and_adapters_cover_deberta_s_own_parameters(tmp_path, debug
   ids, mask, types = _inputs()
   np.testing.assert_allclose(_ftjax_hidden(adapted, adapted_params, ids, mask, types),
                              _ftjax_hidden(model, params, ids, mask, types), atol=1e-6)
+
+
+def test_a_peft_adapter_export_reproduces_ftjax_in_peft(tmp_path, debug_config):
+  """LoRA on the query projection that, with share_att_key, projects the relative
+  positions too: PEFT's adapter on query_proj does the same."""
+  base = _save_random(tmp_path)
+  config = with_overrides(debug_config, **{"peft.method": "lora"})
+  model, params = models.create(_model_config(tmp_path), seed=0)
+  model, params = methods.adapt(config, model, params, seed=0)
+  rng = np.random.default_rng(0)
+  params = param_groups.map_with_path(
+      lambda p, x: np.asarray(x) + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+      if "lora_" in p else x, params)
+  export.save_peft_adapter(model.module(params), str(tmp_path / "adapter"),
+                           spec=lora.LoraSpec.from_config(config.peft), source_dir=str(tmp_path),
+                           name_map=models.hf_format(_model_config(tmp_path))[1])
+  saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert saved["target_modules"] == ["query_proj", "value_proj"]
+  ids, mask, types = _inputs()
+  expected = _ftjax_hidden(model, params, ids, mask, types)
+  assert float(np.abs(_torch_hidden(base, ids, mask, types) - expected).max()) > 1e-3
+  adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+  np.testing.assert_allclose(_torch_hidden(adapted, ids, mask, types), expected, atol=1e-4)
 
 
 def test_a_folder_with_only_a_sentencepiece_model_says_how_to_write_tokenizer_json(tmp_path):
