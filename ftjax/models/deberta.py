@@ -138,8 +138,9 @@ class DebertaConfig(hf_config.HfConfig):
   @property
   def max_relative(self) -> int:
     """The largest relative distance told apart (before bucketing)."""
-    return self.max_relative_positions if self.max_relative_positions > 0 else \
-        self.max_position_embeddings
+    if self.max_relative_positions > 0:
+      return self.max_relative_positions
+    return self.max_position_embeddings
 
   @property
   def span(self) -> int:
