@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import peft
 import pytest
 import tokenizers
 import torch
@@ -17,7 +18,8 @@ from conftest import ONE_DEVICE, fine_tuned_export, save_perturbed, ticket_run_c
 from ftjax import config as config_lib
 from ftjax import models, param_groups, sharding, trainer
 from ftjax.errors import ConfigError
-from ftjax.peft import methods
+from ftjax.hub import export
+from ftjax.peft import lora, methods
 
 # 3 layers: global, local, global; a local token sees 2 positions either side of it, so
 # on 12 tokens the window matters. Rotary bases far apart, so swapping them shows.
@@ -210,8 +212,9 @@ def _run_config(pretrained, **peft):
 
 def test_layout_axes_and_adapters_on_the_fused_projections(tmp_path):
   """Layer-wise decay and freezing see the blocks; every parameter has sharding axes;
-  LoRA adapts the fused Wqkv / Wi / Wo whole, and trains them with the head."""
-  _save_random(tmp_path)
+  LoRA adapts the fused Wqkv / Wi / Wo whole, trains them with the head, and exports
+  them as PEFT names them."""
+  reference = _save_random(tmp_path)
   config = _run_config(tmp_path, method="lora", target=r".*/(Wqkv|Wi|Wo)/kernel")
   model, params = models.create(config.model, seed=0)
   axes = dict(zip(param_groups.flatten(params), jax.tree.leaves(
@@ -231,6 +234,23 @@ def test_layout_axes_and_adapters_on_the_fused_projections(tmp_path):
   assert {p for p in trained if "lora" not in p} == {
       "head/dense/kernel", "head/norm/scale", "classifier/kernel", "classifier/bias"}
   assert "encoder/layers/0/attn/Wqkv/kernel" in param_groups.flatten(frozen)
+  # A PEFT adapter of the fused modules reproduces the adapted model in transformers.
+  rng = np.random.default_rng(0)
+  adapted = param_groups.map_with_path(
+      lambda p, x: np.asarray(x) + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+      if "lora_" in p else x, adapted)
+  source, name_map, _ = models.hf_format(config.model)
+  export.save_peft_adapter(model.module(adapted), str(tmp_path / "adapter"), source_dir=source,
+                           spec=lora.LoraSpec.from_config(config.peft), name_map=name_map)
+  saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert saved["target_modules"] == ["Wi", "Wo", "Wqkv"]
+  ids, mask = _padded_inputs()
+  expected = _ftjax_outputs(model, adapted, ids, mask)
+  assert _differences(expected, _torch_outputs(reference, ids, mask))[0] > 1e-3
+  with_adapter = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+  hidden, logits = _differences(expected, _torch_outputs(with_adapter.base_model.model, ids,
+                                                         mask))
+  assert hidden <= 1e-4 and logits <= 1e-4
 
 
 def test_sharded_logits_equal_one_device(tmp_path):
