@@ -243,8 +243,10 @@ class Attention(nnx.Module):
     batch, length, hidden = x.shape
     qkv = self.Wqkv(x).reshape(batch, length, 3, self.num_heads, hidden // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    context = bert.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, keep,
-                          self.dropout, deterministic=deterministic, rngs=rngs)
+    # Rotated in float32 whatever the compute dtype, as transformers rotates them.
+    rotate = lambda y: apply_rope(y.astype(jnp.float32), cos, sin).astype(y.dtype)
+    context = bert.attend(rotate(q), rotate(k), v, keep, self.dropout,
+                          deterministic=deterministic, rngs=rngs)
     out = self.Wo(context.reshape(batch, length, hidden))
     return self.dropout(out, deterministic=deterministic, rngs=rngs)
 
