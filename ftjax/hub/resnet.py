@@ -29,38 +29,39 @@ from ftjax.errors import ConfigError
 from ftjax.hub import assets, loading, safetensors_io, torch_pickle
 from ftjax.models import resnet
 
+
+def _conv_bn(conv: str, bn: str, kernel: str, norm: str,
+             transform: loading.Transform = loading.any_conv_kernel) -> loading.Rules:
+  """Rules for a convolution (checkpoint-name regex `conv`, ftjax `kernel` layer) and the
+  BatchNorm after it (`bn` -> `norm`)."""
+  return [(rf"{conv}\.weight", f"{kernel}/kernel", transform),
+          *loading.batch_norm_rules(bn, norm)]
+
+
 _HF_BLOCK = r"encoder\.stages\.(\d+)\.layers\.(\d+)"
 _BLOCK = r"stages/\1/layers/\2"
 # (HF name regex after the 'resnet.' prefix, ftjax path template, transform)
 _HF_RULES: loading.Rules = [
-    (r"embedder\.embedder\.convolution\.weight", "stem/conv/kernel", loading.conv_kernel),
-    *loading.batch_norm_rules(r"embedder\.embedder\.normalization", "stem/bn"),
-    *[rule for k in range(3) for rule in (
-        (rf"{_HF_BLOCK}\.layer\.{k}\.convolution\.weight", rf"{_BLOCK}/conv{k + 1}/kernel",
-         loading.any_conv_kernel),
-        *loading.batch_norm_rules(rf"{_HF_BLOCK}\.layer\.{k}\.normalization",
-                                  rf"{_BLOCK}/conv{k + 1}_bn"))],
-    (rf"{_HF_BLOCK}\.shortcut\.convolution\.weight", rf"{_BLOCK}/shortcut/kernel",
-     loading.any_conv_kernel),
-    *loading.batch_norm_rules(rf"{_HF_BLOCK}\.shortcut\.normalization", rf"{_BLOCK}/shortcut_bn"),
+    *_conv_bn(r"embedder\.embedder\.convolution", r"embedder\.embedder\.normalization",
+              "stem/conv", "stem/bn", loading.conv_kernel),
+    *[rule for k in range(3) for rule in _conv_bn(
+        rf"{_HF_BLOCK}\.layer\.{k}\.convolution", rf"{_HF_BLOCK}\.layer\.{k}\.normalization",
+        rf"{_BLOCK}/conv{k + 1}", rf"{_BLOCK}/conv{k + 1}_bn")],
+    *_conv_bn(rf"{_HF_BLOCK}\.shortcut\.convolution", rf"{_HF_BLOCK}\.shortcut\.normalization",
+              rf"{_BLOCK}/shortcut", rf"{_BLOCK}/shortcut_bn"),
     (r"classifier\.1\.weight", "head/kernel", loading.transpose),
     (r"classifier\.1\.bias", "head/bias", loading.identity),
 ]
 
 # torchvision's ResNet has four stages, `layer1` .. `layer4`.
 _TORCHVISION_RULES: loading.Rules = [
-    (r"conv1\.weight", "stem/conv/kernel", loading.conv_kernel),
-    *loading.batch_norm_rules(r"bn1", "stem/bn"),
-    *[rule for s in range(4) for k in (1, 2, 3) for rule in (
-        (rf"layer{s + 1}\.(\d+)\.conv{k}\.weight", rf"stages/{s}/layers/\1/conv{k}/kernel",
-         loading.any_conv_kernel),
-        *loading.batch_norm_rules(rf"layer{s + 1}\.(\d+)\.bn{k}",
-                                  rf"stages/{s}/layers/\1/conv{k}_bn"))],
-    *[rule for s in range(4) for rule in (
-        (rf"layer{s + 1}\.(\d+)\.downsample\.0\.weight", rf"stages/{s}/layers/\1/shortcut/kernel",
-         loading.any_conv_kernel),
-        *loading.batch_norm_rules(rf"layer{s + 1}\.(\d+)\.downsample\.1",
-                                  rf"stages/{s}/layers/\1/shortcut_bn"))],
+    *_conv_bn(r"conv1", r"bn1", "stem/conv", "stem/bn", loading.conv_kernel),
+    *[rule for s in range(4) for k in (1, 2, 3) for rule in _conv_bn(
+        rf"layer{s + 1}\.(\d+)\.conv{k}", rf"layer{s + 1}\.(\d+)\.bn{k}",
+        rf"stages/{s}/layers/\1/conv{k}", rf"stages/{s}/layers/\1/conv{k}_bn")],
+    *[rule for s in range(4) for rule in _conv_bn(
+        rf"layer{s + 1}\.(\d+)\.downsample\.0", rf"layer{s + 1}\.(\d+)\.downsample\.1",
+        rf"stages/{s}/layers/\1/shortcut", rf"stages/{s}/layers/\1/shortcut_bn")],
     (r"fc\.weight", "head/kernel", loading.transpose),
     (r"fc\.bias", "head/bias", loading.identity),
 ]

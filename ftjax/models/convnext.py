@@ -190,18 +190,8 @@ class ImageClassifier(nnx.Module):
 
   def __init__(self, config: ConvNextConfig, num_classes: int, *, head_init: str = "zeros",
                rngs: nnx.Rngs):
-    """Builds the network.
-
-    Args:
-      config: the architecture.
-      num_classes: the head's width.
-      head_init: "zeros" (a new head that starts at uniform predictions) or
-        "normal" (N(0, 0.02)).
-      rngs: initialisation randomness (`params`).
-
-    Raises:
-      ConfigError: for an unknown `head_init`.
-    """
+    """Builds the network; arguments as `ftjax.models.resnet.ImageClassifier`'s, but a
+    "normal" `head_init` draws from N(0, 0.02)."""
     self.stem = Stem(config, rngs)
     widths = config.hidden_sizes
     self.stages = nnx.List([
