@@ -147,6 +147,12 @@ def test_auto_reads_the_family_from_config_json(checkpoints, case):
   assert models.resolve_name(arch_only, "classification") == config.name
 
 
+def test_auto_asks_for_the_model_name_of_a_state_dict(checkpoints):
+  auto = with_overrides(checkpoints("torchvision_basic")[0], name="auto")
+  with pytest.raises(ConfigError, match=r"weights\.pth' is a file; name the model"):
+    models.resolve_name(auto, "classification")
+
+
 def test_random_weights_of_config_arch_build_and_run():
   for name, arch in (("resnet", {"layer_type": "basic", "embedding_size": 4,
                                  "hidden_sizes": [4, 8], "depths": [1, 1]}),

@@ -364,6 +364,11 @@ def _model_type(config: ml_collections.ConfigDict) -> tuple[str, str]:
   metadata) or, without a checkpoint, of `config.arch`."""
   if not config.pretrained:
     return dict(config.arch).get("model_type", ""), "config.model.arch"
+  if os.path.isfile(config.pretrained):
+    raise ConfigError(f"config.model.name={AUTO!r} reads the model family from a folder's "
+                      f"config.json, and config.model.pretrained={config.pretrained!r} is a "
+                      "file; name the model (config.model.name=resnet for a torchvision "
+                      "state dict)")
   directory = assets.model_dir(config.pretrained)
   path = os.path.join(directory, "config.json")
   if os.path.isfile(path):
