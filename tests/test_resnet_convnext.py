@@ -22,7 +22,7 @@ from ftjax import config as config_lib, models, param_groups, sharding
 from ftjax.errors import ConfigError, WeightsError
 from ftjax.hub import export
 from ftjax.models import convnext
-from ftjax.peft import lora
+from ftjax.peft import lora, methods
 from test_own_image_data import _photos
 from test_vision_training import _changed_layers, _train
 
@@ -219,6 +219,39 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(checkpoints, c
   diff = np.abs(_logits(model, params, images) - _reference_logits(exported, images)).max()
   print(f"{case} export: max |logit diff| {diff:.2e}")
   assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("case,method,target", [
+    ("resnet_bottleneck", "lora", r"stages/\d+/layers/\d+/(conv1|conv3|shortcut)/kernel"),
+    ("resnet_bottleneck", "dora", r"stages/\d+/layers/\d+/(conv3|shortcut)/kernel"),
+    ("convnext", "lora", r".*/pwconv(1|2)/kernel"),
+])
+def test_peft_adapter_reproduces_ftjax_features(checkpoints, case, method, target, tmp_path):
+  """An adapter in PEFT's format on transformers' model gives ftjax's pooled features; a
+  1x1 convolution's adapters are 1x1 convolutions there (a strided one's too)."""
+  peft = pytest.importorskip("peft")
+  config = with_overrides(config_lib.defaults(), **{
+      "model": checkpoints(case)[0], "peft.method": method, "peft.target": target,
+      "peft.rank": 2})
+  base_model, base_params = models.create(config.model, seed=0)
+  model, params = methods.adapt(config, base_model, base_params, seed=0)
+  rng = np.random.default_rng(4)  # trained-like adapters: lora_b away from zero
+  params = param_groups.map_with_path(
+      lambda p, x: np.asarray(x) + 0.3 * rng.normal(size=x.shape).astype(np.float32)
+      if "lora_" in p else x, params)
+  source, name_map, _ = models.hf_format(config.model)
+  export.save_peft_adapter(model.module(params), str(tmp_path), spec=lora.LoraSpec.from_config(
+      config.peft), source_dir=source, name_map=name_map)
+  images = {"image": jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)}
+  ours = np.asarray(model.module(params).features(images))
+  base = np.asarray(base_model.module(base_params).features(images))
+  assert np.abs(base - ours).max() > 1e-2  # the adapters matter
+  reference = transformers.AutoModelForImageClassification.from_pretrained(source).eval()
+  family = getattr(peft.PeftModel.from_pretrained(reference, tmp_path).eval().base_model.model,
+                   config.model.name)
+  with torch.no_grad():
+    theirs = family(torch.from_numpy(np.asarray(images["image"]).transpose(0, 3, 1, 2).copy()))
+  np.testing.assert_allclose(theirs.pooler_output.reshape(2, -1).numpy(), ours, atol=1e-4)
 
 
 def test_lora_and_frozen_stages_train_only_what_they_should(checkpoints, tmp_path):

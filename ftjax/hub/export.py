@@ -160,13 +160,22 @@ def save_peft_adapter(module: nnx.Module, out_dir: str, *, spec: lora.LoraSpec,
     kernel_path = "/".join(str(p) for p in path) + "/kernel"
     if kernel_path not in names:
       raise WeightsError(f"no checkpoint name for adapted kernel {kernel_path!r}")
-    module_name = names[kernel_path][0].removesuffix(".weight")
+    name, back = names[kernel_path]
+    module_name = name.removesuffix(".weight")
     targets.add(module_name.rsplit(".", 1)[-1])
     prefix = f"base_model.model.{module_name}"
-    tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(node.lora_a[...]).T)
-    tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(node.lora_b[...]).T)
+    # A 1x1 convolution's adapters are 1x1 convolutions in PEFT ([r, in, 1, 1], [out, r, 1,
+    # 1]) and its DoRA magnitude [1, out, 1, 1]; a linear layer's are [r, in], [out, r].
+    conv = back is loading.any_conv_weight
+    as_weight = loading.any_conv_weight if conv else loading.transpose
+    tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(as_weight(np.asarray(
+        node.lora_a[...])))
+    tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(as_weight(np.asarray(
+        node.lora_b[...])))
     if spec.dora:
-      tensors[f"{prefix}.lora_magnitude_vector"] = np.asarray(node.lora_magnitude[...])
+      magnitude = np.asarray(node.lora_magnitude[...])
+      tensors[f"{prefix}.lora_magnitude_vector"] = (magnitude.reshape(1, -1, 1, 1) if conv
+                                                     else magnitude)
   if not tensors:
     raise WeightsError("the model has no LoRA adapters to export")
   config = {
