@@ -165,6 +165,16 @@ def test_packed_sequences_match_each_sequence_alone(tiny, case):
   np.testing.assert_allclose(packed[5:], alone[:4], atol=1e-5, rtol=0)
 
 
+def test_a_learned_position_table_counts_as_embeddings(tiny):
+  """Freezing presets, gradual unfreezing and layer-wise decay treat GPT-2's `wpe` as
+  they treat its token embeddings."""
+  _, _, model, params = tiny("gpt2")
+  num_blocks = model.layout.num_blocks(param_groups.flatten(params))
+  assert num_blocks == 2
+  assert (model.layout.depth("model/embed_positions/embedding", num_blocks)
+          == model.layout.depth("model/embed_tokens/embedding", num_blocks) == 3)
+
+
 def test_rows_longer_than_a_learned_position_table_are_refused(tiny):
   _, _, model, params = tiny("gpt2")  # 64 positions
   ids = np.full((1, 65), 3)

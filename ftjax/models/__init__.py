@@ -263,10 +263,10 @@ def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
                                 source=gguf_path or directory, dont_load=dont_load)[0]
 
   if classifier:
-    layout = Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
+    layout = Layout(embeddings="model/embed_(tokens|positions)/.*", block="model/layers/{}",
                     head="score/.*")
   else:
-    layout = Layout(embeddings="model/embed_tokens/.*", block="model/layers/{}",
+    layout = Layout(embeddings="model/embed_(tokens|positions)/.*", block="model/layers/{}",
                     head="lm_head/.*|model/norm/.*", head_is_new=False)
   return build, load, layout, llama.PARAM_AXES
 
