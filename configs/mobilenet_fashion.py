@@ -67,7 +67,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.augment.mixup_alpha = arg.mixup
   config.data.augment.cutmix_alpha = arg.cutmix
 
-  config.peft.target = r"(blocks/\d+/(expand|project)|top)/kernel"  # the 1x1 convolutions
   config.peft.dropout = 0.0
   config.peft.quantize = ""
   config.batch_size = 64

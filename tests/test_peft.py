@@ -1,5 +1,7 @@
 """Freezing, LoRA / DoRA, BitFit, layer-wise LR decay and gradual unfreezing."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,3 +243,47 @@ def test_qlora_base_is_quantized_and_starts_at_its_dequantized_model(base, arg,
       param_groups.matching(flat, [r".*/lora_(a|b)", r"head/.*"]))
   float_bytes = sum(x.nbytes for x in jax.tree.leaves(base[1]))
   assert sum(np.asarray(x).nbytes for x in jax.tree.leaves(frozen)) < 0.75 * float_bytes
+
+
+# model name -> (a small random architecture, the kernels LoRA adapts without peft.target)
+_DEFAULT_TARGETS = {
+    "bert": ("bert_classifier", dict(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32),
+             r"encoder/layers/\d/attention/(query|value)/kernel"),
+    "gpt2": ("llama_lm", dict(model_type="gpt2", vocab_size=50, n_embd=16, n_layer=2,
+                              n_head=2, n_positions=32),
+             r"model/layers/\d/self_attn/qkv_proj/kernel"),
+    "qwen3": ("decoder_classifier", dict(model_type="qwen3", vocab_size=50, hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2),
+              r"model/layers/\d/self_attn/(q|v)_proj/kernel"),
+    "modernbert": ("modernbert_classifier", dict(
+        model_type="modernbert", vocab_size=50, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=24, classifier_pooling="mean"),
+                   r"encoder/layers/\d/attn/Wqkv/kernel"),
+    # Basic blocks: only the shortcuts are linear (the 3x3 convolutions are not).
+    "resnet18": ("resnet", dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16],
+                                depths=[1, 1], layer_type="basic"),
+                 r"stages/1/layers/0/shortcut/kernel"),
+    "resnet50": ("resnet", dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16],
+                                depths=[1, 1], layer_type="bottleneck"),
+                 r"stages/\d/layers/0/(conv1|conv3|shortcut)/kernel"),
+    "convnext": ("convnext", dict(model_type="convnext", num_stages=2, hidden_sizes=[8, 16],
+                                  depths=[1, 1]),
+                 r"stages/\d/layers/0/pwconv(1|2)/kernel"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DEFAULT_TARGETS))
+def test_lora_without_a_target_adapts_the_models_usual_kernels(case):
+  name, arch, expected = _DEFAULT_TARGETS[case]
+  config = config_lib.defaults()
+  config.model.update(name=name, pretrained="", arch=arch, num_classes=2)
+  config.peft.update(method="lora", rank=2)
+  model, base = models.create(config.model, seed=0)
+  adapted, params = methods.adapt(config, model, base, seed=0)
+  kernels = [p.removesuffix("/lora_a") for p in param_groups.flatten(params)
+             if p.endswith("/lora_a")]
+  linear = [p for p in param_groups.flatten(base) if re.fullmatch(expected, p)]
+  assert kernels and sorted(kernels) == sorted(p.removesuffix("/kernel") for p in linear)
+  assert model.layout.adapted == adapted.layout.adapted != ""

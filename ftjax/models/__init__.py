@@ -42,6 +42,9 @@ class Layout:
   # A new task head (trained alongside adapters and BitFit biases) rather than a
   # pretrained one (a language model's, which those methods leave frozen).
   head_is_new: bool = True
+  # The kernels LoRA / DoRA adapt when `peft.target` names none: PEFT's usual choice for
+  # the family (attention queries and values, fused q/k/v, 1x1 convolutions).
+  adapted: str = ""
 
   def blocks(self, indices) -> str:
     """A regex matching every parameter of the blocks `indices`."""
@@ -67,6 +70,10 @@ class Layout:
     """Each leaf's `depth` in a tree like `tree`, counting the blocks of all `params`."""
     num_blocks = self.num_blocks(param_groups.flatten(params))
     return param_groups.map_with_path(lambda path, _: self.depth(path, num_blocks), tree)
+
+
+# The attention's query and value kernels, in the encoders' and ViT's paths.
+_QUERY_VALUE = ".*attention/(query|value)/kernel"
 
 
 def set_call_mode(module: nnx.Module, *, train: bool, rngs: nnx.Rngs | None) -> None:
@@ -173,7 +180,7 @@ def _bert_classifier(config: ml_collections.ConfigDict):
             if directory else params)
 
   return build, load, Layout(embeddings="encoder/embeddings/.*", block="encoder/layers/{}",
-                             head="head/.*"), bert.PARAM_AXES
+                             head="head/.*", adapted=_QUERY_VALUE), bert.PARAM_AXES
 
 
 def _deberta_classifier(config: ml_collections.ConfigDict):
@@ -193,7 +200,7 @@ def _deberta_classifier(config: ml_collections.ConfigDict):
             if directory else params)
 
   return build, load, Layout(embeddings=deberta.EMBEDDINGS, block="encoder/layers/{}",
-                             head="head/.*"), deberta.PARAM_AXES
+                             head="head/.*", adapted=_QUERY_VALUE), deberta.PARAM_AXES
 
 
 def _modernbert_classifier(config: ml_collections.ConfigDict):
@@ -224,7 +231,8 @@ def _modernbert_classifier(config: ml_collections.ConfigDict):
             if directory else params)
 
   return build, load, Layout(embeddings="encoder/embeddings/.*", block="encoder/layers/{}",
-                             head="head/.*|classifier/.*"), modernbert.PARAM_AXES
+                             head="head/.*|classifier/.*", adapted=r".*/attn/Wqkv/kernel"
+                             ), modernbert.PARAM_AXES
 
 
 def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
@@ -262,12 +270,14 @@ def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
     return loading.load_tensors(params, checkpoint, llama_hub.hf_name_to_path,
                                 source=gguf_path or directory, dont_load=dont_load)[0]
 
+  # Queries and values (Phi-3's and GPT-2's fused q/k/v).
+  adapted = r".*/self_attn/(q_proj|v_proj|qkv_proj)/kernel"
   if classifier:
     layout = Layout(embeddings="model/embed_(tokens|positions)/.*", block="model/layers/{}",
-                    head="score/.*")
+                    head="score/.*", adapted=adapted)
   else:
     layout = Layout(embeddings="model/embed_(tokens|positions)/.*", block="model/layers/{}",
-                    head="lm_head/.*|model/norm/.*", head_is_new=False)
+                    head="lm_head/.*|model/norm/.*", head_is_new=False, adapted=adapted)
   return build, load, layout, llama.PARAM_AXES
 
 
@@ -291,8 +301,9 @@ def _convnet(config: ml_collections.ConfigDict):
     return (vision_hub.load_pretrained_into(params, weights, config.name, config.dont_load)
             if weights else params)
 
-  return build, load, Layout(embeddings="stem/.*", block="blocks/{}",
-                             head="head/.*"), mobilenet.PARAM_AXES
+  return build, load, Layout(embeddings="stem/.*", block="blocks/{}", head="head/.*",
+                             adapted=r"(blocks/\d+/(expand|project)|top)/kernel"
+                             ), mobilenet.PARAM_AXES
 
 
 def _vit(config: ml_collections.ConfigDict):
@@ -314,7 +325,7 @@ def _vit(config: ml_collections.ConfigDict):
             if directory else params)
 
   return build, load, Layout(embeddings="embeddings/.*", block="layers/{}",
-                             head="head/.*"), vit.PARAM_AXES
+                             head="head/.*", adapted=_QUERY_VALUE), vit.PARAM_AXES
 
 
 def _stage_convnet(config: ml_collections.ConfigDict, module: Any, hub: Any):
@@ -331,8 +342,8 @@ def _stage_convnet(config: ml_collections.ConfigDict, module: Any, hub: Any):
     return (hub.load_pretrained_into(params, config.pretrained, config.dont_load)
             if config.pretrained else params)
 
-  return build, load, Layout(embeddings="stem/.*", block="stages/{}",
-                             head="head/.*"), module.param_axes(arch)
+  return build, load, Layout(embeddings="stem/.*", block="stages/{}", head="head/.*",
+                             adapted=module.adapted_kernels(arch)), module.param_axes(arch)
 
 
 _REGISTRY: dict[str, Callable[..., Any]] = {

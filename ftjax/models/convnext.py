@@ -48,6 +48,12 @@ PARAM_AXES = (
 )
 
 
+def adapted_kernels(config: ConvNextConfig) -> str:
+  """The kernels LoRA adapts by default: each block's pointwise MLP."""
+  del config
+  return r".*/pwconv(1|2)/kernel"
+
+
 def param_axes(config: ConvNextConfig) -> tuple[tuple[str, tuple[str | None, ...]], ...]:
   """`PARAM_AXES`, whatever the architecture (as `ftjax.models.resnet.param_axes`)."""
   del config

@@ -75,6 +75,13 @@ class ResNetConfig(hf_config.HfConfig):
     return blocks
 
 
+def adapted_kernels(config: ResNetConfig) -> str:
+  """The 1x1 convolutions (linear layers) LoRA adapts by default: a bottleneck's conv1,
+  conv3 and shortcut; a basic block's shortcut (its 3x3 convolutions are not linear)."""
+  linear = "shortcut" if config.layer_type == "basic" else "conv1|conv3|shortcut"
+  return rf"stages/\d+/layers/\d+/({linear})/kernel"
+
+
 def param_axes(config: ResNetConfig) -> tuple[tuple[str, tuple[str | None, ...]], ...]:
   """Logical axes of every parameter and batch statistic (see `ftjax.sharding`).
 

@@ -52,8 +52,9 @@ SCHEMA = schema.Section("", "What trains (PEFT methods, freezing) and how adapte
     "peft": {
         "method": schema.Key("full", "full fine-tuning, adapters (QLoRA: on a quantized "
                              "base) or BitFit (biases and the new head)", choices=METHODS),
-        "target": schema.Key(".*attention/(query|value)/kernel",
-                             "LoRA / DoRA: regex of the kernels to adapt"),
+        "target": schema.Key("", "LoRA / DoRA: regex of the kernels to adapt; empty: the "
+                             "model's usual ones (attention queries and values, fused q/k/v, "
+                             "1x1 convolutions; see docs/peft.md)"),
         "rank": schema.Key(8, "LoRA / DoRA rank", rule=schema.positive),
         "alpha": schema.Key(16.0, "LoRA scale numerator: alpha / rank", rule=schema.positive),
         "dropout": schema.Key(0.05, "dropout on the adapters' input",
@@ -87,7 +88,10 @@ def adapt(config: ml_collections.ConfigDict, model: Model, params: dict,
   if config.peft.method not in ADAPTERS:
     return model, params
   module = model.module(params)
-  lora.inject(module, lora.LoraSpec.from_config(config.peft), nnx.Rngs(params=seed + 1))
+  spec = lora.LoraSpec.from_config(config.peft)
+  if not spec.target:
+    spec = dataclasses.replace(spec, target=model.layout.adapted)
+  lora.inject(module, spec, nnx.Rngs(params=seed + 1))
   graphdef, state = nnx.split(module)
   return dataclasses.replace(model, graphdef=graphdef), nnx.to_pure_dict(state)
 
