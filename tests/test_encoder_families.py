@@ -115,7 +115,8 @@ def test_an_unsupported_model_type_is_refused_naming_the_file(tmp_path):
                                         num_attention_heads=4, intermediate_size=37)
   config.save_pretrained(tmp_path)
   message = (f"{tmp_path}/config.json: model_type='deberta-v2' is not supported by "
-             f"bert_classifier; supported: {SUPPORTED}")
+             f"bert_classifier; supported: {SUPPORTED} (config.model.name=auto picks the "
+             "model that reads a folder's model_type)")
   with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
     models.create(_model_config(tmp_path), seed=0)
 

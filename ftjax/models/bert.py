@@ -130,7 +130,8 @@ class BertConfig(hf_config.HfConfig):
     model_type = raw.get("model_type", "bert")
     if model_type not in FAMILIES:
       raise ConfigError(f"{source}: model_type={model_type!r} is not supported by "
-                        f"bert_classifier; supported: {sorted(FAMILIES)}")
+                        f"bert_classifier; supported: {sorted(FAMILIES)} (config.model.name="
+                        "auto picks the model that reads a folder's model_type)")
     family = FAMILIES[model_type]
     for field, value in family.required:
       if raw.get(field, value) != value:
