@@ -193,7 +193,7 @@ def test_architecture_from_config_dict_without_checkpoint():
     (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0)),
      "rope_type 'yarn' is not supported"),
     (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), r"needs \['low_freq_factor'"),
-    (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    (dict(hidden_act="relu"), "hidden_act='relu' is not supported"),
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4,
           layer_types=["full_attention", "chunked_attention"]), "chunked_attention"),
     (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
