@@ -59,30 +59,10 @@ def _states(workdir):
     return {row["name"]: row["state"] for row in csv.DictReader(f)}
 
 
-def test_a_search_prunes_a_hopeless_trial_and_reports_every_trial(tmp_path):
-  study, workdir = _study(tmp_path), str(tmp_path / "sweep")
-  out, _ = _sweep(study, workdir).communicate(timeout=900)
-  assert _states(workdir) == {"trial_000": "complete", "trial_001": "complete",
-                              "trial_002": "complete", "trial_003": "pruned"}, out[-3000:]
-  # Pruned through the preemption path: a checkpoint of the step it reached, exit 75.
-  with open(os.path.join(workdir, "trial_003", "train.log")) as f:
-    log = f.read()
-  assert "preempted (SIGTERM) after step" in log and "exiting with code 75" in log
-  assert not os.path.exists(os.path.join(workdir, "trial_003", "final_metrics.json"))
-  assert "trial_003: pruned after" in out
-  with open(os.path.join(workdir, "results.md")) as f:
-    report = f.read()
-  assert "4 ended (3 complete, 1 pruned)" in report
-  assert "| 3 | pruned | 1e-09 | 0.6667 | 6 |" in report  # 2 of 3 classes wrong: all "billing"
-  assert "Best trial 0: validation/accuracy=1.0000" in report
-  for plot in ("optimization_history.png", "param_importances.png"):
-    assert os.path.getsize(os.path.join(workdir, "plots", plot)) > 1000
-  again, _ = _sweep(study, workdir).communicate(timeout=300)  # nothing left to run
-  assert "4 ended, 0 to resume" in again and "started" not in again
-
-
 @pytest.mark.slow
-def test_a_stopped_search_continues_where_it_was(tmp_path):
+def test_a_stopped_search_continues_where_it_was_prunes_and_reports_every_trial(tmp_path):
+  """A search stopped mid-trial continues where it was; its hopeless trial is pruned; the
+  report and plots cover every trial; started again, it has nothing to run."""
   study, workdir = _study(tmp_path), str(tmp_path / "sweep")
   first = _sweep(study, workdir)
   deadline = time.time() + 600
@@ -98,6 +78,22 @@ def test_a_stopped_search_continues_where_it_was(tmp_path):
                               "trial_002": "complete", "trial_003": "pruned"}
   with open(os.path.join(workdir, "trial_001", "train.log")) as f:
     assert "resumed from step" in f.read()
+  # The hopeless trial was pruned through the preemption path: a checkpoint of the step
+  # it reached, exit 75.
+  with open(os.path.join(workdir, "trial_003", "train.log")) as f:
+    log = f.read()
+  assert "preempted (SIGTERM) after step" in log and "exiting with code 75" in log
+  assert not os.path.exists(os.path.join(workdir, "trial_003", "final_metrics.json"))
+  assert "trial_003: pruned after" in resumed
+  with open(os.path.join(workdir, "results.md")) as f:
+    report = f.read()
+  assert "4 ended (3 complete, 1 pruned)" in report
+  assert "| 3 | pruned | 1e-09 | 0.6667 | 6 |" in report  # 2 of 3 classes wrong: all "billing"
+  assert "Best trial 0: validation/accuracy=1.0000" in report
+  for plot in ("optimization_history.png", "param_importances.png"):
+    assert os.path.getsize(os.path.join(workdir, "plots", plot)) > 1000
+  again, _ = _sweep(study, workdir).communicate(timeout=300)  # nothing left to run
+  assert "4 ended, 0 to resume" in again and "started" not in again
 
 
 def test_a_bad_search_space_fails_before_any_trial(tmp_path):

@@ -224,6 +224,7 @@ def test_continual_sweep_runs_in_order_and_reports(continual_sweep):
   assert again.returncode == 0 and "2 already finished, 0 to run" in again.stdout
 
 
+@pytest.mark.slow  # reads a run of the continual sweep, which the slow checks build anyway
 def test_init_from_a_different_model_names_the_mismatch(continual_sweep, debug_config, tmp_path):
   from conftest import with_overrides  # pylint: disable=g-import-not-at-top
   from ftjax import trainer  # pylint: disable=g-import-not-at-top
