@@ -257,8 +257,8 @@ def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
     if classifier:
       return llama.SequenceClassifier(arch, num_classes=config.num_classes,
                                       head_init=config.head_init, remat=remat,
-                                      rngs=rngs)
-    return llama.CausalLM(arch, remat=remat, rngs=rngs)
+                                      scan_layers=config.scan_layers, rngs=rngs)
+    return llama.CausalLM(arch, remat=remat, scan_layers=config.scan_layers, rngs=rngs)
 
   def load(params):
     if not directory:
@@ -476,8 +476,13 @@ SCHEMA = schema.Section("model", "The network: its family, checkpoint and new he
     "head_init": schema.Key("zeros", "how a new head's kernel starts", choices=heads.HEAD_INITS),
     "dont_load": schema.Key((), "regexes of parameters not taken from the checkpoint (a "
                             "replaced head)"),
-    "remat": schema.Key("none", "decoders: recompute each block in the backward pass",
+    "remat": schema.Key("none", "decoders: recompute each block in the backward pass, "
+                        "keeping what the policy names (dots_saveable: every matmul output; "
+                        "save_qkv_proj, save_dot_except_mlp, ...: the named projections)",
                         choices=("none",) + tuple(llama.REMAT_POLICIES)),
+    "scan_layers": schema.Key(False, "decoders: run the blocks with jax.lax.scan, so that "
+                              "compile time does not grow with depth (same parameters, "
+                              "checkpoints and adapters)"),
     "batch_norm": schema.Key("update", "trained BatchNorm layers: normalise with batch "
                              "statistics and update the running ones, or keep them frozen",
                              choices=batch_norm.MODES),

@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
@@ -147,10 +148,29 @@ PARAM_AXES = (
 # Hidden states between blocks: split along the batch, whole along length and width.
 _ACTIVATION_AXES = ("batch", None, None)
 
+# Names of the block's intermediate values that remat policies may keep (the outputs of
+# the projections, `checkpoint_name`d where they are computed).
+_QKV = ("query_proj", "key_proj", "value_proj")
+_OUT = ("out_proj",)
+_CONTEXT = ("context",)  # the attention's output, before `o_proj`
+_MLP_IN = ("mlp_gate", "mlp_up")
+_MLP_OUT = ("mlp_down",)
+_save_only = jax.checkpoint_policies.save_only_these_names
+
 # Gradient checkpointing of each decoder block: config value -> `jax.checkpoint` policy.
+# The named ones keep the outputs of the most expensive matmuls and recompute the
+# rest (norms, rotations, activations, the attention itself), as MaxText's do.
 REMAT_POLICIES = {
     "full": None,  # save only the block's inputs; recompute everything else
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # every matmul output
+    "save_qkv_proj": _save_only(*_QKV),
+    "save_out_proj": _save_only(*_OUT),
+    "save_qkv_out_proj": _save_only(*_QKV, *_OUT),
+    # Every projection of the attention, none of the MLP's (the widest activations).
+    "save_dot_except_mlp": _save_only(*_QKV, *_CONTEXT, *_OUT),
+    # ... and the MLP's down projection, which is only [B, L, hidden].
+    "save_dot_except_mlp_in": _save_only(*_QKV, *_CONTEXT, *_OUT, *_MLP_OUT),
+    "save_all_proj": _save_only(*_QKV, *_CONTEXT, *_OUT, *_MLP_IN, *_MLP_OUT),
 }
 
 
@@ -250,19 +270,25 @@ class KVCache:
   written slots that hold real tokens rather than padding.
   """
 
-  keys: tuple[jax.Array, ...]    # per layer, [B, max_len, kv_heads, head_dim]
-  values: tuple[jax.Array, ...]  # likewise
+  # Per layer, [B, max_len, kv_heads, head_dim]; for scanned blocks one array of them all
+  # [num_layers, B, max_len, kv_heads, head_dim].
+  keys: tuple[jax.Array, ...] | jax.Array
+  values: tuple[jax.Array, ...] | jax.Array  # likewise
   valid: jax.Array               # [B, max_len] bool
   index: jax.Array               # int32 scalar: the next slot to write
 
   @classmethod
   def empty(cls, *, num_layers: int, batch: int, max_len: int, num_kv_heads: int,
-            head_dim: int, dtype: Any) -> "KVCache":
-    """A cache with no tokens: zero keys and values, no valid slot, index 0."""
+            head_dim: int, dtype: Any, stacked: bool = False) -> "KVCache":
+    """A cache with no tokens: zero keys and values, no valid slot, index 0; with
+    `stacked`, each of keys and values one array for all layers."""
     shape = (batch, max_len, num_kv_heads, head_dim)
-    return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-               values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+    if stacked:
+      keys = values = jnp.zeros((num_layers, *shape), dtype)
+    else:
+      keys = values = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    return cls(keys=keys, values=values, valid=jnp.zeros((batch, max_len), bool),
+               index=jnp.zeros((), jnp.int32))
 
   @property
   def max_len(self) -> int:
@@ -632,6 +658,7 @@ class Attention(nnx.Module):
       q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     else:
       q, k, v = jnp.split(self.qkv_proj(x), self.split_at, axis=-1)
+    q, k, v = (checkpoint_name(y, name) for y, name in zip((q, k, v), _QKV))
     q = q.reshape(batch, length, self.num_heads, self.head_dim)
     k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -646,7 +673,8 @@ class Attention(nnx.Module):
     q, k, v = self._project(x, cos, sin)
     out = _attend(q, k, v, mask, is_causal=True, scale=self.scale, softcap=self.softcap)
     batch, length, _ = x.shape
-    return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+    out = checkpoint_name(out.reshape(batch, length, self.num_heads * self.head_dim), "context")
+    return checkpoint_name(self.o_proj(out), "out_proj")
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
              keys: jax.Array, values: jax.Array,
@@ -695,12 +723,14 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if not self.gated:
-      return self.down_proj(self.act(self.up_proj(x)))
-    if self.fused:
-      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+      hidden = self.act(checkpoint_name(self.up_proj(x), "mlp_up"))
     else:
-      gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(self.act(gate) * up)
+      if self.fused:
+        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+      else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+      hidden = self.act(checkpoint_name(gate, "mlp_gate")) * checkpoint_name(up, "mlp_up")
+    return checkpoint_name(self.down_proj(hidden), "mlp_down")
 
 
 class DecoderLayer(nnx.Module):
@@ -744,10 +774,68 @@ def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array
   return layer(x, cos, sin, mask)
 
 
+def _remat(fn, remat: str, *, module: bool):
+  """`fn` under the gradient checkpointing `remat` names ("none": as it is)."""
+  if remat == "none":
+    return fn
+  if module:
+    return nnx.remat(fn, policy=REMAT_POLICIES[remat])
+  # Inside a scan, CSE across iterations cannot undo the recomputation.
+  return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
+def _window_mask(mask: jax.Array, window: jax.Array, query_slots: jax.Array,
+                 key_slots: jax.Array) -> jax.Array:
+  """`mask` narrowed to a sliding `window` (an integer array; 0: no window), as
+  `Decoder._masks` does for a window known when tracing."""
+  near = key_slots[None, :] > query_slots[:, None] - window  # [L, S]
+  return mask & (near | (window == 0))[None, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stacked:
+  """The blocks as one block's graph and their states stacked along a leading axis, so
+  that `jax.lax.scan` runs them: traced and compiled once, whatever the depth."""
+
+  graphdef: nnx.GraphDef
+  states: Any  # every variable but rng state, each [num_layers, ...]
+  rngs: Any    # the shared dropout rng state (adapters'), one key per layer
+
+  @classmethod
+  def of(cls, layers: nnx.List) -> "_Stacked":
+    """Stacks the layers' variables (a copy of the weights, in the forward pass; their
+    gradients flow back to each layer's own parameters).
+
+    Raises:
+      ConfigError: when the blocks differ in structure (e.g. adapters on some only).
+    """
+    splits = [nnx.split(layer, nnx.RngState, ...) for layer in layers]
+    graphdef, rngs, _ = splits[0]
+    for index, (other, _, _) in enumerate(splits[1:], start=1):
+      if other != graphdef:
+        raise ConfigError(f"config.model.scan_layers=True runs every block with block 0's "
+                          f"graph, but block {index} differs from it (an adapter on some "
+                          "blocks only?): adapt every block or set scan_layers=False")
+    count = len(splits)
+    stack = lambda *leaves: jnp.stack(leaves)
+    states = jax.tree.map(stack, *[state for _, _, state in splits])
+    # Each layer draws its own dropout masks: the shared key folded with its index.
+    rngs = jax.tree.map(lambda leaf: stack(*(
+        jax.random.fold_in(leaf, i) if isinstance(leaf, jax.Array)
+        and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+        for i in range(count))), rngs)
+    return cls(graphdef, states, rngs)
+
+  def layer(self, states: Any, rngs: Any) -> DecoderLayer:
+    """One block from its slice of the stacked variables (in the scan's body)."""
+    return nnx.merge(self.graphdef, rngs, states)
+
+
 class Decoder(nnx.Module):
   """Token embeddings, the decoder blocks and the final norm; returns hidden states."""
 
-  def __init__(self, config: LlamaConfig, *, remat: str, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, remat: str, rngs: nnx.Rngs,
+               scan: bool = False):
     init = nnx.initializers.normal(stddev=config.initializer_range)
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, embedding_init=init,
                                   rngs=rngs)
@@ -767,6 +855,7 @@ class Decoder(nnx.Module):
     self.layer_ropes = tuple(int(is_local) for is_local in local)
     self.remat = remat
     self.windows = tuple(config.layer_window(i) for i in layers)
+    self.scan = scan
 
   @property
   def max_positions(self) -> int | None:
@@ -817,13 +906,52 @@ class Decoder(nnx.Module):
     # always kept, so padding rows attend to themselves and never produce NaNs.
     same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     slots = jnp.arange(input_ids.shape[1])
-    masks = self._masks(same_segment, slots, slots)
-    run = (_run_layer if self.remat == "none"
-           else nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat]))
     x = sharding.constrain(x, _ACTIVATION_AXES)
+    if self.scan:
+      x, _ = self._scanned(x, positions, same_segment, slots, slots)
+      return self.norm(x)
+    masks = self._masks(same_segment, slots, slots)
+    run = _remat(_run_layer, self.remat, module=True)
     for layer, window, (cos, sin) in zip(self.layers, self.windows, rotations):
       x = sharding.constrain(run(layer, x, cos, sin, masks[window]), _ACTIVATION_AXES)
     return self.norm(x)
+
+  def _scanned(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               query_slots: jax.Array, key_slots: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, tuple[Any, Any] | None]:
+    """The blocks run by `jax.lax.scan`, each on the previous one's output.
+
+    What differs between layers enters as scanned inputs rather than Python
+    branches: the window (0 for none) narrows the mask in the body, and the index
+    of the layer's rotary embedding picks its (cos, sin).
+
+    Returns:
+      (hidden states, (keys, values) stacked [num_layers, ...] with `cache`, else None).
+    """
+    stacked = _Stacked.of(self.layers)
+    windowed = any(window is not None for window in self.windows)
+    windows = jnp.asarray([window or 0 for window in self.windows], jnp.int32)
+    tables = None
+    if self.ropes:
+      angles = [rope(positions) for rope in self.ropes]
+      tables = tuple(jnp.stack(part) for part in zip(*angles))  # ([R, B, L, d], same)
+    xs = (stacked.states, stacked.rngs, windows, jnp.asarray(self.layer_ropes, jnp.int32))
+    if cache is not None:
+      xs += (jnp.stack(cache.keys), jnp.stack(cache.values))
+
+    def body(x, xs):
+      states, rngs, window, rope_index = xs[:4]
+      layer = stacked.layer(states, rngs)
+      cos, sin = (None, None) if tables is None else (t[rope_index] for t in tables)
+      layer_mask = _window_mask(mask, window, query_slots, key_slots) if windowed else mask
+      if cache is None:
+        return sharding.constrain(layer(x, cos, sin, layer_mask), _ACTIVATION_AXES), None
+      x, keys, values = layer.decode(x, cos, sin, layer_mask, *xs[4:], cache.index)
+      return x, (keys, values)
+
+    if cache is None:
+      body = _remat(body, self.remat, module=False)
+    return jax.lax.scan(body, x, xs)
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, valid: jax.Array,
              cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -851,8 +979,12 @@ class Decoder(nnx.Module):
     # The window keeps the own slot too, so the same holds on sliding layers. Every
     # slot stays cached (no rolling buffer), so a window shorter than the cache
     # is exact.
-    masks = self._masks((slot_valid[:, None, None, :] & earlier[None, None]) | own[None, None],
-                        query_slots, slots)
+    mask = (slot_valid[:, None, None, :] & earlier[None, None]) | own[None, None]
+    if self.scan:
+      x, (keys, values) = self._scanned(x, positions, mask, query_slots, slots, cache)
+      return self.norm(x), KVCache(keys=keys, values=values, valid=slot_valid,
+                                   index=cache.index + length)
+    masks = self._masks(mask, query_slots, slots)
     keys, values = [], []
     for layer, window, (cos, sin), layer_keys, layer_values in zip(
         self.layers, self.windows, rotations, cache.keys, cache.values):
@@ -864,25 +996,34 @@ class Decoder(nnx.Module):
                                  index=cache.index + length)
 
 
+def _check_remat(remat: str) -> None:
+  if remat != "none" and remat not in REMAT_POLICIES:
+    raise ConfigError(f"config.model.remat={remat!r}: must be one of "
+                      f"{['none', *REMAT_POLICIES]}")
+
+
 class CausalLM(nnx.Module):
   """The decoder with a language-model head (tied to the embeddings or separate)."""
 
-  def __init__(self, config: LlamaConfig, *, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, remat: str = "none", rngs: nnx.Rngs,
+               scan_layers: bool = False):
     """Builds the model.
 
     Args:
       config: the architecture.
       remat: gradient checkpointing of each block: "none", "full" (recompute the
-        whole block in the backward pass) or "dots_saveable" (keep matmul outputs).
+        whole block in the backward pass) or a policy of `REMAT_POLICIES` naming
+        what to keep ("dots_saveable": every matmul output; "save_qkv_proj": the
+        q/k/v projections; ...).
       rngs: initialises the parameters.
+      scan_layers: run the blocks with `jax.lax.scan` (compiled once whatever the
+        depth) rather than a Python loop; the parameters are the same.
 
     Raises:
       ConfigError: for an unknown `remat`.
     """
-    if remat != "none" and remat not in REMAT_POLICIES:
-      raise ConfigError(f"config.model.remat={remat!r}: must be one of "
-                        f"{['none', *REMAT_POLICIES]}")
-    self.model = Decoder(config, remat=remat, rngs=rngs)
+    _check_remat(remat)
+    self.model = Decoder(config, remat=remat, rngs=rngs, scan=scan_layers)
     self.tied = config.tie_word_embeddings
     self.final_softcap = config.final_logit_softcapping
     self.lm_head = (None if self.tied else
@@ -908,7 +1049,7 @@ class CausalLM(nnx.Module):
     return KVCache.empty(num_layers=len(self.model.layers), batch=batch, max_len=max_len,
                          num_kv_heads=attention.num_kv_heads, head_dim=attention.head_dim,
                          dtype=self.model.embed_tokens.embedding.dtype if dtype is None
-                         else dtype)
+                         else dtype, stacked=self.model.scan)
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache,
              valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -970,7 +1111,7 @@ class SequenceClassifier(nnx.Module):
   """
 
   def __init__(self, config: LlamaConfig, *, num_classes: int, head_init: str = "zeros",
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs, scan_layers: bool = False):
     """Builds the model.
 
     Args:
@@ -980,14 +1121,13 @@ class SequenceClassifier(nnx.Module):
       head_init: how a new head's kernel starts (`ftjax.models.heads`).
       remat: gradient checkpointing of each block, as for `CausalLM`.
       rngs: initialises the parameters.
+      scan_layers: scanned blocks, as for `CausalLM`.
 
     Raises:
       ConfigError: for an unknown `remat` or `head_init`.
     """
-    if remat != "none" and remat not in REMAT_POLICIES:
-      raise ConfigError(f"config.model.remat={remat!r}: must be one of "
-                        f"{['none', *REMAT_POLICIES]}")
-    self.model = Decoder(config, remat=remat, rngs=rngs)
+    _check_remat(remat)
+    self.model = Decoder(config, remat=remat, rngs=rngs, scan=scan_layers)
     self.pad_token_id = config.pad_token_id
     self.score = nnx.Linear(config.hidden_size, num_classes, use_bias=False,
                             kernel_init=heads.kernel_init(head_init, config.initializer_range),
