@@ -1,0 +1,93 @@
+"""Attention kernels against the dense-mask reference: outputs and gradients.
+
+The Pallas kernels run in interpret mode off their platform (exact, slow), so they are
+checked on CPU too; cuDNN's needs an NVIDIA GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax.models import attention
+
+_B, _L, _HEADS, _KV_HEADS, _D = 2, 32, 4, 2, 16
+# Row 0 packs two examples (20 + 12 tokens); row 1 is one example and 8 padding tokens.
+_PACKED = np.array([[1] * 20 + [2] * 12, [1] * 24 + [0] * 8], np.int32)
+# One example per row, then padding: what cuDNN's sequence lengths express.
+_PADDED = np.array([[1] * 32, [1] * 24 + [0] * 8], np.int32)
+
+
+def _inputs():
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (_B, _L, _HEADS, _D))
+  k = jax.random.normal(keys[1], (_B, _L, _KV_HEADS, _D))
+  v = jax.random.normal(keys[2], (_B, _L, _KV_HEADS, _D))
+  cotangent = jax.random.normal(keys[3], (_B, _L, _HEADS, _D))
+  return q, k, v, cotangent
+
+
+def _dense_mask(segment_ids, window):
+  mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  if window is not None:
+    slots = np.arange(_L)
+    mask = mask & (slots[None, :] > slots[:, None] - window)[None, None]
+  return jnp.asarray(mask)
+
+
+def _outputs_and_gradients(implementation, segment_ids, window, softcap, scale=0.3):
+  q, k, v, cotangent = _inputs()
+  segments = jnp.asarray(segment_ids)
+
+  def loss(q, k, v):
+    out = attention.attend(q, k, v, implementation=implementation,
+                           mask=_dense_mask(segment_ids, window), segment_ids=segments,
+                           window=window, scale=scale, softcap=softcap)
+    return jnp.sum(out * cotangent), out
+
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  real = segment_ids != 0  # padding tokens' outputs are never used
+  return np.asarray(out)[real], [np.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("implementation, window, softcap", [
+    ("pallas", None, None),
+    ("splash", None, None),
+    ("splash", 5, 2.0),  # a sliding window and soft-capped scores
+])
+def test_pallas_kernels_equal_the_reference_on_packed_rows(implementation, window, softcap):
+  out, grads = _outputs_and_gradients(implementation, _PACKED, window, softcap)
+  ref_out, ref_grads = _outputs_and_gradients("xla", _PACKED, window, softcap)
+  np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
+  for grad, ref_grad in zip(grads, ref_grads):
+    np.testing.assert_allclose(grad, ref_grad, atol=2e-5, rtol=0)
+  # The packed examples really are kept apart: without segments the reference differs.
+  one_segment = np.where(_PACKED != 0, 1, 0)
+  assert np.max(np.abs(_outputs_and_gradients("xla", one_segment, window, softcap)[0]
+                       - ref_out)) > 1e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason=f"cuDNN attention runs on NVIDIA GPUs; this platform is "
+                    f"{jax.default_backend()}")
+@pytest.mark.parametrize("window", [None, 5])
+def test_cudnn_equals_the_reference_on_padded_rows(window):
+  out, grads = _outputs_and_gradients("cudnn", _PADDED, window, None)
+  ref_out, ref_grads = _outputs_and_gradients("xla", _PADDED, window, None)
+  np.testing.assert_allclose(out, ref_out, atol=2e-3, rtol=0)
+  for grad, ref_grad in zip(grads, ref_grads):
+    np.testing.assert_allclose(grad, ref_grad, atol=2e-3, rtol=0)
+
+
+def test_auto_picks_an_exact_kernel_for_the_platform_and_the_layer():
+  choose = attention.choose
+  assert choose("auto", platform="cpu", window=None, softcap=None, packed=True) == "xla"
+  assert choose("auto", platform="tpu", window=4, softcap=50.0, packed=True) == "splash"
+  assert choose("auto", platform="gpu", window=None, softcap=None, packed=False) == "cudnn"
+  assert choose("auto", platform="gpu", window=None, softcap=None, packed=True) == "pallas"
+  # Neither GPU kernel caps scores; packed rows with a window have no GPU kernel either.
+  assert choose("auto", platform="gpu", window=None, softcap=50.0, packed=False) == "xla"
+  assert choose("auto", platform="gpu", window=4, softcap=None, packed=True) == "xla"
+  assert choose("pallas", platform="cpu", window=None, softcap=None, packed=True) == "pallas"
+  assert "packed" in attention.unsupported("cudnn", window=None, softcap=None, packed=True)
+  assert "window" in attention.unsupported("pallas", window=4, softcap=None, packed=True)
