@@ -19,6 +19,7 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
 from ftjax import build, sharding, tasks
+from ftjax.data import buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +65,11 @@ class Setup:
   train: Any
   evaluate: Any
 
-  def batch(self, size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """A global batch of `size` rows of the run's data, as sharded shapes."""
-    return build.abstract_batch(self.batch_spec, size, self.placement.batch_sharding)
+  def batch(self, size: int, length: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch of `size` rows of the run's data, as sharded shapes; `length`:
+    its token arrays cut to that bucket (`ftjax.data.buckets`; None: max_length)."""
+    return build.abstract_batch(buckets.at_length(self.batch_spec, length), size,
+                                self.placement.batch_sharding)
 
   def fisher_step(self) -> Any:
     """EWC's jitted Fisher step (`build.jit_fisher_step`)."""

@@ -25,6 +25,7 @@ from ftjax import (build, checkpoint, data, generate, models, param_groups, peri
                    preemption, regularizers, run_setup, runs, sharding, tracking)
 from ftjax import trackers as trackers_lib
 from ftjax.config import validate
+from ftjax.data import buckets
 from ftjax.data import check as data_check
 from ftjax.data import inputs as inputs_lib
 from ftjax.data import registry
@@ -89,6 +90,8 @@ class _RunData:
       self.eval_sets[name] = (extra.splits["validation"], extra.preprocess)
     self.host_batch = config.batch_size // data_shard[1]
     self.host_eval_batch = config.eval_batch_size // data_shard[1]
+    self.bucketing = buckets.Bucketing(buckets.lengths(config.data.buckets,
+                                                       config.data.max_length))
     self.steps_per_epoch = len(self.train) // config.batch_size
     if self.steps_per_epoch == 0:
       raise ConfigError(f"train split of {len(self.train)} examples is smaller than "
@@ -108,6 +111,11 @@ class _RunData:
         num_epochs=None, shard_index=self.data_shard[0], shard_count=self.data_shard[1],
         augment=self.inputs.augment)
 
+  def put(self, batch: dict[str, np.ndarray], batch_sharding: NamedSharding
+          ) -> dict[str, jax.Array]:
+    """This process's rows of a global batch on the devices, cut to the batch's bucket."""
+    return _put_batch(self.bucketing(batch), batch_sharding)
+
   def eval_batches(self, split: str | Sequence[Any]) -> Iterator[dict[str, np.ndarray]]:
     """Batches of an evaluation set (by name) or of any source of the run's data, each
     example once, padded."""
@@ -117,6 +125,26 @@ class _RunData:
                              shard_index=self.data_shard[0], shard_count=self.data_shard[1])
 
 
+class _PerBucket:
+  """A jitted step compiled once per bucket length of its batches (`ftjax.data.buckets`),
+  ahead of time: the longest (the worst case) at once, the others on their first batch."""
+
+  def __init__(self, lower: Callable[[dict[str, jax.ShapeDtypeStruct]], Any],
+               abstract_batch: Callable[[int | None], dict[str, jax.ShapeDtypeStruct]]):
+    self._lower, self._abstract_batch = lower, abstract_batch
+    longest = abstract_batch(None)
+    self.lowered = lower(longest)  # the longest bucket's, for its outputs' shapes
+    self._compiled = {buckets.batch_length(longest): self.lowered.compile()}
+
+  def __call__(self, *args: Any) -> Any:
+    """The step on `args`, whose last is the batch."""
+    length = buckets.batch_length(args[-1])
+    step = self._compiled.get(length)
+    if step is None:
+      step = self._compiled[length] = self._lower(self._abstract_batch(length)).compile()
+    return step(*args)
+
+
 class _Evaluator:
   """The compiled evaluation over a whole evaluation set: `evaluator(weights, split)`."""
 
@@ -124,10 +152,10 @@ class _Evaluator:
     self.data, self.task, self.frozen = run_data, setup.task, setup.built.frozen
     self.batch_sharding = setup.placement.batch_sharding
     params, stats = setup.built.state.params, setup.built.state.stats
-    lowered = setup.evaluate.lower(params, stats, self.frozen, setup.batch(eval_batch_size))
+    self.step = _PerBucket(lambda batch: setup.evaluate.lower(params, stats, self.frozen, batch),
+                           lambda length: setup.batch(eval_batch_size, length))
     self.metric_names = sorted(self.task.summarize(
-        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), lowered.out_info)))
-    self.step = lowered.compile()
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.step.lowered.out_info)))
 
   def __call__(self, weights: tuple[Any, Any], split: str) -> dict[str, float]:
     """The task's metrics over every example of `split`, each counted once.
@@ -138,7 +166,7 @@ class _Evaluator:
     """
     sums = None
     for batch in self.data.eval_batches(split):
-      out = self.step(*weights, self.frozen, _put_batch(batch, self.batch_sharding))
+      out = self.step(*weights, self.frozen, self.data.put(batch, self.batch_sharding))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     return self.task.summarize(jax.device_get(sums))
 
@@ -176,8 +204,9 @@ class _Run:
     if metric not in self.evaluate.metric_names:
       raise ConfigError(f"config.early_stopping.metric={metric!r}: not an evaluation metric; "
                         f"choose from {self.evaluate.metric_names}")
-    self.train_step = self.setup.train.lower(self.built.state, self.built.frozen,
-                                             self.setup.batch(config.batch_size)).compile()
+    self.train_step = _PerBucket(
+        lambda batch: self.setup.train.lower(self.built.state, self.built.frozen, batch),
+        lambda length: self.setup.batch(config.batch_size, length))
 
   def _log_state(self) -> None:
     """The parameter counts and each device's share of the state."""
@@ -204,7 +233,8 @@ def _fisher_weights(run: _Run, state: Any) -> Any:
   task = regularizers.fisher_task(run.config)
   examples = data.Head(sources[task], regularizer.fisher_examples)
   fisher_step = run.setup.fisher_step()
-  batches = (_put_batch(batch, run.batch_sharding) for batch in run.data.eval_batches(examples))
+  batches = (run.data.put(batch, run.batch_sharding)
+             for batch in run.data.eval_batches(examples))
   started = time.perf_counter()
   weights = regularizers.fisher_weights(fisher_step, state.params, state.stats,
                                         run.built.frozen, batches)
@@ -324,7 +354,7 @@ def _train(run: _Run, state: Any, iterator, stopper: EarlyStopping,
     for step in range(start + 1, total + 1):
       if stopper.stop:
         break
-      batch = _put_batch(next(iterator), run.batch_sharding)
+      batch = run.data.put(next(iterator), run.batch_sharding)
       state, metrics = run.train_step(state, run.built.frozen, batch)
       guard.check(step, metrics["nonfinite"], run.checkpointer)
       if cadence.logs(step):

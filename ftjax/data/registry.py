@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ftjax import models, schema
-from ftjax.data import augment, file_images, lm, local_builder, mixture, table_files
+from ftjax.data import augment, buckets, file_images, lm, local_builder, mixture, table_files
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 
@@ -180,6 +180,7 @@ def check(config: ml_collections.ConfigDict) -> list[DataSet]:
       packaged tasks that is not `config.model.num_classes`.
   """
   data = config.data
+  buckets.lengths(data.buckets, data.max_length)
   sets = [resolve(name, config) for name in mixture.task_names(data.name)]
   names = [s.name for s in sets]
   if len(set(names)) != len(names):
@@ -334,6 +335,10 @@ SCHEMA = schema.Section("data", "What a run reads and how examples become batche
                                 rule=lm.chat_template_problem),
     "max_length": schema.Key(64, "tokens per example (classification) or packed row "
                              "(language models)", rule=schema.positive),
+    "buckets": schema.Key("auto", "token arrays of each batch cut to the shortest of these "
+                          "lengths holding its longest row: 'auto' (every 8 tokens, at most "
+                          "8 lengths, up to max_length), 'off' (always max_length) or "
+                          "comma-separated lengths ('32,48')", rule=buckets.setting_problem),
     "overlong": schema.Key("split", "language models: a chat longer than a row",
                            choices=lm.OVERLONG),
     "max_train_examples": schema.Key(0, "language models: train on the first N examples "

@@ -1,0 +1,110 @@
+"""Bucketed padding (`ftjax.data.buckets`): the lengths a setting gives, the cut, and that
+a bucketed run evaluates and trains like one padded to max_length."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import trainer
+from ftjax.data import buckets
+from ftjax.errors import ConfigError
+
+from conftest import ONE_DEVICE, with_overrides
+
+
+@pytest.mark.parametrize("setting, max_length, expected", [
+    ("auto", 64, (8, 16, 24, 32, 40, 48, 56, 64)),
+    ("auto", 32, (8, 16, 24, 32)),
+    ("auto", 20, (8, 16, 20)),
+    ("auto", 512, (64, 128, 192, 256, 320, 384, 448, 512)),
+    ("auto", 100, (16, 32, 48, 64, 80, 96, 100)),
+    ("off", 64, (64,)),
+    ("48, 32,32", 64, (32, 48, 64)),
+    ("64", 64, (64,)),
+])
+def test_lengths(setting, max_length, expected):
+  assert buckets.lengths(setting, max_length) == expected
+
+
+@pytest.mark.parametrize("setting", ["0,32", "80", "short", ""])
+def test_bad_lengths_are_refused(setting):
+  with pytest.raises(ConfigError, match="config.data.buckets"):
+    buckets.lengths(setting, 64)
+
+
+def test_a_batch_is_cut_to_the_shortest_bucket_holding_its_longest_row():
+  mask = np.zeros((3, 16), np.int32)
+  mask[0, :5], mask[1, :9], mask[2, :2] = 1, 1, 1
+  batch = {"input_ids": mask * 7, "attention_mask": mask, "token_type_ids": 0 * mask,
+           "label": np.arange(3), "mask": np.ones(3, bool)}
+  cut = buckets.Bucketing((4, 8, 12, 16))(batch)
+  assert {k: v.shape for k, v in cut.items()} == {
+      "input_ids": (3, 12), "attention_mask": (3, 12), "token_type_ids": (3, 12),
+      "label": (3,), "mask": (3,)}
+  assert cut["attention_mask"].sum() == mask.sum()
+  assert buckets.Bucketing((16,))(batch)["input_ids"].shape == (3, 16)
+  # Packed language-model rows: the segment ids mark real tokens, wherever they stop.
+  segments = np.zeros((2, 16), np.int32)
+  segments[0, :3], segments[1, :6] = 1, 2
+  rows = {"segment_ids": segments, "targets": segments, "mask": np.ones(2, bool)}
+  assert buckets.Bucketing((4, 8, 16))(rows)["targets"].shape == (2, 8)
+  images = {"image": np.zeros((2, 16, 16, 3)), "label": np.zeros(2)}
+  assert buckets.Bucketing((4, 8, 16))(images)["image"].shape == (2, 16, 16, 3)
+
+
+def _small_run(debug_config, tmp_path, **overrides):
+  """A debug run of a small random encoder without dropout (MiniLM's tokenizer)."""
+  arch = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+              intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+  config = with_overrides(debug_config, **{
+      "model.pretrained": "", "model.arch": arch, "data.tokenizer": "minilm-l6",
+      "data.max_length": 64, "data.buckets": "24,32,48", "eval_batch_size": 8, **overrides})
+  return trainer._Run(config, str(tmp_path), ONE_DEVICE)  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, data_dir):
+  from configs import minilm_sentiment  # pylint: disable=g-import-not-at-top
+  config = with_overrides(minilm_sentiment.get_config("debug"), **{"data.data_dir": data_dir})
+  run = _small_run(config, tmp_path_factory.mktemp("buckets"))
+  yield run
+  run.writer.close()
+  run.checkpointer.close()
+
+
+def test_bucketed_evaluation_equals_the_padded_one(small_run):
+  run = small_run
+  weights = (run.built.state.params, run.built.state.stats)
+  bucketed = run.evaluate(weights, "validation")
+  assert len(run.evaluate.step._compiled) > 1  # several buckets were used
+  run.data.bucketing = buckets.Bucketing((64,))  # every batch padded to max_length
+  try:
+    padded = run.evaluate(weights, "validation")
+  finally:
+    run.data.bucketing = buckets.Bucketing(buckets.lengths("24,32,48", 64))
+  assert bucketed.keys() == padded.keys() and bucketed["count"] == 128
+  for key in padded:
+    assert bucketed[key] == pytest.approx(padded[key], abs=1e-5), key
+
+
+def test_bucketed_training_steps_equal_the_padded_ones(small_run):
+  run = small_run
+  iterator = run.data.train_iterator()
+  batches = [next(iterator) for _ in range(4)]
+  lengths = [buckets.batch_length(run.data.bucketing(b)) for b in batches]
+  assert min(lengths) < 64, lengths
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  runs = {}
+  for name, cut in (("bucketed", run.data.bucketing), ("padded", lambda b: b)):
+    state, losses = copy(run.built.state), []
+    for batch in batches:
+      state, metrics = run.train_step(state, run.built.frozen,
+                                      trainer._put_batch(cut(batch), run.batch_sharding))
+      losses.append(float(metrics["loss"]))
+    runs[name] = state.params, losses
+  (bucketed, bucketed_losses), (padded, padded_losses) = runs["bucketed"], runs["padded"]
+  np.testing.assert_allclose(bucketed_losses, padded_losses, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(bucketed), jax.tree.leaves(padded)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
