@@ -15,9 +15,13 @@ batches carry `targets` [B, L] (the next token at each position) and
 data).
 
 A classification task scores logits. The language-model task scores hidden
-states (`ftjax.models.Features`) with the model's unembedding, a chunk of tokens at a time under
-`jax.checkpoint`, so batch x length x vocabulary float32 logits never exist at
-once, neither in the forward nor in the backward pass.
+states (`ftjax.models.Features`) with the model's unembedding, a chunk of tokens
+at a time, so batch x length x vocabulary float32 logits never exist at once,
+neither in the forward nor in the backward pass. With a plain head kernel and
+`config.loss_grad` "fused" (the default), each chunk's head gradients are formed
+with its forward pass (`ftjax.fused_loss`: three head matmuls, two when the head
+is frozen); otherwise (an adapted or soft-capped head, or "recompute") chunks run
+under `jax.checkpoint` and the backward pass recomputes their logits (four).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ftjax import schema, sharding, vocab_parallel
+from ftjax import fused_loss, schema, sharding, vocab_parallel
 from ftjax.evals import classification as classification_evals
 
 Batch = dict[str, jax.Array]
@@ -171,8 +175,8 @@ def chunked_token_sums(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Arr
                                                             split(weights))))
 
 
-def _causal_lm(loss_chunk: int, mesh: Mesh | None, vocab_axes: tuple[str, ...],
-               batch_axes: tuple[str, ...]) -> Task:
+def _causal_lm(loss_chunk: int, loss_grad: str, mesh: Mesh | None,
+               vocab_axes: tuple[str, ...], batch_axes: tuple[str, ...]) -> Task:
   def scored(features, batch):
     weights = batch["loss_mask"].astype(jnp.float32) * batch["mask"][:, None]
     kernel = features.kernel
@@ -181,6 +185,10 @@ def _causal_lm(loss_chunk: int, mesh: Mesh | None, vocab_axes: tuple[str, ...],
       return vocab_parallel.token_sums(features.hidden, kernel, batch["targets"], weights,
                                        mesh=mesh, vocab_axis=vocab_axes[0],
                                        batch_axes=batch_axes, chunk=loss_chunk)
+    tokens = batch["targets"].size
+    if kernel is not None and loss_grad == "fused" and 0 < loss_chunk < tokens:
+      return fused_loss.token_sums(features.hidden, kernel, batch["targets"], weights,
+                                   loss_chunk)
     return chunked_token_sums(features.hidden, features.unembed, batch["targets"], weights,
                               loss_chunk)
 
@@ -200,6 +208,10 @@ SCHEMA = schema.Section("", "What the model's outputs are scored against.", {
                        "tokens)", choices=TASKS),
     "loss_chunk": schema.Key(1024, "causal_lm: tokens of logits computed at a time (0: all at "
                              "once)", rule=schema.at_least(0)),
+    "loss_grad": schema.Key("fused", "causal_lm, chunked, plain head kernel: fused (the head's "
+                            "gradients formed chunk by chunk in the forward pass: 3 head "
+                            "matmuls) or recompute (the backward pass recomputes each chunk's "
+                            "logits: 4)", choices=("fused", "recompute")),
 })
 
 
@@ -210,7 +222,8 @@ def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
 
   Classification reads `config.model.num_classes` and, for a multi-task run, takes
   `task_classes`: (name, number of classes) of each task, in order; causal_lm reads
-  `config.loss_chunk` (tokens of logits per chunk; 0 = no chunking).
+  `config.loss_chunk` (tokens of logits per chunk; 0 = no chunking) and
+  `config.loss_grad` (how a chunked loss with a plain head kernel gets its gradient).
   Given the run's `mesh` and axis `rules`, a language model whose vocabulary is
   split over a mesh axis computes its loss with `ftjax.vocab_parallel`.
   """
@@ -218,4 +231,5 @@ def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
     return _classification(config.model.num_classes, task_classes)
   vocab_axes = rules.mapping.get("vocab", ()) if rules else ()
   batch_axes = rules.batch_axes(mesh) if rules and mesh is not None else ()
-  return _causal_lm(config.loss_chunk, mesh, vocab_axes, batch_axes)
+  loss_grad = config.get("loss_grad", SCHEMA.keys["loss_grad"].default)
+  return _causal_lm(config.loss_chunk, loss_grad, mesh, vocab_axes, batch_axes)
