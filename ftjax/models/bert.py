@@ -17,6 +17,7 @@ from flax import nnx
 
 from ftjax import schema, sharding
 from ftjax.errors import ConfigError
+from ftjax.models import dropout as dropout_lib
 from ftjax.models import heads, hf_config
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
@@ -181,7 +182,7 @@ class Embeddings(nnx.Module):
       self.token_type_embeddings = nnx.Embed(config.type_vocab_size, h, embedding_init=init,
                                              rngs=rngs)
     self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
     if h != config.hidden_size:
       self.projection = _dense(h, config.hidden_size, rngs)
     self.positions_skip_padding = config.family.positions_skip_padding
@@ -212,8 +213,9 @@ class Embeddings(nnx.Module):
     return self.projection(x) if hasattr(self, "projection") else x
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, dropout: nnx.Dropout, *,
-           deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array,
+           dropout: dropout_lib.Dropout, *, deterministic: bool,
+           rngs: nnx.Rngs | None) -> jax.Array:
   """Softmax attention of queries [B, L, heads, d] to keys and values [B, S, heads, d]
   where `keep` [B, 1, L or 1, S] allows, `dropout` applied to the probabilities.
 
@@ -237,7 +239,7 @@ class SelfAttention(nnx.Module):
     self.key = _dense(h, h, rngs)
     self.value = _dense(h, h, rngs)
     self.output = _dense(h, h, rngs)
-    self.dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.attention_probs_dropout_prob)
 
   def __call__(self, x, attention_mask, *, deterministic, rngs):
     batch, length, hidden = x.shape
@@ -266,7 +268,7 @@ class EncoderLayer(nnx.Module):
     self.intermediate = _dense(h, config.intermediate_size, rngs)
     self.output = _dense(config.intermediate_size, h, rngs)
     self.output_norm = nnx.LayerNorm(h, epsilon=eps, rngs=rngs)
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
     self.activation = config.hidden_act
 
   def __call__(self, x, attention_mask, *, deterministic, rngs, **attention_inputs):
@@ -315,7 +317,7 @@ class SequenceClassifier(nnx.Module):
     schema.check_choice(pooling, POOLINGS, "model.pooling")
     self.encoder = self.encoder_class(config, rngs)
     self.pooling = pooling
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
     self.head = nnx.Linear(config.hidden_size, num_classes,
                            kernel_init=heads.kernel_init(head_init, 0.02), rngs=rngs)
 

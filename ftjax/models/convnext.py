@@ -29,6 +29,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
+from ftjax.models import dropout as dropout_lib
 from ftjax.models import heads, hf_config, mobilenet, resnet
 
 # Logical axes of every parameter (see `ftjax.sharding`). Convolutions are small: they
@@ -131,11 +132,11 @@ class DepthwiseConv(mobilenet.DepthwiseConv):
 def drop_path(x: jax.Array, rate: float, *, deterministic: bool,
               rngs: nnx.Rngs | None) -> jax.Array:
   """Stochastic depth: zeroes whole examples' branches with probability `rate` in
-  training, scaling the kept ones by 1 / (1 - rate)."""
+  training, scaling the kept ones by 1 / keep probability (`ftjax.models.dropout`)."""
   if deterministic or rate == 0:
     return x
-  keep = jax.random.bernoulli(rngs.dropout(), 1 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
+  return dropout_lib.dropout(x, rate, rngs.dropout(),
+                             broadcast_shape=(x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 class Block(nnx.Module):

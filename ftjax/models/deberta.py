@@ -27,6 +27,7 @@ from flax import nnx
 from ftjax import sharding
 from ftjax.errors import ConfigError
 from ftjax.models import bert, hf_config
+from ftjax.models import dropout as dropout_lib
 
 MODEL_TYPES = ("deberta-v2",)
 
@@ -186,8 +187,8 @@ class DisentangledAttention(nnx.Module):
         self.pos_key = _dense(h, h, rngs)
       if "p2c" in self.terms:
         self.pos_query = _dense(h, h, rngs)
-    self.dropout = nnx.Dropout(config.attention_probs_dropout_prob)
-    self.position_dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.attention_probs_dropout_prob)
+    self.position_dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
 
   def _heads(self, y: jax.Array) -> jax.Array:
     return y.reshape(*y.shape[:-1], self.num_heads, -1)
@@ -252,7 +253,7 @@ class Embeddings(nnx.Module):
     if e != h:
       self.projection = nnx.Linear(e, h, use_bias=False, kernel_init=init, rngs=rngs)
     self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
 
   def _positions(self, length: int) -> jax.Array:
     """0 .. length - 1; sequences longer than the table are refused (their length is
@@ -284,7 +285,7 @@ class ConvLayer(nnx.Module):
     self.conv = nnx.Conv(h, h, kernel_size=(size,), padding=[((size - 1) // 2,) * 2],
                          feature_group_count=config.conv_groups, rngs=rngs)
     self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
     self.activation = _CONV_ACTIVATIONS[config.conv_act]
 
   def __call__(self, embedded, block_output, attention_mask, *, deterministic, rngs):

@@ -28,6 +28,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
+from ftjax.models import dropout as dropout_lib
 from ftjax.models import heads
 from ftjax.models.batch_norm import BatchNorm
 
@@ -270,7 +271,7 @@ class ImageClassifier(nnx.Module):
     self.blocks = nnx.List([InvertedResidual(arch, block, rngs) for block in blocks])
     self.top = _pointwise(blocks[-1].out_channels, arch.top_channels, rngs)
     self.top_bn = _batch_norm(arch, arch.top_channels)
-    self.dropout = nnx.Dropout(arch.dropout)
+    self.dropout = dropout_lib.Dropout(arch.dropout)
     self.head = nnx.Linear(arch.top_channels, num_classes,
                            kernel_init=heads.kernel_init(head_init, 0.01), rngs=rngs)
 

@@ -39,6 +39,7 @@ from flax import nnx
 from ftjax import sharding
 from ftjax.errors import ConfigError
 from ftjax.models import bert, heads, hf_config
+from ftjax.models import dropout as dropout_lib
 from ftjax.models.llama import Rope, apply_rope
 
 MODEL_TYPE = "modernbert"
@@ -222,7 +223,7 @@ class Embeddings(nnx.Module):
     self.tok_embeddings = nnx.Embed(config.vocab_size, config.hidden_size,
                                     embedding_init=init, rngs=rngs)
     self.norm = _norm(config, rngs)
-    self.drop = nnx.Dropout(config.embedding_dropout)
+    self.drop = dropout_lib.Dropout(config.embedding_dropout)
 
   def __call__(self, input_ids, *, deterministic, rngs):
     return self.drop(self.norm(self.tok_embeddings(input_ids)), deterministic=deterministic,
@@ -237,7 +238,7 @@ class Attention(nnx.Module):
     self.num_heads = config.num_attention_heads
     self.Wqkv = _linear(h, 3 * h, config.attention_bias, config.initializer_range, rngs)
     self.Wo = _linear(h, h, config.attention_bias, _out_stddev(config), rngs)
-    self.dropout = nnx.Dropout(config.attention_dropout)
+    self.dropout = dropout_lib.Dropout(config.attention_dropout)
 
   def __call__(self, x, cos, sin, keep, *, deterministic, rngs):
     batch, length, hidden = x.shape
@@ -258,7 +259,7 @@ class MLP(nnx.Module):
     h, m = config.hidden_size, config.intermediate_size
     self.Wi = _linear(h, 2 * m, config.mlp_bias, config.initializer_range, rngs)
     self.Wo = _linear(m, h, config.mlp_bias, _out_stddev(config), rngs)
-    self.drop = nnx.Dropout(config.mlp_dropout)
+    self.drop = dropout_lib.Dropout(config.mlp_dropout)
     self.act = hf_config.ACTIVATIONS[config.hidden_activation]
 
   def __call__(self, x, *, deterministic, rngs):
@@ -330,7 +331,7 @@ class SequenceClassifier(nnx.Module):
     self.encoder = Encoder(config, rngs)
     self.pooling = config.classifier_pooling
     self.head = Head(config, rngs)
-    self.drop = nnx.Dropout(config.classifier_dropout)
+    self.drop = dropout_lib.Dropout(config.classifier_dropout)
     self.classifier = nnx.Linear(
         config.hidden_size, num_classes,
         kernel_init=heads.kernel_init(head_init, config.hidden_size ** -0.5), rngs=rngs)

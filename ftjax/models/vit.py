@@ -26,6 +26,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
+from ftjax.models import dropout as dropout_lib
 from ftjax.models import heads, hf_config
 
 # Logical axes of every parameter (see `ftjax.sharding`): (path regex, one name per dim).
@@ -131,7 +132,7 @@ class Embeddings(nnx.Module):
     self.cls_token = nnx.Param(init(rngs.params(), (1, 1, h), jnp.float32))
     num_patches = config.grid[0] * config.grid[1]
     self.position = nnx.Param(init(rngs.params(), (1, 1 + num_patches, h), jnp.float32))
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
     self.image_size = config.image_size
 
   def __call__(self, images, *, deterministic, rngs):
@@ -156,7 +157,7 @@ class SelfAttention(nnx.Module):
     self.key = _dense(h, h, rngs, config.qkv_bias)
     self.value = _dense(h, h, rngs, config.qkv_bias)
     self.output = _dense(h, h, rngs)
-    self.dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.attention_probs_dropout_prob)
 
   def __call__(self, x, *, deterministic, rngs):
     batch, length, hidden = x.shape
@@ -194,7 +195,7 @@ class EncoderLayer(nnx.Module):
     self.attention = SelfAttention(config, rngs)
     self.mlp_norm = nnx.LayerNorm(h, epsilon=eps, rngs=rngs)
     self.mlp = Mlp(config, rngs)
-    self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
 
   def __call__(self, x, *, deterministic, rngs):
     drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)

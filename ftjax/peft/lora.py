@@ -30,6 +30,7 @@ from flax import nnx
 
 from ftjax import param_groups
 from ftjax.errors import ConfigError
+from ftjax.models import dropout as dropout_lib
 from ftjax.peft import quant
 
 LORA_PARAMS = ("lora_a", "lora_b", "lora_magnitude")
@@ -88,7 +89,7 @@ class LoraLinear(nnx.Module):
     self.lora_b = nnx.Param(jnp.zeros((spec.rank, fan_out), jnp.float32))
     if spec.dora:
       self.lora_magnitude = nnx.Param(column_norms(self.base_kernel()))
-    self.dropout = nnx.Dropout(spec.dropout)
+    self.dropout = dropout_lib.Dropout(spec.dropout)
     self.deterministic = True
     self.rngs = nnx.data(None)
 
