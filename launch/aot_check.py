@@ -318,6 +318,8 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
                            task_classes, total_steps, abstract=True)
   built = setup.built
   state = built.state
+  # Token arrays of max_length, the longest bucket of config.data.buckets: the worst case
+  # of the shapes a run compiles.
   train_batch = setup.batch(config.batch_size)
   eval_batch = setup.batch(config.eval_batch_size)
   train_compiled, train_seconds = _compile(setup.train, state, built.frozen, train_batch)
@@ -356,7 +358,7 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   device_kind = getattr(devices[0], "device_kind", platform)
   batch_axes = ",".join(a for a in rules.batch_axes(mesh) if mesh.shape[a] > 1) or "none"
   rows = (f"{config.data.image_size}x{config.data.image_size} images" if kind == "image"
-          else f"{config.data.max_length} tokens")
+          else f"{config.data.max_length} tokens (the longest bucket)")
   lines = [f"mesh: {mesh_text} over {len(devices)} {device_kind} devices "
            f"(--topology={topology})",
            f"batch: train {config.batch_size}, eval {config.eval_batch_size} rows of "
