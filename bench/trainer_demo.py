@@ -39,6 +39,12 @@ def _load() -> str:
   return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _env() -> dict[str, str]:
+  """The environment of the runs: this checkout's ftjax first."""
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(
+      p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+
+
 def _run_ftjax(workdir: str, buckets: str, max_steps: int) -> dict:
   """The demo's command in a fresh process; its figures from its output and files."""
   shutil.rmtree(workdir, ignore_errors=True)
@@ -50,7 +56,7 @@ def _run_ftjax(workdir: str, buckets: str, max_steps: int) -> dict:
   first_step = last_eval = None
   steps = 0
   with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True) as process:
+                        text=True, env=_env()) as process:
     for line in process.stdout:
       now = time.perf_counter() - started
       if " steps (" in line and "per epoch" in line:  # the loop starts
@@ -169,7 +175,7 @@ def main() -> None:
                               f"--workdir={os.path.join(args.workdir, 'trainer')}",
                               f"--max_steps={args.max_steps}"],
                              cwd=REPO, capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONPATH": REPO})
+                             env=_env())
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result["wall_s"] = time.perf_counter() - started  # the process's start included
       result.update(side=side, round=round_, load=f"{load_before} -> {_load()}")
