@@ -336,8 +336,8 @@ SCHEMA = schema.Section("data", "What a run reads and how examples become batche
     "max_length": schema.Key(64, "tokens per example (classification) or packed row "
                              "(language models)", rule=schema.positive),
     "buckets": schema.Key("auto", "token arrays of each batch cut to the shortest of these "
-                          "lengths holding its longest row: 'auto' (every 8 tokens, at most "
-                          "8 lengths, up to max_length), 'off' (always max_length) or "
+                          "lengths holding its longest row: 'auto' (quarters of max_length "
+                          "in multiples of 8 tokens), 'off' (always max_length) or "
                           "comma-separated lengths ('32,48')", rule=buckets.setting_problem),
     "overlong": schema.Key("split", "language models: a chat longer than a row",
                            choices=lm.OVERLONG),
