@@ -69,7 +69,7 @@ class Built:
   """What a run trains, and where each piece of it lives."""
 
   model: models.Model
-  base: Any  # the unadapted model's parameters (or shapes), for the parameter summary
+  base: Any  # the unadapted model's parameter shapes, for the parameter summary
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   state: state_lib.TrainState  # trainable parameters, optimizer state, step, rng, stats
@@ -81,6 +81,24 @@ class Built:
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
+
+
+def _stored_frozen(config: ml_collections.ConfigDict, frozen: Any) -> Any:
+  """The frozen parameters as `config.peft.base_dtype` stores them: float32, or cast once
+  to the compute dtype, which the step would cast them to anyway (integer leaves, QLoRA's
+  codes, stay as they are). Arrays keep their shardings; shapes get the new dtype."""
+  dtype = DTYPES[config.compute_dtype]
+  if config.peft.base_dtype == "float32" or dtype == jnp.float32:
+    return frozen
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+  return jax.tree.map(cast, frozen)
 
 
 def _adapted_shapes(config: ml_collections.ConfigDict) -> tuple[models.Model, Any, Any]:
@@ -133,6 +151,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
     params = runs.initial_weights(config.init_from, params)
   params, stats = model.split_stats(params)
   trainable, frozen = peft_methods.split(config, model, params)
+  frozen = _stored_frozen(config, frozen)
   model = dataclasses.replace(model, updating=batch_norm.updating_layers(
       config.model.batch_norm, stats, trainable))
   depths = model.layout.depths(trainable, params)
@@ -158,7 +177,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
     state = jax.jit(create, out_shardings=state_shardings, donate_argnums=(0, 1))(
         jax.device_put(trainable, trainable_shardings),
         jax.device_put(stats, state_shardings.stats))
-  return Built(model=model, base=base_params, tx=tx, schedule=schedule, state=state,
+  # Shapes only: the float32 arrays of kernels stored otherwise (quantized, or in the
+  # compute dtype) would stay alive in them.
+  base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
+  return Built(model=model, base=base_shapes, tx=tx, schedule=schedule, state=state,
                frozen=frozen, state_shardings=state_shardings,
                frozen_shardings=frozen_shardings)
 

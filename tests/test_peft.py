@@ -10,6 +10,7 @@ from flax import nnx
 
 from configs import minilm_sentiment, smollm2_chat
 from conftest import with_overrides
+from ftjax import build, sharding
 from ftjax import config as config_lib, models, optim, param_groups, state as state_lib, step as step_lib, tasks
 from ftjax.errors import ConfigError
 from ftjax.peft import lora, methods, quant
@@ -287,3 +288,60 @@ def test_lora_without_a_target_adapts_the_models_usual_kernels(case):
   linear = [p for p in param_groups.flatten(base) if re.fullmatch(expected, p)]
   assert kernels and sorted(kernels) == sorted(p.removesuffix("/kernel") for p in linear)
   assert model.layout.adapted == adapted.layout.adapted != ""
+
+
+def _built_and_trained(arg, base_dtype, steps=2):
+  """A tiny random encoder adapted by `arg`, built on one device in bfloat16 with its frozen
+  parameters stored as `base_dtype`, then trained `steps` steps on one batch; (built,
+  trained parameters, losses)."""
+  config = _config(arg, **{"model.pretrained": "", "compute_dtype": "bfloat16",
+                           "peft.base_dtype": base_dtype, "optimizer.warmup_steps": 0,
+                           "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1,
+                           "model.arch": dict(vocab_size=12000, hidden_size=32,
+                                              num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=64)})
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  rules = sharding.Rules.from_config(config.axis_rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  built = build.build(config, mesh, rules, total_steps=10)
+  if not steps:
+    return built, None, []
+  train, _ = build.jit_steps(built, tasks.get(config, mesh, rules), config, rules,
+                             batch_sharding)
+  batch = dict(TOKENS, label=jnp.asarray([0, 1], jnp.int32), mask=jnp.ones((2,), bool))
+  state, losses = built.state, []
+  for _ in range(steps):
+    state, metrics = train(state, built.frozen, jax.device_put(batch, batch_sharding))
+    losses.append(float(metrics["loss"]))
+  return built, jax.device_get(state.params), losses
+
+
+def _float_leaves(tree):
+  return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+def _nbytes(tree):
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_lora_base_stored_in_the_compute_dtype_halves_it_and_trains_the_same():
+  as_float32, float32_params, float32_losses = _built_and_trained("peft=lora", "float32")
+  as_compute, compute_params, compute_losses = _built_and_trained("peft=lora", "compute")
+  assert {x.dtype for x in jax.tree.leaves(as_compute.frozen)} == {jnp.dtype(jnp.bfloat16)}
+  assert _nbytes(as_compute.frozen) * 2 == _nbytes(as_float32.frozen)
+  # Adapters and the head stay float32, and the step, which casts the frozen half to the
+  # compute dtype anyway, computes the same numbers: a run may resume with either setting.
+  assert {x.dtype for x in jax.tree.leaves(compute_params)} == {jnp.dtype(jnp.float32)}
+  assert compute_losses == float32_losses and compute_losses[1] < compute_losses[0]
+  jax.tree.map(np.testing.assert_array_equal, compute_params, float32_params)
+
+
+def test_qlora_base_stored_in_the_compute_dtype_is_what_the_step_computes_with():
+  as_float32, _, _ = _built_and_trained("peft=qlora,quant=int8", "float32", steps=0)
+  as_compute, _, _ = _built_and_trained("peft=qlora,quant=int8", "compute", steps=0)
+  # The int8 codes stay; their scales and the other frozen floats are halved.
+  assert {x.dtype for x in _float_leaves(as_compute.frozen)} == {jnp.dtype(jnp.bfloat16)}
+  assert _nbytes(_float_leaves(as_compute.frozen)) * 2 == _nbytes(_float_leaves(
+      as_float32.frozen))
+  jax.tree.map(np.testing.assert_array_equal, as_compute.frozen,
+               step_lib.cast_floats(as_float32.frozen, jnp.bfloat16))

@@ -26,6 +26,8 @@ from ftjax.peft import lora, quant
 METHODS = ("full", "lora", "dora", "qlora", "bitfit")
 ADAPTERS = ("lora", "dora", "qlora")
 FREEZE = ("none", "all_but_head")
+# Storage of the frozen parameters: float32, or the compute dtype the step casts them to.
+BASE_DTYPES = ("float32", "compute")
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
@@ -66,6 +68,10 @@ SCHEMA = schema.Section("", "What trains (PEFT methods, freezing) and how adapte
         "double_quant": schema.Key(False, "NF4: quantize the block scales too"),
         "quantize": schema.Key("encoder/.*/kernel", "QLoRA: regex of further frozen kernels "
                                "stored quantized"),
+        "base_dtype": schema.Key("float32", "storage of the frozen parameters: float32, or "
+                                 "compute (config.compute_dtype: half the memory in bfloat16 "
+                                 "runs, the same numbers since the step casts them to it)",
+                                 choices=BASE_DTYPES),
     },
 }, check=_check)
 
