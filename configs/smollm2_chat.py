@@ -17,7 +17,8 @@ Variants through the arg string, e.g. `configs/smollm2_chat.py:full,lr=2e-5`:
   max_length=...  tokens per packed row.
   rank=...        LoRA rank (alpha = 2 * rank).
   dtype=...       compute dtype: float32 or bfloat16 (weights stay float32).
-  remat=...       none, full or dots_saveable (recompute blocks in the backward pass).
+  remat=...       none, full, dots_saveable or a named policy such as save_dot_except_mlp
+                  (recompute blocks in the backward pass; config.model.remat).
   seed=...        seeds packing order, shuffling, LoRA initialisation and sampling.
 """
 
