@@ -137,6 +137,7 @@ class FtjaxBench:
     state: the train state (donated to each step).
     frozen: the frozen parameters (empty for full fine-tuning).
     batch: the batch every step trains on, on the device.
+    jitted: the jitted step, before lowering.
     compile_s: seconds spent lowering and compiling the step.
     first_loss: the loss of the first step run, once `run` has run.
   """
@@ -150,6 +151,7 @@ class FtjaxBench:
     self.schedule = self.built.schedule
     self.state, self.frozen = self.built.state, self.built.frozen
     self.batch = jax.device_put(batch, setup.placement.batch_sharding)
+    self.jitted = setup.train
     started = time.perf_counter()
     self.step_fn = setup.train.lower(self.state, self.frozen, self.batch).compile()
     self.compile_s = time.perf_counter() - started

@@ -1,4 +1,5 @@
-r"""python bench/llama_train_step.py [--shape smollm2-135m|llama-1b] [--methods full,lora]
+r"""python bench/llama_train_step.py [--shape smollm2-135m|llama-1b|small-262k] [--methods full,lora]
+    [--loss_grads fused,recompute]
 
 Train-step throughput and model FLOPs utilisation (MFU) of a Llama-family causal
 language model with random weights, full fine-tuning and LoRA: ftjax versus
@@ -11,6 +12,9 @@ Shapes (`--shape`; Hugging Face config fields, randomly initialised):
 * `llama-1b`: Llama-3.2-1B-like -- hidden 2048, intermediate 8192, 16 layers,
   32 heads, 8 key/value heads, vocabulary 128256, tied embeddings, RoPE theta
   500000 with llama3 scaling.
+* `small-262k`: a small decoder under a Gemma-3-sized vocabulary, where the LM head
+  is most of the work -- hidden 256, intermediate 768, 4 layers, 4 heads, 2
+  key/value heads, vocabulary 262144, tied embeddings.
 
 Both sides do the same work per step: the decoder on `--batch_size` rows of
 `--seq_len` random token ids (one sequence per row, every target counted),
@@ -29,6 +33,11 @@ biases and norm scales).
   shape), jitted with the state donated; the causal-LM task computes the logits
   `config.loss_chunk` tokens at a time. Weights and optimizer state stay float32;
   `--dtype` is the compute dtype. Timing ends with `block_until_ready`.
+  `--loss_grads fused,recompute` times one ftjax step per `config.loss_grad` (the
+  first is "ftjax", the others "ftjax loss_grad=..."), interleaved, and prints each
+  step's FLOPs two ways: XLA's cost analysis of the compiled step (which counts a
+  loop's body once, so the chunked loss's loop counts one chunk), and the matmul
+  FLOPs of the traced step with every scan's body counted as often as it runs.
 * torch: `LlamaForCausalLM(LlamaConfig(<same fields>))` (its default attention,
   SDPA) holding the same weights as ftjax's, wrapped by `peft.get_peft_model(...,
   LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=<the 7
@@ -77,7 +86,7 @@ ftjax's compile time (lowering + XLA compilation of the step) is printed per met
 XLA_PYTHON_CLIENT_PREALLOCATE defaults to false so that JAX and torch can share one
 GPU; JAX_PLATFORMS defaults to `cpu` on machines without an NVIDIA device.
 
-Flags: --shape, --methods, --batch_size, --seq_len, --dtype, --remat, --loss_chunk,
+Flags: --shape, --methods, --batch_size, --seq_len, --dtype, --remat, --loss_chunk, --loss_grads,
 --steps, --rounds, --warmup, --peak_tflops, --skip_torch, --threads, --seed.
 """
 
@@ -103,6 +112,7 @@ else:  # python bench/llama_train_step.py: this file's folder is on sys.path
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.extend import core as jax_core  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import peft  # noqa: E402
@@ -126,6 +136,10 @@ SHAPES: dict[str, dict[str, Any]] = {
                                                low_freq_factor=1.0, high_freq_factor=4.0,
                                                original_max_position_embeddings=8192),
         max_position_embeddings=131072, tie_word_embeddings=True),
+    "small-262k": dict(
+        vocab_size=262144, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True),
 }
 METHODS = ("full", "lora")
 _METHOD_LABELS = {"full": "full", "lora": "LoRA r=8"}
@@ -162,6 +176,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="gradient checkpointing of each decoder block")
   parser.add_argument("--loss_chunk", type=int, default=None,
                       help="tokens of logits at a time in ftjax's loss (default: the config's)")
+  parser.add_argument("--loss_grads", default=None,
+                      help="comma-separated config.loss_grad values (fused, recompute), one "
+                      "ftjax step each, timed interleaved (default: the config's)")
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="peak FLOP/s (in TFLOP/s) for MFU; default: by device kind, "
                       "else estimated with a large matmul")
@@ -176,10 +193,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   common.check_counts(parser, args, ("batch_size", "seq_len", "steps", "rounds", "threads"))
   if args.peak_tflops is not None and args.peak_tflops <= 0:
     parser.error("--peak_tflops must be positive")
+  args.loss_grads = [g.strip() for g in (args.loss_grads or "").split(",") if g.strip()] or [
+      None]
+  if not set(args.loss_grads) <= {None, "fused", "recompute"}:
+    parser.error(f"--loss_grads: {args.loss_grads}; choose from fused, recompute")
   return args
 
 
-def make_config(args: argparse.Namespace, method: str) -> ml_collections.ConfigDict:
+def make_config(args: argparse.Namespace, method: str,
+                loss_grad: str | None = None) -> ml_collections.ConfigDict:
   """The SmolLM2 fine-tuning config at the bench's shape, with random weights."""
   config = smollm2_chat.get_config(
       f"peft={method},batch_size={args.batch_size},max_length={args.seq_len},"
@@ -189,7 +211,39 @@ def make_config(args: argparse.Namespace, method: str) -> ml_collections.ConfigD
     config.model.arch = SHAPES[args.shape]
     if args.loss_chunk is not None:
       config.loss_chunk = args.loss_chunk
+    if loss_grad is not None:
+      config.loss_grad = loss_grad
   return config
+
+
+def _matmul_flops(jaxpr: Any) -> float:
+  """FLOPs of the dot_generals of `jaxpr`, a scan's body counted `length` times (a
+  cond's costliest branch once; a while loop's body once)."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+    inner = []
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(item, jax_core.ClosedJaxpr):
+          inner.append(_matmul_flops(item.jaxpr))
+        elif isinstance(item, jax_core.Jaxpr):
+          inner.append(_matmul_flops(item))
+    if inner:
+      repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+      total += repeats * (max(inner) if eqn.primitive.name == "cond" else sum(inner))
+  return total
+
+
+def step_flops(bench: common.FtjaxBench) -> dict[str, float]:
+  """{"xla": the compiled step's cost-analysis FLOPs, "matmul": its traced matmul FLOPs}."""
+  cost = bench.step_fn.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  traced = bench.jitted.trace(bench.state, bench.frozen, bench.batch)
+  return {"xla": float(cost["flops"]), "matmul": _matmul_flops(traced.jaxpr.jaxpr)}
 
 
 def make_batch(batch_size: int, seq_len: int, vocab_size: int,
@@ -379,9 +433,14 @@ def run_method(args: argparse.Namespace, method: str, base: tuple[models.Model, 
     "flops": `model_flops_per_token`, "loss": {framework: loss of the first step},
     "trainable": ftjax's trainable parameter count}.
   """
-  config = make_config(args, method)
+  config = make_config(args, method, args.loss_grads[0])
   base_params = base[1]
   ftjax_bench = common.FtjaxBench(config, batch, base)
+  names = ["ftjax"] + [f"ftjax loss_grad={g}" for g in args.loss_grads[1:]]
+  ftjax_benches = {"ftjax": ftjax_bench}
+  for name, loss_grad in zip(names[1:], args.loss_grads[1:]):
+    ftjax_benches[name] = common.FtjaxBench(make_config(args, method, loss_grad), batch, base)
+  compiled_flops = {name: step_flops(bench) for name, bench in ftjax_benches.items()}
   trainable = ftjax_bench.state.params
   flops = model_flops_per_token(trainable, ftjax_bench.frozen, SHAPES[args.shape],
                                 args.seq_len)
@@ -389,7 +448,11 @@ def run_method(args: argparse.Namespace, method: str, base: tuple[models.Model, 
   label = _METHOD_LABELS[method]
   print(f"{label}: ftjax compiled in {ftjax_bench.compile_s:.1f}s; {num_trainable:,} trainable "
         f"parameters; {flops['total'] / 1e9:.3f} GFLOP per token", flush=True)
-  benches: dict[str, Any] = {"ftjax": ftjax_bench}
+  for name, counted in compiled_flops.items():
+    print(f"{label}: {name} step: XLA cost analysis "
+          f"{counted['xla'] / 1e12:.4f} TFLOP, traced matmuls {counted['matmul'] / 1e12:.4f} TFLOP",
+          flush=True)
+  benches: dict[str, Any] = dict(ftjax_benches)
   if not args.skip_torch:
     trainable_paths = set(param_groups.flatten(ftjax_bench.state.params))
     total = args.warmup + args.rounds * args.steps + 1
@@ -406,12 +469,12 @@ def run_method(args: argparse.Namespace, method: str, base: tuple[models.Model, 
                                     prefix=f"{label}: ")
   losses = {name: bench.first_loss for name, bench in benches.items()}
   compile_s = ftjax_bench.compile_s
-  del benches, ftjax_bench
+  del benches, ftjax_bench, ftjax_benches
   gc.collect()
   if torch_device.type == "cuda":
     torch.cuda.empty_cache()
   return {"seconds": seconds, "compile_s": compile_s, "flops": flops, "loss": losses,
-          "trainable": num_trainable}
+          "trainable": num_trainable, "compiled_flops": compiled_flops}
 
 
 def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]], peak: float,
@@ -431,12 +494,21 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]], pe
     for name, median in medians.items():
       mfu = result["flops"]["total"] * tokens / median / peak
       speedup = (f"{medians['torch'] / median:.2f}x" if "torch" in medians else "n/a")
+      if name in result["compiled_flops"]:
+        counted = result["compiled_flops"][name]
+        framework_flops = (f"{counted['xla'] / 1e12:.3f}", f"{counted['matmul'] / 1e12:.3f}")
+      else:
+        framework_flops = ("", "")
       framework = torch_label[method] if name == "torch" else name
       rows.append((_METHOD_LABELS[method], framework, f"{median:.4f}", f"{tokens / median:,.0f}",
-                   f"{100 * mfu:.1f}%", speedup))
+                   f"{100 * mfu:.1f}%", speedup, *framework_flops))
   common.print_markdown_table(
-      ("method", "framework", "step time (s)", "tokens/s", "MFU", "speedup vs torch"), rows)
+      ("method", "framework", "step time (s)", "tokens/s", "MFU", "speedup vs torch",
+       "XLA TFLOP/step", "matmul TFLOP/step"), rows)
   print()
+  print("XLA TFLOP/step: the compiled step's cost analysis (a loop's body counted once: "
+        "one chunk of the loss); matmul TFLOP/step: the traced step's matmuls, each scan's "
+        "body counted as often as it runs.")
   print(f"MFU = model FLOPs per token x tokens per step / step time / peak; peak "
         f"{peak / 1e12:.3g} TFLOP/s ({peak_source}).")
   print("Model FLOPs per token = 6 N_trainable + 4 N_frozen + 6 n_layers seq_len n_heads "
