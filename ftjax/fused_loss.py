@@ -56,8 +56,21 @@ def _sums(losses: jax.Array, correct: jax.Array, w: jax.Array) -> Sums:
   return {"loss": (losses * w).sum(), "accuracy": (correct * w).sum(), "weight": w.sum()}
 
 
-def _split(hidden, targets, weights, chunk):
-  """Pads the sequence to whole chunks of ceil(chunk / B) positions and splits it."""
+def split_chunks(hidden: jax.Array, targets: jax.Array, weights: jax.Array,
+                 chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Chunks of about `chunk` tokens along the sequence, for a loop over them.
+
+  Each chunk holds every row's next ceil(chunk / B) positions, so the batch
+  dimension (split over devices) is never gathered; the sequence is padded to
+  whole chunks with weight 0.
+
+  Args:
+    hidden: [B, L, H]; targets, weights: [B, L].
+    chunk: tokens per chunk, > 0.
+
+  Returns:
+    hidden [pieces, B, span, H], targets and weights [pieces, B, span].
+  """
   batch, length = targets.shape
   span = -(-chunk // batch)
   pad = -length % span  # padded positions carry weight 0
@@ -76,7 +89,7 @@ def _token_sums(hidden, kernel, targets, weights, chunk):
     _, _, losses, correct = _chunk_stats(h, kernel, t)
     return _sums(losses, correct, w)
 
-  sums = jax.lax.map(one, _split(hidden, targets, weights, chunk))
+  sums = jax.lax.map(one, split_chunks(hidden, targets, weights, chunk))
   return jax.tree.map(lambda x: x.sum(0), sums)
 
 
@@ -102,7 +115,7 @@ def _forward(hidden, kernel, targets, weights, chunk):
 
   init = jnp.zeros(kernel.shape, jnp.float32) if want_kernel else None
   kernel_grad, (sums, hidden_grad, losses, correct) = jax.lax.scan(
-      one, init, _split(hidden, targets, weights, chunk))
+      one, init, split_chunks(hidden, targets, weights, chunk))
   sums = jax.tree.map(lambda x: x.sum(0), sums)
   unsplit = lambda x: _unpieces(x)[:, :length]
   if want_kernel:  # summed in float32, kept in the kernel's dtype as autodiff would

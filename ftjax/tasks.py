@@ -154,25 +154,16 @@ def chunked_token_sums(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Arr
   Returns:
     {"loss", "accuracy", "weight"}: sums over the weighted tokens.
   """
-  batch, length = targets.shape
-  if chunk <= 0 or chunk >= batch * length:
+  if chunk <= 0 or chunk >= targets.size:
     return _token_sums(unembed(hidden), targets, weights)
-  span = -(-chunk // batch)  # positions per chunk
-  pad = -length % span  # padded positions carry weight 0
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
-  pieces = (length + pad) // span
-  # [pieces, B, span, ...]: the scan runs over the unsplit sequence axis.
-  split = lambda x: jnp.moveaxis(x.reshape(batch, pieces, span, *x.shape[2:]), 1, 0)
 
   @jax.checkpoint  # the backward pass recomputes a chunk's logits instead of storing them
   def one(xs):
     h, t, w = xs
     return _token_sums(unembed(h), t, w)
 
-  return jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, (split(hidden), split(targets),
-                                                            split(weights))))
+  sums = jax.lax.map(one, fused_loss.split_chunks(hidden, targets, weights, chunk))
+  return jax.tree.map(lambda x: x.sum(0), sums)
 
 
 def _causal_lm(loss_chunk: int, loss_grad: str, mesh: Mesh | None,
