@@ -91,3 +91,44 @@ def test_auto_picks_an_exact_kernel_for_the_platform_and_the_layer():
   assert choose("pallas", platform="cpu", window=None, softcap=None, packed=True) == "pallas"
   assert "packed" in attention.unsupported("cudnn", window=None, softcap=None, packed=True)
   assert "window" in attention.unsupported("pallas", window=4, softcap=None, packed=True)
+
+
+def _tiny_decoder(model=None, **fields):
+  """A random two-layer decoder of `fields` (Hugging Face names), its `config.model`
+  changed by `model`."""
+  from ftjax import models  # pylint: disable=g-import-not-at-top
+  import tiny_decoders  # pylint: disable=g-import-not-at-top
+  arch = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              **fields)
+  return models.create(tiny_decoders.model_config(arch=arch, **(model or {})), seed=0)
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_a_decoder_with_a_kernel_computes_the_xla_logits_on_packed_rows(kernel):
+  model, params = _tiny_decoder()
+  kernel_model, _ = _tiny_decoder(model=dict(attention=kernel))
+  assert {layer.self_attn.implementation for layer in kernel_model.module(params).model.layers
+          } == {kernel}
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, _L)), jnp.int32)
+  positions = jnp.asarray(np.concatenate([np.r_[0:20, 0:12][None], np.arange(_L)[None]]))
+  batch = {"input_ids": ids, "positions": positions, "segment_ids": jnp.asarray(_PACKED)}
+  real = _PACKED != 0
+  expected = np.asarray(model.apply(params, batch, train=False))[real]
+  np.testing.assert_allclose(np.asarray(kernel_model.apply(params, batch, train=False))[real],
+                             expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model, fields, message", [
+    (dict(attention="cudnn"), {}, "runs on NVIDIA GPUs; this platform is cpu"),
+    (dict(attention="pallas"), dict(model_type="mistral", sliding_window=4),
+     "no sliding window .*layer 0, window 4"),
+    # Gemma 3's local and global layers in one scanned graph: only xla tells them apart.
+    (dict(attention="splash", scan_layers=True),
+     dict(model_type="gemma3_text", head_dim=8, sliding_window=4, sliding_window_pattern=2),
+     "only 'xla' applies windows that differ between layers"),
+])
+def test_a_kernel_that_cannot_compute_the_model_is_refused(model, fields, message):
+  from ftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=f"config.model.attention=.*{message}"):
+    _tiny_decoder(model=model, **fields)

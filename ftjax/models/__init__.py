@@ -25,7 +25,7 @@ from ftjax.hub import modernbert as modernbert_hub
 from ftjax.hub import vision as vision_hub
 from ftjax.hub import vit as vit_hub
 from ftjax.models import batch_norm, bert, heads, hf_config, llama, mobilenet, modernbert, vit
-from ftjax.models import convnext, deberta, resnet
+from ftjax.models import attention, convnext, deberta, resnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +257,10 @@ def _llama_lm(config: ml_collections.ConfigDict, classifier: bool = False):
     if classifier:
       return llama.SequenceClassifier(arch, num_classes=config.num_classes,
                                       head_init=config.head_init, remat=remat,
-                                      scan_layers=config.scan_layers, rngs=rngs)
-    return llama.CausalLM(arch, remat=remat, scan_layers=config.scan_layers, rngs=rngs)
+                                      scan_layers=config.scan_layers,
+                                      attention=config.attention, rngs=rngs)
+    return llama.CausalLM(arch, remat=remat, scan_layers=config.scan_layers,
+                          attention=config.attention, rngs=rngs)
 
   def load(params):
     if not directory:
@@ -480,6 +482,11 @@ SCHEMA = schema.Section("model", "The network: its family, checkpoint and new he
                         "keeping what the policy names (dots_saveable: every matmul output; "
                         "save_qkv_proj, save_dot_except_mlp, ...: the named projections)",
                         choices=("none",) + tuple(llama.REMAT_POLICIES)),
+    "attention": schema.Key("xla", "decoders: the attention kernel: xla (dense masks, any "
+                            "platform), cudnn (GPU, one example per row), pallas (GPU flash "
+                            "attention with segment ids), splash (TPU), auto (per layer, the "
+                            "fastest exact one for the platform)",
+                            choices=attention.IMPLEMENTATIONS),
     "scan_layers": schema.Key(False, "decoders: run the blocks with jax.lax.scan, so that "
                               "compile time does not grow with depth (same parameters, "
                               "checkpoints and adapters)"),

@@ -40,6 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ftjax import sharding
 from ftjax.errors import ConfigError
+from ftjax.models import attention as attention_lib
 from ftjax.models import heads, hf_config
 
 
@@ -596,30 +597,6 @@ def _norm(config: LlamaConfig) -> RMSNorm | LayerNorm:
   return RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma)
 
 
-def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
-  """cap * tanh(x / cap): values kept smoothly within (-cap, cap); x when cap is None."""
-  return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, is_causal: bool,
-            scale: float | None, softcap: float | None) -> jax.Array:
-  """Grouped-query attention [B, L, heads, d] of queries to keys and values
-  [B, S, kv_heads, d] where `mask` [B, 1, L, S] (and, with `is_causal`, causality)
-  allows; scores scaled by `scale` (default d ** -0.5) and soft-capped by `softcap`."""
-  if softcap is None:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
-  groups = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
-  scores = _softcap(scores, softcap)
-  if is_causal:
-    mask = mask & jnp.tril(jnp.ones(scores.shape[-2:], bool))
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotates [B, L, heads, head_dim] `x` by [B, L, head_dim] angles (HF's half-split layout)."""
   cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
@@ -631,8 +608,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with rotary embeddings."""
 
-  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, *, window: int | None = None,
+               implementation: str = "xla"):
     h, d = config.hidden_size, config.head_dim
+    # The kernel (`ftjax.models.attention`) and the window it applies itself; "xla" takes
+    # the window from the mask instead.
+    self.window, self.implementation = window, implementation
     self.num_heads = config.num_attention_heads
     self.num_kv_heads = config.num_key_value_heads
     self.head_dim = d
@@ -668,10 +649,12 @@ class Attention(nnx.Module):
       return q, k, v
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               segment_ids: jax.Array) -> jax.Array:
     q, k, v = self._project(x, cos, sin)
-    out = _attend(q, k, v, mask, is_causal=True, scale=self.scale, softcap=self.softcap)
+    out = attention_lib.attend(q, k, v, implementation=self.implementation, mask=mask,
+                               segment_ids=segment_ids, window=self.window, scale=self.scale,
+                               softcap=self.softcap)
     batch, length, _ = x.shape
     out = checkpoint_name(out.reshape(batch, length, self.num_heads * self.head_dim), "context")
     return checkpoint_name(self.o_proj(out), "out_proj")
@@ -699,8 +682,8 @@ class Attention(nnx.Module):
     start = (0, index, 0, 0)
     keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
     values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-    out = _attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, is_causal=False,
-                  scale=self.scale, softcap=self.softcap)
+    out = attention_lib.reference(q, keys.astype(q.dtype), values.astype(q.dtype), mask,
+                                  is_causal=False, scale=self.scale, softcap=self.softcap)
     batch, length, _ = x.shape
     return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim)), keys, values
 
@@ -738,10 +721,11 @@ class DecoderLayer(nnx.Module):
   each sub-block's output too: x + post_norm(attention(norm(x))), likewise for the MLP
   (its norms: input, post_attention, pre_feedforward, post_feedforward)."""
 
-  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, *, window: int | None = None,
+               attention: str = "xla"):
     norm = lambda: _norm(config)
     self.input_layernorm = norm()
-    self.self_attn = Attention(config, rngs)
+    self.self_attn = Attention(config, rngs, window=window, implementation=attention)
     # Llama's norm before the MLP; Gemma's after the attention.
     self.post_attention_layernorm = norm()
     self.pre_feedforward_layernorm = norm() if config.gemma else None
@@ -756,9 +740,10 @@ class DecoderLayer(nnx.Module):
     x = x + self.post_attention_layernorm(attended)
     return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array) -> jax.Array:
-    return self._feed_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, mask))
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               segment_ids: jax.Array) -> jax.Array:
+    return self._feed_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, mask,
+                                                segment_ids))
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
              keys: jax.Array, values: jax.Array,
@@ -770,8 +755,8 @@ class DecoderLayer(nnx.Module):
 
 
 def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array) -> jax.Array:
-  return layer(x, cos, sin, mask)
+               mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  return layer(x, cos, sin, mask, segment_ids)
 
 
 def _remat(fn, remat: str, *, module: bool):
@@ -831,16 +816,54 @@ class _Stacked:
     return nnx.merge(self.graphdef, rngs, states)
 
 
+def _layer_kernels(config: LlamaConfig, attention: str, *, packed: bool,
+                   scan: bool) -> list[tuple[int | None, str]]:
+  """Each layer's (window its kernel applies, kernel) for `config.model.attention`.
+
+  Scanned blocks share one graph, so their kernel and window are the same: with
+  windows on some layers only (Gemma), that is "xla", which takes each layer's window
+  from its mask.
+
+  Raises:
+    ConfigError: for a kernel that cannot compute a layer exactly, or cuDNN off a GPU.
+  """
+  platform = jax.default_backend()
+  windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
+  if attention == "cudnn" and platform != "gpu":
+    raise ConfigError(f"config.model.attention='cudnn' runs on NVIDIA GPUs; this platform "
+                      f"is {platform}: use 'auto' or 'xla'")
+  if scan and len(set(windows)) > 1:
+    if attention not in ("auto", "xla"):
+      raise ConfigError(f"config.model.attention={attention!r} with scan_layers=True: the "
+                        "scanned blocks share one graph, and only 'xla' applies windows that "
+                        "differ between layers (layer_types); set attention='auto' or "
+                        "'xla', or scan_layers=False")
+    return [(None, "xla")] * len(windows)
+  kernels = []
+  for index, window in enumerate(windows):
+    kernel = attention_lib.choose(attention, platform=platform, window=window,
+                                  softcap=config.attn_logit_softcapping, packed=packed)
+    problem = attention_lib.unsupported(kernel, window=window,
+                                        softcap=config.attn_logit_softcapping, packed=packed)
+    if problem:
+      raise ConfigError(f"config.model.attention={attention!r}: {problem} (layer {index}"
+                        f"{'' if window is None else f', window {window}'}); use 'auto' "
+                        "or 'xla'")
+    kernels.append((window, kernel))
+  return kernels
+
+
 class Decoder(nnx.Module):
   """Token embeddings, the decoder blocks and the final norm; returns hidden states."""
 
   def __init__(self, config: LlamaConfig, *, remat: str, rngs: nnx.Rngs,
-               scan: bool = False):
+               scan: bool = False, attention: str = "xla", packed: bool = True):
     init = nnx.initializers.normal(stddev=config.initializer_range)
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, embedding_init=init,
                                   rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, rngs)
-                            for _ in range(config.num_hidden_layers)])
+    self.layers = nnx.List([
+        DecoderLayer(config, rngs, window=window, attention=kernel)
+        for window, kernel in _layer_kernels(config, attention, packed=packed, scan=scan)])
     self.embed_positions = (nnx.Embed(config.max_position_embeddings, config.hidden_size,
                                       embedding_init=init, rngs=rngs)
                             if config.family.learned_positions else None)
@@ -908,17 +931,19 @@ class Decoder(nnx.Module):
     slots = jnp.arange(input_ids.shape[1])
     x = sharding.constrain(x, _ACTIVATION_AXES)
     if self.scan:
-      x, _ = self._scanned(x, positions, same_segment, slots, slots)
+      x, _ = self._scanned(x, positions, same_segment, slots, slots, segment_ids=segment_ids)
       return self.norm(x)
     masks = self._masks(same_segment, slots, slots)
     run = _remat(_run_layer, self.remat, module=True)
     for layer, window, (cos, sin) in zip(self.layers, self.windows, rotations):
-      x = sharding.constrain(run(layer, x, cos, sin, masks[window]), _ACTIVATION_AXES)
+      x = sharding.constrain(run(layer, x, cos, sin, masks[window], segment_ids),
+                             _ACTIVATION_AXES)
     return self.norm(x)
 
   def _scanned(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               query_slots: jax.Array, key_slots: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, tuple[Any, Any] | None]:
+               query_slots: jax.Array, key_slots: jax.Array, cache: KVCache | None = None,
+               segment_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, tuple[Any, Any] | None]:
     """The blocks run by `jax.lax.scan`, each on the previous one's output.
 
     What differs between layers enters as scanned inputs rather than Python
@@ -945,7 +970,8 @@ class Decoder(nnx.Module):
       cos, sin = (None, None) if tables is None else (t[rope_index] for t in tables)
       layer_mask = _window_mask(mask, window, query_slots, key_slots) if windowed else mask
       if cache is None:
-        return sharding.constrain(layer(x, cos, sin, layer_mask), _ACTIVATION_AXES), None
+        return sharding.constrain(layer(x, cos, sin, layer_mask, segment_ids),
+                                  _ACTIVATION_AXES), None
       x, keys, values = layer.decode(x, cos, sin, layer_mask, *xs[4:], cache.index)
       return x, (keys, values)
 
@@ -1006,7 +1032,7 @@ class CausalLM(nnx.Module):
   """The decoder with a language-model head (tied to the embeddings or separate)."""
 
   def __init__(self, config: LlamaConfig, *, remat: str = "none", rngs: nnx.Rngs,
-               scan_layers: bool = False):
+               scan_layers: bool = False, attention: str = "xla"):
     """Builds the model.
 
     Args:
@@ -1018,12 +1044,15 @@ class CausalLM(nnx.Module):
       rngs: initialises the parameters.
       scan_layers: run the blocks with `jax.lax.scan` (compiled once whatever the
         depth) rather than a Python loop; the parameters are the same.
+      attention: the attention kernel (`ftjax.models.attention.IMPLEMENTATIONS`); rows
+        may pack several examples.
 
     Raises:
-      ConfigError: for an unknown `remat`.
+      ConfigError: for an unknown `remat`, or a kernel that cannot compute a layer.
     """
     _check_remat(remat)
-    self.model = Decoder(config, remat=remat, rngs=rngs, scan=scan_layers)
+    self.model = Decoder(config, remat=remat, rngs=rngs, scan=scan_layers,
+                         attention=attention, packed=True)
     self.tied = config.tie_word_embeddings
     self.final_softcap = config.final_logit_softcapping
     self.lm_head = (None if self.tied else
@@ -1085,7 +1114,7 @@ class CausalLM(nnx.Module):
   def unembed(self, hidden: jax.Array) -> jax.Array:
     """Float32 next-token logits [..., vocab] of hidden states [..., hidden]."""
     logits = self.model.embed_tokens.attend(hidden) if self.tied else self.lm_head(hidden)
-    return _softcap(logits.astype(jnp.float32), self.final_softcap)
+    return attention_lib.capped(logits.astype(jnp.float32), self.final_softcap)
 
   def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -1111,7 +1140,8 @@ class SequenceClassifier(nnx.Module):
   """
 
   def __init__(self, config: LlamaConfig, *, num_classes: int, head_init: str = "zeros",
-               remat: str = "none", rngs: nnx.Rngs, scan_layers: bool = False):
+               remat: str = "none", rngs: nnx.Rngs, scan_layers: bool = False,
+               attention: str = "xla"):
     """Builds the model.
 
     Args:
@@ -1122,12 +1152,14 @@ class SequenceClassifier(nnx.Module):
       remat: gradient checkpointing of each block, as for `CausalLM`.
       rngs: initialises the parameters.
       scan_layers: scanned blocks, as for `CausalLM`.
+      attention: the attention kernel, as for `CausalLM`; each row is one example.
 
     Raises:
       ConfigError: for an unknown `remat` or `head_init`.
     """
     _check_remat(remat)
-    self.model = Decoder(config, remat=remat, rngs=rngs, scan=scan_layers)
+    self.model = Decoder(config, remat=remat, rngs=rngs, scan=scan_layers,
+                         attention=attention, packed=False)
     self.pad_token_id = config.pad_token_id
     self.score = nnx.Linear(config.hidden_size, num_classes, use_bias=False,
                             kernel_init=heads.kernel_init(head_init, config.initializer_range),
