@@ -15,7 +15,8 @@ from conftest import REPO
 # that matches.
 LAYERS = (
     ("foundation", (r"ftjax\.(errors|schema|nested|param_groups|metrics|tracking|distributed|"
-                    r"preemption|cli|sharding|vocab_parallel)", r"ftjax\.evals(\..*)?")),
+                    r"preemption|cli|sharding|vocab_parallel|fused_loss)",
+                    r"ftjax\.evals(\..*)?")),
     ("models", (r"ftjax\.models(\..*)?", r"ftjax\.hub\.(?!export$).*", r"ftjax\.hub")),
     ("peft", (r"ftjax\.peft(\..*)?",)),
     ("data", (r"ftjax\.data(\..*)?",)),
