@@ -8,12 +8,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 import tiny_decoders
 from ftjax import checkpoint, generate, models, param_groups, step
+from ftjax import config as config_lib
 from ftjax.errors import ConfigError
 from ftjax.hub import assets
 from ftjax.hub import gguf as gguf_hub
@@ -159,8 +159,7 @@ def smollm2(launcher):
   against transformers' own GGUF loader, which takes twice as long).
   """
   del launcher  # requested only to start it early
-  model, params = models.create(ml_collections.ConfigDict(dict(
-      name="llama_lm", pretrained=_SMOLLM2, dont_load=[], remat="none")), seed=0)
+  model, params = models.create(tiny_decoders.model_config(pretrained=_SMOLLM2), seed=0)
   raw, tensors = gguf_hub.read_gguf(gguf_hub.find_gguf(assets.model_dir(_SMOLLM2)))
   reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**raw)).eval()
   missing, unexpected = reference.load_state_dict(
@@ -279,13 +278,11 @@ def test_bfloat16_cache_and_bad_settings(tiny):
 
 def test_a_lora_run_generates_with_its_adapters_merged(tiny, tmp_path):
   directory, _, _, _ = tiny("qwen2_biases")
-  config = ml_collections.ConfigDict(dict(
-      seed=0, compute_dtype="float32", trainable=[], freeze="none", freeze_blocks=0,
-      model=dict(name="llama_lm", pretrained=directory, dont_load=[], remat="none"),
-      peft=dict(method="lora", target=r".*self_attn/(q|v)_proj/kernel", rank=2, alpha=4.0,
-                dropout=0.0, rslora=False, quant="nf4", quant_block=64, double_quant=False,
-                quantize=""),
-      checkpoint=dict(max_to_keep=1, use_async=False)))
+  config = config_lib.defaults()
+  config.model = tiny_decoders.model_config(pretrained=directory)
+  config.peft.update(method="lora", target=r".*self_attn/(q|v)_proj/kernel", rank=2,
+                     alpha=4.0, dropout=0.0, quantize="")
+  config.checkpoint.update(max_to_keep=1, use_async=False)
   model, params = models.create(config.model, seed=0)
   model, params = methods.adapt(config, model, params, seed=0)
   trainable, frozen = methods.split(config, model, params)

@@ -6,10 +6,10 @@ import os
 import gguf
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+import tiny_decoders
 from ftjax import generate, models
 from ftjax.errors import WeightsError
 from ftjax.hub import assets
@@ -25,8 +25,7 @@ _TYPES = gguf.GGMLQuantizationType
 
 
 def _config(pretrained):
-  return ml_collections.ConfigDict(dict(name="llama_lm", pretrained=pretrained, dont_load=[],
-                                        remat="none"))
+  return tiny_decoders.model_config(pretrained=pretrained)
 
 
 def _forward(model):

@@ -3,10 +3,10 @@
 import json
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+import tiny_decoders
 from ftjax import models
 from ftjax.data import lm, tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError, DataError
@@ -200,9 +200,7 @@ def test_text_passages_are_split_not_truncated(tokenizer):
 
 def test_packed_row_logits_equal_each_example_alone():
   """Segment ids and positions keep packed examples from seeing each other."""
-  config = ml_collections.ConfigDict(dict(name="llama_lm", pretrained="", arch=ARCH,
-                                          dont_load=[], remat="none"))
-  model, params = models.create(config, seed=0)
+  model, params = models.create(tiny_decoders.model_config(arch=ARCH), seed=0)
   rng = np.random.default_rng(0)
   examples = [rng.integers(1, 64, size=n).astype(np.int32) for n in (9, 14, 5)]
   packer = lm._Packer(32, pad_id=0)  # pylint: disable=protected-access

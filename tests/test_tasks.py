@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from configs import minilm_sentiment
+import tiny_decoders
 from ftjax import config as config_lib, fused_loss, models, optim, state as state_lib, step as step_lib, tasks
 from ftjax.errors import ConfigError
 
@@ -33,9 +34,7 @@ def _lm_batch(rows=4, length=10, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-  config = ml_collections.ConfigDict(dict(name="llama_lm", pretrained="", arch=ARCH,
-                                          dont_load=[], remat="none", scan_layers=False))
-  return models.create(config, seed=0)
+  return models.create(tiny_decoders.model_config(arch=ARCH), seed=0)
 
 
 def _optimizer():
@@ -90,9 +89,7 @@ def test_chunked_loss_equals_full_logits_loss_and_gradient(tiny_lm, chunk):
 
 @pytest.fixture(scope="module")
 def tied_lm():
-  config = ml_collections.ConfigDict(dict(name="llama_lm", pretrained="",
-                                          arch=dict(ARCH, tie_word_embeddings=True),
-                                          dont_load=[], remat="none", scan_layers=False))
+  config = tiny_decoders.model_config(arch=dict(ARCH, tie_word_embeddings=True))
   return models.create(config, seed=1)
 
 
