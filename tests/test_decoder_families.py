@@ -382,3 +382,16 @@ def test_decoder_classifier_export_loads_as_a_sequence_classifier(tiny, tmp_path
     expected = exported(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
   assert np.max(np.abs(expected.numpy())) > 0.1  # not a comparison of near-zero logits
   np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_a_model_section_without_newer_keys_builds_with_their_defaults():
+  """A run recorded before `scan_layers` / `attention` existed (or a section written by
+  hand) builds the model it built then."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  full = _config(arch=dict(_TINY, model_type="qwen3", head_dim=16))
+  recorded = ml_collections.ConfigDict({key: full[key] for key in
+                                        ("name", "pretrained", "arch", "dont_load", "remat")})
+  model, params = models.create(full, seed=0)
+  old_model, old_params = models.create(recorded, seed=0)
+  assert "attention" not in recorded and old_model.graphdef == model.graphdef
+  jax.tree.map(np.testing.assert_array_equal, old_params, params)

@@ -514,6 +514,15 @@ def hf_format(config: ml_collections.ConfigDict) -> tuple[str, Any, Any]:
   return assets.model_dir(config.pretrained), name_map, extra
 
 
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (a `model` section) with the keys it lacks at their defaults: a run
+  recorded before a key existed, or a section written by hand, builds as it did then."""
+  missing = {name: key.default for name, key in SCHEMA.keys.items() if name not in config}
+  if not missing:
+    return config
+  return ml_collections.ConfigDict({**config.to_dict(), **missing})
+
+
 def create(config: ml_collections.ConfigDict, seed: int,
            shardings: Callable[[Model, Any], Any] | None = None) -> tuple[Model, Any]:
   """Builds the model named by `config.name` and its (pretrained) parameters.
@@ -529,6 +538,7 @@ def create(config: ml_collections.ConfigDict, seed: int,
     tensors (host numpy arrays) where the model has a pretrained checkpoint,
     fresh initial values for the rest (and for everything without one).
   """
+  config = with_defaults(config)
   if config.name == AUTO:
     raise ConfigError(f"config.model.name={AUTO!r} depends on the run's task: resolve it "
                       "first (ftjax.models.resolved)")
