@@ -31,9 +31,15 @@ _DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4}
 _PROJECTIONS = ".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 
 
-def language_model_config(arg: str | None, *, data_name: str) -> ml_collections.ConfigDict:
-  """The SmolLM2 fine-tuning config on `data_name` ("chat" or "shakespeare")."""
-  arg = parse_arg(arg, **{**ARGS, "peft": "lora"}, max_length=512, remat="none")
+# The arg words of the SmolLM2 configs.
+ARG_WORDS = {**ARGS, "peft": "lora", "remat": "none"}
+
+
+def language_model_config(arg: str | None, *, data_name: str, max_length: int = 512
+                          ) -> ml_collections.ConfigDict:
+  """The SmolLM2 fine-tuning config on `data_name` ("chat", "shakespeare" or a file
+  format); `max_length`: the default of the arg word."""
+  arg = parse_arg(arg, **ARG_WORDS, max_length=max_length)
   config = defaults()
   config.task = "causal_lm"
   config.model.name = "llama_lm"

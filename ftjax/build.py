@@ -252,6 +252,19 @@ def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
                   out_shardings=replicated))
 
 
+def jit_reference_step(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
+                       rules: sharding.Rules, batch_sharding: NamedSharding) -> Any:
+  """`step.reference_step` jitted: (params, stats, frozen, batch) -> (reference
+  log-probabilities [B, 2], pair indices, mask), replicated so every process reads all."""
+  reference = _with_activation_sharding(functools.partial(
+      step_lib.reference_step, model=built.model, task=task,
+      compute_dtype=DTYPES[config.compute_dtype]), batch_sharding.mesh, rules)
+  shardings = built.state_shardings
+  return jax.jit(reference, in_shardings=(shardings.params, shardings.stats,
+                                          built.frozen_shardings, batch_sharding),
+                 out_shardings=NamedSharding(batch_sharding.mesh, P()))
+
+
 def jit_fisher_step(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
                     rules: sharding.Rules, batch_sharding: NamedSharding) -> Any:
   """`step.fisher_step` jitted: (params, stats, frozen, batch) -> (squared-gradient sums

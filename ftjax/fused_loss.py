@@ -36,8 +36,9 @@ def _pieces(x: jax.Array, batch: int, pieces: int, span: int) -> jax.Array:
   return jnp.moveaxis(x.reshape(batch, pieces, span, *x.shape[2:]), 1, 0)
 
 
-def _unpieces(x: jax.Array) -> jax.Array:
-  """The inverse of `_pieces`."""
+def join_chunks(x: jax.Array) -> jax.Array:
+  """[pieces, B, span, ...] -> [B, pieces * span, ...]: the inverse of `split_chunks`'s
+  chunking."""
   pieces, batch, span = x.shape[:3]
   return jnp.moveaxis(x, 0, 1).reshape(batch, pieces * span, *x.shape[3:])
 
@@ -117,7 +118,7 @@ def _forward(hidden, kernel, targets, weights, chunk):
   kernel_grad, (sums, hidden_grad, losses, correct) = jax.lax.scan(
       one, init, split_chunks(hidden, targets, weights, chunk))
   sums = jax.tree.map(lambda x: x.sum(0), sums)
-  unsplit = lambda x: _unpieces(x)[:, :length]
+  unsplit = lambda x: join_chunks(x)[:, :length]
   if want_kernel:  # summed in float32, kept in the kernel's dtype as autodiff would
     kernel_grad = kernel_grad.astype(kernel.dtype)
   residuals = (unsplit(hidden_grad), kernel_grad, unsplit(losses), unsplit(correct))

@@ -71,6 +71,11 @@ class Setup:
     return build.abstract_batch(buckets.at_length(self.batch_spec, length), size,
                                 self.placement.batch_sharding)
 
+  def reference_step(self) -> Any:
+    """The jitted reference step of a pair task (`build.jit_reference_step`)."""
+    return build.jit_reference_step(self.built, self.task, self.config, self.placement.rules,
+                                    self.placement.batch_sharding)
+
   def fisher_step(self) -> Any:
     """EWC's jitted Fisher step (`build.jit_fisher_step`)."""
     return build.jit_fisher_step(self.built, self.task, self.config, self.placement.rules,

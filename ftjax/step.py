@@ -65,8 +65,8 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
 
   def loss_sum(params, stats, micro, rng):
     everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
-    outputs, stats = model.apply_with_stats(everything, stats, micro, train=True, rng=rng,
-                                            features=task.features)
+    outputs, stats = model.apply_with_stats(everything, stats, task.model_batch(micro),
+                                            train=True, rng=rng, features=task.features)
     sums = task.train_sums(outputs, micro)
     return sums["loss"], (sums, stats)
 
@@ -115,8 +115,20 @@ def eval_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Mode
               compute_dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
   """The task's evaluation sums over the real (mask=True) examples of `batch`."""
   everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
-  outputs = model.apply(everything, batch, train=False, features=task.features, stats=stats)
+  outputs = model.apply(everything, task.model_batch(batch), train=False,
+                        features=task.features, stats=stats)
   return task.eval_sums(outputs, batch)
+
+
+def reference_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Model,
+                   task: Task, compute_dtype: jnp.dtype = jnp.float32
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The reference log-probabilities [B, 2] of each pair of `batch` under these weights
+  (`task.reference`), with the pairs' `pair_index` and `mask`."""
+  everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
+  outputs = model.apply(everything, task.model_batch(batch), train=False,
+                        features=task.features, stats=stats)
+  return task.reference(outputs, batch), batch["pair_index"], batch["mask"]
 
 
 def fisher_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Model, task: Task,
@@ -130,7 +142,8 @@ def fisher_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Mo
   def example_loss(params, example):
     one = jax.tree.map(lambda x: x[None], example)
     everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
-    outputs = model.apply(everything, one, train=False, features=task.features, stats=stats)
+    outputs = model.apply(everything, task.model_batch(one), train=False,
+                          features=task.features, stats=stats)
     return task.train_sums(outputs, one)["loss"]
 
   def add(total, example):

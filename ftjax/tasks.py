@@ -37,11 +37,22 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ftjax import fused_loss, schema, sharding, vocab_parallel
+from ftjax import fused_loss, pair_losses, schema, sharding, vocab_parallel
 from ftjax.evals import classification as classification_evals
 
 Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]
+
+
+def _same_batch(batch: Batch) -> Batch:
+  return batch
+
+
+def pair_rows(batch: Batch) -> Batch:
+  """A batch of pairs as the model reads it: each [B, 2, L] token array as [2B, L] rows,
+  a pair's chosen and rejected side by side; the per-pair arrays left out."""
+  return {key: value.reshape(-1, value.shape[-1]) for key, value in batch.items()
+          if value.ndim == 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,10 @@ class Task:
       units) and any other summed train metric; the step reports each as sum / weight.
     eval_sums: (outputs, batch) -> sums of evaluation statistics.
     summarize: numpy sums over a split -> metrics.
+    model_batch: the batch -> what the model reads (pair tasks: `pair_rows`).
+    reference: (outputs, batch) -> [B, 2] log-probabilities of each pair's chosen and
+      rejected completions, for a loss that compares with a reference model (computed
+      once with the starting weights, `ftjax.reference`); None otherwise.
   """
 
   name: str
@@ -63,6 +78,8 @@ class Task:
   train_sums: Callable[[jax.Array, Batch], Sums]
   eval_sums: Callable[[jax.Array, Batch], Sums]
   summarize: Callable[[dict[str, np.ndarray]], dict[str, float]]
+  model_batch: Callable[[Batch], Batch] = _same_batch
+  reference: Callable[[jax.Array, Batch], jax.Array] | None = None
 
 
 def _classification(num_classes: int, task_classes: Sequence[tuple[str, int]] = ()) -> Task:
@@ -166,6 +183,101 @@ def chunked_token_sums(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Arr
   return jax.tree.map(lambda x: x.sum(0), sums)
 
 
+def token_log_probs(hidden: jax.Array, unembed: Callable[[jax.Array], jax.Array],
+                    targets: jax.Array, chunk: int) -> jax.Array:
+  """The log-probability [B, L] (float32) of each target token, about `chunk` tokens of
+  logits at a time (chunks along the sequence, recomputed in the backward pass;
+  <= 0: all at once)."""
+
+  def one(xs):
+    h, t = xs
+    logits = unembed(h)
+    picked = jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, -1)
+
+  if chunk <= 0 or chunk >= targets.size:
+    return one((hidden, targets))
+  hidden_chunks, target_chunks, _ = fused_loss.split_chunks(
+      hidden, targets, jnp.zeros(targets.shape, jnp.float32), chunk)
+  per_token = jax.lax.map(jax.checkpoint(one), (hidden_chunks, target_chunks))
+  return fused_loss.join_chunks(per_token)[:, :targets.shape[1]]
+
+
+def _mean_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
+  """Each summed metric over the pairs divided by their number ("count")."""
+  count = float(sums["weight"])
+  metrics = {key: float(value) / max(count, 1.0) for key, value in sums.items()
+             if key != "weight"}
+  metrics["count"] = count
+  return metrics
+
+
+def _pair_sums(out: pair_losses.PairLoss, weights: jax.Array) -> Sums:
+  """The per-pair loss and TRL's metrics summed over the weighted pairs."""
+  total = lambda x: (x * weights).sum()
+  return {"loss": total(out.loss), "weight": weights.sum(),
+          "rewards/chosen": total(out.chosen_reward),
+          "rewards/rejected": total(out.rejected_reward),
+          "rewards/margins": total(out.chosen_reward - out.rejected_reward),
+          "rewards/accuracies": total((out.chosen_reward > out.rejected_reward)
+                                      .astype(jnp.float32)),
+          "logps/chosen": total(out.chosen_logps), "logps/rejected": total(out.rejected_logps)}
+
+
+def _preference(settings: pair_losses.Settings, loss_chunk: int) -> Task:
+  """Preference tuning of a language model on pairs (`ftjax.pair_losses`)."""
+
+  def scored(features, batch):
+    rows = pair_rows(batch)
+    per_token = token_log_probs(features.hidden, features.unembed, rows["targets"],
+                                loss_chunk)
+    completion = rows["loss_mask"].astype(jnp.float32)
+    sums = (per_token * completion).sum(-1).reshape(-1, 2)
+    counts = completion.sum(-1).reshape(-1, 2)
+    logps = pair_losses.PairLogps(sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1])
+    return rows, per_token, logps
+
+  def reference(features, batch):
+    _, _, logps = scored(features, batch)
+    return jnp.stack([logps.chosen, logps.rejected], axis=1)
+
+  def pair_sums(features, batch):
+    rows, per_token, logps = scored(features, batch)
+    weights = batch["mask"].astype(jnp.float32)
+    out = pair_losses.pair_loss(settings, logps,
+                                batch["ref_logps"] if settings.needs_reference else None)
+    sums = _pair_sums(out, weights)
+    if settings.loss == "orpo":  # + the chosen sequences' mean token NLL, as TRL takes it
+      segments = rows["segment_ids"]
+      has_target = jnp.pad(segments[:, 1:] != 0, ((0, 0), (0, 1)))
+      length = segments.shape[-1]
+      chosen = has_target.reshape(-1, 2, length)[:, 0] * weights[:, None]
+      nll = -(per_token.reshape(-1, 2, length)[:, 0] * chosen).sum() / jnp.maximum(
+          chosen.sum(), 1.0)
+      sums["nll_loss"] = weights.sum() * nll  # the step divides sums by the pairs
+      sums["loss"] = sums["loss"] + sums["nll_loss"]
+    return sums
+
+  return Task("preference", True, pair_sums, pair_sums, _mean_metrics, pair_rows,
+              reference if settings.needs_reference else None)
+
+
+def _reward() -> Task:
+  """A reward model on pairs: one score per side, Bradley-Terry loss, pairwise accuracy."""
+
+  def pair_sums(logits, batch):
+    scores = logits[..., 0].astype(jnp.float32).reshape(-1, 2)
+    chosen, rejected = scores[:, 0], scores[:, 1]
+    weights = batch["mask"].astype(jnp.float32)
+    total = lambda x: (x * weights).sum()
+    return {"loss": total(pair_losses.bradley_terry(chosen, rejected)),
+            "accuracy": total((chosen > rejected).astype(jnp.float32)),
+            "rewards/chosen": total(chosen), "rewards/rejected": total(rejected),
+            "rewards/margins": total(chosen - rejected), "weight": weights.sum()}
+
+  return Task("reward", False, pair_sums, pair_sums, _mean_metrics, pair_rows)
+
+
 def _causal_lm(loss_chunk: int, loss_grad: str, mesh: Mesh | None,
                vocab_axes: tuple[str, ...], batch_axes: tuple[str, ...]) -> Task:
   def scored(features, batch):
@@ -192,17 +304,30 @@ def _causal_lm(loss_chunk: int, loss_grad: str, mesh: Mesh | None,
   return Task("causal_lm", True, scored, scored, summarize)
 
 
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "preference", "reward")
 
 SCHEMA = schema.Section("", "What the model's outputs are scored against.", {
-    "task": schema.Key("classification", "classification (labels) or causal_lm (next "
-                       "tokens)", choices=TASKS),
+    "task": schema.Key("classification", "classification (labels), causal_lm (next "
+                       "tokens), preference (a language model tuned on chosen / rejected "
+                       "pairs) or reward (a reward model scoring pairs)", choices=TASKS),
     "loss_chunk": schema.Key(1024, "causal_lm: tokens of logits computed at a time (0: all at "
                              "once)", rule=schema.at_least(0)),
     "loss_grad": schema.Key("fused", "causal_lm, chunked, plain head kernel: fused (the head's "
                             "gradients formed chunk by chunk in the forward pass: 3 head "
                             "matmuls) or recompute (the backward pass recomputes each chunk's "
                             "logits: 4)", choices=("fused", "recompute")),
+    "preference": {
+        "loss": schema.Key("dpo", "preference: dpo (with label_smoothing: conservative DPO), "
+                           "ipo, or the reference-free simpo and orpo",
+                           choices=pair_losses.LOSSES),
+        "beta": schema.Key(0.1, "preference: DPO / IPO / SimPO's beta, ORPO's weight of the "
+                           "odds-ratio term (its lambda)", rule=schema.positive),
+        "label_smoothing": schema.Key(0.0, "preference, dpo and simpo: the probability that "
+                                      "a pair's preference is flipped",
+                                      rule=schema.in_range(0.0, 0.49)),
+        "simpo_gamma": schema.Key(0.5, "preference, simpo: the target reward margin gamma",
+                                  rule=schema.at_least(0.0)),
+    },
 })
 
 
@@ -212,7 +337,8 @@ def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
   """The task named by `config.task`.
 
   Classification reads `config.model.num_classes` and, for a multi-task run, takes
-  `task_classes`: (name, number of classes) of each task, in order; causal_lm reads
+  `task_classes`: (name, number of classes) of each task, in order; preference reads
+  `config.preference` and `config.loss_chunk`; causal_lm reads
   `config.loss_chunk` (tokens of logits per chunk; 0 = no chunking) and
   `config.loss_grad` (how a chunked loss with a plain head kernel gets its gradient).
   Given the run's `mesh` and axis `rules`, a language model whose vocabulary is
@@ -220,6 +346,10 @@ def get(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
   """
   if config.task == "classification":
     return _classification(config.model.num_classes, task_classes)
+  if config.task == "reward":
+    return _reward()
+  if config.task == "preference":
+    return _preference(pair_losses.Settings(**config.preference), config.loss_chunk)
   vocab_axes = rules.mapping.get("vocab", ()) if rules else ()
   batch_axes = rules.batch_axes(mesh) if rules and mesh is not None else ()
   loss_grad = config.get("loss_grad", SCHEMA.keys["loss_grad"].default)

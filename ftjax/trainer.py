@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from ftjax import (build, checkpoint, data, generate, models, param_groups, periodic,
-                   preemption, regularizers, run_setup, runs, sharding, tracking)
+                   preemption, reference, regularizers, run_setup, runs, sharding, tracking)
 from ftjax import trackers as trackers_lib
 from ftjax.config import validate
 from ftjax.data import buckets
@@ -207,6 +207,28 @@ class _Run:
     self.train_step = _PerBucket(
         lambda batch: self.setup.train.lower(self.built.state, self.built.frozen, batch),
         lambda length: self.setup.batch(config.batch_size, length))
+    if self.task.reference is not None:
+      self._attach_reference(config.eval_batch_size)
+
+  def _attach_reference(self, eval_batch_size: int) -> None:
+    """Each split's reference log-probabilities (`ftjax.reference`), from the starting
+    weights; before any batch is read."""
+    weights = (self.built.state.params, self.built.state.stats, self.built.frozen)
+    jitted = self.setup.reference_step()
+    step = _PerBucket(lambda batch: jitted.lower(*weights, batch),
+                      lambda length: self.setup.batch(eval_batch_size, length))
+
+    def compute(rows):
+      logps = np.zeros((len(rows), 2), np.float32)
+      for batch in self.data.eval_batches(rows):
+        out, index, mask = jax.device_get(step(*weights, self.data.put(batch,
+                                                                       self.batch_sharding)))
+        logps[index[mask]] = out[mask]
+      return logps
+
+    splits = {"train": self.data.train, **{name: source for name, (source, _) in
+                                           self.data.eval_sets.items()}}
+    reference.attach(splits, compute, self.workdir, write=self.process == 0)
 
   def _log_state(self) -> None:
     """The parameter counts and each device's share of the state."""

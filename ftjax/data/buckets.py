@@ -6,7 +6,8 @@ arrays are cut to the shortest bucket length (`config.data.buckets`) that holds
 its longest real row, so attention and the feed-forward layers skip most of the
 padding, while the jitted steps see only a few shapes, each compiled once.
 
-A row's real length is one past its last token that the attention mask (or, for
+Token arrays hold their tokens on the last axis ([B, L], or [B, 2, L] for
+preference pairs). A row's real length is one past its last token that the attention mask (or, for
 packed rows, the segment ids) marks real; everything after it is padding, which
 the models never attend to, so the outputs on a row do not depend on the cut.
 The bucket is a function of the global batch alone: with several processes each
@@ -83,6 +84,7 @@ def real_length(batch: dict[str, np.ndarray]) -> int | None:
       real = np.asarray(batch[key]) != 0
       if not real.size:
         return 0
+      real = real.reshape(-1, real.shape[-1])  # pairs' [B, 2, L]: each sequence a row
       last = real.shape[1] - np.argmax(real[:, ::-1], axis=1)
       return int(np.max(np.where(real.any(axis=1), last, 0)))
   return None
@@ -116,7 +118,7 @@ class Bucketing:
     if needed is None or len(self.lengths) == 1:
       return batch
     length = self.length_for(_agreed(needed))
-    return {key: value[:, :length] if key in SEQUENCE_KEYS else value
+    return {key: value[..., :length] if key in SEQUENCE_KEYS else value
             for key, value in batch.items()}
 
 
@@ -125,11 +127,11 @@ def at_length(batch_spec: dict[str, tuple[tuple[int, ...], object]], length: int
   """`batch_spec` with its token arrays `length` long (None: as it is)."""
   if length is None:
     return dict(batch_spec)
-  return {key: ((length,) + shape[1:], dtype) if key in SEQUENCE_KEYS else (shape, dtype)
+  return {key: (shape[:-1] + (length,), dtype) if key in SEQUENCE_KEYS else (shape, dtype)
           for key, (shape, dtype) in batch_spec.items()}
 
 
 def batch_length(batch: dict[str, object]) -> int | None:
   """The length of a batch's token arrays (arrays or shapes); None without them."""
   key = next((k for k in SEQUENCE_KEYS if k in batch), None)
-  return None if key is None else batch[key].shape[1]
+  return None if key is None else batch[key].shape[-1]

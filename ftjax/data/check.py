@@ -5,7 +5,8 @@ token lengths under the model's tokenizer (min / median / p95 / max, special
 tokens included) and how many the length limit truncates, exact duplicates (and
 those whose copies disagree on the label), and validation or test examples that
 also occur in the training split; for language models, what packing did
-(examples, rows, truncated or split examples). Findings that deserve a look are
+(examples, rows, truncated or split examples); for preference and reward pairs,
+pairs whose chosen and rejected are identical, and over-long or dropped pairs. Findings that deserve a look are
 warnings: they are printed, saved in the run folder (`data_check.json`) and do
 not stop the run. Files that cannot be read stop it earlier, when they are
 prepared.
@@ -21,7 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ftjax.data import lm, local_builder, mixture
+from ftjax.data import lm, local_builder, mixture, preference
 from ftjax.data.inputs import Inputs
 
 CHECK_FILE = "data_check.json"
@@ -166,6 +167,35 @@ def _language_model(inputs: Inputs) -> tuple[dict[str, SplitReport], list[str]]:
   return reports, warnings
 
 
+def _pairs(inputs: Inputs) -> tuple[dict[str, SplitReport], list[str]]:
+  """Preference and reward pairs: identical sides, over-long or dropped pairs."""
+  reports, warnings = {}, []
+  for split in _SPLITS:
+    source = inputs.splits[split]
+    stats: preference.PairStats = (source.stats if inputs.kind == "preference" else
+                                   preference.reward_stats(source, inputs.tokenizer))
+    reports[split] = SplitReport(stats.pairs, truncated=stats.truncated,
+                                 duplicates=stats.identical, packing=stats.summary(split))
+    share = lambda n, size=stats.pairs: f"{n:,} of {size:,} pairs ({100 * n / size:.1f}%)"
+    if stats.identical:
+      warnings.append(f"{split}: {share(stats.identical)} have identical chosen and rejected "
+                      "completions: they carry no preference")
+    if stats.truncated:
+      warnings.append(f"{split}: {share(stats.truncated)} are longer than "
+                      f"config.data.max_length={stats.row_length} tokens and are truncated")
+    dropped = stats.skipped_overlong + stats.skipped_prompt
+    if dropped:
+      warnings.append(f"{split}: {share(dropped)} are left out: {stats.skipped_prompt:,} "
+                      f"whose prompt alone fills config.data.max_length={stats.row_length}, "
+                      f"{stats.skipped_overlong:,} over-long (config.data.overlong='skip')")
+    if stats.prompt_mismatch:
+      warnings.append(f"{split}: {share(stats.prompt_mismatch)}: the tokenized prompt is not a "
+                      "prefix of prompt + completion (the chat template renders the prompt "
+                      "differently, or tokens merge across the boundary); the completion "
+                      "starts where they part")
+  return reports, warnings
+
+
 def _images(inputs: Inputs) -> tuple[dict[str, SplitReport], list[str]]:
   names = inputs.class_names
   reports, warnings = {}, []
@@ -190,6 +220,8 @@ def check(config: ml_collections.ConfigDict, inputs: Inputs) -> Report:
     splits, warnings = _classification(inputs, offsets)
   elif inputs.kind == "image":
     splits, warnings = _images(inputs)
+  elif inputs.kind in ("preference", "reward"):
+    splits, warnings = _pairs(inputs)
   else:
     splits, warnings = _language_model(inputs)
   return Report(config.data.name, inputs.kind, splits, warnings)

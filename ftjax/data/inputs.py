@@ -27,8 +27,9 @@ from typing import Any
 import ml_collections
 
 from ftjax.data import augment as augment_lib
-from ftjax.data import (file_classification, file_images, file_lm, images, lm, local_builder,
-                        mixture, pipeline, registry, sources, table_files)
+from ftjax.data import (file_classification, file_images, file_lm, file_preference, images,
+                        lm, local_builder, mixture, pipeline, preference, registry, sources,
+                        table_files)
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError, DataError
 from ftjax.hub import assets
@@ -39,7 +40,8 @@ class Inputs:
   """A run's input side.
 
   Attributes:
-    kind: "classification", "image", "chat" or "text".
+    kind: "classification", "image", "chat", "text", "preference" (pair rows for a
+      language model) or "reward" (text pairs for a reward model).
     splits: {"train", "validation", "test"}: random-access sources of examples
       (packed rows for language models); evaluation splits hold at most
       `config.data.max_eval_examples` examples when that is positive.
@@ -140,9 +142,15 @@ def with_class_count(config: ml_collections.ConfigDict, inputs: Inputs
   Raises:
     ConfigError: a class count that is neither 0 nor the data's.
   """
-  if config.task != "classification" or not inputs.class_names:
+  if config.task == "reward":  # one output: the reward
+    if config.model.num_classes not in (0, 1):
+      raise ConfigError(f"config.model.num_classes={config.model.num_classes}: a reward "
+                        "model has one output; set it to 1 (or 0)")
+    count = 1
+  elif config.task != "classification" or not inputs.class_names:
     return config
-  count = len(inputs.class_names)
+  else:
+    count = len(inputs.class_names)
   if config.model.num_classes == count:
     return config
   if config.model.num_classes != 0:
@@ -192,6 +200,12 @@ def _data_set_inputs(config: ml_collections.ConfigDict, data_set: registry.DataS
   splits, class_names, kind = _load_splits(data, data_set, source_path, labels)
   if kind == "image":
     return _image_inputs(config, splits, class_names, encoded=not data_set.preset)
+  if kind == "reward":
+    tokenizer = _text_tokenizer(config)
+    for split in ("validation", "test"):
+      splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
+    return Inputs(kind, splits, preference.reward_preprocess(tokenizer), tokenizer,
+                  raw=dict(splits), batch_spec=registry.batch_spec(kind, data))
   if kind == "classification":
     tokenizer = _text_tokenizer(config)
     for split in ("validation", "test"):
@@ -228,6 +242,13 @@ def _load_splits(data: ml_collections.ConfigDict, data_set: registry.DataSet,
     local_builder.check_fractions(data.split)
   except ValueError as e:
     raise ConfigError(f"config.data.split={tuple(data.split)!r}: {e}") from e
+  if data_set.kind in ("preference", "reward"):
+    config = file_preference.config_for(data_set.format, files, dict(data.columns), data.split)
+    try:
+      splits, _ = sources.load_file_splits(file_preference.FilePreference, config, data_dir)
+    except DataError as e:  # list every malformed row
+      raise file_preference.every_problem(e, config) from e
+    return splits, (), data_set.kind
   if data_set.kind == "language_model_files":
     config = file_lm.config_for(data_set.format, files, dict(data.columns), data.split)
     try:
@@ -336,14 +357,19 @@ def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
   tokenizer = tokenizer_lib.load_hf_tokenizer(tokenizer_dir)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   formatter = (lm.ChatFormatter(tokenizer, *lm.chat_template(data.chat_template))
-               if kind == "chat" else None)
+               if kind == "chat" or (kind == "preference" and _has_template(tokenizer, data))
+               else None)
   raw = {"train": pipeline.Head(splits["train"], data.max_train_examples)}
   for split in ("validation", "test"):
     raw[split] = pipeline.Head(splits[split], data.max_eval_examples)
   packed = {}
   for split, source in raw.items():
     seed = config.seed if split == "train" else None
-    if kind == "chat":
+    if kind == "preference":  # one row per pair, in order: the reference cache follows it
+      packed[split] = preference.tokenize_pairs(
+          source, preference.PairTokenizer(tokenizer, formatter), max_length=data.max_length,
+          pad_id=pad_id, overlong=data.overlong)
+    elif kind == "chat":
       packed[split] = lm.pack_chat(source, formatter, max_length=data.max_length,
                                    pad_id=pad_id, overlong=data.overlong,
                                    order_seed=seed)
@@ -353,3 +379,8 @@ def _language_model_inputs(config: ml_collections.ConfigDict, kind: str,
     log_line(packed[split].stats.summary(f"{data.name} {split}"))
   return Inputs(kind, packed, _rows_unchanged, tokenizer, raw, formatter,
                 batch_spec=registry.batch_spec(kind, data))
+
+
+def _has_template(tokenizer: Any, data: ml_collections.ConfigDict) -> bool:
+  """Whether conversations can be rendered: config.data.chat_template or the tokenizer's."""
+  return bool(data.chat_template or getattr(tokenizer, "chat_template", None))

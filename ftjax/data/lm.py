@@ -156,6 +156,10 @@ class ChatFormatter:
     """Token ids of `messages` followed by the assistant's generation prompt."""
     return self._fast.encode(self._render(messages, True), add_special_tokens=False).ids
 
+  def conversation_ids(self, messages: list[dict[str, Any]], where: str) -> list[int]:
+    """Token ids of the whole conversation `messages`, as the template renders it."""
+    return self._fast.encode(self._render(messages, where=where), add_special_tokens=False).ids
+
   def encode(self, messages: list[dict[str, str]], where: str
              ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenizes a conversation.

@@ -41,13 +41,14 @@ from ftjax.errors import ConfigError
 # Kind of data -> the task its examples are scored by. "language_model_files" are the
 # user's language-model files before they are read: chat or text, as their rows say.
 KIND_TASKS = {"classification": "classification", "image": "classification",
-              "chat": "causal_lm", "text": "causal_lm", "language_model_files": "causal_lm"}
+              "chat": "causal_lm", "text": "causal_lm", "language_model_files": "causal_lm",
+              "preference": "preference", "reward": "reward"}
 FORMATS = (*table_files.FORMATS, file_images.FOLDER_FORMAT)
 FILE_SETTINGS = tuple(f"config.data.files.{split}" for split in local_builder.SPLIT_NAMES)
 
 # Kind of data -> what a model must read to take it (`ftjax.models.INPUTS`).
 KIND_INPUTS = {"classification": "text", "image": "image", "chat": "tokens", "text": "tokens",
-               "language_model_files": "tokens"}
+               "language_model_files": "tokens", "preference": "tokens", "reward": "text"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,8 @@ def _file_kind(fmt: str, config: ml_collections.ConfigDict) -> str:
   """The kind of the files of format `fmt` under `config` (task and columns)."""
   if fmt == file_images.FOLDER_FORMAT or config.data.columns.image:
     return "image"
+  if config.task in ("preference", "reward"):  # pairs, tokenized for the task's model
+    return config.task
   return "language_model_files" if config.task == "causal_lm" else "classification"
 
 
@@ -263,8 +266,10 @@ def batch_spec(kind: str, data: ml_collections.ConfigDict, multi_task: bool = Fa
   """Each array of a batch of `kind` data: {key: (shape after the batch dim, dtype)}.
 
   Tokenized classification examples (with their `task` in a multi-task run), images
-  with their labels, or packed language-model rows (`lm.ROW_KEYS`), plus the
-  pipeline's `mask`; known from the config's data section alone.
+  with their labels, packed language-model rows (`lm.ROW_KEYS`), preference pairs
+  (two such rows each, with their index and reference log-probabilities) or reward
+  pairs (two tokenized texts each), plus the pipeline's `mask`; known from the
+  config's data section alone.
   """
   if kind == "classification":
     length = (data.max_length,)
@@ -272,6 +277,12 @@ def batch_spec(kind: str, data: ml_collections.ConfigDict, multi_task: bool = Fa
     spec["label"] = ((), np.int32)
     if multi_task:
       spec["task"] = ((), np.int32)
+  elif kind == "preference":
+    pair = (2, data.max_length)
+    spec = {key: (pair, np.bool_ if key == "loss_mask" else np.int32) for key in lm.ROW_KEYS}
+    spec.update(pair_index=((), np.int32), ref_logps=((2,), np.float32))
+  elif kind == "reward":
+    spec = {key: ((2, data.max_length), np.int32) for key in tokenizer_lib.OUTPUT_KEYS}
   elif kind == "image":
     size = data.image_size
     spec = {"image": ((size, size, 3), np.float32), "label": ((), np.int32),
@@ -319,6 +330,10 @@ SCHEMA = schema.Section("data", "What a run reads and how examples become batche
         "prompt": schema.Key("prompt", "language models: the column of prompts"),
         "completion": schema.Key("completion", "language models: the column of completions "
                                  "(the only tokens trained)"),
+        "chosen": schema.Key("chosen", "preference pairs: the column of preferred "
+                             "completions"),
+        "rejected": schema.Key("rejected", "preference pairs: the column of rejected "
+                               "completions"),
     },
     "labels": schema.Key((), "class names in label order (empty: the sorted labels of the "
                          "training files)"),

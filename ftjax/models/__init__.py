@@ -420,7 +420,7 @@ def resolve_name(config: ml_collections.ConfigDict, task: str) -> str:
   if model_type in deberta.MODEL_TYPES:
     return "deberta_classifier"
   if model_type in llama.FAMILIES:
-    return "llama_lm" if task == "causal_lm" else "decoder_classifier"
+    return "llama_lm" if task in ("causal_lm", "preference") else "decoder_classifier"
   if model_type in _IMAGE_FAMILIES:
     return model_type
   supported = sorted([*bert.FAMILIES, *deberta.MODEL_TYPES, *llama.FAMILIES,
