@@ -39,9 +39,11 @@ setuptools.setup(
     ],
     extras_require={
         # Reference implementations for parity tests and benchmarks.
-        # (datasets: save_to_disk folders in tests, and the data preparation benchmark.)
+        # (datasets: save_to_disk folders in tests, and the data preparation benchmark;
+        # trl: the preference losses' reference.)
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "peft>=0.13", "scikit-image>=0.22",
-                 "accelerate>=1.0", "datasets>=3", "mkdocs==1.6.1", *_WANDB, *_MLFLOW],
+                 "accelerate>=1.0", "datasets>=3", "trl>=1.0,<2", "mkdocs==1.6.1", *_WANDB,
+                 *_MLFLOW],
         # Trackers (config.trackers): Weights & Biases, MLflow (its default store is SQLite).
         "wandb": _WANDB,
         "mlflow": _MLFLOW,
