@@ -293,8 +293,8 @@ def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextToke
   """The tokenizer of `config.data.tokenizer` (a packaged model name, a folder or a
   tokenizer.json file), else the pretrained model's."""
   source = config.data.tokenizer or config.model.pretrained
-  path = source if os.path.isfile(source) else os.path.join(
-      assets.model_dir(source) if source else "", "tokenizer.json")
+  path = source if os.path.isfile(source) else tokenizer_lib.tokenizer_file(
+      assets.model_dir(source) if source else "")
   return tokenizer_lib.load_tokenizer(path, config.data.max_length)
 
 

@@ -8,6 +8,7 @@ language models.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -100,7 +101,7 @@ def load_tokenizer(path: str, max_length: int) -> TextTokenizer:
   except Exception as e:  # The Rust loader raises a bare Exception.
     raise DataError(f"{path}: cannot load tokenizer: {e}") from e
   padding = tokenizer.padding or {}
-  pad_token = padding.get("pad_token", "[PAD]")
+  pad_token = padding.get("pad_token") or _configured_pad_token(path) or "[PAD]"
   pad_id = padding.get("pad_id", tokenizer.token_to_id(pad_token))
   if pad_id is None:
     raise DataError(f"{path}: no padding token {pad_token!r} in the vocabulary")
@@ -115,6 +116,36 @@ def load_tokenizer(path: str, max_length: int) -> TextTokenizer:
   return TextTokenizer(tokenizer, max_length)
 
 
+def _configured_pad_token(path: str) -> str | None:
+  """The padding token (else the end-of-sequence token, as decoders pad) that the
+  `tokenizer_config.json` beside a tokenizer file names; None without one."""
+  config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+  if not os.path.isfile(config_path):
+    return None
+  with open(config_path, encoding="utf-8") as f:
+    config = json.load(f)
+  for key in ("pad_token", "eos_token"):
+    token = config.get(key)
+    token = token.get("content") if isinstance(token, dict) else token
+    if isinstance(token, str) and token:
+      return token
+  return None
+
+
+def tokenizer_file(model_dir: str) -> str:
+  """The `tokenizer.json` of a model folder; for a llama.cpp GGUF folder, the one
+  converted from the GGUF file (`load_hf_tokenizer`'s cache)."""
+  from ftjax.hub import gguf as gguf_hub  # pylint: disable=g-import-not-at-top
+  path = os.path.join(model_dir, "tokenizer.json")
+  gguf_path = None if os.path.isfile(path) or not os.path.isdir(model_dir) else (
+      gguf_hub.find_gguf(model_dir))
+  if gguf_path is None:
+    return path
+  load_hf_tokenizer(model_dir)  # converts and keeps it, once
+  return os.path.join(_gguf_tokenizer_cache(gguf_path, os.path.expanduser(_CACHE_ROOT)),
+                      "tokenizer.json")
+
+
 def _gguf_tokenizer_cache(gguf_path: str, cache_root: str) -> str:
   """The folder holding the tokenizer converted from `gguf_path` (keyed by size and mtime)."""
   stat = os.stat(gguf_path)
@@ -122,7 +153,10 @@ def _gguf_tokenizer_cache(gguf_path: str, cache_root: str) -> str:
   return os.path.join(cache_root, f"{stem}-{stat.st_size}-{int(stat.st_mtime)}")
 
 
-def load_hf_tokenizer(model_dir: str, cache_root: str = "~/.cache/ftjax/tokenizers") -> Any:
+_CACHE_ROOT = "~/.cache/ftjax/tokenizers"
+
+
+def load_hf_tokenizer(model_dir: str, cache_root: str = _CACHE_ROOT) -> Any:
   """Loads a model's Hugging Face tokenizer (with its chat template) from its folder.
 
   A llama.cpp GGUF folder carries its tokenizer inside the GGUF file;
