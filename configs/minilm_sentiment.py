@@ -116,7 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_eval_examples = 128
     config.batch_size = 8
     config.eval_batch_size = 64
-    config.total_steps = 12
+    if not (arg.steps or arg.epochs):  # steps= / epochs= still choose
+      config.total_steps = 12
     config.optimizer.warmup_steps = 2
     config.log_every = 2
     config.eval_every = 6

@@ -90,7 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_eval_examples = 64
     config.batch_size = 16
     config.eval_batch_size = 32
-    config.total_steps = 6
+    if not (arg.steps or arg.epochs):  # steps= / epochs= still choose
+      config.total_steps = 6
     config.optimizer.warmup_steps = 2
     config.log_every = 2
     config.eval_every = 3

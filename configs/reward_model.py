@@ -52,7 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every = 100
   config.checkpoint.every = 100
   config.eval_at_start = True
-  config.early_stopping.metric = "accuracy"
+  # The loss, not the pairwise accuracy, which a small validation split saturates.
+  config.early_stopping.metric = "loss"
+  config.early_stopping.mode = "min"
   apply_args(config, arg)
   config.optimizer.warmup_steps = max(1, (config.total_steps or 300) // 10)
   if arg.debug:
@@ -69,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.buckets = "off"
     config.batch_size = 4
     config.eval_batch_size = 4
-    config.total_steps = 4
+    if not (arg.steps or arg.epochs):  # steps= / epochs= still choose
+      config.total_steps = 4
     config.optimizer.warmup_steps = 1
     config.log_every = 2
     config.eval_every = 2

@@ -80,7 +80,8 @@ def language_model_config(arg: str | None, *, data_name: str, max_length: int = 
     config.data.max_eval_examples = 8
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.total_steps = 4
+    if not (arg.steps or arg.epochs):  # steps= / epochs= still choose
+      config.total_steps = 4
     config.optimizer.warmup_steps = 1
     config.log_every = 2
     config.eval_every = 2

@@ -142,15 +142,9 @@ def with_class_count(config: ml_collections.ConfigDict, inputs: Inputs
   Raises:
     ConfigError: a class count that is neither 0 nor the data's.
   """
-  if config.task == "reward":  # one output: the reward
-    if config.model.num_classes not in (0, 1):
-      raise ConfigError(f"config.model.num_classes={config.model.num_classes}: a reward "
-                        "model has one output; set it to 1 (or 0)")
-    count = 1
-  elif config.task != "classification" or not inputs.class_names:
+  if config.task not in ("classification", "reward") or not inputs.class_names:
     return config
-  else:
-    count = len(inputs.class_names)
+  count = len(inputs.class_names)
   if config.model.num_classes == count:
     return config
   if config.model.num_classes != 0:
@@ -204,8 +198,10 @@ def _data_set_inputs(config: ml_collections.ConfigDict, data_set: registry.DataS
     tokenizer = _text_tokenizer(config)
     for split in ("validation", "test"):
       splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
+    # One output, named "reward" (an export's `id2label`: transformers' num_labels=1).
     return Inputs(kind, splits, preference.reward_preprocess(tokenizer), tokenizer,
-                  raw=dict(splits), batch_spec=registry.batch_spec(kind, data))
+                  raw=dict(splits), class_names=("reward",),
+                  batch_spec=registry.batch_spec(kind, data))
   if kind == "classification":
     tokenizer = _text_tokenizer(config)
     for split in ("validation", "test"):
