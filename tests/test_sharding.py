@@ -37,6 +37,25 @@ def llama_debug_config(data_dir):
                                                      "samples.count": 0})
 
 
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+  """Preference pairs of prompts and completions of a few lengths."""
+  path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+  with open(path, "w") as f:
+    for i in range(48):
+      f.write(json.dumps({"prompt": f"Review {i}: it was", "chosen": " good" * (1 + i % 4),
+                          "rejected": " bad" * (1 + i % 3)}) + "\n")
+  return str(path)
+
+
+def _pair_config(kind, data_dir, pairs_file):
+  """DPO on the tiny decoder, or a reward model on the tiny encoder, of pairs_file."""
+  from configs import reward_model, smollm2_preference  # pylint: disable=g-import-not-at-top
+  module = smollm2_preference if kind == "dpo" else reward_model
+  return with_overrides(module.get_config("debug,peft=full,batch_size=8"), **{
+      "data.data_dir": data_dir, "data.files.train": pairs_file})
+
+
 def test_mesh_sizes_fill_the_rest_and_reject_mismatches():
   assert sharding.mesh_shape(_mesh_config(data=-1, tensor=2), 8) == (4, 1, 2)
   assert sharding.mesh_shape(_mesh_config(fsdp=8), 8) == (1, 8, 1)
@@ -238,12 +257,15 @@ def _case_id(case):
 @pytest.mark.parametrize("case", [(model, mesh) for model in ("bert", "llama")
                                   for mesh in MESHES]
                          + [(model, dict(fsdp=4, tensor=2))
-                            for model in [*_DECODER_ARCHS, "roberta", "deberta"]],
+                            for model in [*_DECODER_ARCHS, "roberta", "deberta", "dpo",
+                                          "reward"]],
                          ids=_case_id)
-def test_sharded_steps_equal_one_device(case, debug_config, llama_debug_config,
-                                        _reference_cache):
+def test_sharded_steps_equal_one_device(case, debug_config, llama_debug_config, data_dir,
+                                        pairs_file, _reference_cache):
   model, mesh_sizes = case
-  if model in ("bert", "roberta", "deberta"):
+  if model in ("dpo", "reward"):  # pair batches [B, 2, L] read as [2B, L] rows
+    config = _pair_config(model, data_dir, pairs_file)
+  elif model in ("bert", "roberta", "deberta"):
     config = debug_config if model == "bert" else with_overrides(
         debug_config, **(_ROBERTA if model == "roberta" else _DEBERTA))
   else:
@@ -273,7 +295,7 @@ def config_model_axes(model):
   from ftjax.models import bert, deberta, llama  # pylint: disable=g-import-not-at-top
   if model == "deberta":
     return deberta.PARAM_AXES
-  return bert.PARAM_AXES if model in ("bert", "roberta") else llama.PARAM_AXES
+  return bert.PARAM_AXES if model in ("bert", "roberta", "reward") else llama.PARAM_AXES
 
 
 # --- a checkpoint written on one mesh resumes on another ----------------------------------
