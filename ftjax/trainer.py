@@ -341,7 +341,8 @@ class _Validation:
   def __init__(self, run: _Run, stopper: EarlyStopping):
     self.evaluate, self.writer, self.checkpointer = run.evaluate, run.writer, run.checkpointer
     self.stopper = stopper
-    wants_samples = run.task.name == "causal_lm" and run.config.samples.count > 0
+    wants_samples = (run.task.name in ("causal_lm", "preference")
+                     and run.config.samples.count > 0)
     self.samples = _Samples(run) if wants_samples else None
 
   def __call__(self, step: int, state: Any) -> None:

@@ -183,6 +183,9 @@ def test_dpo_debug_run_through_the_launcher_starts_at_log2_and_learns(pairs_file
   train = [r for r in records if r["split"] == "train"]
   assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(train[0])
   assert os.path.exists(os.path.join(workdir, reference.FILE))
+  # Greedy completions of validation prompts at each evaluation.
+  samples = [r["samples"] for r in records if r["split"] == "samples"]
+  assert len(samples) == len(validation) and samples[0][0]["prompt"] in PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -80,13 +80,22 @@ def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
 
   A chat prompt is a conversation up to its first assistant message, followed
   by the assistant's generation prompt; a text prompt is the first
-  `prompt_tokens` tokens of a passage.
+  `prompt_tokens` tokens of a passage; a preference pair's prompt is tokenized as
+  in training (pairs without a prompt are passed over).
   """
   source = inputs.raw[split]
   prompts = []
-  for index in range(min(count, len(source))):
+  for index in range(len(source)):
+    if len(prompts) == count:
+      break
     example = source[index]
-    if inputs.chat is not None:
+    if inputs.kind == "preference":
+      prompt = preference.decode_pair(example)["prompt"]
+      ids = (inputs.tokenizer(prompt)["input_ids"] if isinstance(prompt, str)
+             else inputs.chat.prompt_ids(prompt))
+      if ids:
+        prompts.append(ids)
+    elif inputs.chat is not None:
       where = f"example {lm.decode_text(example.get('id', index))}"
       messages = lm.parse_messages(example["messages"], where)
       first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
