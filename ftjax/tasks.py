@@ -14,6 +14,14 @@ batches carry `targets` [B, L] (the next token at each position) and
 `loss_mask` [B, L] (which targets count, e.g. only assistant tokens in chat
 data).
 
+Preference pairs (`ftjax.data.preference`) carry each token array as [B, 2, L],
+a pair's chosen and rejected sequence; `Task.model_batch` (`pair_rows`) gives the
+model [2B, L] rows. The preference task scores each sequence's completion
+log-probability with a preference loss (`ftjax.pair_losses`: DPO, IPO, SimPO,
+ORPO; `ref_logps` [B, 2] holds the reference model's), the reward task scores a
+reward model's two outputs per pair with the Bradley-Terry loss; both count
+pairs.
+
 A classification task scores logits. The language-model task scores hidden
 states (`ftjax.models.Features`) with the model's unembedding, a chunk of tokens
 at a time, so batch x length x vocabulary float32 logits never exist at once,
