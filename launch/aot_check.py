@@ -354,6 +354,12 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
     steps["EWC Fisher step"] = StepMemory(
         fisher_compiled, fisher_seconds, held, eval_args, "per-example gradients, activations")
 
+  if setup.task.reference is not None:  # DPO / IPO: once, before training, on eval batches
+    reference_compiled, reference_seconds = _compile(
+        setup.reference_step(), state.params, state.stats, built.frozen, eval_batch)
+    steps["reference step"] = StepMemory(reference_compiled, reference_seconds, held,
+                                         eval_args, "activations")
+
   platform = devices[0].platform
   device_kind = getattr(devices[0], "device_kind", platform)
   batch_axes = ",".join(a for a in rules.batch_axes(mesh) if mesh.shape[a] > 1) or "none"

@@ -181,3 +181,17 @@ def test_new_families_compile_sharded_ahead_of_time(family):
   assert failure is None, report
   per_device, whole = _parameters(report)
   assert per_device < whole / 4  # FSDP: each device holds a share of the parameters
+
+
+def test_a_dpo_run_compiles_its_reference_step_ahead_of_time():
+  from configs import smollm2_preference  # pylint: disable=g-import-not-at-top
+  config = smollm2_preference.get_config("debug,peft=full,batch_size=8")
+  with config.unlocked():  # named, not read: the check compiles from the config alone
+    config.data.files.train = "pairs.jsonl"
+    config.mesh.data, config.mesh.fsdp = 1, 8
+  report, failure = aot_check.check(config, "cpu:8", "1GiB")
+  assert failure is None, report
+  header = next(line for line in report.splitlines() if line.startswith("compiled step"))
+  assert header.split()[-6:] == ["train", "step", "eval", "step", "reference", "step"]
+  per_device, whole = _parameters(report)
+  assert per_device < whole / 4
