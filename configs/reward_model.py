@@ -69,8 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                               tie_word_embeddings=True))
     config.data.max_length = 32
     config.data.buckets = "off"
-    config.batch_size = 4
-    config.eval_batch_size = 4
+    config.batch_size = arg.batch_size or 4
+    config.eval_batch_size = config.batch_size
     if not (arg.steps or arg.epochs):  # steps= / epochs= still choose
       config.total_steps = 4
     config.optimizer.warmup_steps = 1

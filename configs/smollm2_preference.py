@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.data.max_length = 64
       config.data.max_train_examples = 0
       config.data.max_eval_examples = 8
-      config.batch_size = 4
-      config.eval_batch_size = 4
+      config.batch_size = chat_words.batch_size or 4
+      config.eval_batch_size = config.batch_size
   config.lock()
   return config
