@@ -21,9 +21,14 @@ Variants through the arg string, e.g. `configs/reward_model.py:model=smollm2,pef
   and the shared words: peft, lr, steps / epochs, batch_size, rank, dtype, seed, freeze.
 """
 
+import os
+import sys
+
 import ml_collections
 
-from ftjax.config import ARGS, apply_args, defaults, parse_arg
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import smollm2_chat  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ftjax.config import ARGS, apply_args, defaults, parse_arg  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODELS = {
     # A new scalar head on each (a causal LM's checkpoint has none: it starts new anyway).
@@ -63,10 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.arch = (dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
                               num_attention_heads=4, intermediate_size=128,
                               max_position_embeddings=512) if arg.model == "minilm" else
-                         dict(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=2048,
-                              tie_word_embeddings=True))
+                         smollm2_chat.DEBUG_ARCH)
     config.data.max_length = 32
     config.data.buckets = "off"
     config.batch_size = arg.batch_size or 4

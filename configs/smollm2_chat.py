@@ -31,6 +31,10 @@ _DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4}
 _PROJECTIONS = ".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 
 
+# The debug variants' tiny randomly initialised decoder: SmolLM2's family and vocabulary.
+DEBUG_ARCH = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  tie_word_embeddings=True)
 # The arg words of the SmolLM2 configs.
 ARG_WORDS = {**ARGS, "peft": "lora", "remat": "none"}
 
@@ -71,9 +75,7 @@ def language_model_config(arg: str | None, *, data_name: str, max_length: int = 
 
   if arg.debug:
     config.model.pretrained = ""
-    config.model.arch = dict(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=2048, tie_word_embeddings=True)
+    config.model.arch = DEBUG_ARCH
     config.data.tokenizer = "smollm2-135m-instruct"
     config.data.max_length = 128
     config.data.max_train_examples = 64

@@ -252,27 +252,33 @@ def jit_steps(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
                   out_shardings=replicated))
 
 
+def _jit_weights_step(step_fn: Any, out_shardings: Any, built: Built, task: tasks.Task,
+                      config: ml_collections.ConfigDict, rules: sharding.Rules,
+                      batch_sharding: NamedSharding) -> Any:
+  """`step_fn(params, stats, frozen, batch, model=, task=, compute_dtype=)` jitted with
+  the state's input shardings and `out_shardings`."""
+  step = _with_activation_sharding(functools.partial(
+      step_fn, model=built.model, task=task, compute_dtype=DTYPES[config.compute_dtype]),
+      batch_sharding.mesh, rules)
+  shardings = built.state_shardings
+  return jax.jit(step, in_shardings=(shardings.params, shardings.stats,
+                                     built.frozen_shardings, batch_sharding),
+                 out_shardings=out_shardings)
+
+
 def jit_reference_step(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
                        rules: sharding.Rules, batch_sharding: NamedSharding) -> Any:
   """`step.reference_step` jitted: (params, stats, frozen, batch) -> (reference
   log-probabilities [B, 2], pair indices, mask), replicated so every process reads all."""
-  reference = _with_activation_sharding(functools.partial(
-      step_lib.reference_step, model=built.model, task=task,
-      compute_dtype=DTYPES[config.compute_dtype]), batch_sharding.mesh, rules)
-  shardings = built.state_shardings
-  return jax.jit(reference, in_shardings=(shardings.params, shardings.stats,
-                                          built.frozen_shardings, batch_sharding),
-                 out_shardings=NamedSharding(batch_sharding.mesh, P()))
+  return _jit_weights_step(step_lib.reference_step, NamedSharding(batch_sharding.mesh, P()),
+                           built, task, config, rules, batch_sharding)
 
 
 def jit_fisher_step(built: Built, task: tasks.Task, config: ml_collections.ConfigDict,
                     rules: sharding.Rules, batch_sharding: NamedSharding) -> Any:
   """`step.fisher_step` jitted: (params, stats, frozen, batch) -> (squared-gradient sums
   sharded like the parameters, example count)."""
-  fisher = _with_activation_sharding(functools.partial(
-      step_lib.fisher_step, model=built.model, task=task,
-      compute_dtype=DTYPES[config.compute_dtype]), batch_sharding.mesh, rules)
-  shardings = built.state_shardings
-  return jax.jit(fisher, in_shardings=(shardings.params, shardings.stats,
-                                       built.frozen_shardings, batch_sharding),
-                 out_shardings=(shardings.params, NamedSharding(batch_sharding.mesh, P())))
+  return _jit_weights_step(
+      step_lib.fisher_step,
+      (built.state_shardings.params, NamedSharding(batch_sharding.mesh, P())),
+      built, task, config, rules, batch_sharding)

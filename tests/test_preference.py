@@ -163,15 +163,21 @@ def pairs_file(tmp_path_factory):
   return _write_jsonl(tmp_path_factory.mktemp("dpo_data") / "pairs.jsonl", _string_pairs())
 
 
-def test_dpo_debug_run_through_the_launcher_starts_at_log2_and_learns(pairs_file, data_dir,
-                                                                     tmp_path):
-  workdir = str(tmp_path / "dpo")
+def _launch(config, workdir, data_dir, train_file):
+  """launch/train.py with configs/`config` on `train_file` to the end; returns `workdir`."""
   result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "train.py"),
-       "--config=configs/smollm2_preference.py:debug,lr=5e-3,steps=8", f"--workdir={workdir}",
-       f"--config.data.data_dir={data_dir}", f"--config.data.files.train={pairs_file}"],
+      [sys.executable, os.path.join(REPO, "launch", "train.py"), f"--config=configs/{config}",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+       f"--config.data.files.train={train_file}"],
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_dpo_debug_run_through_the_launcher_starts_at_log2_and_learns(pairs_file, data_dir,
+                                                                     tmp_path):
+  workdir = _launch("smollm2_preference.py:debug,lr=5e-3,steps=8", str(tmp_path / "dpo"),
+                    data_dir, pairs_file)
   records = metrics.read_metrics(workdir)
   validation = [r for r in records if r["split"] == "validation"]
   # The reference is the starting model: every implicit reward starts at 0, the loss at log 2.
@@ -260,13 +266,8 @@ def test_a_reference_free_simpo_run_keeps_no_reference(pairs_file, data_dir, tmp
 
 
 def test_reward_model_debug_runs_through_the_launcher(pairs_file, data_dir, tmp_path):
-  workdir = str(tmp_path / "reward")
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "train.py"),
-       "--config=configs/reward_model.py:debug,lr=5e-3,steps=8", f"--workdir={workdir}",
-       f"--config.data.data_dir={data_dir}", f"--config.data.files.train={pairs_file}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = _launch("reward_model.py:debug,lr=5e-3,steps=8", str(tmp_path / "reward"),
+                    data_dir, pairs_file)
   validation = [r for r in metrics.read_metrics(workdir) if r["split"] == "validation"]
   assert validation[0]["loss"] == pytest.approx(math.log(2))  # the new head starts at zero
   # Seed 0: loss 0.693 -> 0.56, margin 0 -> 0.28 in 8 steps.

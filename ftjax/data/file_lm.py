@@ -37,7 +37,6 @@ from ftjax.data import file_builder, openai_chat, table_files
 from ftjax.errors import DataError
 
 KINDS = ("messages", "prompt_completion", "text")
-_MOST_PROBLEMS = 100  # malformed rows listed at most
 
 
 @dataclasses.dataclass
@@ -57,19 +56,13 @@ def kind_of(fmt: str, first_file: str, columns: dict[str, str]) -> tuple[str, tu
   Raises:
     DataError: naming the row when it has none of them.
   """
-  where, row = next(iter(table_files.read_rows(first_file, fmt)), (first_file, None))
-  if row is None:
-    raise DataError(f"{first_file}: no rows")
   candidates = (("messages", (columns["messages"],)),
                 ("prompt_completion", (columns["prompt"], columns["completion"])),
                 ("text", (columns["text"],)))
-  for kind, used in candidates:
-    if all(column and column in row for column in used):
-      return kind, used
-  raise DataError(f"{where}: the row has the columns {sorted(row)}, none of "
-                  f"config.data.columns' messages ({columns['messages']!r}), prompt and "
-                  f"completion ({columns['prompt']!r}, {columns['completion']!r}) or text "
-                  f"({columns['text']!r})")
+  return table_files.first_row_kind(first_file, fmt, candidates, lambda where, row: (
+      f"{where}: the row has the columns {sorted(row)}, none of config.data.columns' "
+      f"messages ({columns['messages']!r}), prompt and completion ({columns['prompt']!r}, "
+      f"{columns['completion']!r}) or text ({columns['text']!r})"))
 
 
 def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str],
@@ -137,35 +130,11 @@ def _example(config: LmFilesConfig, where: str, number: int, row: dict[str, Any]
                                                      ensure_ascii=False)}
 
 
-def problems(config: LmFilesConfig, limit: int = _MOST_PROBLEMS) -> list[str]:
-  """Every malformed row of the files of `config` (the first `limit`), each as the
-  message that preparing would stop with ("<file>: line N: ..."), in file order; a
-  file that cannot be read past a point adds that and ends there."""
-  found: list[str] = []
-  for path in dict.fromkeys(path for paths in config.files for path in paths):
-    try:
-      for number, (where, row) in enumerate(table_files.read_rows(path, config.format,
-                                                                  found), 1):
-        try:
-          _example(config, where, number, row)
-        except DataError as e:
-          found.append(str(e))
-        if len(found) >= limit:
-          return found[:limit]
-    except DataError as e:
-      found.append(str(e))
-  return found[:limit]
-
-
 def every_problem(error: DataError, config: LmFilesConfig) -> DataError:
-  """What preparing `config`'s files stopped with (`error`, the first problem): that
-  error alone, or one listing every malformed row (`problems`) when there are more."""
-  found = problems(config)
-  if len(found) <= 1:
-    return error
-  more = f" (the first {_MOST_PROBLEMS})" if len(found) == _MOST_PROBLEMS else ""
-  return DataError(f"{len(found)} malformed rows{more} in config.data.files:\n  "
-                   + "\n  ".join(found))
+  """`error`, or one listing every malformed row of `config`'s files when there are more."""
+  return table_files.every_problem(
+      error, config.files, config.format,
+      lambda where, number, row: _example(config, where, number, row))
 
 
 class FileLanguageModel(file_builder.FilesBuilder, skip_registration=True):

@@ -17,7 +17,7 @@ row's columns (names from `config.data.columns`):
 A row missing a side, a completion that is not assistant turns, a prompt and
 completions of different forms (a string and messages), or anything else
 malformed stops preparation with an error naming the file, the row and the
-column; every malformed row is listed (`problems`). Pairs whose chosen and
+column; every malformed row is listed (`every_problem`). Pairs whose chosen and
 rejected are identical are kept and reported by the data check. Examples are
 {"id", "prompt", "chosen", "rejected"}, each side as JSON text (a string or a
 list of messages). A split without a file of its own is cut from the training
@@ -40,7 +40,6 @@ from ftjax.errors import DataError
 OPENAI_COLUMNS = ("input", "preferred_output", "non_preferred_output")
 KINDS = ("explicit", "implicit", "openai")
 SIDES = ("prompt", "chosen", "rejected")
-_MOST_PROBLEMS = 100  # malformed rows listed at most
 
 
 @dataclasses.dataclass
@@ -60,18 +59,12 @@ def kind_of(fmt: str, first_file: str, columns: dict[str, str]) -> tuple[str, tu
   Raises:
     DataError: naming the row when it has none of the formats' columns.
   """
-  where, row = next(iter(table_files.read_rows(first_file, fmt)), (first_file, None))
-  if row is None:
-    raise DataError(f"{first_file}: no rows")
   explicit = (columns["prompt"], columns["chosen"], columns["rejected"])
-  for kind, used in (("openai", OPENAI_COLUMNS), ("explicit", explicit),
-                     ("implicit", explicit[1:])):
-    if all(column and column in row for column in used):
-      return kind, used
-  raise DataError(f"{where}: the row has the columns {sorted(row)}; preference data needs "
-                  f"prompt, chosen and rejected ({list(explicit)}, config.data.columns), "
-                  f"chosen and rejected alone (the prompt implicit), or OpenAI's "
-                  f"{list(OPENAI_COLUMNS)}")
+  candidates = (("openai", OPENAI_COLUMNS), ("explicit", explicit), ("implicit", explicit[1:]))
+  return table_files.first_row_kind(first_file, fmt, candidates, lambda where, row: (
+      f"{where}: the row has the columns {sorted(row)}; preference data needs prompt, chosen "
+      f"and rejected ({list(explicit)}, config.data.columns), chosen and rejected alone (the "
+      f"prompt implicit), or OpenAI's {list(OPENAI_COLUMNS)}"))
 
 
 def config_for(fmt: str, files: Sequence[Sequence[str]], columns: dict[str, str],
@@ -192,32 +185,11 @@ def pair_of(kind: str, columns: Sequence[str], where: str, number: int,
   return dict(zip(SIDES, pair))
 
 
-def problems(config: PreferenceFilesConfig, limit: int = _MOST_PROBLEMS) -> list[str]:
-  """Every malformed row of the files of `config` (the first `limit`), in file order."""
-  found: list[str] = []
-  for path in dict.fromkeys(path for paths in config.files for path in paths):
-    try:
-      for number, (where, row) in enumerate(table_files.read_rows(path, config.format,
-                                                                  found), 1):
-        try:
-          pair_of(config.kind, config.columns, where, number, row)
-        except DataError as e:
-          found.append(str(e))
-        if len(found) >= limit:
-          return found[:limit]
-    except DataError as e:
-      found.append(str(e))
-  return found[:limit]
-
-
 def every_problem(error: DataError, config: PreferenceFilesConfig) -> DataError:
-  """`error` alone, or one listing every malformed row when there are more."""
-  found = problems(config)
-  if len(found) <= 1:
-    return error
-  more = f" (the first {_MOST_PROBLEMS})" if len(found) == _MOST_PROBLEMS else ""
-  return DataError(f"{len(found)} malformed rows{more} in config.data.files:\n  "
-                   + "\n  ".join(found))
+  """`error`, or one listing every malformed row of `config`'s files when there are more."""
+  return table_files.every_problem(
+      error, config.files, config.format,
+      lambda where, number, row: pair_of(config.kind, config.columns, where, number, row))
 
 
 class FilePreference(file_builder.FilesBuilder, skip_registration=True):

@@ -110,20 +110,9 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
   return n
 
 
-class PairRows(Sequence):
+class PairRows(lm.PackedRows):
   """Tokenized pairs as a random-access source: row i is {key: array [2, L]} for the
-  `lm.ROW_KEYS`, with its `pair_index` and `ref_logps` [2]."""
-
-  def __init__(self, arrays: dict[str, np.ndarray], stats: PairStats):
-    self.arrays, self.stats = arrays, stats
-
-  def __len__(self) -> int:
-    return len(self.arrays["input_ids"])
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    if not -len(self) <= index < len(self):
-      raise IndexError(f"pair {index} out of range for {len(self)} pairs")
-    return {key: value[index] for key, value in self.arrays.items()}
+  `lm.ROW_KEYS`, with its `pair_index` and `ref_logps` [2]; `stats` is a `PairStats`."""
 
   def set_reference(self, logps: np.ndarray) -> None:
     """The reference log-probabilities [N, 2] of the chosen and rejected completions."""

@@ -25,7 +25,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any, IO
+from typing import Any, Callable, IO
 
 from etils import epath
 
@@ -142,6 +142,60 @@ def _open_binary(path: str) -> IO[bytes]:
   if path.endswith(".bz2"):
     return bz2.BZ2File(f)
   return f
+
+
+def first_row_kind(path: str, fmt: str,
+                   candidates: Sequence[tuple[str, tuple[str, ...]]],
+                   refusal: Callable[[str, dict[str, Any]], str]) -> tuple[str, tuple[str, ...]]:
+  """(kind, columns) of the first of `candidates` whose columns (none empty) the first row
+  of `path` has, as TRL tells its data formats apart.
+
+  Raises:
+    DataError: for a file without rows, or `refusal(where, row)` when no kind matches.
+  """
+  where, row = next(iter(read_rows(path, fmt)), (path, None))
+  if row is None:
+    raise DataError(f"{path}: no rows")
+  for kind, used in candidates:
+    if all(column and column in row for column in used):
+      return kind, used
+  raise DataError(refusal(where, row))
+
+
+MOST_PROBLEMS = 100  # malformed rows listed at most
+
+
+def every_problem(error: DataError, files: Sequence[Sequence[str]], fmt: str,
+                  parse: Callable[[str, int, dict[str, Any]], Any]) -> DataError:
+  """What preparing `files` stopped with (`error`, the first problem): that error alone,
+  or one listing every malformed row (the first `MOST_PROBLEMS`) when there are more.
+
+  Args:
+    error: the error preparing raised.
+    files: the files of each split.
+    fmt: their format.
+    parse: (where, row number, row) -> anything; raises DataError for a malformed row.
+  """
+  found: list[str] = []
+  for path in dict.fromkeys(path for paths in files for path in paths):
+    if len(found) >= MOST_PROBLEMS:
+      break
+    try:
+      for number, (where, row) in enumerate(read_rows(path, fmt, found), 1):
+        try:
+          parse(where, number, row)
+        except DataError as e:
+          found.append(str(e))
+        if len(found) >= MOST_PROBLEMS:
+          break
+    except DataError as e:  # a file that cannot be read past a point
+      found.append(str(e))
+  found = found[:MOST_PROBLEMS]
+  if len(found) <= 1:
+    return error
+  more = f" (the first {MOST_PROBLEMS})" if len(found) == MOST_PROBLEMS else ""
+  return DataError(f"{len(found)} malformed rows{more} in config.data.files:\n  "
+                   + "\n  ".join(found))
 
 
 def read_rows(path: str, fmt: str, problems: list[str] | None = None
