@@ -31,6 +31,8 @@ else:
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from ftjax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The devices of an in-process run where sharding is not the point: one, as the launched
 # processes have, which runs several times faster than 8. (Such a run can still differ from
@@ -54,14 +56,19 @@ def launch_debug_run(workdir, data_dir):
 
 
 def with_overrides(config, **overrides):
-  """A locked copy of `config` with dotted keys set, e.g. `**{"mesh.fsdp": 8}`."""
+  """A locked copy of `config` with dotted keys set, e.g. `**{"mesh.fsdp": 8}`; a key the
+  config does not have is an error (a misspelled override would otherwise add a key that
+  nothing reads), except inside a free section such as `model.arch`."""
   config = config.copy_and_resolve_references()
   config.unlock()
+  free = {path for path, key in config_lib.all_keys().items() if key.free}
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")
     for parent in parents:
       target = target[parent]
+    if leaf not in target and ".".join(parents) not in free:
+      raise KeyError(f"with_overrides: config has no key {key!r}")
     target[leaf] = value
   config.lock()
   return config

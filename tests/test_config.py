@@ -115,7 +115,10 @@ def test_validate_refuses_unknown_and_missing_keys():
   config = minilm_sentiment.get_config()
   with pytest.raises(ConfigError, match="config.optimizer.warmup: unknown key; did you mean "
                      "config.optimizer.warmup_steps"):
-    validate(with_overrides(config, **{"optimizer.warmup": 3}))
+    misspelled = config.copy_and_resolve_references()
+    with misspelled.unlocked():
+      misspelled.optimizer.warmup = 3
+    validate(misspelled)
   partial = config.copy_and_resolve_references()
   partial.unlock()
   del partial.early_stopping["min_delta"]
