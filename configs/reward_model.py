@@ -17,7 +17,7 @@ Variants through the arg string, e.g. `configs/reward_model.py:model=smollm2,pef
                   Hugging Face folder through --config.model.pretrained with
                   --config.model.name=auto.
   debug           a few steps with a small randomly initialised encoder: seconds.
-  max_length=...  tokens per (prompt, completion) text pair.
+  max_length=...  tokens per (prompt, completion) text pair (default 128; debug 32).
   and the shared words: peft, lr, steps / epochs, batch_size, rank, dtype, seed, freeze.
 """
 
@@ -40,7 +40,7 @@ _DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "bitfit"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, **ARGS, model="minilm", max_length=128)
+  arg = parse_arg(arg, **ARGS, model="minilm", max_length=0)
   if arg.model not in _MODELS:
     raise ValueError(f"config arg model={arg.model!r}: one of {sorted(_MODELS)}")
   config = defaults()
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.update(_MODELS[arg.model])
   config.model.num_classes = 1
   config.data.name = "json"
-  config.data.max_length = arg.max_length
+  config.data.max_length = arg.max_length or (32 if arg.debug else 128)
   config.data.split = (0.9, 0.05, 0.05)
   config.batch_size = 16
   config.eval_batch_size = 32
@@ -69,7 +69,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                               num_attention_heads=4, intermediate_size=128,
                               max_position_embeddings=512) if arg.model == "minilm" else
                          smollm2_chat.DEBUG_ARCH)
-    config.data.max_length = 32
     config.data.buckets = "off"
     config.batch_size = arg.batch_size or 4
     config.eval_batch_size = config.batch_size

@@ -45,6 +45,7 @@ _DEFAULT_LR = {"full": 1e-6, "lora": 5e-5, "qlora": 5e-5, "dora": 5e-5}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   items = [item for item in (arg or "").split(",") if item.strip()]
+  given = {item.partition("=")[0].strip() for item in items}
   own = [item for item in items if item.partition("=")[0].strip() in _WORDS]
   words = parse_arg(",".join(own), **_WORDS)
   rest = ",".join(item for item in items if item not in own)
@@ -62,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.early_stopping.metric = "loss"
     config.early_stopping.mode = "min"
     if chat_words.debug:
-      config.data.max_length = 64
+      if "max_length" not in given:  # a max_length= given still chooses
+        config.data.max_length = 64
       config.data.max_train_examples = 0
       config.data.max_eval_examples = 8
       config.batch_size = chat_words.batch_size or 4

@@ -304,3 +304,23 @@ def test_a_reward_model_exports_as_a_one_label_sequence_classifier(pairs_file, d
                       attention_mask=torch.tensor(rows["attention_mask"])).logits.numpy()
   np.testing.assert_allclose(ours, theirs, atol=2e-5)
   assert abs(ours[0, 0] - ours[1, 0]) > 1e-3  # the two completions score differently
+
+
+def test_a_reward_model_reads_conversations_through_the_chat_template(tmp_path, data_dir):
+  rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+           "chosen": [{"role": "assistant", "content": "A kind answer."}],
+           "rejected": [{"role": "assistant", "content": "Go away."}]} for i in range(20)]
+  path = _write_jsonl(tmp_path / "conversations.jsonl", rows)
+  config = _config(reward_model, "debug,model=smollm2,max_length=64", data_dir, path)
+  built = inputs.build(config)
+  raw = built.splits["train"][0]
+  batch = built.preprocess({key: np.asarray([raw[key]], dtype=object)
+                            for key in ("id", "prompt", "chosen", "rejected")})
+  pair = preference.decode_pair(raw)
+  for side, row in zip(("chosen", "rejected"), range(2)):
+    text = built.render(pair["prompt"] + pair[side])
+    assert text.startswith("<|im_start|>system") and pair[side][0]["content"] in text
+    ids = batch["input_ids"][0, row]
+    count = int(batch["attention_mask"][0, row].sum())
+    np.testing.assert_array_equal(ids[:count], built.tokenizer.encode([text])["input_ids"][0][:count])
+  assert not check.check(config, built).warnings

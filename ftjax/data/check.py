@@ -173,7 +173,8 @@ def _pairs(inputs: Inputs) -> tuple[dict[str, SplitReport], list[str]]:
   for split in _SPLITS:
     source = inputs.splits[split]
     stats: preference.PairStats = (source.stats if inputs.kind == "preference" else
-                                   preference.reward_stats(source, inputs.tokenizer))
+                                   preference.reward_stats(source, inputs.tokenizer,
+                                                           inputs.render))
     reports[split] = SplitReport(stats.pairs, truncated=stats.truncated,
                                  duplicates=stats.identical, packing=stats.summary(split))
     share = lambda n, size=stats.pairs: f"{n:,} of {size:,} pairs ({100 * n / size:.1f}%)"

@@ -59,6 +59,8 @@ class Inputs:
     task_classes: (name, number of classes) of each task of a multi-task run, in
       order; empty for other runs.
     batch_spec: what a batch holds (`registry.batch_spec`).
+    render: reward data: a conversation -> its text under the chat template (the
+      tokenizer loaded on first use); None for other data.
   """
 
   kind: str
@@ -72,6 +74,7 @@ class Inputs:
   class_names: tuple[str, ...] = ()
   task_classes: tuple[tuple[str, int], ...] = ()
   batch_spec: dict[str, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)
+  render: Any = None
 
 
 def sample_prompts(inputs: Inputs, split: str, count: int, prompt_tokens: int
@@ -208,8 +211,9 @@ def _data_set_inputs(config: ml_collections.ConfigDict, data_set: registry.DataS
     for split in ("validation", "test"):
       splits[split] = pipeline.Head(splits[split], data.max_eval_examples)
     # One output, named "reward" (an export's `id2label`: transformers' num_labels=1).
-    return Inputs(kind, splits, preference.reward_preprocess(tokenizer), tokenizer,
-                  raw=dict(splits), class_names=("reward",),
+    render = _renderer(config)
+    return Inputs(kind, splits, preference.reward_preprocess(tokenizer, render), tokenizer,
+                  raw=dict(splits), class_names=("reward",), render=render,
                   batch_spec=registry.batch_spec(kind, data))
   if kind == "classification":
     tokenizer = _text_tokenizer(config)
@@ -292,6 +296,21 @@ def _hf_disk_files(files: Sequence[str], settings: Sequence[str] = registry.FILE
                         f"(it has {sorted(found)})")
     folders.append(named[:1])
   return folders
+
+
+def _renderer(config: ml_collections.ConfigDict) -> preference.Render:
+  """Renders a conversation as text with the chat template of `config.data.chat_template`
+  or the model's tokenizer (loaded on first use; a tokenizer without one is refused)."""
+  formatters = []
+
+  def render(messages):
+    if not formatters:
+      source = config.data.tokenizer or config.model.pretrained
+      tokenizer = tokenizer_lib.load_hf_tokenizer(assets.model_dir(source))
+      formatters.append(lm.ChatFormatter(tokenizer, *lm.chat_template(config.data.chat_template)))
+    return formatters[0].render(messages)
+
+  return render
 
 
 def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextTokenizer:

@@ -152,6 +152,10 @@ class ChatFormatter:
       raise DataError(f"{where}: the chat template of {self._tokenizer.name_or_path!r} cannot "
                       f"render it: {e}") from e
 
+  def render(self, messages: list[dict[str, Any]]) -> str:
+    """The text of the conversation `messages` under the template."""
+    return self._render(messages)
+
   def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
     """Token ids of `messages` followed by the assistant's generation prompt."""
     return self._fast.encode(self._render(messages, True), add_special_tokens=False).ids

@@ -22,8 +22,9 @@ and reported by the data check, as are pairs whose chosen and rejected are
 identical (they carry no preference).
 
 For a reward model (a sequence classifier with one output) a pair stays text:
-each side is the pair (prompt, completion) for the model's tokenizer, batches
-holding the tokenizer's arrays as [B, 2, L].
+each side is the pair (prompt, completion) for the model's tokenizer, or for a
+conversation the text its chat template renders of prompt + completion; batches
+hold the tokenizer's arrays as [B, 2, L].
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -190,16 +191,47 @@ def tokenize_pairs(source: Sequence[dict[str, Any]], tokenizer: PairTokenizer, *
   return PairRows(arrays, stats)
 
 
-def reward_stats(source: Sequence[dict[str, Any]], tokenizer: TextTokenizer) -> PairStats:
-  """What a reward model's tokenizer makes of a split's pairs (identical sides, token
-  counts of each side's (prompt, completion), those longer than `max_length`)."""
+Render = Callable[[list[dict[str, Any]]], str]
+
+
+def _reward_encode(pairs: list[dict[str, Any]], side: str, tokenizer: TextTokenizer,
+                   render: Render, counts: bool = False) -> Any:
+  """One side of each pair for a reward model: a string pair as the text pair (prompt,
+  completion); a conversation (prompt + completion messages) rendered by its chat
+  template as one text. The tokenizer's arrays [N, L], or with `counts` the token
+  count of each (before truncation)."""
+  strings = [i for i, pair in enumerate(pairs) if isinstance(pair[side], str)]
+  talks = [i for i, pair in enumerate(pairs) if not isinstance(pair[side], str)]
+  parts = []
+  for rows, pair_texts in ((strings, True), (talks, False)):
+    if not rows:
+      continue
+    if pair_texts:
+      texts = [pairs[i]["prompt"] for i in rows]
+      seconds = [pairs[i][side] for i in rows]
+    else:
+      texts, seconds = [render(pairs[i]["prompt"] + pairs[i][side]) for i in rows], None
+    parts.append((rows, tokenizer.token_counts(texts, seconds) if counts
+                  else tokenizer.encode(texts, seconds)))
+  if counts:
+    out = [0] * len(pairs)
+    for rows, values in parts:
+      for i, value in zip(rows, values):
+        out[i] = value
+    return out
+  order = np.argsort(np.concatenate([np.asarray(rows, np.int64) for rows, _ in parts]))
+  return {key: np.concatenate([arrays[key] for _, arrays in parts])[order]
+          for key in parts[0][1]}
+
+
+def reward_stats(source: Sequence[dict[str, Any]], tokenizer: TextTokenizer,
+                 render: Render) -> PairStats:
+  """What a reward model's tokenizer makes of a split's pairs (identical sides, each
+  side's token count, those longer than `max_length`)."""
   stats = PairStats(tokenizer.max_length)
   for start in range(0, len(source), 512):
     pairs = [decode_pair(source[i]) for i in range(start, min(start + 512, len(source)))]
-    if any(not isinstance(pair["chosen"], str) for pair in pairs):
-      raise DataError(_CONVERSATIONS)
-    prompts = [pair["prompt"] for pair in pairs]
-    counts = [tokenizer.token_counts(prompts, [pair[side] for pair in pairs])
+    counts = [_reward_encode(pairs, side, tokenizer, render, counts=True)
               for side in ("chosen", "rejected")]
     for pair, chosen, rejected in zip(pairs, *counts):
       stats.pairs += 1
@@ -210,26 +242,15 @@ def reward_stats(source: Sequence[dict[str, Any]], tokenizer: TextTokenizer) -> 
   return stats
 
 
-_CONVERSATIONS = ("reward models read pairs of strings (prompt, chosen, rejected); this "
-                  "data holds conversations")
-
-
-def reward_preprocess(tokenizer: TextTokenizer) -> pipeline.Preprocess:
-  """A preprocess of pairs (strings) for a reward model: each side tokenized as the text
-  pair (prompt, completion); arrays [B, 2, L].
-
-  Raises:
-    DataError: for a conversation (reward models read strings).
-  """
+def reward_preprocess(tokenizer: TextTokenizer, render: Render) -> pipeline.Preprocess:
+  """A preprocess of pairs for a reward model: each side of a string pair tokenized as the
+  text pair (prompt, completion), of a conversation as the text `render` makes of
+  prompt + completion (the chat template); arrays [B, 2, L]."""
 
   def preprocess(batch: pipeline.Batch) -> pipeline.Batch:
     pairs = [decode_pair({side: batch[side][i] for side in ("prompt", "chosen", "rejected")})
              for i in range(len(batch["prompt"]))]
-    if any(not isinstance(pair["chosen"], str) for pair in pairs):
-      raise DataError(_CONVERSATIONS)
-    prompts = [pair["prompt"] for pair in pairs]
-    sides = [tokenizer.encode(prompts, [pair[side] for pair in pairs])
-             for side in ("chosen", "rejected")]
+    sides = [_reward_encode(pairs, side, tokenizer, render) for side in ("chosen", "rejected")]
     return {key: np.stack([side[key] for side in sides], axis=1) for key in sides[0]}
 
   return preprocess
