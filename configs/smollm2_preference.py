@@ -63,8 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.early_stopping.metric = "loss"
     config.early_stopping.mode = "min"
     if chat_words.debug:
-      if "max_length" not in given:  # a max_length= given still chooses
-        config.data.max_length = 64
+      config.data.max_length = chat_words.max_length if "max_length" in given else 64
       config.data.max_train_examples = 0
       config.data.max_eval_examples = 8
       config.batch_size = chat_words.batch_size or 4
