@@ -132,6 +132,8 @@ class FtjaxBench:
   (`ftjax.run_setup` on one device), with its own state.
 
   Attributes:
+    setup: the run's set-up (`ftjax.run_setup.Setup`: its task, placement and jitted
+      steps, e.g. a pair task's reference step).
     built: what `ftjax.build.build` returned (model, optimizer, schedule, frozen part).
     schedule: the learning-rate schedule.
     state: the train state (donated to each step).
@@ -147,6 +149,7 @@ class FtjaxBench:
     """Builds the model and state (`set_up_ftjax`) and compiles the step; `batch` is
     the batch every step trains on."""
     setup = set_up_ftjax(config, batch, base)
+    self.setup = setup
     self.built = setup.built
     self.schedule = self.built.schedule
     self.state, self.frozen = self.built.state, self.built.frozen

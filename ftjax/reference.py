@@ -6,9 +6,10 @@ weights (with new LoRA adapters that is the base model, since adapters start
 at zero). Before the first step they are computed over every split with the
 starting weights the run already holds, so no second copy of the model ever
 exists, and written to the run folder (`reference_logps.npz`, with a fingerprint
-of each split's tokens). A resumed run reads them back instead of computing them
-again; a split whose tokens no longer match the fingerprint (other data, another
-tokenizer or length) is computed afresh.
+of each split's tokens and of the model that scored them). A resumed run reads
+them back instead of computing them again; a split whose fingerprint no longer
+matches (other data, another tokenizer or length, another model or compute
+dtype) is computed afresh.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from ftjax.metrics import log_line
 FILE = "reference_logps.npz"
 
 
-def fingerprint(rows: preference.PairRows) -> str:
-  """A digest of a split's pair rows: the tokens and which of them are completions."""
-  digest = hashlib.sha256()
+def fingerprint(rows: preference.PairRows, model: str) -> str:
+  """A digest of a split's pair rows (the tokens and which of them are completions) and
+  of `model`, a description of the reference model (its config section and dtype)."""
+  digest = hashlib.sha256(model.encode())
   for key in ("input_ids", "loss_mask"):
     digest.update(np.ascontiguousarray(rows.arrays[key]).tobytes())
   return digest.hexdigest()
@@ -44,13 +46,14 @@ def _saved(path: str) -> dict[str, tuple[np.ndarray, str]]:
 
 
 def attach(splits: dict[str, preference.PairRows],
-           compute: Callable[[preference.PairRows], np.ndarray], workdir: str,
+           compute: Callable[[preference.PairRows], np.ndarray], model: str, workdir: str,
            write: bool) -> dict[str, str]:
   """Fills each split's `ref_logps` from the run folder's file or by `compute`.
 
   Args:
     splits: the pair rows of each split (training, validation, test, extra sets).
     compute: rows -> [N, 2] reference log-probabilities (the starting weights).
+    model: describes the reference model (its config section and compute dtype).
     workdir: the run folder.
     write: whether this process writes the file (process 0).
 
@@ -60,7 +63,7 @@ def attach(splits: dict[str, preference.PairRows],
   path = os.path.join(workdir, FILE)
   saved, done, arrays = _saved(path), {}, {}
   for name, rows in splits.items():
-    digest = fingerprint(rows)
+    digest = fingerprint(rows, model)
     if name in saved and saved[name][1] == digest:
       logps, done[name] = saved[name][0], "read"
     else:

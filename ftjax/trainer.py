@@ -228,7 +228,9 @@ class _Run:
 
     splits = {"train": self.data.train, **{name: source for name, (source, _) in
                                            self.data.eval_sets.items()}}
-    reference.attach(splits, compute, self.workdir, write=self.process == 0)
+    model = json.dumps({"model": self.config.model.to_dict(),
+                        "compute_dtype": self.config.compute_dtype}, sort_keys=True)
+    reference.attach(splits, compute, model, self.workdir, write=self.process == 0)
 
   def _log_state(self) -> None:
     """The parameter counts and each device's share of the state."""

@@ -238,11 +238,11 @@ def test_a_resumed_dpo_run_equals_an_uninterrupted_one_without_recomputing(dpo_r
   computed = []
   original = reference.attach
 
-  def counting_attach(splits, compute, workdir, write):
+  def counting_attach(splits, compute, model, workdir, write):
     def counted(rows):
       computed.append(len(rows))
       return compute(rows)
-    return original(splits, counted, workdir, write)
+    return original(splits, counted, model, workdir, write)
 
   reference.attach = counting_attach
   try:
@@ -324,3 +324,30 @@ def test_a_reward_model_reads_conversations_through_the_chat_template(tmp_path, 
     count = int(batch["attention_mask"][0, row].sum())
     np.testing.assert_array_equal(ids[:count], built.tokenizer.encode([text])["input_ids"][0][:count])
   assert not check.check(config, built).warnings
+
+
+def test_the_reference_file_is_read_back_only_for_the_same_tokens_and_model(tmp_path):
+  def rows(first_token):
+    arrays = {key: np.zeros((3, 2, 8), np.bool_ if key == "loss_mask" else np.int32)
+              for key in ("input_ids", "targets", "loss_mask", "positions", "segment_ids")}
+    arrays["input_ids"][0, 0, 0] = first_token
+    arrays["pair_index"] = np.arange(3, dtype=np.int32)
+    arrays["ref_logps"] = np.zeros((3, 2), np.float32)
+    return preference.PairRows(arrays, preference.PairStats(8))
+
+  calls = []
+
+  def compute(pairs):
+    calls.append(len(pairs))
+    return np.full((len(pairs), 2), -float(len(calls)), np.float32)
+
+  def attach(first_token, model):
+    split = rows(first_token)
+    done = reference.attach({"train": split}, compute, model, str(tmp_path), write=True)
+    return done["train"], split.arrays["ref_logps"][0, 0]
+
+  assert attach(5, "model a") == ("computed", -1.0)
+  assert attach(5, "model a") == ("read", -1.0)
+  assert attach(6, "model a") == ("computed", -2.0)  # other tokens
+  assert attach(6, "model b") == ("computed", -3.0)  # another model
+  assert calls == [3, 3, 3]
