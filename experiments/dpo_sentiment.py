@@ -2,6 +2,10 @@ r"""Controlled sentiment generation (DPO paper, Rafailov et al. 2023, Figure 2 l
 
   nice -n 10 python experiments/dpo_sentiment.py --workdir=/tmp/ftjax/dpo_sentiment
 
+About an hour on 2 CPU cores shared with other work (the committed results: 53 min for
+this script, 6 min per LoRA run, plus 4 min for the reward run);
+`--preference_lrs=1e-3` alone (three preference runs instead of six) takes about 35 minutes.
+
 SmolLM2-135M-Instruct continues the first words of Rotten Tomatoes reviews as plain
 text (no chat template); the reward of a text (prompt + completion) is the
 probability of "fresh" under a MiniLM-L6 classifier fine-tuned with ftjax
@@ -14,9 +18,12 @@ probability of "fresh" under a MiniLM-L6 classifier fine-tuned with ftjax
    `<results_dir>/pairs.jsonl`; an existing file is reused as it is (delete it to
    sample new pairs, e.g. after changing the sizes);
 3. LoRA runs of SmolLM2-135M-Instruct through `launch/train.py`: SFT on the fresh
-   train-split reviews (plain text passages, every token trained), DPO at each of
-   `--betas` and SimPO on the pairs (`<workdir>/<method>`; a finished run is
-   not run again);
+   train-split reviews, DPO at each of `--betas` and SimPO on the pairs, the
+   preference runs at each of `--preference_lrs` (`<workdir>/<method>`; a finished
+   run is not run again). The SFT data are the reviews as plain-text passages
+   (`{"text"}` rows, every token trained), not prompt-completion rows: ftjax renders
+   string prompt-completion rows as a user and an assistant turn of the chat
+   template, and the models here continue plain text;
 4. evaluation on `--eval_prompts` test-split prompts, for the starting model and
    each run: the mean reward of greedy and of sampled (temperature 1)
    completions, and the KL divergence from the starting model on the sampled
@@ -25,13 +32,15 @@ probability of "fresh" under a MiniLM-L6 classifier fine-tuned with ftjax
 5. `<results_dir>/results.md` (the table, sizes, commands, times) and
    `<results_dir>/reward_vs_kl.png`.
 
-On a GPU, the same code at larger sizes (full fine-tuning too, `--peft=full`; the
-preference config's default learning rate for it is 1e-6):
+On a GPU, the same code at larger sizes: more prompts, longer completions, more
+steps, the longer reward run, full fine-tuning (at learning rates around the
+preference config's default for it, 1e-6):
 
   python experiments/dpo_sentiment.py --workdir=/tmp/ftjax/dpo_sentiment_gpu \
       --results_dir=experiments/results/dpo_sentiment_gpu --train_prompts=4096 \
-      --eval_prompts=512 --new_tokens=48 --max_length=96 --steps=1000 --batch_size=32 \
-      --betas=0.05,0.1,0.5,1 --reward_config=configs/minilm_sentiment.py
+      --eval_prompts=512 --new_tokens=48 --max_length=64 --steps=1000 --batch_size=32 \
+      --betas=0.05,0.1,0.5,1 --peft=full --preference_lrs=1e-6,5e-6 \
+      --reward_config=configs/minilm_sentiment.py
 """
 
 from __future__ import annotations
@@ -39,26 +48,25 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
+import numpy as np
 from absl import app, flags
 
+from ftjax import generate as generate_lib
+from ftjax import runs, tasks
+from ftjax.data import registry, sources
+from ftjax.data import tokenizer as tokenizer_lib
+from ftjax.hub import assets
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ftjax import generate as generate_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ftjax import runs, tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ftjax.data import registry, sources  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ftjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ftjax.hub import assets  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/ftjax/dpo_sentiment",
                                "Where the runs, logs and per-model evaluations go.")
@@ -79,10 +87,10 @@ _BETAS = flags.DEFINE_list("betas", ["0.1", "0.5"], "DPO's beta values.")
 _SIMPO_BETA = flags.DEFINE_float("simpo_beta", 2.0, "SimPO's beta (0: no SimPO run).")
 _PEFT = flags.DEFINE_string("peft", "lora", "lora, full, dora or qlora.")
 _PREFERENCE_LRS = flags.DEFINE_list(
-    "preference_lrs", ["2e-4"], "DPO / SimPO learning rates, a run of each method at each "
-    "(0: the config's default, 5e-5 for LoRA, 1e-6 full); the runs at the first are named "
-    "<method>_<beta>, the others <method>_<beta>_lr<lr>. LoRA's SFT rate by default, so "
-    "that a few dozen steps move the model.")
+    "preference_lrs", ["2e-4", "1e-3"], "DPO / SimPO learning rates, a run of each method "
+    "at each (0: the config's default, 5e-5 for LoRA, 1e-6 full); the runs at the first "
+    "are named <method>_<beta>, the others <method>_<beta>_lr<lr>. LoRA's SFT rate and "
+    "five times that by default, so that a few dozen steps move the model.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds prompt choice, sampling and the runs.")
 
 BASE = "smollm2-135m-instruct"
@@ -90,6 +98,7 @@ FRESH = "fresh"
 
 
 def _python() -> str:
+  """This interpreter, relative to the repository when inside it (for the commands)."""
   return os.path.relpath(sys.executable, _REPO) if sys.executable.startswith(_REPO) else (
       sys.executable)
 
@@ -114,8 +123,8 @@ def train(name: str, args: Sequence[str]) -> tuple[str, str]:
 
 
 def lm_args(config: str, words: str) -> list[str]:
-  """The arguments of a SmolLM2 run: sizes in the arg string, one evaluation at the end
-  (so the best weights are the last ones)."""
+  """The arguments of a SmolLM2 run: sizes in the arg string; validation at the end (and
+  at each epoch's end), whose lowest loss picks the weights evaluated here."""
   steps = _STEPS.value
   arg = (f"{words},peft={_PEFT.value},steps={steps},batch_size={_BATCH_SIZE.value},"
          f"max_length={_MAX_LENGTH.value},seed={_SEED.value}")
@@ -215,12 +224,14 @@ class Lm:
 @functools.partial(jax.jit, static_argnames="model")
 def _sequence_logps(model: Any, params: Any, rows: dict[str, jax.Array],
                     mask: jax.Array) -> jax.Array:
+  """The sum over each row of the log-probabilities of its targets where `mask` is 1."""
   features = model.apply(params, rows, train=False, features=True)
   per_token = tasks.token_log_probs(features.hidden, features.unembed, rows["targets"], 0)
   return (per_token * mask).sum(-1)
 
 
 def text_of(tokenizer: Any, ids: Sequence[int]) -> str:
+  """The text of generated tokens, without special tokens (a final stop token)."""
   return tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -261,14 +272,16 @@ def write_sft_data(path: str, split: Any, fresh: int) -> int:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(name: str, policy: Lm, base: Lm, reward: Reward, prompts: list[str]
-             ) -> dict[str, Any]:
-  """Greedy and sampled rewards and the KL from `base` (cached in `<workdir>/<name>`)."""
+def evaluate(name: str, load_policy: Callable[[], Lm], base: Lm, reward: Reward,
+             prompts: list[str]) -> dict[str, Any]:
+  """Greedy and sampled rewards of the policy (made by `load_policy`) and its KL from
+  `base` (cached in `<workdir>/<name>`)."""
   path = os.path.join(_WORKDIR.value, name, "eval.json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
   started = time.perf_counter()
+  policy = load_policy()
   ids = [policy.tokenizer(p)["input_ids"] for p in prompts]
   greedy = policy.sample(ids, temperature=0.0, seed=0, new_tokens=_NEW_TOKENS.value)
   sampled = policy.sample(ids, temperature=1.0, seed=_SEED.value + 7,
@@ -293,28 +306,34 @@ def evaluate(name: str, policy: Lm, base: Lm, reward: Reward, prompts: list[str]
 
 
 def plot(path: str, results: list[dict[str, Any]]) -> None:
-  """Reward (sampled and greedy) against KL from the starting model, per method."""
+  """Reward against KL from the starting model, a marker per run (filled: sampled
+  completions, hollow: greedy), a color per method."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  fig, ax = plt.subplots(figsize=(7.2, 4.4))
   colors = {"start": "black", "sft": "tab:green", "dpo": "tab:blue", "simpo": "tab:orange"}
+  shapes = "o^Dvsp<>"
   for family in ("dpo", "simpo"):  # a method's points joined in the order of their KL
     points = sorted((r for r in results if r["name"].startswith(family + "_")),
                     key=lambda r: r["kl"])
     ax.plot([r["kl"] for r in points], [r["reward_sampled"] for r in points],
             color=colors[family], alpha=0.4)
+  seen: dict[str, int] = {}
   for r in results:
-    color = colors[r["name"].split("_")[0]]
-    ax.errorbar(r["kl"], r["reward_sampled"], xerr=r["kl_sem"], fmt="o", color=color)
-    ax.scatter(r["kl"], r["reward_greedy"], marker="x", color=color)
-    ax.annotate(r["label"], (r["kl"], r["reward_sampled"]), textcoords="offset points",
-                xytext=(5, 4), fontsize=8)
+    family = r["name"].split("_")[0]
+    color, shape = colors[family], shapes[seen.get(family, 0) % len(shapes)]
+    seen[family] = seen.get(family, 0) + 1
+    ax.errorbar(r["kl"], r["reward_sampled"], xerr=r["kl_sem"], fmt=shape, color=color,
+                label=r["label"])
+    ax.scatter(r["kl"], r["reward_greedy"], marker=shape, facecolors="none",
+               edgecolors=color)
   ax.set_xlabel("KL(policy || starting model), nats per completion")
   ax.set_ylabel("mean reward  P(fresh)")
-  ax.set_title("Rotten Tomatoes sentiment: reward vs KL\n(o sampled, x greedy; "
-               "SmolLM2-135M-Instruct + LoRA)", fontsize=10)
+  ax.set_title("Rotten Tomatoes sentiment: reward vs KL (SmolLM2-135M-Instruct, LoRA)\n"
+               "filled: sampled completions (temperature 1), hollow: greedy", fontsize=9)
   ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -324,6 +343,7 @@ def plot(path: str, results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  """Runs the steps of the module docstring, skipping those already done."""
   del argv
   started = time.perf_counter()
   os.chdir(_REPO)
@@ -333,6 +353,7 @@ def main(argv: Sequence[str]) -> None:
   stage_seconds: dict[str, float] = {}
 
   def stage(name: str, since: float) -> float:
+    """Adds the seconds since `since` to stage `name`; returns now."""
     now = time.perf_counter()
     stage_seconds[name] = stage_seconds.get(name, 0.0) + now - since
     return now
@@ -381,7 +402,8 @@ def main(argv: Sequence[str]) -> None:
           "configs/smollm2_preference.py",
           f"loss={loss},beta={beta}" + (f",lr={lr:g}" if lr else ""))
                       + [f"--config.data.files.train={pairs_path}"]))
-  results = [dict(evaluate("start", base, base, reward, eval_prompts), label="start")]
+  results = [dict(evaluate("start", lambda: base, base, reward, eval_prompts),
+                  label="start")]
   t = stage("evaluation", t)
   trained = []
   for name, label, args in methods:
@@ -390,9 +412,10 @@ def main(argv: Sequence[str]) -> None:
       final = json.load(f)
     trained.append((name, label, workdir, command, final))
     t = stage("training", t)
-    policy = Lm(tokenizer, workdir=workdir)
+    policy = functools.partial(Lm, tokenizer, workdir=workdir)
     results.append(dict(evaluate(name, policy, base, reward, eval_prompts), label=label,
-                        train_seconds=final["train_seconds"], test=final["test"]))
+                        train_seconds=final["train_seconds"], best_step=final["best_step"],
+                        test=final["test"]))
     t = stage("evaluation", t)
 
   plot(os.path.join(results_dir, "reward_vs_kl.png"), results)
@@ -404,7 +427,8 @@ def main(argv: Sequence[str]) -> None:
   write_report(os.path.join(results_dir, "results.md"), results, trained, reward_command,
                reward_final, pair_stats, num_pairs, num_sft, times, train_prompts,
                eval_prompts)
-  print(open(os.path.join(results_dir, "results.md")).read())
+  with open(os.path.join(results_dir, "results.md")) as f:
+    print(f.read())
 
 
 def add_times(path: str, seconds: dict[str, float]) -> dict[str, float]:
@@ -422,21 +446,27 @@ def add_times(path: str, seconds: dict[str, float]) -> dict[str, float]:
   return total
 
 
+def _one_line(text: str) -> str:
+  """`text` with each run of whitespace (newlines too) made one space."""
+  return re.sub(r"\s+", " ", text)
+
+
 def write_report(path: str, results: list[dict[str, Any]], trained: list[tuple],
                  reward_command: str, reward_final: dict[str, Any], pair_stats: dict | None,
                  num_pairs: int, num_sft: int, times: dict[str, float],
                  train_prompts: list[str],
                  eval_prompts: list[str]) -> None:
   """results.md: the table, the sizes, the commands and the times."""
-  rows = ["| method | mean reward, greedy | mean reward, sampled | KL (± s.e.) "
-          "| sampled tokens | train s | preference accuracy (test pairs) |",
-          "|---|---|---|---|---|---|---|"]
+  rows = [("| method | mean reward, greedy | mean reward, sampled | KL (± s.e.) "
+           "| sampled tokens | best step | train s | preference accuracy (test pairs) |"),
+          "|---|---|---|---|---|---|---|---|"]
   for r in results:
     accuracy = r.get("test", {}).get("rewards/accuracies")
     seconds = f"{r['train_seconds']:.0f}" if "train_seconds" in r else ""
+    best = f"{r['best_step']}" if "best_step" in r else ""
     rows.append(f"| {r['label']} | {r['reward_greedy']:.3f} | {r['reward_sampled']:.3f} "
                 f"| {r['kl']:.2f} ± {r['kl_sem']:.2f} | {r['sampled_tokens']:.1f} "
-                f"| {seconds} | {'' if accuracy is None else f'{accuracy:.2f}'} |")
+                f"| {best} | {seconds} | {'' if accuracy is None else f'{accuracy:.2f}'} |")
   pairs_line = (f"mean reward of the chosen completions {pair_stats['chosen']:.3f}, of the "
                 f"rejected {pair_stats['rejected']:.3f}; {pair_stats['identical']} pairs "
                 f"with identical completions; {pair_stats['dropped_empty']} prompts dropped "
@@ -446,20 +476,19 @@ def write_report(path: str, results: list[dict[str, Any]], trained: list[tuple],
   examples = []
   for r in results:
     examples.append(f"- **{r['label']}**: " + " / ".join(
-        f"*{p}*{' '.join(c.split())}" for p, c in zip(eval_prompts[:2],
-                                                     r["greedy_examples"][:2])))
+        f"*{p}*{_one_line(c)}" for p, c in zip(eval_prompts[:2], r["greedy_examples"][:2])))
   text = f"""# DPO's controlled sentiment generation on Rotten Tomatoes (CPU-sized)
 
 Rafailov et al. 2023, Figure 2 left, with ftjax's parts: SmolLM2-135M-Instruct continues
 the first {_PROMPT_WORDS.value} words of a review (plain text, no chat template) by up to
 {_NEW_TOKENS.value} tokens; the reward is P(fresh) of prompt + completion under MiniLM-L6
-fine-tuned on Rotten Tomatoes (`{_REWARD_CONFIG.value}`: test accuracy {reward_final['test']['accuracy']:.3f},
-{reward_final['train_seconds']:.0f} s of training).
+fine-tuned on Rotten Tomatoes (`{_REWARD_CONFIG.value}`: test accuracy
+{reward_final['test']['accuracy']:.3f}, {reward_final['train_seconds']:.0f} s of training).
 KL: the mean over sampled completions of sum_t [log pi - log pi_ref], pi_ref the starting
 model. Rewards and KL on {len(eval_prompts)} test-split prompts; greedy and sampled
 (temperature 1) completions of each.
 
-`python experiments/dpo_sentiment.py {argv}`
+`nice -n 10 python experiments/dpo_sentiment.py {argv}`
 
 {chr(10).join(rows)}
 
@@ -474,9 +503,10 @@ model. Rewards and KL on {len(eval_prompts)} test-split prompts; greedy and samp
   token trained, packed into rows of {_MAX_LENGTH.value} tokens).
 - Every run: {_PEFT.value}, {_STEPS.value} steps of batch {_BATCH_SIZE.value},
   {_MAX_LENGTH.value} tokens per sequence, SFT at the config's learning rate, the
-  preference runs at {', '.join(_PREFERENCE_LRS.value)} (0: the config's), one
-  evaluation at the end (its weights are the ones evaluated). The preference runs'
-  validation and test pairs are cut from pairs.jsonl (5% each).
+  preference runs at {', '.join(_PREFERENCE_LRS.value)} (0: the config's). Validation
+  at the end and at each epoch's end; the weights of the lowest validation loss (best
+  step) are the ones evaluated here. The preference runs' validation and test pairs
+  are cut from pairs.jsonl (5% each); the preference accuracy is on those test pairs.
 - Time: {times['wall'] / 60:.1f} min wall ({', '.join(
   f'{k} {v / 60:.1f}' for k, v in times.items() if k not in ('wall', 'cpu', 'invocations'))}
   min), {times['cpu'] / 60:.1f} min CPU time of the script and its runs, over
