@@ -2,9 +2,9 @@ r"""Controlled sentiment generation (DPO paper, Rafailov et al. 2023, Figure 2 l
 
   nice -n 10 python experiments/dpo_sentiment.py --workdir=/tmp/ftjax/dpo_sentiment
 
-About an hour on 2 CPU cores shared with other work (the committed results: 53 min for
-this script, 6 min per LoRA run, plus 4 min for the reward run);
-`--preference_lrs=1e-3` alone (three preference runs instead of six) takes about 35 minutes.
+About 45 minutes on 2 CPU cores shared with other work (the committed results: 43 min
+for this script, 4-7 min per LoRA run, plus 4 min for the reward run);
+`--preference_lrs=1e-3` alone (three preference runs instead of six) takes about 30.
 
 SmolLM2-135M-Instruct continues the first words of Rotten Tomatoes reviews as plain
 text (no chat template); the reward of a text (prompt + completion) is the
