@@ -340,7 +340,8 @@ def _assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None
                  r"text; models for it: \['convnext', 'efficientnet_lite0', 'mobilenet_v2', 'resnet', "
                  r"'vit'\]", id="image_data_for_a_text_config"),
     pytest.param({"task": "regression"}, ConfigError, r"config.task='regression': must be one "
-                 r"of \['classification', 'causal_lm'\]", id="unknown_task"),
+                 r"of \['classification', 'causal_lm', 'preference', 'reward'\]",
+                 id="unknown_task"),
     pytest.param({"model.name": "bert"}, ConfigError, r"config.model.name='bert': must be "
                  r"one of \['bert_classifier'", id="unknown_model"),
     pytest.param({"model.pretrained": "minilm-l12"}, ConfigError, r"model 'minilm-l12': not a "

@@ -15,13 +15,13 @@ from conftest import REPO
 # that matches.
 LAYERS = (
     ("foundation", (r"ftjax\.(errors|schema|nested|param_groups|metrics|tracking|distributed|"
-                    r"preemption|cli|sharding|vocab_parallel|fused_loss)",
+                    r"preemption|cli|sharding|vocab_parallel|fused_loss|pair_losses)",
                     r"ftjax\.evals(\..*)?")),
     ("models", (r"ftjax\.models(\..*)?", r"ftjax\.hub\.(?!export$).*", r"ftjax\.hub")),
     ("peft", (r"ftjax\.peft(\..*)?",)),
     ("data", (r"ftjax\.data(\..*)?",)),
     ("tasks", (r"ftjax\.(tasks|optim|regularizers|state|step|checkpoint|early_stopping|runs|"
-               r"generate|trackers|periodic)", r"ftjax\.hub\.export")),
+               r"generate|trackers|periodic|reference)", r"ftjax\.hub\.export")),
     ("build", (r"ftjax\.(build|run_setup)",)),
     ("config", (r"ftjax\.config",)),
     ("trainer", (r"ftjax\.trainer", r"ftjax\.sweeps(\..*)?", r"ftjax")),
