@@ -43,6 +43,7 @@ def language_model_config(arg: str | None, *, data_name: str, max_length: int = 
                           ) -> ml_collections.ConfigDict:
   """The SmolLM2 fine-tuning config on `data_name` ("chat", "shakespeare" or a file
   format); `max_length`: the default of the arg word."""
+  given = {item.partition("=")[0].strip() for item in (arg or "").split(",")}
   arg = parse_arg(arg, **ARG_WORDS, max_length=max_length)
   config = defaults()
   config.task = "causal_lm"
@@ -77,7 +78,8 @@ def language_model_config(arg: str | None, *, data_name: str, max_length: int = 
     config.model.pretrained = ""
     config.model.arch = DEBUG_ARCH
     config.data.tokenizer = "smollm2-135m-instruct"
-    config.data.max_length = 128
+    if "max_length" not in given:  # a max_length= given still chooses
+      config.data.max_length = 128
     config.data.max_train_examples = 64
     config.data.max_eval_examples = 8
     config.batch_size = 8
