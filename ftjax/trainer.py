@@ -10,6 +10,7 @@ the training state and calls small named pieces: `periodic.Cadence` (when),
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -212,17 +213,21 @@ class _Run:
 
   def _attach_reference(self, eval_batch_size: int) -> None:
     """Each split's reference log-probabilities (`ftjax.reference`), from the starting
-    weights; before any batch is read."""
+    weights; before any batch is read. The reference step compiles only when a split is
+    not in the run folder's file (a resumed run reads them all)."""
     weights = (self.built.state.params, self.built.state.stats, self.built.frozen)
-    jitted = self.setup.reference_step()
-    step = _PerBucket(lambda batch: jitted.lower(*weights, batch),
-                      lambda length: self.setup.batch(eval_batch_size, length))
+
+    @functools.cache
+    def step() -> _PerBucket:
+      jitted = self.setup.reference_step()
+      return _PerBucket(lambda batch: jitted.lower(*weights, batch),
+                        lambda length: self.setup.batch(eval_batch_size, length))
 
     def compute(rows):
       logps = np.zeros((len(rows), 2), np.float32)
       for batch in self.data.eval_batches(rows):
-        out, index, mask = jax.device_get(step(*weights, self.data.put(batch,
-                                                                       self.batch_sharding)))
+        out, index, mask = jax.device_get(step()(*weights, self.data.put(batch,
+                                                                         self.batch_sharding)))
         logps[index[mask]] = out[mask]
       return logps
 
