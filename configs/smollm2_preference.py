@@ -59,7 +59,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.preference.label_smoothing = words.smoothing
     if not chat_words.lr:
       config.optimizer.lr = _DEFAULT_LR.get(chat_words.peft, _DEFAULT_LR["lora"])
-    config.data.split = (0.9, 0.05, 0.05)
     # No adapter dropout (TRL's DPOTrainer disables dropout too): the policy is compared
     # with a reference computed without it, and at the start the two are equal.
     config.peft.dropout = 0.0

@@ -41,8 +41,9 @@ def _saved(path: str) -> dict[str, tuple[np.ndarray, str]]:
   if not os.path.exists(path):
     return {}
   with np.load(path) as saved:
-    return {name.removeprefix("logps/"): (saved[name], str(saved[f"fingerprint/{name[6:]}"]))
-            for name in saved.files if name.startswith("logps/")}
+    splits = [name.removeprefix("logps/") for name in saved.files if name.startswith("logps/")]
+    return {split: (saved[f"logps/{split}"], str(saved[f"fingerprint/{split}"]))
+            for split in splits}
 
 
 def attach(splits: dict[str, preference.PairRows],

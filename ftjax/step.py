@@ -111,13 +111,19 @@ def train_step(state: TrainState, frozen: Any, batch: Batch, *, model: Model, ta
   return new_state, metrics
 
 
+def _outputs(params: Any, stats: Any, frozen: Any, batch: Batch, model: Model, task: Task,
+             compute_dtype: jnp.dtype) -> Any:
+  """The model's outputs on `batch` in evaluation mode, as the task scores them."""
+  everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
+  return model.apply(everything, task.model_batch(batch), train=False,
+                     features=task.features, stats=stats)
+
+
 def eval_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Model, task: Task,
               compute_dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
   """The task's evaluation sums over the real (mask=True) examples of `batch`."""
-  everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
-  outputs = model.apply(everything, task.model_batch(batch), train=False,
-                        features=task.features, stats=stats)
-  return task.eval_sums(outputs, batch)
+  return task.eval_sums(_outputs(params, stats, frozen, batch, model, task, compute_dtype),
+                        batch)
 
 
 def reference_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model: Model,
@@ -125,9 +131,7 @@ def reference_step(params: Any, stats: Any, frozen: Any, batch: Batch, *, model:
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The reference log-probabilities [B, 2] of each pair of `batch` under these weights
   (`task.reference`), with the pairs' `pair_index` and `mask`."""
-  everything = cast_floats(param_groups.combine(params, frozen), compute_dtype)
-  outputs = model.apply(everything, task.model_batch(batch), train=False,
-                        features=task.features, stats=stats)
+  outputs = _outputs(params, stats, frozen, batch, model, task, compute_dtype)
   return task.reference(outputs, batch), batch["pair_index"], batch["mask"]
 
 

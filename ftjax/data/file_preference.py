@@ -93,12 +93,18 @@ def _messages(where: str, value: Any, column: str, roles: Sequence[str]) -> list
   return [dict(m) for m in value]
 
 
+def common_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+  """How many leading items (messages, characters or token ids) `a` and `b` share."""
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
+
+
 def _common_prefix(chosen: Sequence[Any], rejected: Sequence[Any]) -> int:
   """How many leading items (messages or characters) the two share, backed off a space
   before the first difference of strings (TRL's `extract_prompt`)."""
-  n = 0
-  while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-    n += 1
+  n = common_length(chosen, rejected)
   if isinstance(chosen, str) and n < min(len(chosen), len(rejected)) and n and (
       chosen[n - 1] == " "):
     n -= 1

@@ -301,16 +301,14 @@ def _hf_disk_files(files: Sequence[str], settings: Sequence[str] = registry.FILE
 def _renderer(config: ml_collections.ConfigDict) -> preference.Render:
   """Renders a conversation as text with the chat template of `config.data.chat_template`
   or the model's tokenizer (loaded on first use; a tokenizer without one is refused)."""
-  formatters = []
 
-  def render(messages):
-    if not formatters:
-      source = config.data.tokenizer or config.model.pretrained
-      tokenizer = tokenizer_lib.load_hf_tokenizer(assets.model_dir(source))
-      formatters.append(lm.ChatFormatter(tokenizer, *lm.chat_template(config.data.chat_template)))
-    return formatters[0].render(messages)
+  @functools.cache
+  def formatter() -> lm.ChatFormatter:
+    source = config.data.tokenizer or config.model.pretrained
+    tokenizer = tokenizer_lib.load_hf_tokenizer(assets.model_dir(source))
+    return lm.ChatFormatter(tokenizer, *lm.chat_template(config.data.chat_template))
 
-  return render
+  return lambda messages: formatter().render(messages)
 
 
 def _text_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.TextTokenizer:

@@ -36,12 +36,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ftjax.data import lm, pipeline
+from ftjax.data import file_preference, lm, pipeline
 from ftjax.data.tokenizer import TextTokenizer
 from ftjax.errors import DataError
-
-PAIR_EXTRA_KEYS = ("pair_index", "ref_logps")
-
 
 @dataclasses.dataclass
 class PairStats:
@@ -99,16 +96,9 @@ class PairTokenizer:
       prompt_ids = self._formatter.prompt_ids(prompt)
       full = [self._formatter.conversation_ids(prompt + pair[side], where)
               for side in ("chosen", "rejected")]
-    shared = min(_common_length(prompt_ids, ids) for ids in full)
+    shared = min(file_preference.common_length(prompt_ids, ids) for ids in full)
     return (list(prompt_ids[:shared]), list(full[0][shared:]), list(full[1][shared:]),
             shared == len(prompt_ids))
-
-
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-  n = 0
-  while n < min(len(a), len(b)) and a[n] == b[n]:
-    n += 1
-  return n
 
 
 class PairRows(lm.PackedRows):
@@ -194,34 +184,27 @@ def tokenize_pairs(source: Sequence[dict[str, Any]], tokenizer: PairTokenizer, *
 Render = Callable[[list[dict[str, Any]]], str]
 
 
-def _reward_encode(pairs: list[dict[str, Any]], side: str, tokenizer: TextTokenizer,
-                   render: Render, counts: bool = False) -> Any:
-  """One side of each pair for a reward model: a string pair as the text pair (prompt,
-  completion); a conversation (prompt + completion messages) rendered by its chat
-  template as one text. The tokenizer's arrays [N, L], or with `counts` the token
-  count of each (before truncation)."""
+def _reward_texts(pairs: list[dict[str, Any]], side: str, render: Render
+                  ) -> list[tuple[list[int], list[str], list[str] | None]]:
+  """One side of each pair for a reward model, in groups the tokenizer takes at once:
+  (rows, texts, second texts) of the string pairs (the text pair (prompt,
+  completion)) and (rows, texts, None) of the conversations (prompt + completion
+  rendered by the chat template as one text)."""
   strings = [i for i, pair in enumerate(pairs) if isinstance(pair[side], str)]
   talks = [i for i, pair in enumerate(pairs) if not isinstance(pair[side], str)]
-  parts = []
-  for rows, pair_texts in ((strings, True), (talks, False)):
-    if not rows:
-      continue
-    if pair_texts:
-      texts = [pairs[i]["prompt"] for i in rows]
-      seconds = [pairs[i][side] for i in rows]
-    else:
-      texts, seconds = [render(pairs[i]["prompt"] + pairs[i][side]) for i in rows], None
-    parts.append((rows, tokenizer.token_counts(texts, seconds) if counts
-                  else tokenizer.encode(texts, seconds)))
-  if counts:
-    out = [0] * len(pairs)
-    for rows, values in parts:
-      for i, value in zip(rows, values):
-        out[i] = value
-    return out
-  order = np.argsort(np.concatenate([np.asarray(rows, np.int64) for rows, _ in parts]))
-  return {key: np.concatenate([arrays[key] for _, arrays in parts])[order]
-          for key in parts[0][1]}
+  groups = []
+  if strings:
+    groups.append((strings, [pairs[i]["prompt"] for i in strings],
+                   [pairs[i][side] for i in strings]))
+  if talks:
+    groups.append((talks, [render(pairs[i]["prompt"] + pairs[i][side]) for i in talks], None))
+  return groups
+
+
+def _in_pair_order(groups: list[tuple[list[int], Any, Any]], values: list[Any]) -> np.ndarray:
+  """Each group's `values` (leading axis: its rows) put back in the pairs' order."""
+  order = np.argsort(np.concatenate([np.asarray(rows, np.int64) for rows, _, _ in groups]))
+  return np.concatenate([np.asarray(v) for v in values])[order]
 
 
 def reward_stats(source: Sequence[dict[str, Any]], tokenizer: TextTokenizer,
@@ -231,13 +214,17 @@ def reward_stats(source: Sequence[dict[str, Any]], tokenizer: TextTokenizer,
   stats = PairStats(tokenizer.max_length)
   for start in range(0, len(source), 512):
     pairs = [decode_pair(source[i]) for i in range(start, min(start + 512, len(source)))]
-    counts = [_reward_encode(pairs, side, tokenizer, render, counts=True)
-              for side in ("chosen", "rejected")]
+    counts = []
+    for side in ("chosen", "rejected"):
+      groups = _reward_texts(pairs, side, render)
+      counts.append(_in_pair_order(groups, [tokenizer.token_counts(texts, seconds)
+                                            for _, texts, seconds in groups]))
     for pair, chosen, rejected in zip(pairs, *counts):
+      longest = int(max(chosen, rejected))
       stats.pairs += 1
       stats.identical += pair["chosen"] == pair["rejected"]
-      stats.lengths.append(max(chosen, rejected))
-      stats.truncated += max(chosen, rejected) > tokenizer.max_length
+      stats.lengths.append(longest)
+      stats.truncated += longest > tokenizer.max_length
   stats.rows = stats.pairs
   return stats
 
@@ -250,7 +237,12 @@ def reward_preprocess(tokenizer: TextTokenizer, render: Render) -> pipeline.Prep
   def preprocess(batch: pipeline.Batch) -> pipeline.Batch:
     pairs = [decode_pair({side: batch[side][i] for side in ("prompt", "chosen", "rejected")})
              for i in range(len(batch["prompt"]))]
-    sides = [_reward_encode(pairs, side, tokenizer, render) for side in ("chosen", "rejected")]
+    sides = []
+    for side in ("chosen", "rejected"):
+      groups = _reward_texts(pairs, side, render)
+      encoded = [tokenizer.encode(texts, seconds) for _, texts, seconds in groups]
+      sides.append({key: _in_pair_order(groups, [e[key] for e in encoded])
+                    for key in encoded[0]})
     return {key: np.stack([side[key] for side in sides], axis=1) for key in sides[0]}
 
   return preprocess
