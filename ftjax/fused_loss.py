@@ -53,8 +53,18 @@ def _chunk_stats(h: jax.Array, kernel: jax.Array, t: jax.Array):
   return logits, lse, losses, correct
 
 
-def _sums(losses: jax.Array, correct: jax.Array, w: jax.Array) -> Sums:
+def weighted_sums(losses: jax.Array, correct: jax.Array, w: jax.Array) -> Sums:
+  """{"loss", "accuracy", "weight"}: the per-token losses and correctness summed with
+  the token weights `w`."""
   return {"loss": (losses * w).sum(), "accuracy": (correct * w).sum(), "weight": w.sum()}
+
+
+def logit_grads(logits: jax.Array, lse: jax.Array, onehot: jax.Array, w: jax.Array,
+                dtype: jnp.dtype) -> jax.Array:
+  """d(sum of w * loss) / dlogits = w * (softmax - one-hot) for float32 `logits` [..., V]
+  with log-sum-exp `lse` [...], in the compute `dtype`, as autodiff of `unembed` would
+  hand it to the head matmul's transposes."""
+  return ((jnp.exp(logits - lse[..., None]) - onehot) * w[..., None]).astype(dtype)
 
 
 def split_chunks(hidden: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -88,7 +98,7 @@ def _token_sums(hidden, kernel, targets, weights, chunk):
   def one(xs):
     h, t, w = xs
     _, _, losses, correct = _chunk_stats(h, kernel, t)
-    return _sums(losses, correct, w)
+    return weighted_sums(losses, correct, w)
 
   sums = jax.lax.map(one, split_chunks(hidden, targets, weights, chunk))
   return jax.tree.map(lambda x: x.sum(0), sums)
@@ -103,16 +113,13 @@ def _forward(hidden, kernel, targets, weights, chunk):
   def one(kernel_grad, xs):
     h, t, w = xs
     logits, lse, losses, correct = _chunk_stats(h, kernel, t)
-    # d(sum of w * loss) / dlogits = w * (softmax - one-hot), in the compute dtype as
-    # autodiff of `unembed` would hand it to the matmuls' transposes.
-    probs = jnp.exp(logits - lse[..., None])
-    onehot = jnp.arange(logits.shape[-1]) == t[..., None]
-    dlogits = ((probs - onehot) * w[..., None]).astype(h.dtype)
+    dlogits = logit_grads(logits, lse, jnp.arange(logits.shape[-1]) == t[..., None], w,
+                          h.dtype)
     hidden_grad = dlogits @ kernel.T
     if want_kernel:
       kernel_grad = kernel_grad + jnp.einsum("bsh,bsv->hv", h, dlogits,
                                              preferred_element_type=jnp.float32)
-    return kernel_grad, (_sums(losses, correct, w), hidden_grad, losses, correct)
+    return kernel_grad, (weighted_sums(losses, correct, w), hidden_grad, losses, correct)
 
   init = jnp.zeros(kernel.shape, jnp.float32) if want_kernel else None
   kernel_grad, (sums, hidden_grad, losses, correct) = jax.lax.scan(
@@ -125,8 +132,18 @@ def _forward(hidden, kernel, targets, weights, chunk):
   return sums, residuals
 
 
-def _backward(chunk, residuals, cotangents):
-  del chunk
+def backward(residuals, cotangents):
+  """The backward rule of a fused token loss: the gradients saved by its forward rule
+  scaled by the cotangent of the loss sum (the sum is linear in it).
+
+  Args:
+    residuals: (hidden_grad [B, L, H], kernel_grad [H, V] or None when the kernel takes
+      no gradient, per-token losses [B, L], per-token correctness [B, L]).
+    cotangents: {"loss", "accuracy", "weight"}, symbolic zeros allowed.
+
+  Returns:
+    The cotangents of (hidden, kernel, targets, weights).
+  """
   hidden_grad, kernel_grad, losses, correct = residuals
   g = cotangents["loss"]
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
@@ -141,7 +158,8 @@ def _backward(chunk, residuals, cotangents):
   return scale(hidden_grad), d_kernel, None, d_weights
 
 
-_token_sums.defvjp(_forward, _backward, symbolic_zeros=True)
+_token_sums.defvjp(_forward, lambda chunk, residuals, cotangents: backward(residuals, cotangents),
+                   symbolic_zeros=True)
 
 
 def token_sums(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array,

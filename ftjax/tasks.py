@@ -29,7 +29,9 @@ neither in the forward nor in the backward pass. With a plain head kernel and
 `config.loss_grad` "fused" (the default), each chunk's head gradients are formed
 with its forward pass (`ftjax.fused_loss`: three head matmuls, two when the head
 is frozen); otherwise (an adapted or soft-capped head, or "recompute") chunks run
-under `jax.checkpoint` and the backward pass recomputes their logits (four).
+under `jax.checkpoint` and the backward pass recomputes their logits (four). A
+vocabulary split over a mesh axis (tensor parallelism) is scored by
+`ftjax.vocab_parallel` in either way.
 """
 
 from __future__ import annotations
@@ -295,7 +297,8 @@ def _causal_lm(loss_chunk: int, loss_grad: str, mesh: Mesh | None,
         and vocab_parallel.applies(mesh, vocab_axes[0], kernel.shape[-1])):
       return vocab_parallel.token_sums(features.hidden, kernel, batch["targets"], weights,
                                        mesh=mesh, vocab_axis=vocab_axes[0],
-                                       batch_axes=batch_axes, chunk=loss_chunk)
+                                       batch_axes=batch_axes, chunk=loss_chunk,
+                                       loss_grad=loss_grad)
     tokens = batch["targets"].size
     if kernel is not None and loss_grad == "fused" and 0 < loss_chunk < tokens:
       return fused_loss.token_sums(features.hidden, kernel, batch["targets"], weights,

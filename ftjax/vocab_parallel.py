@@ -9,16 +9,29 @@ maxima (pmax), sums of exponentials (psum), target logits (psum, taken by the
 shard that holds the target) and argmax candidates (pmin) across the vocabulary
 axis, then adds the sums over the batch axes. The result equals
 `ftjax.tasks.chunked_token_sums` with `unembed = lambda h: (h @ kernel).astype(jnp.float32)`.
+
+Its gradient comes one of two ways (`loss_grad`, as `config.loss_grad`):
+"recompute" differentiates the chunk loop, whose backward pass recomputes each
+chunk's logits (four head matmuls); "fused" forms the head's gradients chunk by
+chunk in the forward pass as `ftjax.fused_loss` does (three, two for a frozen
+head), in one `jax.custom_vjp` around the whole `shard_map`: its forward rule runs
+the sharded loop, then sums the hidden-state gradient over the vocabulary shards
+(each holds the part of its slice) and the kernel gradient over the batch shards,
+and its backward rule only scales them, so no cotangent crosses the `shard_map`
+boundary.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
+
+from ftjax import fused_loss
 
 Sums = dict[str, jax.Array]
 
@@ -60,20 +73,20 @@ def _check(mesh: Mesh, vocab_axis: str, batch_axes: tuple[str, ...], batch: int,
                      f"mesh axes {batch_axes}")
 
 
-def _local_sums(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array,
-                vocab_axis: str) -> Sums:
-  """Sums over one chunk of local tokens, combined across the vocabulary shards.
+def _local_stats(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
+                 vocab_axis: str) -> tuple[jax.Array, ...]:
+  """One chunk of local tokens scored against every vocabulary shard.
 
   Args:
     hidden: [T, H] hidden states of this device's tokens.
     kernel: [H, V_local] this device's slice of the unembedding kernel.
     targets: [T] global target ids.
-    weights: [T] float32 token weights.
     vocab_axis: the mesh axis that shards the vocabulary.
 
   Returns:
-    {"loss", "accuracy", "weight"}: sums over the chunk's weighted tokens, the
-    same on every device of `vocab_axis`.
+    (float32 local logits [T, V_local], the global log-sum-exp [T], per-token losses [T],
+    per-token correctness [T] (1.0 where the global argmax is the target), this shard's
+    first vocabulary index).
   """
   logits = (hidden @ kernel).astype(jnp.float32)  # [T, V_local]
   local_vocab = logits.shape[-1]
@@ -82,34 +95,144 @@ def _local_sums(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weight
   local_max = jnp.max(logits, -1)
   # Only a numerical shift: the loss does not depend on it (and pmax has no derivative).
   shift = jax.lax.stop_gradient(jax.lax.pmax(jax.lax.stop_gradient(local_max), vocab_axis))
-  sum_exp = jax.lax.psum(jnp.exp(logits - shift[:, None]).sum(-1), vocab_axis)
+  lse = jnp.log(jax.lax.psum(jnp.exp(logits - shift[:, None]).sum(-1), vocab_axis)) + shift
 
   local_target = targets - offset
   held = (local_target >= 0) & (local_target < local_vocab)
   picked = jnp.take_along_axis(logits, jnp.clip(local_target, 0, local_vocab - 1)[:, None],
                                -1)[:, 0]
-  target_logit = jax.lax.psum(jnp.where(held, picked, 0.0), vocab_axis)
-  losses = jnp.log(sum_exp) + shift - target_logit
+  losses = lse - jax.lax.psum(jnp.where(held, picked, 0.0), vocab_axis)
 
   # The global argmax: the first index among the shards whose maximum is the global one.
   candidate = jnp.where(jax.lax.stop_gradient(local_max) == shift,
                         offset + jnp.argmax(jax.lax.stop_gradient(logits), -1),
                         jnp.iinfo(jnp.int32).max)
   prediction = jax.lax.pmin(candidate.astype(jnp.int32), vocab_axis)
-  correct = (prediction == targets).astype(jnp.float32)
-  return {"loss": (losses * weights).sum(), "accuracy": (correct * weights).sum(),
-          "weight": weights.sum()}
+  return logits, lse, losses, (prediction == targets).astype(jnp.float32), offset
+
+
+def _local_tokens(hidden: jax.Array, targets: jax.Array, weights: jax.Array,
+                  chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """This device's tokens as chunks: hidden [C, chunk, H], targets and weights
+  [C, chunk], padded with weight-0 tokens; one chunk of all tokens when `chunk` <= 0 or
+  holds them all."""
+  hidden = hidden.reshape(-1, hidden.shape[-1])
+  targets = targets.reshape(-1).astype(jnp.int32)
+  weights = weights.reshape(-1).astype(jnp.float32)
+  tokens = hidden.shape[0]
+  chunk = tokens if chunk <= 0 or chunk >= tokens else chunk
+  pad = -tokens % chunk
+  if pad:
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
+  return (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk),
+          weights.reshape(-1, chunk))
+
+
+class _Placement(NamedTuple):
+  """How the loss is laid out over the mesh (hashable: a custom VJP's static argument)."""
+
+  mesh: Mesh
+  vocab_axis: str
+  batch_axes: tuple[str, ...]
+  chunk: int
+
+  def in_specs(self) -> tuple[P, ...]:
+    """hidden, kernel, targets, weights."""
+    batch = P(self.batch_axes or None)
+    return batch, P(None, self.vocab_axis), batch, batch
+
+
+def _recomputed_sums(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
+                     weights: jax.Array, placement: _Placement) -> Sums:
+  """The sums, differentiable by autodiff: each chunk under `jax.checkpoint`."""
+  vocab_axis, batch_axes = placement.vocab_axis, placement.batch_axes
+
+  def local(hidden, kernel, targets, weights):
+    def one(xs):
+      h, t, w = xs
+      _, _, losses, correct, _ = _local_stats(h, kernel, t, vocab_axis)
+      return fused_loss.weighted_sums(losses, correct, w)
+
+    chunks = _local_tokens(hidden, targets, weights, placement.chunk)
+    if chunks[0].shape[0] == 1:  # one chunk: nothing to recompute
+      sums = one(jax.tree.map(lambda x: x[0], chunks))
+    else:  # the backward pass recomputes a chunk's logits instead of storing them
+      sums = jax.tree.map(lambda x: x.sum(0), jax.lax.map(jax.checkpoint(one), chunks))
+    return jax.lax.psum(sums, batch_axes) if batch_axes else sums
+
+  return jax.shard_map(local, mesh=placement.mesh, in_specs=placement.in_specs(),
+                       out_specs=P())(hidden, kernel, targets, weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_sums(hidden, kernel, targets, weights, placement: _Placement) -> Sums:
+  return _recomputed_sums(hidden, kernel, targets, weights, placement)
+
+
+def _fused_forward(hidden, kernel, targets, weights, placement: _Placement):
+  """The sums and the gradients of the loss sum for a cotangent of 1, formed chunk by
+  chunk in one sharded loop."""
+  want_kernel = kernel.perturbed
+  vocab_axis, batch_axes = placement.vocab_axis, placement.batch_axes
+
+  def local(hidden, kernel, targets, weights):
+    def one(kernel_grad, xs):
+      h, t, w = xs
+      logits, lse, losses, correct, offset = _local_stats(h, kernel, t, vocab_axis)
+      onehot = offset + jnp.arange(logits.shape[-1]) == t[:, None]
+      dlogits = fused_loss.logit_grads(logits, lse, onehot, w, h.dtype)
+      if want_kernel:
+        kernel_grad = kernel_grad + jnp.einsum("th,tv->hv", h, dlogits,
+                                               preferred_element_type=jnp.float32)
+      return kernel_grad, (fused_loss.weighted_sums(losses, correct, w), dlogits @ kernel.T,
+                           losses, correct)
+
+    # The kernel gradient varies over every axis the tokens and the vocabulary do.
+    init = (jax.lax.pcast(jnp.zeros(kernel.shape, jnp.float32), (*batch_axes, vocab_axis),
+                          to="varying") if want_kernel else None)
+    kernel_grad, (sums, hidden_grad, losses, correct) = jax.lax.scan(
+        one, init, _local_tokens(hidden, targets, weights, placement.chunk))
+    tokens = targets.size
+    per_token = lambda x: x.reshape(-1)[:tokens].reshape(targets.shape)
+    # The hidden states are the same on every vocabulary shard, which each hold the part
+    # of the gradient from their slice; the kernel is the same on every batch shard.
+    hidden_grad = jax.lax.psum(hidden_grad.reshape(-1, hidden.shape[-1])[:tokens],
+                               vocab_axis).reshape(hidden.shape)
+    sums = jax.tree.map(lambda x: x.sum(0), sums)
+    if batch_axes:
+      sums = jax.lax.psum(sums, batch_axes)
+    outputs = (sums, hidden_grad, per_token(losses), per_token(correct))
+    if want_kernel:
+      if batch_axes:
+        kernel_grad = jax.lax.psum(kernel_grad, batch_axes)
+      outputs += (kernel_grad.astype(kernel.dtype),)  # as autodiff keeps it
+    return outputs
+
+  batch, vocab = placement.in_specs()[:2]
+  out_specs = (P(), batch, batch, batch) + ((vocab,) if want_kernel else ())
+  sums, hidden_grad, losses, correct, *kernel_grad = jax.shard_map(
+      local, mesh=placement.mesh, in_specs=placement.in_specs(), out_specs=out_specs)(
+          hidden.value, kernel.value, targets.value, weights.value)
+  return sums, (hidden_grad, kernel_grad[0] if want_kernel else None, losses, correct)
+
+
+_fused_sums.defvjp(_fused_forward,
+                   lambda placement, residuals, cotangents: fused_loss.backward(residuals,
+                                                                                cotangents),
+                   symbolic_zeros=True)
 
 
 def token_sums(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, *,
                mesh: Mesh, vocab_axis: str = "tensor",
-               batch_axes: Sequence[str] = ("data", "fsdp"), chunk: int = 1024) -> Sums:
+               batch_axes: Sequence[str] = ("data", "fsdp"), chunk: int = 1024,
+               loss_grad: str = "fused") -> Sums:
   """Summed next-token cross-entropy and accuracy with a vocabulary-sharded unembedding.
 
   Equal to `ftjax.tasks.chunked_token_sums(hidden, unembed, targets, weights, chunk)`
   with `unembed = lambda h: (h @ kernel).astype(jnp.float32)`, but each device
   computes the logits of its batch shard for its vocabulary slice only, `chunk`
-  of its tokens at a time under `jax.checkpoint`.
+  of its tokens at a time.
 
   Args:
     hidden: [B, L, H] final hidden states (compute dtype), batch sharded over `batch_axes`.
@@ -120,6 +243,8 @@ def token_sums(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights
     vocab_axis: the mesh axis that shards the vocabulary.
     batch_axes: the mesh axes that shard the batch.
     chunk: local tokens per chunk of logits; <= 0 scores all local tokens at once.
+    loss_grad: "fused" (the head's gradients formed in the forward pass) or
+      "recompute" (the backward pass recomputes each chunk's logits).
 
   Returns:
     {"loss", "accuracy", "weight"}: float32 scalar sums over all weighted tokens,
@@ -127,38 +252,14 @@ def token_sums(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights
 
   Raises:
     ValueError: if an axis is missing from the mesh, V is not divisible by the
-      size of `vocab_axis`, or B by the product of the sizes of `batch_axes`.
+      size of `vocab_axis`, B by the product of the sizes of `batch_axes`, or for
+      another `loss_grad`.
   """
   batch_axes = tuple(batch_axes)
   _check(mesh, vocab_axis, batch_axes, hidden.shape[0], kernel.shape[-1])
-  batch_spec = P(batch_axes or None)
-
-  def local(hidden, kernel, targets, weights):
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1).astype(jnp.int32)
-    weights = weights.reshape(-1).astype(jnp.float32)
-    tokens = hidden.shape[0]
-    if chunk <= 0 or chunk >= tokens:
-      sums = _local_sums(hidden, kernel, targets, weights, vocab_axis)
-    else:
-      pad = -tokens % chunk  # padded tokens carry weight 0
-      if pad:
-        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-        targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
-      chunks = (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk),
-                weights.reshape(-1, chunk))
-
-      @jax.checkpoint  # the backward pass recomputes a chunk's logits instead of storing them
-      def one(xs):
-        h, t, w = xs
-        return _local_sums(h, kernel, t, w, vocab_axis)
-
-      sums = jax.tree.map(lambda x: x.sum(0), jax.lax.map(one, chunks))
-    if batch_axes:
-      sums = jax.lax.psum(sums, batch_axes)
-    return sums
-
-  return jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(batch_spec, P(None, vocab_axis), batch_spec, batch_spec),
-      out_specs=P())(hidden, kernel, targets, weights)
+  if loss_grad not in ("fused", "recompute"):
+    raise ValueError(f"loss_grad must be 'fused' or 'recompute', got {loss_grad!r}")
+  placement = _Placement(mesh, vocab_axis, batch_axes, chunk)
+  sums = _fused_sums if loss_grad == "fused" else _recomputed_sums
+  return sums(hidden, kernel, targets.astype(jnp.int32), weights.astype(jnp.float32),
+              placement)

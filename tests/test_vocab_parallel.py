@@ -1,4 +1,5 @@
-"""The vocabulary-parallel cross-entropy against `chunked_token_sums`, on 8 CPU devices.
+"""The vocabulary-parallel cross-entropy against `chunked_token_sums`, on 8 CPU devices,
+with its gradients fused into the forward pass and recomputed.
 
 Tolerances (against the reference computed in the same dtype):
   * float32 sums: 1e-5 relative + 1e-4 absolute (loss sums are a few hundred);
@@ -72,14 +73,18 @@ def _assert_sums(got: dict[str, jax.Array], want: dict[str, jax.Array], rtol: fl
                                atol=atol, err_msg=key)
 
 
+GRADS = ["fused", "recompute"]
+
+
+@pytest.mark.parametrize("loss_grad", GRADS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("chunk", [10, 1024])  # 10 divides no local token count (96, 24, 12)
-def test_sums_and_grads_match_reference(shape, chunk):
+def test_sums_and_grads_match_reference(shape, chunk, loss_grad):
   mesh = _mesh(shape)
   inputs = _inputs()
   (want_h, want_k), want = _loss_and_grads(lambda *a: _reference(*a, chunk), *inputs)
   sharded = _place(mesh, *inputs)
-  fn = lambda *a: vocab_parallel.token_sums(*a, mesh=mesh, chunk=chunk)
+  fn = lambda *a: vocab_parallel.token_sums(*a, mesh=mesh, chunk=chunk, loss_grad=loss_grad)
   (got_h, got_k), got = _loss_and_grads(fn, *sharded)
 
   assert float(want["accuracy"]) > 0
@@ -120,12 +125,13 @@ def test_accuracy_ties_go_to_the_first_index(shape):
   np.testing.assert_allclose(got["accuracy"], (weights * (jnp.arange(L) % 2 == 0)).sum())
 
 
+@pytest.mark.parametrize("loss_grad", GRADS)
 @pytest.mark.parametrize("shape", [(1, 4, 2), (2, 2, 2)])
-def test_bfloat16_matches_reference(shape):
+def test_bfloat16_matches_reference(shape, loss_grad):
   mesh = _mesh(shape)
   inputs = _inputs(jnp.bfloat16, seed=3)
   (want_h, want_k), want = _loss_and_grads(lambda *a: _reference(*a, 16), *inputs)
-  fn = lambda *a: vocab_parallel.token_sums(*a, mesh=mesh, chunk=16)
+  fn = lambda *a: vocab_parallel.token_sums(*a, mesh=mesh, chunk=16, loss_grad=loss_grad)
   (got_h, got_k), got = _loss_and_grads(fn, *_place(mesh, *inputs))
   assert got_h.dtype == jnp.bfloat16 and got_k.dtype == jnp.bfloat16
   _assert_sums(got, want, rtol=1e-2, atol=1e-2)
@@ -145,6 +151,9 @@ def test_rejects_uneven_shapes():
   with pytest.raises(ValueError, match=r"'model' is not in the mesh axes"):
     vocab_parallel.token_sums(hidden, kernel, targets, weights, mesh=_mesh((2, 2, 2)),
                               vocab_axis="model")
+  with pytest.raises(ValueError, match=r"loss_grad must be 'fused' or 'recompute', got 'fast'"):
+    vocab_parallel.token_sums(hidden, kernel, targets, weights, mesh=_mesh((2, 2, 2)),
+                              loss_grad="fast")
 
 
 def test_applies():
@@ -168,15 +177,63 @@ def _avals(jaxpr: Any) -> list[Any]:
   return found
 
 
-def test_gradient_recomputes_chunk_logits():
+@pytest.mark.parametrize("loss_grad", GRADS)
+def test_gradient_never_holds_more_than_a_chunk_of_logits(loss_grad):
   mesh, chunk = _mesh((1, 1, 8)), 10
   hidden, kernel, targets, weights = _place(mesh, *_inputs())
   local_vocab = V // 8
   loss = lambda h, k: vocab_parallel.token_sums(h, k, targets, weights, mesh=mesh,
-                                                chunk=chunk)["loss"]
+                                                chunk=chunk, loss_grad=loss_grad)["loss"]
   avals = _avals(jax.make_jaxpr(jax.grad(loss, (0, 1)))(hidden, kernel))
   # Logits-shaped values ([..., tokens, V_local]) never hold more than one chunk.
   logits = [a.shape for a in avals if len(getattr(a, "shape", ())) >= 2
             and a.shape[-1] == local_vocab and a.shape[-2] != H]
   assert (chunk, local_vocab) in logits
   assert all(np.prod(s) <= chunk * local_vocab for s in logits), logits
+
+
+
+def _matmuls(jaxpr: Any) -> int:
+  """The dot_generals in `jaxpr` and its nested jaxprs, each loop body counted once."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "dot_general"
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          count += _matmuls(sub)
+  return count
+
+
+@pytest.mark.parametrize("argnums, want", [((0, 1), {"fused": 3, "recompute": 4}),
+                                           (0, {"fused": 2, "recompute": 3})])
+def test_fused_gradient_skips_the_logits_recomputation(argnums, want):
+  """Head matmuls per chunk in the gradient (every matmul here is one): the logits, the
+  hidden states' and the kernel's gradients, and for recompute the logits again; no
+  kernel gradient for a frozen head (argnums 0)."""
+  mesh = _mesh((2, 1, 4))
+  hidden, kernel, targets, weights = _place(mesh, *_inputs())
+  for loss_grad, count in want.items():
+    loss = lambda h, k: vocab_parallel.token_sums(h, k, targets, weights, mesh=mesh, chunk=10,
+                                                  loss_grad=loss_grad)["loss"]
+    grad = jax.value_and_grad(loss, argnums)
+    assert _matmuls(jax.make_jaxpr(grad)(hidden, kernel)) == count, loss_grad
+
+
+def test_fused_gradient_of_the_weights_and_of_every_sum():
+  """Every output sum with a cotangent, and the token weights' gradient, as autodiff of
+  the recomputed loss gives them."""
+  mesh = _mesh((2, 2, 2))
+  hidden, kernel, targets, weights = _place(mesh, *_inputs(seed=4))
+
+  def gradients(loss_grad):
+    def objective(h, k, w):
+      sums = vocab_parallel.token_sums(h, k, targets, w, mesh=mesh, chunk=10,
+                                       loss_grad=loss_grad)
+      return 0.5 * sums["loss"] + 0.25 * sums["accuracy"] + 2.0 * sums["weight"]
+    return jax.jit(jax.grad(objective, (0, 1, 2)))(hidden, kernel, weights)
+
+  for got, want in zip(gradients("fused"), gradients("recompute")):
+    assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
