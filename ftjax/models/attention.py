@@ -17,19 +17,44 @@ soft-capped. They differ in how the masking reaches the hardware:
   (packed or not) and the layer's window and cap; "xla" on CPU.
 
 Off their platform the Pallas kernels run in interpret mode (exact, slow): that is how
-the tests check them on CPU.
+the tests check them on CPU. The platform is JAX's default backend, or the one
+`compiling_for` names while steps are built and compiled for other devices (the
+ahead-of-time check compiles for TPU topologies from a CPU machine).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 
+from ftjax import sharding
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
 _PLATFORMS = {"cudnn": "gpu", "pallas": "gpu", "splash": "tpu"}
 _SPLASH_LANES = 128  # the splash kernel's blocks are multiples of this many tokens
+_TARGET = contextvars.ContextVar("attention_target_platform", default=None)
+
+
+def platform() -> str:
+  """The platform kernels are chosen and lowered for: `compiling_for`'s, else JAX's
+  default backend ("cpu", "gpu", "tpu")."""
+  return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(target: str) -> Iterator[None]:
+  """Within it, models are built and their steps lowered for `target` devices ("tpu",
+  ...) whatever JAX's default backend is."""
+  token = _TARGET.set(target)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
 
 
 def unsupported(implementation: str, *, window: int | None, softcap: float | None,
@@ -85,7 +110,7 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
 
 
 def _interpret(implementation: str) -> bool:
-  return jax.default_backend() != _PLATFORMS[implementation]
+  return platform() != _PLATFORMS[implementation]
 
 
 def _cudnn(q, k, v, segment_ids, *, window, scale):
@@ -107,8 +132,6 @@ def _block(length: int, preferred: int) -> int:
 
 def _pallas(q, k, v, segment_ids, *, scale):
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top
-  groups = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
   length = q.shape[1]
   forward, backward = _block(length, 128), _block(length, 32)
   blocks = gpu_attention.BlockSizes(block_q=forward, block_k=forward, block_q_dkv=backward,
@@ -138,8 +161,6 @@ def _splash_kernel(length: int, heads: int, window: int | None, softcap: float |
 
 def _splash(q, k, v, segment_ids, *, window, scale, softcap):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel  # pylint: disable=g-import-not-at-top
-  groups = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   # The kernel's blocks are multiples of 128 tokens: rows are padded to one with tokens
   # of a segment of their own (-1), which come last, so no real token attends to them.
@@ -176,8 +197,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str,
   """
   if implementation == "xla":
     return reference(q, k, v, mask, is_causal=True, scale=scale, softcap=softcap)
-  if implementation == "cudnn":
-    return _cudnn(q, k, v, segment_ids, window=window, scale=scale)
-  if implementation == "pallas":
-    return _pallas(q, k, v, segment_ids, scale=scale)
-  return _splash(q, k, v, segment_ids, window=window, scale=scale, softcap=softcap)
+  # The Pallas kernels take as many key / value heads as query heads; cuDNN takes fewer
+  # (grouped queries) unless the devices' shares of heads would not keep the groups whole.
+  if implementation != "cudnn" or k.shape[2] % sharding.ways("heads"):
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  kernel = {"cudnn": functools.partial(_cudnn, window=window, scale=scale),
+            "pallas": functools.partial(_pallas, scale=scale),
+            "splash": functools.partial(_splash, window=window, scale=scale,
+                                        softcap=softcap)}[implementation]
+  # Each device attends its own rows and heads: the compiler cannot split a kernel's
+  # custom call over a mesh itself.
+  heads = ("batch", None, "heads", None)
+  return sharding.per_device(kernel, (heads, heads, heads, ("batch", None)))(
+      q, k, v, segment_ids)

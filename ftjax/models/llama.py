@@ -827,7 +827,7 @@ def _layer_kernels(config: LlamaConfig, attention: str, *, packed: bool,
   Raises:
     ConfigError: for a kernel that cannot compute a layer exactly, or cuDNN off a GPU.
   """
-  platform = jax.default_backend()
+  platform = attention_lib.platform()
   windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
   if attention == "cudnn" and platform != "gpu":
     raise ConfigError(f"config.model.attention='cudnn' runs on NVIDIA GPUs; this platform "
