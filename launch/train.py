@@ -10,6 +10,10 @@ each is started with the same config and workdir plus `--coordinator_address`,
 variables of `ftjax.distributed`); under SLURM (srun) and on Cloud TPU pods these
 are detected. launch/local.py, launch/slurm.py and launch/tpu_pod.py start them.
 
+Compiled steps are kept in a persistent compilation cache (`--compile_cache`, default
+$JAX_COMPILATION_CACHE_DIR or ~/.cache/ftjax/xla; `off` turns it off), so running the
+same config again reads them back instead of compiling (`ftjax.compile_cache`).
+
 On SIGTERM (a preemption notice) the run finishes its step, writes a checkpoint
 and exits with code 75 (`ftjax.preemption`); NaN or infinite losses stop it with
 an error naming the step, or are skipped (`config.on_nonfinite`).
@@ -17,10 +21,11 @@ an error naming the step, or are skipped (`config.on_nonfinite`).
 
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import cli, distributed, preemption, trainer
+from ftjax import cli, compile_cache, distributed, preemption, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, with an optional "
                                           ":arg after the path.", lock_config=True)
@@ -55,6 +60,12 @@ _SUPERVISE = flags.DEFINE_bool(
     "when it dies by a signal (as when jax aborts it after another process died).")
 
 
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", None, "Folder of the persistent compilation cache, where compiled steps "
+    "are kept for later runs of the same programs (default: $JAX_COMPILATION_CACHE_DIR, "
+    f"else {compile_cache.DEFAULT_DIR}); 'off' (or empty) compiles everything anew.")
+
+
 def _train() -> None:
   # Before anything touches a device: which process this is and who the others are.
   where = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -64,12 +75,16 @@ def _train() -> None:
     sys.exit(distributed.supervise(setup))
   distributed.initialize(*where, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
                          initialization_timeout=_INITIALIZATION_TIMEOUT.value)
+  cache_dir = compile_cache.directory_of(_COMPILE_CACHE.value)
+  usage = compile_cache.enable(cache_dir) if cache_dir else None
   preempted = None
   with distributed.exit_on_failure():
     try:
       trainer.run(_CONFIG.value, _WORKDIR.value)
     except preemption.Preempted as e:  # every process stopped at the same step
       preempted = e
+  if usage is not None and jax.process_index() == 0:
+    print(usage.summary(), flush=True)
   if preempted is not None:
     print(f"{preempted}: exiting with code {preemption.EXIT_CODE}", file=sys.stderr)
     sys.exit(preemption.EXIT_CODE)

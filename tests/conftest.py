@@ -47,9 +47,10 @@ def debug_launch_command(workdir, data_dir, *overrides):
           f"--workdir={workdir}", *overrides]
 
 
-def launch_debug_run(workdir, data_dir):
-  """Runs the debug config through the launcher to the end; returns the finished process."""
-  result = subprocess.run(debug_launch_command(workdir, data_dir), cwd=REPO,
+def launch_debug_run(workdir, data_dir, *flags):
+  """Runs the debug config through the launcher (with extra `flags`) to the end; returns
+  the finished process."""
+  result = subprocess.run(debug_launch_command(workdir, data_dir, *flags), cwd=REPO,
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return result

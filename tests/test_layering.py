@@ -15,7 +15,7 @@ from conftest import REPO
 # that matches.
 LAYERS = (
     ("foundation", (r"ftjax\.(errors|schema|nested|param_groups|metrics|tracking|distributed|"
-                    r"preemption|cli|sharding|vocab_parallel|fused_loss|pair_losses)",
+                    r"preemption|cli|sharding|vocab_parallel|fused_loss|pair_losses|compile_cache)",
                     r"ftjax\.evals(\..*)?")),
     ("models", (r"ftjax\.models(\..*)?", r"ftjax\.hub\.(?!export$).*", r"ftjax\.hub")),
     ("peft", (r"ftjax\.peft(\..*)?",)),

@@ -5,11 +5,12 @@ import json
 import logging
 import math
 import os
+import re
 
 import jax
 import pytest
 
-from ftjax import trainer
+from ftjax import compile_cache, trainer
 from ftjax.data import buckets as data_buckets
 
 from conftest import ONE_DEVICE, launch_debug_run
@@ -20,11 +21,47 @@ def _read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
+def compile_cache_dir(tmp_path_factory):
+  """A compilation cache of the module's own, empty before `uninterrupted` runs."""
+  return tmp_path_factory.mktemp("compile_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir, compile_cache_dir):
   """A debug run through the launcher, as a user starts it."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = launch_debug_run(workdir, data_dir)
+  result = launch_debug_run(workdir, data_dir, f"--compile_cache={compile_cache_dir}")
   return workdir, result.stdout
+
+
+def _cache_usage(stdout):
+  """(read back, written) of the launcher's compilation-cache line."""
+  match = re.search(r"^compilation cache (.*): (\d+) compiled program\(s\) read back "
+                    r"\((\d+\.\d) s of compiling saved\), (\d+) written$", stdout, re.MULTILINE)
+  assert match, stdout[-2000:]
+  return match.group(1), int(match.group(2)), float(match.group(3)), int(match.group(4))
+
+
+def test_a_second_run_reads_its_compiled_steps_from_the_cache(uninterrupted, compile_cache_dir,
+                                                              tmp_path, data_dir):
+  first_dir, first_stdout = uninterrupted
+  directory, read, _, written = _cache_usage(first_stdout)
+  assert directory == str(compile_cache_dir) and read == 0 and written >= 1  # the train step
+  result = launch_debug_run(tmp_path / "again", data_dir, f"--compile_cache={compile_cache_dir}")
+  _, read_again, saved, written_again = _cache_usage(result.stdout)
+  assert (read_again, written_again) == (written, 0) and saved > 0
+  # The programs read back compute what the compiled ones did.
+  assert (_read_jsonl(tmp_path / "again" / "metrics.jsonl")
+          == _read_jsonl(first_dir / "metrics.jsonl"))
+
+
+def test_the_compile_cache_folder_setting(monkeypatch):
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/jax")
+  assert compile_cache.directory_of(None) == "/somewhere/jax"
+  assert compile_cache.directory_of("~/cache") == os.path.expanduser("~/cache")
+  assert compile_cache.directory_of("off") is None and compile_cache.directory_of("") is None
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  assert compile_cache.directory_of(None) == os.path.expanduser("~/.cache/ftjax/xla")
 
 
 def test_debug_run_end_to_end(uninterrupted):
