@@ -9,7 +9,9 @@ options and the jax / XLA versions, so a program that differs in anything (anoth
 learning rate baked into the step, another mesh, an upgraded jax) is compiled anew;
 reading an entry gives the program the compiler would have produced, so results do not
 change. Programs that compile in under a second are not kept (JAX's
-`jax_persistent_cache_min_compile_time_secs`).
+`jax_persistent_cache_min_compile_time_secs`). Nothing is evicted: the folder grows
+with every new program (each a few MiB for a small model's step) until it is removed,
+which is always safe.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def directory_of(setting: str | None) -> str | None:
   if setting in ("", OFF):
     return None
   return os.path.abspath(os.path.expanduser(setting))
+
+
+def disable() -> None:
+  """Every program is compiled anew, even with $JAX_COMPILATION_CACHE_DIR set."""
+  jax.config.update("jax_enable_compilation_cache", False)
 
 
 def enable(directory: str) -> Usage:

@@ -38,7 +38,7 @@ from ftjax import cli, distributed, models, regularizers, run_setup, sharding
 from ftjax.config import validate
 from ftjax.data import registry
 from ftjax.errors import ConfigError
-from ftjax.models import attention
+from ftjax.models import target
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -154,8 +154,11 @@ def _compile(jitted: Any, *args: Any) -> tuple[Any, str, str]:
   """
   start = time.perf_counter()
   lowered = jitted.lower(*args)
-  kernels = ", ".join(sorted(set(re.findall(r"custom_call @(\w+)", lowered.as_text()))))
   lowered_at = time.perf_counter()
+  # Targets print bare (@tpu_custom_call) or quoted (@"__cudnn$fmhaSoftmax").
+  kernels = ", ".join(sorted({quoted or bare for quoted, bare in re.findall(
+      r'custom_call @(?:"([^"]+)"|([\w.$-]+))', lowered.as_text())}))
+  compile_at = time.perf_counter()
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -163,7 +166,7 @@ def _compile(jitted: Any, *args: Any) -> tuple[Any, str, str]:
       raise
     raise ConfigError("the compiler ran out of device memory: "
                       + " ".join(str(e).split())[:600]) from e
-  seconds = f"{lowered_at - start:.1f} + {time.perf_counter() - lowered_at:.1f}"
+  seconds = f"{lowered_at - start:.1f} + {time.perf_counter() - compile_at:.1f}"
   return compiled, seconds, kernels or "none"
 
 
@@ -377,9 +380,9 @@ def check(config: ml_collections.ConfigDict, topology: str, memory_per_device: s
   total_steps = max(config.total_steps, config.optimizer.warmup_steps, 1)
   kind = sets[0].kind
   platform = devices[0].platform
-  # Models choose and lower their kernels (attention) for the target devices, not this
-  # machine's backend.
-  with attention.compiling_for(platform):
+  # Models choose and lower their kernels (attention, depthwise convolutions) for the
+  # target devices, not this machine's backend.
+  with target.compiling_for(platform):
     local, whole, steps = _compiled_steps(config, placement, kind, len(sets) > 1,
                                           task_classes, total_steps)
   device_kind = getattr(devices[0], "device_kind", platform)

@@ -76,7 +76,11 @@ def _train() -> None:
   distributed.initialize(*where, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
                          initialization_timeout=_INITIALIZATION_TIMEOUT.value)
   cache_dir = compile_cache.directory_of(_COMPILE_CACHE.value)
-  usage = compile_cache.enable(cache_dir) if cache_dir else None
+  usage = None
+  if cache_dir:
+    usage = compile_cache.enable(cache_dir)
+  else:
+    compile_cache.disable()
   preempted = None
   with distributed.exit_on_failure():
     try:

@@ -35,8 +35,15 @@ def _dense_mask(segment_ids, window):
   return jnp.asarray(mask)
 
 
-def _outputs_and_gradients(implementation, segment_ids, window, softcap, scale=0.3):
+def _inputs_for(segment_ids):
+  """`_inputs` with no cotangent on padding tokens, whose outputs are never used (cuDNN,
+  given padding as sequence lengths, computes none for them)."""
   q, k, v, cotangent = _inputs()
+  return q, k, v, cotangent * (np.asarray(segment_ids) != 0)[:, :, None, None]
+
+
+def _outputs_and_gradients(implementation, segment_ids, window, softcap, scale=0.3):
+  q, k, v, cotangent = _inputs_for(segment_ids)
   segments = jnp.asarray(segment_ids)
 
   def loss(q, k, v):
@@ -134,29 +141,67 @@ def test_a_kernel_that_cannot_compute_the_model_is_refused(model, fields, messag
     _tiny_decoder(model=model, **fields)
 
 
-@pytest.mark.parametrize("implementation", ["pallas", "splash"])
-def test_a_kernel_runs_on_each_devices_rows_and_heads_of_a_mesh(implementation):
-  """Inside a sharded step the kernel runs by shard_map on each device's share (rows over
-  data, heads over tensor): a custom call the compiler could not split itself."""
+def _sharded_outputs_and_gradients(implementation, mesh_shape, segment_ids):
+  """`_outputs_and_gradients` of a step traced for a (data, fsdp, tensor) mesh of CPU
+  devices; also whether the kernel ran by shard_map."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from ftjax import sharding  # pylint: disable=g-import-not-at-top
-  mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
+  devices = np.asarray(jax.devices()[:int(np.prod(mesh_shape))]).reshape(mesh_shape)
+  mesh = Mesh(devices, ("data", "fsdp", "tensor"))
   rules = sharding.Rules.from_config(sharding.DEFAULT_RULES)
-  q, k, v, cotangent = _inputs()
-  segments = jnp.asarray(_PACKED)
+  q, k, v, cotangent = _inputs_for(segment_ids)
+  segments = jnp.asarray(segment_ids)
 
   def loss(q, k, v):
     with sharding.activation_sharding(mesh, rules):
       out = attention.attend(q, k, v, implementation=implementation,
-                             mask=_dense_mask(_PACKED, None), segment_ids=segments,
+                             mask=_dense_mask(segment_ids, None), segment_ids=segments,
                              window=None, scale=0.3, softcap=None)
     return jnp.sum(out * cotangent), out
 
-  placed = [jax.device_put(x, NamedSharding(mesh, P("data", None, "tensor"))) for x in (q, k, v)]
+  placed = [jax.device_put(x, NamedSharding(mesh, P(
+      "data", None, "tensor" if x.shape[2] % mesh.shape["tensor"] == 0 else None)))
+            for x in (q, k, v)]
   grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
-  assert "shard_map" in str(jax.make_jaxpr(grad)(*placed))
+  per_device = "shard_map" in str(jax.make_jaxpr(grad)(*placed))
   (_, out), grads = jax.jit(grad)(*placed)
-  ref_out, ref_grads = _outputs_and_gradients("xla", _PACKED, None, None)
-  np.testing.assert_allclose(np.asarray(out)[_PACKED != 0], ref_out, atol=2e-5, rtol=0)
-  for got, want in zip(grads, ref_grads):
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
+  return np.asarray(out)[segment_ids != 0], [np.asarray(g) for g in grads], per_device
+
+
+def _assert_equal_to_the_reference(got, segment_ids):
+  out, grads, per_device = got
+  assert per_device
+  ref_out, ref_grads = _outputs_and_gradients("xla", segment_ids, None, None)
+  np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
+  for g, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "splash"])
+def test_a_kernel_runs_on_each_devices_rows_and_heads_of_a_mesh(implementation):
+  """Inside a sharded step the kernel runs by shard_map on each device's share (rows over
+  data, heads over tensor): a custom call the compiler could not split itself."""
+  _assert_equal_to_the_reference(
+      _sharded_outputs_and_gradients(implementation, (2, 1, 2), _PACKED), _PACKED)
+
+
+@pytest.mark.parametrize("tensor, local_heads", [(2, (2, 1)), (4, (1, 1))])
+def test_cudnn_keeps_query_groups_whole_on_each_device(monkeypatch, tensor, local_heads):
+  """cuDNN takes fewer key / value heads than query heads: each device gets whole groups
+  (2 query heads and their 1 key / value head over tensor=2); when the key / value heads
+  cannot be split (2 over tensor=4) they are repeated first. cuDNN itself needs a GPU:
+  XLA's attention with the same sequence lengths stands in for it."""
+  seen = []
+
+  def stand_in(q, k, v, segment_ids, *, window, scale):
+    del window
+    seen.append((q.shape[2], k.shape[2]))
+    lengths = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        query_seq_lengths=lengths,
+                                        key_value_seq_lengths=lengths, implementation="xla")
+
+  monkeypatch.setattr(attention, "_cudnn", stand_in)
+  _assert_equal_to_the_reference(
+      _sharded_outputs_and_gradients("cudnn", (1, 1, tensor), _PADDED), _PADDED)
+  assert set(seen) == {local_heads}

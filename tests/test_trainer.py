@@ -48,8 +48,10 @@ def test_a_second_run_reads_its_compiled_steps_from_the_cache(uninterrupted, com
   directory, read, _, written = _cache_usage(first_stdout)
   assert directory == str(compile_cache_dir) and read == 0 and written >= 1  # the train step
   result = launch_debug_run(tmp_path / "again", data_dir, f"--compile_cache={compile_cache_dir}")
-  _, read_again, saved, written_again = _cache_usage(result.stdout)
-  assert (read_again, written_again) == (written, 0) and saved > 0
+  # Every program written is read back. (What is written depends on compile times: JAX
+  # keeps only programs that took at least a second.)
+  _, read_again, saved, _ = _cache_usage(result.stdout)
+  assert read_again == written and saved > 0
   # The programs read back compute what the compiled ones did.
   assert (_read_jsonl(tmp_path / "again" / "metrics.jsonl")
           == _read_jsonl(first_dir / "metrics.jsonl"))

@@ -17,44 +17,23 @@ soft-capped. They differ in how the masking reaches the hardware:
   (packed or not) and the layer's window and cap; "xla" on CPU.
 
 Off their platform the Pallas kernels run in interpret mode (exact, slow): that is how
-the tests check them on CPU. The platform is JAX's default backend, or the one
-`compiling_for` names while steps are built and compiled for other devices (the
-ahead-of-time check compiles for TPU topologies from a CPU machine).
+the tests check them on CPU. The platform is `ftjax.models.target.platform()`: JAX's
+default backend, or the target of an ahead-of-time compile.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 
 from ftjax import sharding
+from ftjax.models import target
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
 _PLATFORMS = {"cudnn": "gpu", "pallas": "gpu", "splash": "tpu"}
 _SPLASH_LANES = 128  # the splash kernel's blocks are multiples of this many tokens
-_TARGET = contextvars.ContextVar("attention_target_platform", default=None)
-
-
-def platform() -> str:
-  """The platform kernels are chosen and lowered for: `compiling_for`'s, else JAX's
-  default backend ("cpu", "gpu", "tpu")."""
-  return _TARGET.get() or jax.default_backend()
-
-
-@contextlib.contextmanager
-def compiling_for(target: str) -> Iterator[None]:
-  """Within it, models are built and their steps lowered for `target` devices ("tpu",
-  ...) whatever JAX's default backend is."""
-  token = _TARGET.set(target)
-  try:
-    yield
-  finally:
-    _TARGET.reset(token)
 
 
 def unsupported(implementation: str, *, window: int | None, softcap: float | None,
@@ -110,7 +89,7 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
 
 
 def _interpret(implementation: str) -> bool:
-  return platform() != _PLATFORMS[implementation]
+  return target.platform() != _PLATFORMS[implementation]
 
 
 def _cudnn(q, k, v, segment_ids, *, window, scale):

@@ -41,7 +41,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ftjax import sharding
 from ftjax.errors import ConfigError
 from ftjax.models import attention as attention_lib
-from ftjax.models import heads, hf_config
+from ftjax.models import heads, hf_config, target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -827,7 +827,7 @@ def _layer_kernels(config: LlamaConfig, attention: str, *, packed: bool,
   Raises:
     ConfigError: for a kernel that cannot compute a layer exactly, or cuDNN off a GPU.
   """
-  platform = attention_lib.platform()
+  platform = target.platform()
   windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
   if attention == "cudnn" and platform != "gpu":
     raise ConfigError(f"config.model.attention='cudnn' runs on NVIDIA GPUs; this platform "

@@ -29,7 +29,7 @@ from flax import nnx
 from ftjax import sharding
 from ftjax.errors import ConfigError
 from ftjax.models import dropout as dropout_lib
-from ftjax.models import heads
+from ftjax.models import heads, target
 from ftjax.models.batch_norm import BatchNorm
 
 # Logical axes of every parameter and batch statistic (see `ftjax.sharding`).
@@ -191,7 +191,7 @@ class DepthwiseConv(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     pads = (self._pads(x.shape[1]), self._pads(x.shape[2]))
     kernel = self.kernel[...].astype(x.dtype)
-    if jax.default_backend() != "cpu":
+    if target.platform() != "cpu":
       return jax.lax.conv_general_dilated(
           x, kernel, (self.stride, self.stride), pads,
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
