@@ -6,6 +6,8 @@ import logging
 import math
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from ftjax import compile_cache, trainer
 from ftjax.data import buckets as data_buckets
 
-from conftest import ONE_DEVICE, launch_debug_run
+from conftest import ONE_DEVICE, REPO, launch_debug_run
 
 def _read_jsonl(path):
   with open(path) as f:
@@ -21,40 +23,45 @@ def _read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def compile_cache_dir(tmp_path_factory):
-  """A compilation cache of the module's own, empty before `uninterrupted` runs."""
-  return tmp_path_factory.mktemp("compile_cache")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir, compile_cache_dir):
+def uninterrupted(tmp_path_factory, data_dir):
   """A debug run through the launcher, as a user starts it."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = launch_debug_run(workdir, data_dir, f"--compile_cache={compile_cache_dir}")
+  result = launch_debug_run(workdir, data_dir)
   return workdir, result.stdout
 
 
-def _cache_usage(stdout):
-  """(read back, written) of the launcher's compilation-cache line."""
-  match = re.search(r"^compilation cache (.*): (\d+) compiled program\(s\) read back "
-                    r"\((\d+\.\d) s of compiling saved\), (\d+) written$", stdout, re.MULTILINE)
-  assert match, stdout[-2000:]
-  return match.group(1), int(match.group(2)), float(match.group(3)), int(match.group(4))
+# A program compiled with the cache in `directory`: (the compilation cache's summary, the
+# program's output).
+_CACHED_PROGRAM = """
+import sys
+import jax, jax.numpy as jnp
+from ftjax import compile_cache
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+usage = compile_cache.enable(sys.argv[1])
+out = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0))(jnp.arange(12.0).reshape(3, 4) / 7)
+print(usage.summary())
+print(out.tolist())
+"""
 
 
-def test_a_second_run_reads_its_compiled_steps_from_the_cache(uninterrupted, compile_cache_dir,
-                                                              tmp_path, data_dir):
-  first_dir, first_stdout = uninterrupted
-  directory, read, _, written = _cache_usage(first_stdout)
-  assert directory == str(compile_cache_dir) and read == 0 and written >= 1  # the train step
-  result = launch_debug_run(tmp_path / "again", data_dir, f"--compile_cache={compile_cache_dir}")
-  # Every program written is read back. (What is written depends on compile times: JAX
-  # keeps only programs that took at least a second.)
-  _, read_again, saved, _ = _cache_usage(result.stdout)
-  assert read_again == written and saved > 0
-  # The programs read back compute what the compiled ones did.
-  assert (_read_jsonl(tmp_path / "again" / "metrics.jsonl")
-          == _read_jsonl(first_dir / "metrics.jsonl"))
+def _cached_program(directory):
+  result = subprocess.run([sys.executable, "-c", _CACHED_PROGRAM, str(directory)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary, output = result.stdout.strip().splitlines()[-2:]
+  match = re.fullmatch(r"compilation cache (.*): (\d+) compiled program\(s\) read back "
+                       r"\((\d+\.\d) s of compiling saved\), (\d+) written", summary)
+  assert match, summary
+  return (match.group(1), int(match.group(2)), int(match.group(4))), output
+
+
+def test_a_second_process_reads_its_compiled_programs_from_the_cache(tmp_path):
+  (directory, read, written), output = _cached_program(tmp_path / "xla")
+  assert directory == str(tmp_path / "xla") and read == 0 and written >= 1
+  assert len(os.listdir(tmp_path / "xla")) == written
+  (_, read_again, written_again), output_again = _cached_program(tmp_path / "xla")
+  assert (read_again, written_again) == (written, 0)
+  assert output_again == output  # the program read back computes what the compiled one did
 
 
 def test_the_compile_cache_folder_setting(monkeypatch):
@@ -69,6 +76,9 @@ def test_the_compile_cache_folder_setting(monkeypatch):
 def test_debug_run_end_to_end(uninterrupted):
   workdir, stdout = uninterrupted
   assert "test accuracy" in stdout and "examples/s" in stdout and "ETA" in stdout
+  # The launcher keeps its compiled steps in the cache the environment names (the suite's).
+  assert re.search(rf"^compilation cache {re.escape(os.environ['JAX_COMPILATION_CACHE_DIR'])}: "
+                   r"\d+ compiled program", stdout, re.MULTILINE), stdout[-2000:]
   config = json.loads((workdir / "config.json").read_text())
   assert config["total_steps"] == 12 and config["model"]["pretrained"] == "minilm-l6"
   final = json.loads((workdir / "final_metrics.json").read_text())
