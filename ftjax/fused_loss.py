@@ -107,7 +107,7 @@ def _token_sums(hidden, kernel, targets, weights, chunk):
 def _forward(hidden, kernel, targets, weights, chunk):
   """The sums and, per chunk, the gradients of the loss sum for a cotangent of 1."""
   length = targets.value.shape[1]
-  want_kernel = kernel.perturbed
+  want_hidden, want_kernel = hidden.perturbed, kernel.perturbed
   hidden, kernel, targets, weights = hidden.value, kernel.value, targets.value, weights.value
 
   def one(kernel_grad, xs):
@@ -115,7 +115,7 @@ def _forward(hidden, kernel, targets, weights, chunk):
     logits, lse, losses, correct = _chunk_stats(h, kernel, t)
     dlogits = logit_grads(logits, lse, jnp.arange(logits.shape[-1]) == t[..., None], w,
                           h.dtype)
-    hidden_grad = dlogits @ kernel.T
+    hidden_grad = dlogits @ kernel.T if want_hidden else None
     if want_kernel:
       kernel_grad = kernel_grad + jnp.einsum("bsh,bsv->hv", h, dlogits,
                                              preferred_element_type=jnp.float32)
@@ -128,7 +128,8 @@ def _forward(hidden, kernel, targets, weights, chunk):
   unsplit = lambda x: join_chunks(x)[:, :length]
   if want_kernel:  # summed in float32, kept in the kernel's dtype as autodiff would
     kernel_grad = kernel_grad.astype(kernel.dtype)
-  residuals = (unsplit(hidden_grad), kernel_grad, unsplit(losses), unsplit(correct))
+  residuals = (unsplit(hidden_grad) if want_hidden else None, kernel_grad, unsplit(losses),
+               unsplit(correct))
   return sums, residuals
 
 
@@ -137,8 +138,9 @@ def backward(residuals, cotangents):
   scaled by the cotangent of the loss sum (the sum is linear in it).
 
   Args:
-    residuals: (hidden_grad [B, L, H], kernel_grad [H, V] or None when the kernel takes
-      no gradient, per-token losses [B, L], per-token correctness [B, L]).
+    residuals: (hidden_grad [B, L, H], kernel_grad [H, V], per-token losses [B, L],
+      per-token correctness [B, L]); a gradient is None where its input takes none (the
+      hidden states of a frozen body, a frozen head).
     cotangents: {"loss", "accuracy", "weight"}, symbolic zeros allowed.
 
   Returns:
@@ -149,13 +151,13 @@ def backward(residuals, cotangents):
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     g = jnp.zeros((), jnp.float32)
   scale = lambda x: (g * x.astype(jnp.float32)).astype(x.dtype)
-  d_kernel = None if kernel_grad is None else scale(kernel_grad)
+  d_hidden, d_kernel = (None if x is None else scale(x) for x in (hidden_grad, kernel_grad))
   # Each weight multiplies its token's loss and correctness, and counts once.
   d_weights = g * losses
   for key, per_token in (("accuracy", correct), ("weight", 1.0)):
     if not isinstance(cotangents[key], jax.custom_derivatives.SymbolicZero):
       d_weights = d_weights + cotangents[key] * per_token
-  return scale(hidden_grad), d_kernel, None, d_weights
+  return d_hidden, d_kernel, None, d_weights
 
 
 _token_sums.defvjp(_forward, lambda chunk, residuals, cotangents: backward(residuals, cotangents),

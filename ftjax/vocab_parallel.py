@@ -173,7 +173,7 @@ def _fused_sums(hidden, kernel, targets, weights, placement: _Placement) -> Sums
 def _fused_forward(hidden, kernel, targets, weights, placement: _Placement):
   """The sums and the gradients of the loss sum for a cotangent of 1, formed chunk by
   chunk in one sharded loop."""
-  want_kernel = kernel.perturbed
+  want_hidden, want_kernel = hidden.perturbed, kernel.perturbed
   vocab_axis, batch_axes = placement.vocab_axis, placement.batch_axes
 
   def local(hidden, kernel, targets, weights):
@@ -185,8 +185,9 @@ def _fused_forward(hidden, kernel, targets, weights, placement: _Placement):
       if want_kernel:
         kernel_grad = kernel_grad + jnp.einsum("th,tv->hv", h, dlogits,
                                                preferred_element_type=jnp.float32)
-      return kernel_grad, (fused_loss.weighted_sums(losses, correct, w), dlogits @ kernel.T,
-                           losses, correct)
+      hidden_grad = dlogits @ kernel.T if want_hidden else None
+      return kernel_grad, (fused_loss.weighted_sums(losses, correct, w), hidden_grad, losses,
+                           correct)
 
     # The kernel gradient varies over every axis the tokens and the vocabulary do.
     init = (jax.lax.pcast(jnp.zeros(kernel.shape, jnp.float32), (*batch_axes, vocab_axis),
@@ -195,14 +196,15 @@ def _fused_forward(hidden, kernel, targets, weights, placement: _Placement):
         one, init, _local_tokens(hidden, targets, weights, placement.chunk))
     tokens = targets.size
     per_token = lambda x: x.reshape(-1)[:tokens].reshape(targets.shape)
-    # The hidden states are the same on every vocabulary shard, which each hold the part
-    # of the gradient from their slice; the kernel is the same on every batch shard.
-    hidden_grad = jax.lax.psum(hidden_grad.reshape(-1, hidden.shape[-1])[:tokens],
-                               vocab_axis).reshape(hidden.shape)
     sums = jax.tree.map(lambda x: x.sum(0), sums)
     if batch_axes:
       sums = jax.lax.psum(sums, batch_axes)
-    outputs = (sums, hidden_grad, per_token(losses), per_token(correct))
+    outputs = (sums, per_token(losses), per_token(correct))
+    # The hidden states are the same on every vocabulary shard, which each hold the part
+    # of the gradient from their slice; the kernel is the same on every batch shard.
+    if want_hidden:
+      outputs += (jax.lax.psum(hidden_grad.reshape(-1, hidden.shape[-1])[:tokens],
+                               vocab_axis).reshape(hidden.shape),)
     if want_kernel:
       if batch_axes:
         kernel_grad = jax.lax.psum(kernel_grad, batch_axes)
@@ -210,11 +212,14 @@ def _fused_forward(hidden, kernel, targets, weights, placement: _Placement):
     return outputs
 
   batch, vocab = placement.in_specs()[:2]
-  out_specs = (P(), batch, batch, batch) + ((vocab,) if want_kernel else ())
-  sums, hidden_grad, losses, correct, *kernel_grad = jax.shard_map(
+  out_specs = ((P(), batch, batch) + ((batch,) if want_hidden else ())
+               + ((vocab,) if want_kernel else ()))
+  sums, losses, correct, *grads = jax.shard_map(
       local, mesh=placement.mesh, in_specs=placement.in_specs(), out_specs=out_specs)(
           hidden.value, kernel.value, targets.value, weights.value)
-  return sums, (hidden_grad, kernel_grad[0] if want_kernel else None, losses, correct)
+  hidden_grad = grads.pop(0) if want_hidden else None
+  kernel_grad = grads.pop(0) if want_kernel else None
+  return sums, (hidden_grad, kernel_grad, losses, correct)
 
 
 _fused_sums.defvjp(_fused_forward,

@@ -179,14 +179,15 @@ def _flops(fn, argnums, hidden, kernel):
 
 def test_fused_loss_skips_the_logits_recomputation():
   """Compiled FLOPs per chunk: 3 head matmuls instead of 4, 2 instead of 3 for a frozen
-  head. (XLA's cost analysis counts a loop's body once, so one chunk's worth.)"""
+  head or a frozen body (no hidden-state gradient). (XLA's cost analysis counts a loop's
+  body once, so one chunk's worth.)"""
   tokens, hidden_size, vocab, chunk = 1024, 64, 4096, 256
   hidden, kernel, targets, weights = _head_inputs(jnp.float32, (2, tokens // 2), hidden_size,
                                                   vocab)
   chunk_matmul = 2 * chunk * hidden_size * vocab
   fused = lambda h, k: fused_loss.token_sums(h, k, targets, weights, chunk)
   recompute = lambda h, k: _reference(h, k, targets, weights, chunk)
-  for argnums, (want_fused, want_recompute) in (((0, 1), (3, 4)), (0, (2, 3))):
+  for argnums, (want_fused, want_recompute) in (((0, 1), (3, 4)), (0, (2, 3)), (1, (2, 3))):
     got_fused = _flops(fused, argnums, hidden, kernel) / chunk_matmul
     got_recompute = _flops(recompute, argnums, hidden, kernel) / chunk_matmul
     # The rest (softmax, exponentials, one-hot) is < 0.5 matmul at this shape.

@@ -207,11 +207,13 @@ def _matmuls(jaxpr: Any) -> int:
 
 
 @pytest.mark.parametrize("argnums, want", [((0, 1), {"fused": 3, "recompute": 4}),
-                                           (0, {"fused": 2, "recompute": 3})])
+                                           (0, {"fused": 2, "recompute": 3}),
+                                           (1, {"fused": 2, "recompute": 3})])
 def test_fused_gradient_skips_the_logits_recomputation(argnums, want):
   """Head matmuls per chunk in the gradient (every matmul here is one): the logits, the
   hidden states' and the kernel's gradients, and for recompute the logits again; no
-  kernel gradient for a frozen head (argnums 0)."""
+  kernel gradient for a frozen head (argnums 0), no hidden-state gradient for a frozen
+  body (argnums 1)."""
   mesh = _mesh((2, 1, 4))
   hidden, kernel, targets, weights = _place(mesh, *_inputs())
   for loss_grad, count in want.items():
