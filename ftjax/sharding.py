@@ -273,10 +273,15 @@ def local_bytes(tree: Any) -> int:
 _ACTIVATIONS = threading.local()
 
 
+def _activation_context() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the `activation_sharding` being traced in; None outside."""
+  return getattr(_ACTIVATIONS, "current", None)
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Within this context, `constrain` pins activations to `mesh` by `rules`."""
-  previous = getattr(_ACTIVATIONS, "current", None)
+  previous = _activation_context()
   _ACTIVATIONS.current = (mesh, rules)
   try:
     yield
@@ -287,7 +292,7 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   """`x` with a sharding constraint from its logical `axes` (one name or None per dim)
   when traced inside `activation_sharding`; `x` unchanged otherwise."""
-  current = getattr(_ACTIVATIONS, "current", None)
+  current = _activation_context()
   if current is None:
     return x
   mesh, rules = current
@@ -298,7 +303,7 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
 def ways(logical: str) -> int:
   """The devices the logical axis `logical` is split over while a step is traced inside
   `activation_sharding` (at most; a dimension it does not divide stays whole); 1 outside."""
-  current = getattr(_ACTIVATIONS, "current", None)
+  current = _activation_context()
   if current is None:
     return 1
   mesh, rules = current
@@ -316,7 +321,7 @@ def per_device(fn: Callable[..., jax.Array], in_axes: Sequence[Axes]
   first argument, computed from the shards alone.
   """
   def call(*args: jax.Array) -> jax.Array:
-    current = getattr(_ACTIVATIONS, "current", None)
+    current = _activation_context()
     if current is None or current[0].size == 1:
       return fn(*args)
     mesh, rules = current
