@@ -67,6 +67,19 @@ def logit_grads(logits: jax.Array, lse: jax.Array, onehot: jax.Array, w: jax.Arr
   return ((jnp.exp(logits - lse[..., None]) - onehot) * w[..., None]).astype(dtype)
 
 
+def head_grads(h: jax.Array, kernel: jax.Array, dlogits: jax.Array,
+               kernel_grad: jax.Array | None, *, want_hidden: bool, want_kernel: bool
+               ) -> tuple[jax.Array | None, jax.Array | None]:
+  """One chunk's head gradients from its `dlogits` [..., V]: the hidden states'
+  dlogits @ W^T (None unless `want_hidden`), and `kernel_grad` plus the chunk's
+  h^T @ dlogits summed in float32 (as given unless `want_kernel`)."""
+  hidden_grad = dlogits @ kernel.T if want_hidden else None
+  if want_kernel:
+    kernel_grad = kernel_grad + jnp.einsum("...h,...v->hv", h, dlogits,
+                                           preferred_element_type=jnp.float32)
+  return hidden_grad, kernel_grad
+
+
 def split_chunks(hidden: jax.Array, targets: jax.Array, weights: jax.Array,
                  chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Chunks of about `chunk` tokens along the sequence, for a loop over them.
@@ -115,10 +128,8 @@ def _forward(hidden, kernel, targets, weights, chunk):
     logits, lse, losses, correct = _chunk_stats(h, kernel, t)
     dlogits = logit_grads(logits, lse, jnp.arange(logits.shape[-1]) == t[..., None], w,
                           h.dtype)
-    hidden_grad = dlogits @ kernel.T if want_hidden else None
-    if want_kernel:
-      kernel_grad = kernel_grad + jnp.einsum("bsh,bsv->hv", h, dlogits,
-                                             preferred_element_type=jnp.float32)
+    hidden_grad, kernel_grad = head_grads(h, kernel, dlogits, kernel_grad,
+                                          want_hidden=want_hidden, want_kernel=want_kernel)
     return kernel_grad, (weighted_sums(losses, correct, w), hidden_grad, losses, correct)
 
   init = jnp.zeros(kernel.shape, jnp.float32) if want_kernel else None

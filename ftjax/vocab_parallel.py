@@ -182,10 +182,8 @@ def _fused_forward(hidden, kernel, targets, weights, placement: _Placement):
       logits, lse, losses, correct, offset = _local_stats(h, kernel, t, vocab_axis)
       onehot = offset + jnp.arange(logits.shape[-1]) == t[:, None]
       dlogits = fused_loss.logit_grads(logits, lse, onehot, w, h.dtype)
-      if want_kernel:
-        kernel_grad = kernel_grad + jnp.einsum("th,tv->hv", h, dlogits,
-                                               preferred_element_type=jnp.float32)
-      hidden_grad = dlogits @ kernel.T if want_hidden else None
+      hidden_grad, kernel_grad = fused_loss.head_grads(
+          h, kernel, dlogits, kernel_grad, want_hidden=want_hidden, want_kernel=want_kernel)
       return kernel_grad, (fused_loss.weighted_sums(losses, correct, w), hidden_grad, losses,
                            correct)
 
