@@ -4,6 +4,8 @@ The Pallas kernels run in interpret mode off their platform (exact, slow), so th
 checked on CPU too; cuDNN's needs an NVIDIA GPU.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,16 +44,25 @@ def _inputs_for(segment_ids):
   return q, k, v, cotangent * (np.asarray(segment_ids) != 0)[:, :, None, None]
 
 
-def _outputs_and_gradients(implementation, segment_ids, window, softcap, scale=0.3):
-  q, k, v, cotangent = _inputs_for(segment_ids)
+def _loss_and_output(implementation, segment_ids, cotangent, window, softcap, scale,
+                     context=contextlib.nullcontext):
+  """(q, k, v) -> (sum of the attention output times `cotangent`, the output), traced
+  inside `context()`."""
   segments = jnp.asarray(segment_ids)
 
   def loss(q, k, v):
-    out = attention.attend(q, k, v, implementation=implementation,
-                           mask=_dense_mask(segment_ids, window), segment_ids=segments,
-                           window=window, scale=scale, softcap=softcap)
+    with context():
+      out = attention.attend(q, k, v, implementation=implementation,
+                             mask=_dense_mask(segment_ids, window), segment_ids=segments,
+                             window=window, scale=scale, softcap=softcap)
     return jnp.sum(out * cotangent), out
 
+  return loss
+
+
+def _outputs_and_gradients(implementation, segment_ids, window, softcap, scale=0.3):
+  q, k, v, cotangent = _inputs_for(segment_ids)
+  loss = _loss_and_output(implementation, segment_ids, cotangent, window, softcap, scale)
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
   real = segment_ids != 0  # padding tokens' outputs are never used
   return np.asarray(out)[real], [np.asarray(g) for g in grads]
@@ -150,15 +161,8 @@ def _sharded_outputs_and_gradients(implementation, mesh_shape, segment_ids):
   mesh = Mesh(devices, ("data", "fsdp", "tensor"))
   rules = sharding.Rules.from_config(sharding.DEFAULT_RULES)
   q, k, v, cotangent = _inputs_for(segment_ids)
-  segments = jnp.asarray(segment_ids)
-
-  def loss(q, k, v):
-    with sharding.activation_sharding(mesh, rules):
-      out = attention.attend(q, k, v, implementation=implementation,
-                             mask=_dense_mask(segment_ids, None), segment_ids=segments,
-                             window=None, scale=0.3, softcap=None)
-    return jnp.sum(out * cotangent), out
-
+  loss = _loss_and_output(implementation, segment_ids, cotangent, None, None, 0.3,
+                          lambda: sharding.activation_sharding(mesh, rules))
   placed = [jax.device_put(x, NamedSharding(mesh, P(
       "data", None, "tensor" if x.shape[2] % mesh.shape["tensor"] == 0 else None)))
             for x in (q, k, v)]
