@@ -113,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.debug:
     config.data.max_length = 32
     config.data.buckets = "off"  # a run of seconds: one compiled shape beats a shorter pad
+    config.data.packing = "off"
     config.data.max_eval_examples = 128
     config.batch_size = 8
     config.eval_batch_size = 64

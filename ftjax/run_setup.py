@@ -71,6 +71,12 @@ class Setup:
     return build.abstract_batch(buckets.at_length(self.batch_spec, length), size,
                                 self.placement.batch_sharding)
 
+  def batch_of_shape(self, size: int, shape: tuple[int, int] | None
+                     ) -> dict[str, jax.ShapeDtypeStruct]:
+    """`batch(size)` with its token arrays of `shape` (rows, length), as a step's batch
+    has them (`ftjax.data.buckets.batch_shape`); None: `batch(size)`."""
+    return self.batch(size) if shape is None else self.batch(*shape)
+
   def reference_step(self) -> Any:
     """The jitted reference step of a pair task (`build.jit_reference_step`)."""
     return build.jit_reference_step(self.built, self.task, self.config, self.placement.rules,

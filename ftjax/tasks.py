@@ -106,7 +106,7 @@ def _classification(num_classes: int, task_classes: Sequence[tuple[str, int]] = 
       return logits, batch["label"]
     start, size = jnp.asarray(starts)[batch["task"]], jnp.asarray(sizes)[batch["task"]]
     index = jnp.arange(num_classes)
-    inside = (index >= start[:, None]) & (index < (start + size)[:, None])
+    inside = (index >= start[..., None]) & (index < (start + size)[..., None])
     return jnp.where(inside, logits, -1e9), batch["label"] + start
 
   def scored(logits, batch):

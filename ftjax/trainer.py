@@ -26,7 +26,7 @@ from ftjax import (build, checkpoint, data, generate, models, param_groups, peri
                    preemption, reference, regularizers, run_setup, runs, sharding, tracking)
 from ftjax import trackers as trackers_lib
 from ftjax.config import validate
-from ftjax.data import buckets
+from ftjax.data import buckets, packing
 from ftjax.data import check as data_check
 from ftjax.data import inputs as inputs_lib
 from ftjax.data import registry
@@ -81,7 +81,8 @@ class _RunData:
   """A run's data: this process's share of the training stream and the evaluation sets
   (the validation and test splits, and each extra data set's validation split)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, data_shard: tuple[int, int]):
+  def __init__(self, config: ml_collections.ConfigDict, placement: run_setup.Placement):
+    data_shard = placement.data_shard(config.batch_size)
     self.inputs = inputs_lib.build(config)
     self.seed, self.data_shard = config.seed, data_shard
     self.train = self.inputs.splits["train"]
@@ -91,8 +92,17 @@ class _RunData:
       self.eval_sets[name] = (extra.splits["validation"], extra.preprocess)
     self.host_batch = config.batch_size // data_shard[1]
     self.host_eval_batch = config.eval_batch_size // data_shard[1]
-    self.bucketing = buckets.Bucketing(buckets.lengths(config.data.buckets,
-                                                       config.data.max_length))
+    self.packed = packing.enabled(config.data.packing, self.inputs.kind, config.model.name,
+                                  config.model.name in models.READS_PACKED)
+    # How batches are laid out on the way to the devices: packed (training and
+    # evaluation, when the run packs) or one example per row, cut to its bucket.
+    bucketing = buckets.Bucketing(buckets.lengths(config.data.buckets, config.data.max_length))
+    self.layouts = {"train": bucketing, "eval": bucketing, "examples": bucketing}
+    if self.packed:
+      local_shards = sharding.batch_parallelism(placement.mesh, placement.rules) // data_shard[1]
+      self.layouts["train"] = packing.Packing(self.host_batch,
+                                              local_shards * config.grad_accum_steps)
+      self.layouts["eval"] = packing.Packing(self.host_eval_batch, local_shards)
     self.steps_per_epoch = len(self.train) // config.batch_size
     if self.steps_per_epoch == 0:
       raise ConfigError(f"train split of {len(self.train)} examples is smaller than "
@@ -112,10 +122,17 @@ class _RunData:
         num_epochs=None, shard_index=self.data_shard[0], shard_count=self.data_shard[1],
         augment=self.inputs.augment)
 
-  def put(self, batch: dict[str, np.ndarray], batch_sharding: NamedSharding
-          ) -> dict[str, jax.Array]:
-    """This process's rows of a global batch on the devices, cut to the batch's bucket."""
-    return _put_batch(self.bucketing(batch), batch_sharding)
+  @property
+  def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """What the steps' batches hold (`ftjax.data.registry.batch_spec`), packed or not."""
+    spec = self.inputs.batch_spec
+    return packing.batch_spec(spec) if self.packed else spec
+
+  def put(self, batch: dict[str, np.ndarray], batch_sharding: NamedSharding,
+          layout: str = "eval") -> dict[str, jax.Array]:
+    """This process's rows of a global batch on the devices, laid out for the `layout`
+    ("train", "eval" or "examples": one example per row) steps."""
+    return _put_batch(self.layouts[layout](batch), batch_sharding)
 
   def eval_batches(self, split: str | Sequence[Any]) -> Iterator[dict[str, np.ndarray]]:
     """Batches of an evaluation set (by name) or of any source of the run's data, each
@@ -127,22 +144,27 @@ class _RunData:
 
 
 class _PerBucket:
-  """A jitted step compiled once per bucket length of its batches (`ftjax.data.buckets`),
-  ahead of time: the longest (the worst case) at once, the others on their first batch."""
+  """A jitted step compiled once per shape of its batches' token arrays: each bucket
+  length (`ftjax.data.buckets`) or row count of packed batches (`ftjax.data.packing`),
+  on its first batch. The largest shape (the worst case) is lowered at once, for the
+  outputs' shapes, and compiled at once unless the batches are packed (their largest row
+  count, a row per example, hardly ever occurs)."""
 
   def __init__(self, lower: Callable[[dict[str, jax.ShapeDtypeStruct]], Any],
-               abstract_batch: Callable[[int | None], dict[str, jax.ShapeDtypeStruct]]):
+               abstract_batch: Callable[[tuple[int, int] | None],
+                                        dict[str, jax.ShapeDtypeStruct]],
+               packed: bool):
     self._lower, self._abstract_batch = lower, abstract_batch
-    longest = abstract_batch(None)
-    self.lowered = lower(longest)  # the longest bucket's, for its outputs' shapes
-    self._compiled = {buckets.batch_length(longest): self.lowered.compile()}
+    largest = abstract_batch(None)
+    self.lowered = lower(largest)
+    self._compiled = {} if packed else {buckets.batch_shape(largest): self.lowered.compile()}
 
   def __call__(self, *args: Any) -> Any:
     """The step on `args`, whose last is the batch."""
-    length = buckets.batch_length(args[-1])
-    step = self._compiled.get(length)
+    shape = buckets.batch_shape(args[-1])
+    step = self._compiled.get(shape)
     if step is None:
-      step = self._compiled[length] = self._lower(self._abstract_batch(length)).compile()
+      step = self._compiled[shape] = self._lower(self._abstract_batch(shape)).compile()
     return step(*args)
 
 
@@ -154,7 +176,8 @@ class _Evaluator:
     self.batch_sharding = setup.placement.batch_sharding
     params, stats = setup.built.state.params, setup.built.state.stats
     self.step = _PerBucket(lambda batch: setup.evaluate.lower(params, stats, self.frozen, batch),
-                           lambda length: setup.batch(eval_batch_size, length))
+                           functools.partial(setup.batch_of_shape, eval_batch_size),
+                           run_data.packed)
     self.metric_names = sorted(self.task.summarize(
         jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.step.lowered.out_info)))
 
@@ -185,11 +208,11 @@ class _Run:
     self.process = jax.process_index()
     placement = run_setup.place(config, devices)
     self.mesh, self.batch_sharding = placement.mesh, placement.batch_sharding
-    self.data = _RunData(config, placement.data_shard(config.batch_size))
+    self.data = _RunData(config, placement)
     # The data may say how many classes there are (config.model.num_classes=0).
     self.config = config = inputs_lib.with_class_count(config, self.data.inputs)
     self.data_check = self._check_data()
-    self.setup = run_setup.set_up(config, placement, self.data.inputs.batch_spec,
+    self.setup = run_setup.set_up(config, placement, self.data.batch_spec,
                                   self.data.inputs.task_classes, self.data.total_steps)
     self.task, self.built = self.setup.task, self.setup.built
     self._log_state()
@@ -207,7 +230,7 @@ class _Run:
                         f"choose from {self.evaluate.metric_names}")
     self.train_step = _PerBucket(
         lambda batch: self.setup.train.lower(self.built.state, self.built.frozen, batch),
-        lambda length: self.setup.batch(config.batch_size, length))
+        functools.partial(self.setup.batch_of_shape, config.batch_size), self.data.packed)
     if self.task.reference is not None:
       self._attach_reference(config.eval_batch_size)
 
@@ -221,13 +244,14 @@ class _Run:
     def step() -> _PerBucket:
       jitted = self.setup.reference_step()
       return _PerBucket(lambda batch: jitted.lower(*weights, batch),
-                        lambda length: self.setup.batch(eval_batch_size, length))
+                        functools.partial(self.setup.batch_of_shape, eval_batch_size),
+                        packed=False)
 
     def compute(rows):
       logps = np.zeros((len(rows), 2), np.float32)
       for batch in self.data.eval_batches(rows):
-        out, index, mask = jax.device_get(step()(*weights, self.data.put(batch,
-                                                                         self.batch_sharding)))
+        out, index, mask = jax.device_get(step()(*weights, self.data.put(
+            batch, self.batch_sharding, "examples")))
         logps[index[mask]] = out[mask]
       return logps
 
@@ -262,7 +286,7 @@ def _fisher_weights(run: _Run, state: Any) -> Any:
   task = regularizers.fisher_task(run.config)
   examples = data.Head(sources[task], regularizer.fisher_examples)
   fisher_step = run.setup.fisher_step()
-  batches = (run.data.put(batch, run.batch_sharding)
+  batches = (run.data.put(batch, run.batch_sharding, "examples")  # one example at a time
              for batch in run.data.eval_batches(examples))
   started = time.perf_counter()
   weights = regularizers.fisher_weights(fisher_step, state.params, state.stats,
@@ -384,7 +408,7 @@ def _train(run: _Run, state: Any, iterator, stopper: EarlyStopping,
     for step in range(start + 1, total + 1):
       if stopper.stop:
         break
-      batch = run.data.put(next(iterator), run.batch_sharding)
+      batch = run.data.put(next(iterator), run.batch_sharding, "train")
       state, metrics = run.train_step(state, run.built.frozen, batch)
       guard.check(step, metrics["nonfinite"], run.checkpointer)
       if cadence.logs(step):

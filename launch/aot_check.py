@@ -36,7 +36,7 @@ from ml_collections import config_flags
 
 from ftjax import cli, distributed, models, regularizers, run_setup, sharding
 from ftjax.config import validate
-from ftjax.data import registry
+from ftjax.data import packing, registry
 from ftjax.errors import ConfigError
 from ftjax.models import target
 
@@ -302,13 +302,15 @@ def _compiled_steps(config: ml_collections.ConfigDict, placement: run_setup.Plac
   Returns:
     (the state's bytes per device, the state's bytes in all, {step name: its memory}).
   """
-  setup = run_setup.set_up(config, placement,
-                           registry.batch_spec(kind, config.data, multi_task=multi_task),
-                           task_classes, total_steps, abstract=True)
+  spec = registry.batch_spec(kind, config.data, multi_task=multi_task)
+  if packing.enabled(config.data.packing, kind, config.model.name,
+                     config.model.name in models.READS_PACKED):
+    spec = packing.batch_spec(spec)
+  setup = run_setup.set_up(config, placement, spec, task_classes, total_steps, abstract=True)
   built = setup.built
   state = built.state
-  # Token arrays of max_length, the longest bucket of config.data.buckets: the worst case
-  # of the shapes a run compiles.
+  # Token arrays of max_length, the longest bucket of config.data.buckets (packed: a row
+  # per example): the worst case of the shapes a run compiles.
   train_batch = setup.batch(config.batch_size)
   eval_batch = setup.batch(config.eval_batch_size)
   train = _compile(setup.train, state, built.frozen, train_batch)

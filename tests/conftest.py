@@ -75,6 +75,19 @@ def with_overrides(config, **overrides):
   return config
 
 
+def small_encoder_run(debug_config, tmp_path, devices=ONE_DEVICE, **overrides):
+  """A built debug run (not started) of a small random encoder without dropout, on
+  MiniLM's tokenizer, 64-token texts and evaluation batches of 8."""
+  from ftjax import trainer  # pylint: disable=g-import-not-at-top
+  arch = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+              intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+  config = with_overrides(debug_config, **{
+      "model.pretrained": "", "model.arch": arch, "data.tokenizer": "minilm-l6",
+      "data.max_length": 64, "eval_batch_size": 8, **overrides})
+  return trainer._Run(config, str(tmp_path), devices)  # pylint: disable=protected-access
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """One prepared-datasets folder shared by every test of the session (and by every

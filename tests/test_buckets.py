@@ -10,7 +10,7 @@ from ftjax import trainer
 from ftjax.data import buckets
 from ftjax.errors import ConfigError
 
-from conftest import ONE_DEVICE, with_overrides
+from conftest import small_encoder_run, with_overrides
 
 
 @pytest.mark.parametrize("setting, max_length, expected", [
@@ -53,22 +53,12 @@ def test_a_batch_is_cut_to_the_shortest_bucket_holding_its_longest_row():
   assert buckets.Bucketing((4, 8, 16))(images)["image"].shape == (2, 16, 16, 3)
 
 
-def _small_run(debug_config, tmp_path, **overrides):
-  """A debug run of a small random encoder without dropout (MiniLM's tokenizer)."""
-  arch = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-              intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-              attention_probs_dropout_prob=0.0)
-  config = with_overrides(debug_config, **{
-      "model.pretrained": "", "model.arch": arch, "data.tokenizer": "minilm-l6",
-      "data.max_length": 64, "data.buckets": "24,32,48", "eval_batch_size": 8, **overrides})
-  return trainer._Run(config, str(tmp_path), ONE_DEVICE)  # pylint: disable=protected-access
-
-
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, data_dir):
   from configs import minilm_sentiment  # pylint: disable=g-import-not-at-top
   config = with_overrides(minilm_sentiment.get_config("debug"), **{"data.data_dir": data_dir})
-  run = _small_run(config, tmp_path_factory.mktemp("buckets"))
+  run = small_encoder_run(config, tmp_path_factory.mktemp("buckets"), **{
+      "data.buckets": "24,32,48", "data.packing": "off"})
   yield run
   run.writer.close()
   run.checkpointer.close()
@@ -79,11 +69,12 @@ def test_bucketed_evaluation_equals_the_padded_one(small_run):
   weights = (run.built.state.params, run.built.state.stats)
   bucketed = run.evaluate(weights, "validation")
   assert len(run.evaluate.step._compiled) > 1  # several buckets were used
-  run.data.bucketing = buckets.Bucketing((64,))  # every batch padded to max_length
+  bucketing = run.data.layouts["eval"]
+  run.data.layouts["eval"] = buckets.Bucketing((64,))  # every batch padded to max_length
   try:
     padded = run.evaluate(weights, "validation")
   finally:
-    run.data.bucketing = buckets.Bucketing(buckets.lengths("24,32,48", 64))
+    run.data.layouts["eval"] = bucketing
   assert bucketed.keys() == padded.keys() and bucketed["count"] == 128
   for key in padded:
     assert bucketed[key] == pytest.approx(padded[key], abs=1e-5), key
@@ -93,11 +84,12 @@ def test_bucketed_training_steps_equal_the_padded_ones(small_run):
   run = small_run
   iterator = run.data.train_iterator()
   batches = [next(iterator) for _ in range(4)]
-  lengths = [buckets.batch_length(run.data.bucketing(b)) for b in batches]
+  bucketing = run.data.layouts["train"]
+  lengths = [buckets.batch_shape(bucketing(b))[1] for b in batches]
   assert min(lengths) < 64, lengths
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   runs = {}
-  for name, cut in (("bucketed", run.data.bucketing), ("padded", lambda b: b)):
+  for name, cut in (("bucketed", bucketing), ("padded", lambda b: b)):
     state, losses = copy(run.built.state), []
     for batch in batches:
       state, metrics = run.train_step(state, run.built.frozen,

@@ -90,7 +90,7 @@ def real_length(batch: dict[str, np.ndarray]) -> int | None:
   return None
 
 
-def _agreed(length: int) -> int:
+def agreed(length: int) -> int:
   """The longest of every process's `length` (each sees only its rows of a global batch)."""
   if jax.process_count() == 1:
     return length
@@ -117,7 +117,7 @@ class Bucketing:
     needed = real_length(batch)
     if needed is None or len(self.lengths) == 1:
       return batch
-    length = self.length_for(_agreed(needed))
+    length = self.length_for(agreed(needed))
     return {key: value[..., :length] if key in SEQUENCE_KEYS else value
             for key, value in batch.items()}
 
@@ -131,7 +131,7 @@ def at_length(batch_spec: dict[str, tuple[tuple[int, ...], object]], length: int
           for key, (shape, dtype) in batch_spec.items()}
 
 
-def batch_length(batch: dict[str, object]) -> int | None:
-  """The length of a batch's token arrays (arrays or shapes); None without them."""
+def batch_shape(batch: dict[str, object]) -> tuple[int, int] | None:
+  """(rows, length) of a batch's token arrays (arrays or shapes); None without them."""
   key = next((k for k in SEQUENCE_KEYS if k in batch), None)
-  return None if key is None else batch[key].shape[-1]
+  return None if key is None else (batch[key].shape[0], batch[key].shape[-1])

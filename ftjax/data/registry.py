@@ -34,7 +34,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ftjax import models, schema
-from ftjax.data import augment, buckets, file_images, lm, local_builder, mixture, table_files
+from ftjax.data import (augment, buckets, file_images, lm, local_builder, mixture, packing,
+                        table_files)
 from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 
@@ -354,6 +355,11 @@ SCHEMA = schema.Section("data", "What a run reads and how examples become batche
                           "lengths holding its longest row: 'auto' (quarters of max_length "
                           "in multiples of 8 tokens), 'off' (always max_length) or "
                           "comma-separated lengths ('32,48')", rule=buckets.setting_problem),
+    "packing": schema.Key("auto", "text classification: each batch's texts laid end to end "
+                          "in rows of max_length tokens, attending only within each text "
+                          "(no padding computed): 'auto' (where the model reads packed rows: "
+                          "BERT-family encoders), 'on' (refused elsewhere) or 'off' (padded, "
+                          "data.buckets)", choices=packing.SETTINGS),
     "overlong": schema.Key("split", "language models: a chat longer than a row",
                            choices=lm.OVERLONG),
     "max_train_examples": schema.Key(0, "language models: train on the first N examples "

@@ -188,9 +188,10 @@ class Embeddings(nnx.Module):
     self.positions_skip_padding = config.family.positions_skip_padding
     self.pad_token_id = config.pad_token_id
 
-  def _positions(self, input_ids: jax.Array) -> jax.Array:
-    """Each token's position; sequences too long for the position table are refused
-    (when traced: their length is static), since a lookup past it would be clamped."""
+  def _first_position(self, input_ids: jax.Array) -> int:
+    """The position of a text's first token; sequences too long for the position table
+    are refused (when traced: their length is static), since a lookup past it would be
+    clamped."""
     first = self.pad_token_id + 1 if self.positions_skip_padding else 0
     table = self.position_embeddings.num_embeddings
     if first + input_ids.shape[-1] > table:
@@ -199,13 +200,23 @@ class Embeddings(nnx.Module):
           f"positions, but the encoder's max_position_embeddings is {table}"
           + (f" (positions start at pad_token_id + 1 = {first})" if first else "")
           + f": set config.data.max_length to at most {table - first}")
+    return first
+
+  def _positions(self, input_ids: jax.Array) -> jax.Array:
+    """Each token's position, a text per row."""
+    self._first_position(input_ids)
     if not self.positions_skip_padding:
       return jnp.arange(input_ids.shape[-1])[None, :]
     real = (input_ids != self.pad_token_id).astype(jnp.int32)
     return jnp.cumsum(real, axis=-1) * real + self.pad_token_id
 
-  def __call__(self, input_ids, token_type_ids, *, deterministic, rngs):
-    positions = self._positions(input_ids)
+  def __call__(self, input_ids, token_type_ids, *, deterministic, rngs, positions=None):
+    """`positions`: each token's place in its text (packed rows, `ftjax.data.packing`);
+    None: a text per row, from its first token."""
+    if positions is None:
+      positions = self._positions(input_ids)
+    else:
+      positions = positions + self._first_position(input_ids)
     x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
     if hasattr(self, "token_type_embeddings"):
       x = x + self.token_type_embeddings(token_type_ids)
@@ -241,7 +252,8 @@ class SelfAttention(nnx.Module):
     self.output = _dense(h, h, rngs)
     self.dropout = dropout_lib.Dropout(config.attention_probs_dropout_prob)
 
-  def __call__(self, x, attention_mask, *, deterministic, rngs):
+  def __call__(self, x, keep, *, deterministic, rngs):
+    """`keep`: which keys each query may see, [B, 1, L or 1, L] (`keep_mask`)."""
     batch, length, hidden = x.shape
     head_dim = hidden // self.num_heads
 
@@ -249,7 +261,6 @@ class SelfAttention(nnx.Module):
       return y.reshape(batch, length, self.num_heads, head_dim)
 
     q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-    keep = attention_mask[:, None, None, :].astype(bool)
     context = attend(q, k, v, keep, self.dropout, deterministic=deterministic, rngs=rngs)
     return self.output(context.reshape(batch, length, hidden))
 
@@ -271,10 +282,11 @@ class EncoderLayer(nnx.Module):
     self.dropout = dropout_lib.Dropout(config.hidden_dropout_prob)
     self.activation = config.hidden_act
 
-  def __call__(self, x, attention_mask, *, deterministic, rngs, **attention_inputs):
+  def __call__(self, x, mask, *, deterministic, rngs, **attention_inputs):
+    """`mask`: what the attention masks keys with (BERT's: `keep_mask`; DeBERTa's: the
+    attention mask)."""
     drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
-    y = self.attention(x, attention_mask, deterministic=deterministic, rngs=rngs,
-                       **attention_inputs)
+    y = self.attention(x, mask, deterministic=deterministic, rngs=rngs, **attention_inputs)
     x = self.attention_norm(x + drop(y))
     y = self.output(hf_config.ACTIVATIONS[self.activation](self.intermediate(x)))
     return self.output_norm(x + drop(y))
@@ -289,13 +301,26 @@ class Encoder(nnx.Module):
                             for _ in range(config.num_hidden_layers)])
 
   def __call__(self, input_ids, attention_mask, token_type_ids, *, deterministic=True,
-               rngs=None):
-    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+               rngs=None, segment_ids=None, positions=None):
+    """Hidden states [B, L, H]; `segment_ids` and `positions`: packed rows (several texts
+    each, `ftjax.data.packing`), each text attending only to itself."""
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs,
+                        positions=positions)
     x = sharding.constrain(x, _ACTIVATION_AXES)
+    keep = keep_mask(attention_mask, segment_ids)
     for layer in self.layers:
-      x = sharding.constrain(layer(x, attention_mask, deterministic=deterministic, rngs=rngs),
+      x = sharding.constrain(layer(x, keep, deterministic=deterministic, rngs=rngs),
                              _ACTIVATION_AXES)
     return x
+
+
+def keep_mask(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """Which keys each query attends to: the real ones ([B, 1, 1, L]), or in packed rows
+  those of its own text ([B, 1, L, L])."""
+  if segment_ids is None:
+    return attention_mask[:, None, None, :].astype(bool)
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (same & (segment_ids[:, None, :] != 0))[:, None]
 
 
 def pool(hidden: jax.Array, attention_mask: jax.Array, method: str) -> jax.Array:
@@ -304,6 +329,18 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, method: str) -> jax.Array
     return hidden[:, 0]
   weights = attention_mask.astype(hidden.dtype)[..., None]
   return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+
+
+def pool_packed(hidden: jax.Array, segment_ids: jax.Array, positions: jax.Array, slots: int,
+                method: str) -> jax.Array:
+  """Reduces packed rows' [R, L, H] hidden states to each text's [R, slots, H] (text s of
+  a row: its tokens of segment s + 1): its first token or its mean; empty slots 0."""
+  tokens = segment_ids[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]  # [R, S, L]
+  if method == "cls":
+    tokens = tokens & (positions == 0)[:, None, :]
+  weights = tokens.astype(hidden.dtype)
+  sums = jnp.einsum("rsl,rlh->rsh", weights, hidden)
+  return sums / jnp.maximum(weights.sum(-1), 1)[..., None]
 
 
 class SequenceClassifier(nnx.Module):
@@ -323,9 +360,18 @@ class SequenceClassifier(nnx.Module):
 
   def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Logits [B, classes]; of a packed batch (`ftjax.data.packing`: with `segment_ids`),
+    each text's in its slot, [rows, slots, classes]."""
     mask = batch["attention_mask"]
-    hidden = self.encoder(batch["input_ids"], mask, batch["token_type_ids"],
-                          deterministic=deterministic, rngs=rngs)
-    pooled = self.dropout(pool(hidden, mask, self.pooling), deterministic=deterministic,
-                          rngs=rngs)
-    return self.head(pooled)
+    if "segment_ids" in batch:
+      segments, positions = batch["segment_ids"], batch["positions"]
+      hidden = self.encoder(batch["input_ids"], mask, batch["token_type_ids"],
+                            deterministic=deterministic, rngs=rngs, segment_ids=segments,
+                            positions=positions)
+      pooled = pool_packed(hidden, segments, positions, batch["mask"].shape[-1],
+                           self.pooling)
+    else:
+      hidden = self.encoder(batch["input_ids"], mask, batch["token_type_ids"],
+                            deterministic=deterministic, rngs=rngs)
+      pooled = pool(hidden, mask, self.pooling)
+    return self.head(self.dropout(pooled, deterministic=deterministic, rngs=rngs))

@@ -1,0 +1,185 @@
+"""Packed classification batches: a batch's texts laid end to end in rows, no padding.
+
+A batch of B tokenized texts ([B, max_length] token arrays, most of each row padding)
+becomes a few rows of `max_length` tokens, each holding whole texts one after another
+(first-fit decreasing by length), at most `SLOTS` texts per row. Per token, `segment_ids`
+numbers the texts of its row from 1 (0: padding) and `positions` counts from 0 within
+each text; the model attends only within a text and numbers positions per text, so each
+text's outputs are those of the padded batch (up to the order of float sums), and it
+pools each text's tokens into its slot. What belongs to a text rather than its tokens
+(`label`, `mask`, a multi-task run's `task`) moves to the text's slot: [rows, SLOTS],
+`mask` False on empty slots.
+
+The rows a batch needs vary a little from batch to batch (with the sum of its texts'
+lengths); they are rounded up to the next of a few row counts, the multiples of an
+eighth of the batch, so the steps see few shapes. As with `ftjax.data.buckets`, the row
+count is a function of the global batch alone: with several processes each packs its own
+texts and the largest count is taken.
+
+Tokens computed per batch fall from B * max_length (or B times the longest text, padding
+each batch to its longest) to about the batch's real tokens. Models that read packed
+batches: `ftjax.models.READS_PACKED`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ftjax.data import buckets
+from ftjax.data import tokenizer as tokenizer_lib
+from ftjax.errors import ConfigError
+
+SETTINGS = ("auto", "on", "off")
+# Texts per row at most: the width of the per-text arrays ([rows, SLOTS]).
+SLOTS = 16
+# The per-token arrays a packed batch adds: the text of each token, its place in the text.
+PACKED_KEYS = ("segment_ids", "positions")
+# Row counts: the multiples of the batch's rows / _ROW_STEPS.
+_ROW_STEPS = 8
+
+
+def enabled(setting: str, kind: str, model_name: str, reads_packed: bool) -> bool:
+  """Whether a run packs its batches (`config.data.packing`).
+
+  Args:
+    setting: "auto" (pack where the data and the model allow), "on" or "off".
+    kind: the data kind (`ftjax.data.inputs.Inputs.kind`): only text classification
+      packs.
+    model_name: the resolved `config.model.name`, for the error.
+    reads_packed: whether that model reads packed batches.
+
+  Raises:
+    ConfigError: "on" for data or a model that cannot be packed.
+  """
+  if setting not in SETTINGS:
+    raise ConfigError(f"config.data.packing={setting!r}: choose from {list(SETTINGS)}")
+  packs = kind == "classification" and reads_packed
+  if setting == "on" and not packs:
+    why = (f"{kind} data is not text classification" if kind != "classification" else
+           f"config.model.name={model_name!r} does not read packed batches")
+    raise ConfigError(f"config.data.packing='on': {why}; packing applies to text "
+                      "classification with BERT-family encoders (bert, distilbert, electra, "
+                      "roberta, xlm-roberta); use 'auto' or 'off'")
+  return setting != "off" and packs
+
+
+def batch_spec(spec: dict[str, tuple[tuple[int, ...], Any]]
+               ) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """A classification `batch_spec` (`ftjax.data.registry.batch_spec`), packed: the
+  token arrays as they are plus `PACKED_KEYS`, every per-text array a row of `SLOTS`."""
+  token_shape = spec["input_ids"][0]
+  packed = {key: ((*shape, SLOTS) if key not in buckets.SEQUENCE_KEYS else shape, dtype)
+            for key, (shape, dtype) in spec.items()}
+  packed.update({key: (token_shape, np.int32) for key in PACKED_KEYS})
+  return packed
+
+
+def text_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """Each text's tokens: one past its last real token (the attention mask)."""
+  real = np.asarray(batch["attention_mask"]) != 0
+  return np.where(real.any(axis=1), real.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
+
+
+def place(lengths: np.ndarray, row_length: int, slots: int = SLOTS
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """First-fit decreasing: (row, slot, offset) of each text of `lengths` tokens in rows
+  of `row_length` tokens holding at most `slots` texts each. Texts of length 0 (masked
+  out) are placed nowhere (row -1)."""
+  row = np.full(len(lengths), -1, np.int64)
+  slot, offset = np.zeros_like(row), np.zeros_like(row)
+  used: list[int] = []  # tokens taken in each row
+  count: list[int] = []  # texts in each row
+  for i in np.argsort(-lengths, kind="stable"):
+    if lengths[i] == 0:
+      break
+    r = next((r for r, n in enumerate(used)
+              if n + lengths[i] <= row_length and count[r] < slots), len(used))
+    if r == len(used):
+      used.append(0)
+      count.append(0)
+    row[i], slot[i], offset[i] = r, count[r], used[r]
+    used[r] += int(lengths[i])
+    count[r] += 1
+  return row, slot, offset
+
+
+class _Placement(NamedTuple):
+  lengths: np.ndarray  # each text's tokens (0: left out)
+  row: np.ndarray  # each text's row (-1: none), slot and first token in the row
+  slot: np.ndarray
+  offset: np.ndarray
+
+  @property
+  def rows(self) -> int:
+    return int(self.row.max()) + 1 if len(self.row) else 0
+
+
+def _placement(batch: dict[str, np.ndarray]) -> _Placement:
+  """Where each text of `batch` goes; texts with mask False go nowhere."""
+  lengths = text_lengths(batch) * np.asarray(batch["mask"], bool)
+  return _Placement(lengths, *place(lengths, batch["input_ids"].shape[1]))
+
+
+def _fill(batch: dict[str, np.ndarray], where: _Placement, rows: int
+          ) -> dict[str, np.ndarray]:
+  """`batch` laid out in `rows` rows as `where` says."""
+  row_length = batch["input_ids"].shape[1]
+  token_keys = [key for key in tokenizer_lib.OUTPUT_KEYS if key in batch]
+  out = {key: np.zeros((rows, row_length), batch[key].dtype) for key in token_keys}
+  out.update({key: np.zeros((rows, row_length), np.int32) for key in PACKED_KEYS})
+  for key, value in batch.items():
+    if key not in token_keys:
+      out[key] = np.zeros((rows, SLOTS, *value.shape[1:]), value.dtype)
+  for i in np.flatnonzero(where.row >= 0):
+    r, s, o, n = where.row[i], where.slot[i], where.offset[i], where.lengths[i]
+    for key in token_keys:
+      out[key][r, o:o + n] = batch[key][i, :n]
+    out["segment_ids"][r, o:o + n] = (s + 1) * (batch["attention_mask"][i, :n] != 0)
+    out["positions"][r, o:o + n] = np.arange(n)
+    for key, value in batch.items():
+      if key not in token_keys:
+        out[key][r, s] = value[i]
+  return out
+
+
+def pack(batch: dict[str, np.ndarray], rows: int | None = None) -> dict[str, np.ndarray]:
+  """A tokenized classification batch (with its `mask`), packed into `rows` rows
+  (None: as many as it needs). Texts with mask False are left out.
+
+  Raises:
+    ValueError: when the texts need more than `rows` rows.
+  """
+  where = _placement(batch)
+  if rows is not None and where.rows > rows:
+    raise ValueError(f"the batch's texts need {where.rows} rows of "
+                     f"{batch['input_ids'].shape[1]} tokens, not {rows}")
+  return _fill(batch, where, where.rows if rows is None else rows)
+
+
+class Packing:
+  """Packs batches into the fewest rows of a few row counts (`__call__`)."""
+
+  def __init__(self, batch_size: int, multiple: int = 1):
+    """
+    Args:
+      batch_size: this process's texts per batch (at most one row each).
+      multiple: row counts are multiples of it (the process's batch shards, times the
+        micro-batches of gradient accumulation).
+    """
+    step = -(-max(1, -(-batch_size // _ROW_STEPS)) // multiple) * multiple
+    last = -(-batch_size // multiple) * multiple
+    self.row_counts = tuple(range(step, last, step)) + (last,)
+
+  def rows_for(self, needed: int) -> int:
+    """The fewest rows of `row_counts` holding `needed`."""
+    return next((n for n in self.row_counts if n >= needed), self.row_counts[-1])
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` packed into its global batch's row count.
+
+    Every process must call this for each global batch (a collective with several).
+    """
+    where = _placement(batch)
+    return _fill(batch, where, self.rows_for(buckets.agreed(where.rows)))
