@@ -5,8 +5,9 @@ r"""The demo end to end against transformers' Trainer with the same recipe, inte
 Each round runs, one after the other on the same machine, each as a fresh process:
 
 * ftjax: `launch/train.py --config=configs/minilm_sentiment.py` (what `make demo`
-  runs), every batch padded to its bucket (`config.data.buckets`; `--buckets=off`
-  pads to 64 tokens as before);
+  runs), each batch's texts packed end to end (`config.data.packing`; `--packing=off`
+  pads each batch to its bucket, `config.data.buckets`, and with `--buckets=off` to 64
+  tokens), compiling every step afresh (`--compile_cache=off`: a first run's cost);
 * transformers: `Trainer` on the same split of Rotten Tomatoes (ftjax's prepared
   copy), the same weights (the packaged all-MiniLM-L6-v2) and the same recipe:
   transformers' `BertModel` + masked mean pooling + dropout + a zero-initialised
@@ -45,11 +46,12 @@ def _env() -> dict[str, str]:
       p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
 
 
-def _run_ftjax(workdir: str, buckets: str, max_steps: int) -> dict:
+def _run_ftjax(workdir: str, packing: str, buckets: str, max_steps: int) -> dict:
   """The demo's command in a fresh process; its figures from its output and files."""
   shutil.rmtree(workdir, ignore_errors=True)
   command = [sys.executable, os.path.join(REPO, "launch", "train.py"),
              "--config=configs/minilm_sentiment.py", f"--workdir={workdir}",
+             "--compile_cache=off", f"--config.data.packing={packing}",
              f"--config.data.buckets={buckets}"] + (
                  [f"--config.total_steps={max_steps}"] if max_steps > 0 else [])
   started = time.perf_counter()
@@ -154,6 +156,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--workdir", default="/tmp/ftjax_trainer_demo")
+  parser.add_argument("--packing", default="auto", help="ftjax's config.data.packing")
   parser.add_argument("--buckets", default="auto", help="ftjax's config.data.buckets")
   parser.add_argument("--max_steps", type=int, default=-1,
                       help="> 0: stop both after this many steps (a quick check of the script)")
@@ -168,7 +171,8 @@ def main() -> None:
     for side in (("ftjax", "trainer") if args.side == "both" else (args.side,)):
       load_before = _load()
       if side == "ftjax":
-        result = _run_ftjax(os.path.join(args.workdir, "ftjax"), args.buckets, args.max_steps)
+        result = _run_ftjax(os.path.join(args.workdir, "ftjax"), args.packing, args.buckets,
+                            args.max_steps)
       else:
         started = time.perf_counter()
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--side=trainer",

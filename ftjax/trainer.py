@@ -100,15 +100,26 @@ class _RunData:
     self.layouts = {"train": bucketing, "eval": bucketing, "examples": bucketing}
     if self.packed:
       local_shards = sharding.batch_parallelism(placement.mesh, placement.rules) // data_shard[1]
-      self.layouts["train"] = packing.Packing(self.host_batch,
-                                              local_shards * config.grad_accum_steps)
-      self.layouts["eval"] = packing.Packing(self.host_eval_batch, local_shards)
+      lengths = self._sample_lengths()
+      fewest = lambda size: packing.fewest_rows(lengths, size, config.data.max_length)
+      self.layouts["train"] = packing.Packing(
+          self.host_batch, local_shards * config.grad_accum_steps, fewest(self.host_batch))
+      self.layouts["eval"] = packing.Packing(self.host_eval_batch, local_shards,
+                                             fewest(self.host_eval_batch))
     self.steps_per_epoch = len(self.train) // config.batch_size
     if self.steps_per_epoch == 0:
       raise ConfigError(f"train split of {len(self.train)} examples is smaller than "
                         f"config.batch_size={config.batch_size}")
     self.total_steps = (config.total_steps if config.total_steps > 0
                         else config.num_epochs * self.steps_per_epoch)
+
+  def _sample_lengths(self, count: int = 1024) -> np.ndarray:
+    """The token counts of `count` training texts spread evenly over the split (the same
+    on every process)."""
+    indices = np.linspace(0, len(self.train) - 1, min(count, len(self.train))).astype(int)
+    batch = self.inputs.preprocess(data.stack_examples(
+        data.read_examples(self.train, [int(i) for i in indices])))
+    return packing.text_lengths(batch)
 
   @property
   def extra_evals(self) -> list[str]:
