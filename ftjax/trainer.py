@@ -92,6 +92,12 @@ class _RunData:
       self.eval_sets[name] = (extra.splits["validation"], extra.preprocess)
     self.host_batch = config.batch_size // data_shard[1]
     self.host_eval_batch = config.eval_batch_size // data_shard[1]
+    self.steps_per_epoch = len(self.train) // config.batch_size
+    if self.steps_per_epoch == 0:
+      raise ConfigError(f"train split of {len(self.train)} examples is smaller than "
+                        f"config.batch_size={config.batch_size}")
+    self.total_steps = (config.total_steps if config.total_steps > 0
+                        else config.num_epochs * self.steps_per_epoch)
     self.packed = packing.enabled(config.data.packing, self.inputs.kind, config.model.name,
                                   config.model.name in models.READS_PACKED)
     # How batches are laid out on the way to the devices: packed (training and
@@ -106,12 +112,6 @@ class _RunData:
           self.host_batch, local_shards * config.grad_accum_steps, fewest(self.host_batch))
       self.layouts["eval"] = packing.Packing(self.host_eval_batch, local_shards,
                                              fewest(self.host_eval_batch))
-    self.steps_per_epoch = len(self.train) // config.batch_size
-    if self.steps_per_epoch == 0:
-      raise ConfigError(f"train split of {len(self.train)} examples is smaller than "
-                        f"config.batch_size={config.batch_size}")
-    self.total_steps = (config.total_steps if config.total_steps > 0
-                        else config.num_epochs * self.steps_per_epoch)
 
   def _sample_lengths(self, count: int = 1024) -> np.ndarray:
     """The token counts of `count` training texts spread evenly over the split (the same

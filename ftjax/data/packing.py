@@ -12,7 +12,9 @@ pools each text's tokens into its slot. What belongs to a text rather than its t
 
 The rows a batch needs vary a little from batch to batch (with the sum of its texts'
 lengths); they are rounded up to the next of a few row counts, the multiples of an
-eighth of the batch, so the steps see few shapes. As with `ftjax.data.buckets`, the row
+eighth of the batch from the one that all but a tenth of the batches need (`fewest_rows`,
+on a sample of the training texts), so the steps see few shapes. As with
+`ftjax.data.buckets`, the row
 count is a function of the global batch alone: with several processes each packs its own
 texts and the largest count is taken.
 
