@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import tasks, trainer
+from ftjax import models, tasks, trainer
 from ftjax.data import packing
 from ftjax.errors import ConfigError
-from ftjax.models import bert
+from ftjax.models import bert, modernbert
 
 from conftest import ONE_DEVICE, small_encoder_run, with_overrides
 
@@ -103,6 +103,7 @@ def test_packing_setting():
   assert packing.enabled("auto", "classification", "bert_classifier", True)
   assert not packing.enabled("off", "classification", "bert_classifier", True)
   assert not packing.enabled("auto", "classification", "deberta_classifier", False)
+  assert models.READS_PACKED == {"bert_classifier", "modernbert_classifier"}
   assert not packing.enabled("auto", "chat", "llama_lm", False)
   with pytest.raises(ConfigError, match="'deberta_classifier' does not read packed"):
     packing.enabled("on", "classification", "deberta_classifier", False)
@@ -123,25 +124,15 @@ def test_packed_batch_spec():
                     "positions": ((64,), np.int32)}
 
 
-@pytest.mark.parametrize("model_type, pooling", [
-    ("bert", "mean"), ("bert", "cls"), ("roberta", "mean"), ("distilbert", "cls")])
-def test_each_text_of_a_packed_batch_gets_the_padded_logits_and_gradients(model_type,
-                                                                          pooling):
-  config = bert.BertConfig.from_dict(dict(
-      model_type=model_type, vocab_size=1000, hidden_size=32, num_hidden_layers=2,
-      num_attention_heads=2, intermediate_size=64, max_position_embeddings=40,
-      pad_token_id=1))
-  graphdef, params = nnx.split(bert.SequenceClassifier(
-      config, num_classes=3, pooling=pooling, head_init="normal", rngs=nnx.Rngs(0)))
-  lengths = [12, 3, 16, 7, 9, 5, 14, 2]
-  padded = _batch(lengths, max_length=16, seed=1)
-  if model_type == "roberta":  # padding is pad_token_id, as RoBERTa's tokenizer pads
-    padded["input_ids"] = np.where(padded["attention_mask"] == 1, padded["input_ids"], 1)
+def _check_packed_equals_padded(model, padded):
+  """Each text's logits of `model` on `padded` packed equal its padded ones, and so do
+  the gradients of a weighted sum of them."""
+  graphdef, params = nnx.split(model)
   packed = packing.pack(padded)
-  assert packed["input_ids"].shape[0] < len(lengths)
-  weights = jax.random.normal(jax.random.key(1), (len(lengths), 3))
-  place = [_slot_of(packed, i) for i in range(len(lengths))]
-  rows, slots = (np.array(x) for x in zip(*place))
+  texts = len(padded["label"])
+  assert packed["input_ids"].shape[0] < texts
+  weights = jax.random.normal(jax.random.key(1), (texts, 3))
+  rows, slots = (np.array(x) for x in zip(*[_slot_of(packed, i) for i in range(texts)]))
 
   def logits(params, batch):
     return nnx.merge(graphdef, params)(batch)
@@ -157,6 +148,39 @@ def test_each_text_of_a_packed_batch_gets_the_padded_logits_and_gradients(model_
   for a, b in zip(jax.tree.leaves(jax.grad(packed_loss)(params)),
                   jax.tree.leaves(jax.grad(padded_loss)(params))):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+_LENGTHS = [12, 3, 16, 7, 9, 5, 14, 2]
+
+
+@pytest.mark.parametrize("model_type, pooling", [
+    ("bert", "mean"), ("bert", "cls"), ("roberta", "mean"), ("distilbert", "cls")])
+def test_each_text_of_a_packed_batch_gets_the_padded_logits_and_gradients(model_type,
+                                                                          pooling):
+  config = bert.BertConfig.from_dict(dict(
+      model_type=model_type, vocab_size=1000, hidden_size=32, num_hidden_layers=2,
+      num_attention_heads=2, intermediate_size=64, max_position_embeddings=40,
+      pad_token_id=1))
+  padded = _batch(_LENGTHS, max_length=16, seed=1)
+  if model_type == "roberta":  # padding is pad_token_id, as RoBERTa's tokenizer pads
+    padded["input_ids"] = np.where(padded["attention_mask"] == 1, padded["input_ids"], 1)
+  _check_packed_equals_padded(bert.SequenceClassifier(
+      config, num_classes=3, pooling=pooling, head_init="normal", rngs=nnx.Rngs(0)), padded)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_modernbert_gives_each_packed_text_its_padded_logits_and_gradients(pooling):
+  # Global, local, global layers; a local token sees 2 positions either side, rotary
+  # bases far apart: texts of up to 16 tokens meet the window and the rotation.
+  config = modernbert.ModernBertConfig.from_dict(dict(
+      vocab_size=1000, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+      intermediate_size=24, max_position_embeddings=64, global_attn_every_n_layers=2,
+      local_attention=4, global_rope_theta=1000.0, local_rope_theta=10.0, pad_token_id=0,
+      classifier_pooling=pooling, norm_bias=True, attention_bias=True, mlp_bias=True,
+      classifier_bias=True))
+  _check_packed_equals_padded(modernbert.SequenceClassifier(
+      config, num_classes=3, head_init="normal", rngs=nnx.Rngs(0)),
+      _batch(_LENGTHS, max_length=16, seed=1))
 
 
 def test_a_multi_task_head_scores_slots_as_it_scores_rows():

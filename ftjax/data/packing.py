@@ -68,7 +68,7 @@ def enabled(setting: str, kind: str, model_name: str, reads_packed: bool) -> boo
            f"config.model.name={model_name!r} does not read packed batches")
     raise ConfigError(f"config.data.packing='on': {why}; packing applies to text "
                       "classification with BERT-family encoders (bert, distilbert, electra, "
-                      "roberta, xlm-roberta); use 'auto' or 'off'")
+                      "roberta, xlm-roberta) and ModernBERT; use 'auto' or 'off'")
   return setting != "off" and packs
 
 

@@ -358,8 +358,8 @@ SCHEMA = schema.Section("data", "What a run reads and how examples become batche
     "packing": schema.Key("auto", "text classification: each batch's texts laid end to end "
                           "in rows of max_length tokens, attending only within each text "
                           "(no padding computed): 'auto' (where the model reads packed rows: "
-                          "BERT-family encoders), 'on' (refused elsewhere) or 'off' (padded, "
-                          "data.buckets)", choices=packing.SETTINGS),
+                          "BERT-family encoders, ModernBERT), 'on' (refused elsewhere) or "
+                          "'off' (padded, data.buckets)", choices=packing.SETTINGS),
     "overlong": schema.Key("split", "language models: a chat longer than a row",
                            choices=lm.OVERLONG),
     "max_train_examples": schema.Key(0, "language models: train on the first N examples "

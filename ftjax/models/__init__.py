@@ -368,9 +368,9 @@ INPUTS = {"bert_classifier": "text", "deberta_classifier": "text",
           "resnet": "image", "convnext": "image",
           "mobilenet_v2": "image", "efficientnet_lite0": "image", "vit": "image"}
 # The models that also read packed batches of texts (several texts per row,
-# `ftjax.data.packing`). DeBERTa's convolution would mix neighbouring texts of a row;
-# ModernBERT and the decoder classifier read one text per row.
-READS_PACKED = frozenset({"bert_classifier"})
+# `ftjax.data.packing`). DeBERTa's convolution would mix neighbouring texts of a row; the
+# decoder classifier reads one text per row.
+READS_PACKED = frozenset({"bert_classifier", "modernbert_classifier"})
 
 
 AUTO = "auto"

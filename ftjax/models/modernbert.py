@@ -294,12 +294,17 @@ class Encoder(nnx.Module):
     self.ropes = tuple(config.rope(t) for t in (GLOBAL, LOCAL))
     self.half_window = config.half_window
 
-  def __call__(self, input_ids, attention_mask, *, deterministic=True, rngs=None):
+  def __call__(self, input_ids, attention_mask, *, deterministic=True, rngs=None,
+               segment_ids=None, positions=None):
+    """Hidden states [B, L, H]; `segment_ids` and `positions`: packed rows (several texts
+    each, `ftjax.data.packing`), each text attending only to itself, its rotary angles
+    counted from its first token (the window's distances are the same either way)."""
     x = self.embeddings(input_ids, deterministic=deterministic, rngs=rngs)
     x = sharding.constrain(x, _ACTIVATION_AXES)
     slots = jnp.arange(input_ids.shape[-1])
-    angles = dict(zip((GLOBAL, LOCAL), (rope(slots[None, :]) for rope in self.ropes)))
-    keep = attention_mask[:, None, None, :].astype(bool)  # [B, 1, 1, L]: real keys
+    positions = slots[None, :] if positions is None else positions
+    angles = dict(zip((GLOBAL, LOCAL), (rope(positions) for rope in self.ropes)))
+    keep = bert.keep_mask(attention_mask, segment_ids)  # [B, 1, 1 or L, L]
     near = jnp.abs(slots[:, None] - slots[None, :]) <= self.half_window  # [L, L]
     masks = {GLOBAL: keep, LOCAL: keep & near[None, None]}
     for layer, layer_type in zip(self.layers, self.layer_types):
@@ -338,7 +343,17 @@ class SequenceClassifier(nnx.Module):
 
   def __call__(self, batch: dict[str, Any], *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Logits [B, classes]; of a packed batch (`ftjax.data.packing`: with `segment_ids`),
+    each text's in its slot, [rows, slots, classes]."""
     mask = batch["attention_mask"]  # ModernBERT reads no token types
-    hidden = self.encoder(batch["input_ids"], mask, deterministic=deterministic, rngs=rngs)
-    pooled = self.head(bert.pool(hidden, mask, self.pooling))
-    return self.classifier(self.drop(pooled, deterministic=deterministic, rngs=rngs))
+    if "segment_ids" in batch:
+      segments, positions = batch["segment_ids"], batch["positions"]
+      hidden = self.encoder(batch["input_ids"], mask, deterministic=deterministic, rngs=rngs,
+                            segment_ids=segments, positions=positions)
+      pooled = bert.pool_packed(hidden, segments, positions, batch["mask"].shape[-1],
+                                self.pooling)
+    else:
+      hidden = self.encoder(batch["input_ids"], mask, deterministic=deterministic, rngs=rngs)
+      pooled = bert.pool(hidden, mask, self.pooling)
+    return self.classifier(self.drop(self.head(pooled), deterministic=deterministic,
+                                      rngs=rngs))
