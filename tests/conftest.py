@@ -22,6 +22,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 _XLA_FLAGS = os.environ.get("XLA_FLAGS")
 os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_force_host_platform_device_count=8".strip()
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 assert jax.device_count() == 8, jax.devices()
 if _XLA_FLAGS is None:
@@ -86,6 +88,23 @@ def small_encoder_run(debug_config, tmp_path, devices=ONE_DEVICE, **overrides):
       "model.pretrained": "", "model.arch": arch, "data.tokenizer": "minilm-l6",
       "data.max_length": 64, "eval_batch_size": 8, **overrides})
   return trainer._Run(config, str(tmp_path), devices)  # pylint: disable=protected-access
+
+
+def train_steps(run, device_batches):
+  """(parameters, losses) after training a copy of a built run's state on `device_batches`."""
+  state, losses = jax.tree.map(jnp.copy, run.built.state), []
+  for batch in device_batches:
+    state, metrics = run.train_step(state, run.built.frozen, batch)
+    losses.append(float(metrics["loss"]))
+  return state.params, losses
+
+
+def assert_same_training(trained, expected):
+  """Two `train_steps` results agree: losses to 1e-5, parameters to 1e-4 (relative)."""
+  (params, losses), (expected_params, expected_losses) = trained, expected
+  np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,6 @@
 """Bucketed padding (`ftjax.data.buckets`): the lengths a setting gives, the cut, and that
 a bucketed run evaluates and trains like one padded to max_length."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,7 +8,7 @@ from ftjax import trainer
 from ftjax.data import buckets
 from ftjax.errors import ConfigError
 
-from conftest import small_encoder_run, with_overrides
+from conftest import assert_same_training, small_encoder_run, train_steps, with_overrides
 
 
 @pytest.mark.parametrize("setting, max_length, expected", [
@@ -87,16 +85,7 @@ def test_bucketed_training_steps_equal_the_padded_ones(small_run):
   bucketing = run.data.layouts["train"]
   lengths = [buckets.batch_shape(bucketing(b))[1] for b in batches]
   assert min(lengths) < 64, lengths
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)
-  runs = {}
-  for name, cut in (("bucketed", bucketing), ("padded", lambda b: b)):
-    state, losses = copy(run.built.state), []
-    for batch in batches:
-      state, metrics = run.train_step(state, run.built.frozen,
-                                      trainer._put_batch(cut(batch), run.batch_sharding))
-      losses.append(float(metrics["loss"]))
-    runs[name] = state.params, losses
-  (bucketed, bucketed_losses), (padded, padded_losses) = runs["bucketed"], runs["padded"]
-  np.testing.assert_allclose(bucketed_losses, padded_losses, rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(bucketed), jax.tree.leaves(padded)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  bucketed, padded = (train_steps(run, (trainer._put_batch(cut(batch), run.batch_sharding)
+                                        for batch in batches))
+                       for cut in (bucketing, lambda b: b))
+  assert_same_training(bucketed, padded)

@@ -12,7 +12,8 @@ from ftjax.data import packing
 from ftjax.errors import ConfigError
 from ftjax.models import bert, modernbert
 
-from conftest import ONE_DEVICE, small_encoder_run, with_overrides
+from conftest import (ONE_DEVICE, assert_same_training, small_encoder_run, train_steps,
+                      with_overrides)
 
 
 def _batch(lengths, max_length=16, seed=0):
@@ -227,18 +228,10 @@ def test_a_packed_evaluation_equals_the_padded_one(runs):
 def test_packed_training_steps_equal_the_padded_ones(runs):
   iterator = runs["off"].data.train_iterator()
   batches = [next(iterator) for _ in range(4)]
-  results = {}
-  for name, run in runs.items():
-    state, losses = jax.tree.map(jnp.copy, run.built.state), []
-    for batch in batches:
-      state, metrics = run.train_step(state, run.built.frozen,
-                                      run.data.put(batch, run.batch_sharding, "train"))
-      losses.append(float(metrics["loss"]))
-    results[name] = state.params, losses
-  (packed, packed_losses), (padded, padded_losses) = results["on"], results["off"]
-  np.testing.assert_allclose(packed_losses, padded_losses, rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(packed), jax.tree.leaves(padded)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  packed, padded = (train_steps(run, (run.data.put(batch, run.batch_sharding, "train")
+                                      for batch in batches))
+                     for run in (runs["on"], runs["off"]))
+  assert_same_training(packed, padded)
 
 
 def test_a_packed_step_on_two_devices_equals_one_device(runs, tmp_path, debug_config):
