@@ -108,7 +108,10 @@ def test_packing_setting():
   assert not packing.enabled("auto", "chat", "llama_lm", False)
   with pytest.raises(ConfigError, match="'deberta_classifier' does not read packed"):
     packing.enabled("on", "classification", "deberta_classifier", False)
-  with pytest.raises(ConfigError, match="image data is not text classification"):
+  with pytest.raises(ConfigError, match=r"chat data is not text classification \(language-model "
+                     "rows are packed anyway\)"):
+    packing.enabled("on", "chat", "llama_lm", False)
+  with pytest.raises(ConfigError, match="image data is not text classification;"):
     packing.enabled("on", "image", "vit", False)
   with pytest.raises(ConfigError, match="config.data.packing='yes'"):
     packing.enabled("yes", "classification", "bert_classifier", True)

@@ -34,6 +34,8 @@ from ftjax.data import tokenizer as tokenizer_lib
 from ftjax.errors import ConfigError
 
 SETTINGS = ("auto", "on", "off")
+# Data kinds whose examples `ftjax.data.lm` packs into rows of max_length tokens anyway.
+LANGUAGE_MODEL_KINDS = ("chat", "text", "preference")
 # Texts per row at most: the width of the per-text arrays ([rows, SLOTS]).
 SLOTS = 16
 # The per-token arrays a packed batch adds: the text of each token, its place in the text.
@@ -64,8 +66,10 @@ def enabled(setting: str, kind: str, model_name: str, reads_packed: bool) -> boo
     raise ConfigError(f"config.data.packing={setting!r}: choose from {list(SETTINGS)}")
   packs = kind == "classification" and reads_packed
   if setting == "on" and not packs:
-    why = (f"{kind} data is not text classification" if kind != "classification" else
-           f"config.model.name={model_name!r} does not read packed batches")
+    why = (f"config.model.name={model_name!r} does not read packed batches"
+           if kind == "classification" else f"{kind} data is not text classification"
+           + (" (language-model rows are packed anyway)" if kind in LANGUAGE_MODEL_KINDS
+              else ""))
     raise ConfigError(f"config.data.packing='on': {why}; packing applies to text "
                       "classification with BERT-family encoders (bert, distilbert, electra, "
                       "roberta, xlm-roberta) and ModernBERT; use 'auto' or 'off'")
