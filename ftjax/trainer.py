@@ -112,6 +112,9 @@ class _RunData:
           self.host_batch, local_shards * config.grad_accum_steps, fewest(self.host_batch))
       self.layouts["eval"] = packing.Packing(self.host_eval_batch, local_shards,
                                              fewest(self.host_eval_batch))
+      log_line(f"packed batches (data.packing={config.data.packing}): texts end to end in "
+               f"rows of {config.data.max_length} tokens; rows per training batch "
+               f"{', '.join(map(str, self.layouts['train'].row_counts))} (per process)")
 
   def _sample_lengths(self, count: int = 1024) -> np.ndarray:
     """The token counts of `count` training texts spread evenly over the split (the same

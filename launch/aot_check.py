@@ -34,7 +34,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftjax import cli, distributed, models, regularizers, run_setup, sharding
+from ftjax import build, cli, distributed, models, regularizers, run_setup, sharding
 from ftjax.config import validate
 from ftjax.data import packing, registry
 from ftjax.errors import ConfigError
@@ -303,16 +303,19 @@ def _compiled_steps(config: ml_collections.ConfigDict, placement: run_setup.Plac
     (the state's bytes per device, the state's bytes in all, {step name: its memory}).
   """
   spec = registry.batch_spec(kind, config.data, multi_task=multi_task)
-  if packing.enabled(config.data.packing, kind, config.model.name,
-                     config.model.name in models.READS_PACKED):
-    spec = packing.batch_spec(spec)
-  setup = run_setup.set_up(config, placement, spec, task_classes, total_steps, abstract=True)
+  packed = packing.enabled(config.data.packing, kind, config.model.name,
+                           config.model.name in models.READS_PACKED)
+  setup = run_setup.set_up(config, placement, packing.batch_spec(spec) if packed else spec,
+                           task_classes, total_steps, abstract=True)
   built = setup.built
   state = built.state
   # Token arrays of max_length, the longest bucket of config.data.buckets (packed: a row
   # per example): the worst case of the shapes a run compiles.
   train_batch = setup.batch(config.batch_size)
   eval_batch = setup.batch(config.eval_batch_size)
+  # The Fisher and reference steps read one example per row, packed run or not.
+  examples_batch = build.abstract_batch(spec, config.eval_batch_size,
+                                        placement.batch_sharding)
   train = _compile(setup.train, state, built.frozen, train_batch)
   evaluation = _compile(setup.evaluate, state.params, state.stats, built.frozen, eval_batch)
 
@@ -335,13 +338,14 @@ def _compiled_steps(config: ml_collections.ConfigDict, placement: run_setup.Plac
           "activations, gradients, collective buffers"),
       "eval step": StepMemory(*evaluation, held, eval_args, "activations, collective buffers")}
   if regularizers.kind(config) == "ewc":  # run once at the start, on evaluation batches
-    fisher = _compile(setup.fisher_step(), state.params, state.stats, built.frozen, eval_batch)
+    fisher = _compile(setup.fisher_step(), state.params, state.stats, built.frozen,
+                      examples_batch)
     steps["EWC Fisher step"] = StepMemory(
         *fisher, held, eval_args, "per-example gradients, activations")
 
   if setup.task.reference is not None:  # DPO / IPO: once, before training, on eval batches
     reference = _compile(setup.reference_step(), state.params, state.stats, built.frozen,
-                         eval_batch)
+                         examples_batch)
     steps["reference step"] = StepMemory(*reference, held, eval_args, "activations")
 
   return local, whole, steps

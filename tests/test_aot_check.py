@@ -14,7 +14,8 @@ from launch import aot_check
 
 _LLAMA = "configs/smollm2_chat.py:debug"
 # EWC (the second stage of continual fine-tuning) adds the anchor and the Fisher step;
-# the run that `init_from` names is not read to compile.
+# the run that `init_from` names is not read to compile. Packed batches for the train and
+# eval steps, one example per row for the Fisher step.
 _BERT_EWC = "configs/minilm_sentiment.py:debug,regularizer=ewc,strength=1,init_from=/stage_a"
 _MESHES = {
     "data8": ["--config.mesh.data=8"],
@@ -26,7 +27,7 @@ _RUNS = {
     ("llama", "data8"): (_LLAMA, ["--memory_per_device=16GiB"]),
     ("llama", "fsdp8"): (_LLAMA, []),
     ("llama", "fsdp4_tensor2"): (_LLAMA, ["--memory_per_device=1MiB"]),
-    ("bert_ewc", "fsdp8"): (_BERT_EWC, []),
+    ("bert_ewc", "fsdp8"): (_BERT_EWC, ["--config.data.packing=on"]),
 }
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
