@@ -61,6 +61,15 @@ def test_pack_lays_every_text_out_once_within_its_own_segment():
   np.testing.assert_array_equal(packed["segment_ids"] != 0, packed["attention_mask"] != 0)
 
 
+def test_a_text_without_real_tokens_keeps_its_slot():
+  batch = _batch([4, 3])
+  batch["attention_mask"][1] = 0  # a text of padding only, but a real example
+  packed = packing.pack(batch)
+  assert packed["mask"].sum() == 2  # still counted, as in the padded batch
+  r, s = _slot_of(packed, 1)
+  assert not (packed["segment_ids"][r] == s + 1).any()  # and attends to nothing real
+
+
 def test_a_row_holds_at_most_slots_texts_and_too_few_rows_are_refused():
   packed = packing.pack(_batch([1] * 40, max_length=64))
   assert packed["input_ids"].shape[0] == 3  # 40 one-token texts, 16 per row
@@ -256,6 +265,21 @@ def test_a_packed_step_on_two_devices_equals_one_device(runs, tmp_path, debug_co
   finally:
     two.writer.close()
     two.checkpointer.close()
+
+
+def test_packed_micro_batches_equal_one_packed_batch(runs, tmp_path, debug_config):
+  accumulated = small_encoder_run(debug_config, tmp_path, **{
+      "data.packing": "on", "data.buckets": "off", "grad_accum_steps": 2})
+  try:
+    assert all(rows % 2 == 0 for rows in accumulated.data.layouts["train"].row_counts)
+    iterator = runs["on"].data.train_iterator()
+    batches = [next(iterator) for _ in range(2)]
+    assert_same_training(*(train_steps(run, (run.data.put(b, run.batch_sharding, "train")
+                                             for b in batches))
+                           for run in (accumulated, runs["on"])))
+  finally:
+    accumulated.writer.close()
+    accumulated.checkpointer.close()
 
 
 def test_packing_on_is_refused_for_a_model_that_reads_one_text_per_row(debug_config,

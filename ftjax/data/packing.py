@@ -13,14 +13,17 @@ pools each text's tokens into its slot. What belongs to a text rather than its t
 The rows a batch needs vary a little from batch to batch (with the sum of its texts'
 lengths); they are rounded up to the next of a few row counts, the multiples of an
 eighth of the batch from the one that all but a tenth of the batches need (`fewest_rows`,
-on a sample of the training texts), so the steps see few shapes. As with
-`ftjax.data.buckets`, the row
-count is a function of the global batch alone: with several processes each packs its own
-texts and the largest count is taken.
+on a sample of the training texts), so the steps see few shapes. With several processes
+each packs its own texts and the largest count is taken. The layout is a function of the
+batch and of how it is split (processes, devices on the batch axes, micro-batches): a run
+resumed on the same mesh packs each batch as before; on another mesh, dropout masks are
+drawn for another layout (without dropout the results agree).
 
 Tokens computed per batch fall from B * max_length (or B times the longest text, padding
-each batch to its longest) to about the batch's real tokens. Models that read packed
-batches: `ftjax.models.READS_PACKED`.
+each batch to its longest) to about the batch's real tokens, rounded up to whole rows.
+Attention is computed over whole rows (masked to each text), which costs more than
+attention over each text alone where rows are long and texts short. Models that read
+packed batches: `ftjax.models.READS_PACKED`.
 """
 
 from __future__ import annotations
@@ -128,8 +131,9 @@ class _Placement(NamedTuple):
 
 
 def _placement(batch: dict[str, np.ndarray]) -> _Placement:
-  """Where each text of `batch` goes; texts with mask False go nowhere."""
-  lengths = text_lengths(batch) * np.asarray(batch["mask"], bool)
+  """Where each text of `batch` goes; texts with mask False go nowhere. A text without a
+  real token still takes a slot (and one token), so it counts as in a padded batch."""
+  lengths = np.maximum(text_lengths(batch), 1) * np.asarray(batch["mask"], bool)
   return _Placement(lengths, *place(lengths, batch["input_ids"].shape[1]))
 
 

@@ -357,7 +357,7 @@ SCHEMA = schema.Section("data", "What a run reads and how examples become batche
                           "comma-separated lengths ('32,48')", rule=buckets.setting_problem),
     "packing": schema.Key("auto", "text classification: each batch's texts laid end to end "
                           "in rows of max_length tokens, attending only within each text "
-                          "(no padding computed): 'auto' (where the model reads packed rows: "
+                          "(little padding computed): 'auto' (where the model reads packed rows: "
                           "BERT-family encoders, ModernBERT), 'on' (refused elsewhere) or "
                           "'off' (padded, data.buckets)", choices=packing.SETTINGS),
     "overlong": schema.Key("split", "language models: a chat longer than a row",
