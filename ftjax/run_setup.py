@@ -18,8 +18,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
-from ftjax import build, sharding, tasks
-from ftjax.data import buckets
+from ftjax import build, models, sharding, tasks
+from ftjax.data import buckets, packing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,14 @@ class Placement:
   def data_shard(self, batch_size: int) -> tuple[int, int]:
     """(index, count): which part of each global batch this process reads."""
     return sharding.process_batch_slice(self.batch_sharding, batch_size)
+
+
+def packs(config: ml_collections.ConfigDict, kind: str) -> bool:
+  """Whether a run with a resolved model name packs its batches of `kind` data
+  (`config.data.packing`, `ftjax.data.packing`); raises ConfigError for 'on' where it
+  cannot."""
+  return packing.enabled(config.data.packing, kind, config.model.name,
+                         config.model.name in models.READS_PACKED)
 
 
 def place(config: ml_collections.ConfigDict,

@@ -98,8 +98,7 @@ class _RunData:
                         f"config.batch_size={config.batch_size}")
     self.total_steps = (config.total_steps if config.total_steps > 0
                         else config.num_epochs * self.steps_per_epoch)
-    self.packed = packing.enabled(config.data.packing, self.inputs.kind, config.model.name,
-                                  config.model.name in models.READS_PACKED)
+    self.packed = run_setup.packs(config, self.inputs.kind)
     # How batches are laid out on the way to the devices: packed (training and
     # evaluation, when the run packs) or one example per row, cut to its bucket.
     bucketing = buckets.Bucketing(buckets.lengths(config.data.buckets, config.data.max_length))

@@ -303,8 +303,7 @@ def _compiled_steps(config: ml_collections.ConfigDict, placement: run_setup.Plac
     (the state's bytes per device, the state's bytes in all, {step name: its memory}).
   """
   spec = registry.batch_spec(kind, config.data, multi_task=multi_task)
-  packed = packing.enabled(config.data.packing, kind, config.model.name,
-                           config.model.name in models.READS_PACKED)
+  packed = run_setup.packs(config, kind)
   setup = run_setup.set_up(config, placement, packing.batch_spec(spec) if packed else spec,
                            task_classes, total_steps, abstract=True)
   built = setup.built

@@ -74,9 +74,9 @@ def test_a_row_holds_at_most_slots_texts_and_too_few_rows_are_refused():
   packed = packing.pack(_batch([1] * 40, max_length=64))
   assert packed["input_ids"].shape[0] == 3  # 40 one-token texts, 16 per row
   assert packed["mask"].sum() == 40
-  assert packing.pack(_batch([4, 4, 4]), rows=5)["input_ids"].shape == (5, 16)
+  assert packing.pack(_batch([4, 4, 4]), lambda _: 5)["input_ids"].shape == (5, 16)
   with pytest.raises(ValueError, match="need 2 rows"):
-    packing.pack(_batch([10, 10]), rows=1)
+    packing.pack(_batch([10, 10]), lambda _: 1)
 
 
 @pytest.mark.parametrize("batch_size, multiple, expected", [

@@ -28,7 +28,7 @@ packed batches: `ftjax.models.READS_PACKED`.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 
@@ -119,36 +119,31 @@ def place(lengths: np.ndarray, row_length: int, slots: int = SLOTS
   return row, slot, offset
 
 
-class _Placement(NamedTuple):
-  lengths: np.ndarray  # each text's tokens (0: left out)
-  row: np.ndarray  # each text's row (-1: none), slot and first token in the row
-  slot: np.ndarray
-  offset: np.ndarray
+def pack(batch: dict[str, np.ndarray],
+         rows_for: Callable[[int], int] = lambda needed: needed) -> dict[str, np.ndarray]:
+  """A tokenized classification batch (with its `mask`) packed into `rows_for(needed)`
+  rows, `needed` being the rows its texts take (by default, just those). Texts with mask
+  False are left out; a text without a real token still takes a slot (and one token), so
+  it counts as in a padded batch.
 
-  @property
-  def rows(self) -> int:
-    return int(self.row.max()) + 1 if len(self.row) else 0
-
-
-def _placement(batch: dict[str, np.ndarray]) -> _Placement:
-  """Where each text of `batch` goes; texts with mask False go nowhere. A text without a
-  real token still takes a slot (and one token), so it counts as in a padded batch."""
-  lengths = np.maximum(text_lengths(batch), 1) * np.asarray(batch["mask"], bool)
-  return _Placement(lengths, *place(lengths, batch["input_ids"].shape[1]))
-
-
-def _fill(batch: dict[str, np.ndarray], where: _Placement, rows: int
-          ) -> dict[str, np.ndarray]:
-  """`batch` laid out in `rows` rows as `where` says."""
+  Raises:
+    ValueError: when the texts need more rows than `rows_for` gives.
+  """
   row_length = batch["input_ids"].shape[1]
+  lengths = np.maximum(text_lengths(batch), 1) * np.asarray(batch["mask"], bool)
+  row, slot, offset = place(lengths, row_length)
+  needed = int(row.max()) + 1 if len(row) else 0
+  rows = rows_for(needed)
+  if needed > rows:
+    raise ValueError(f"the batch's texts need {needed} rows of {row_length} tokens, not {rows}")
   token_keys = [key for key in tokenizer_lib.OUTPUT_KEYS if key in batch]
   out = {key: np.zeros((rows, row_length), batch[key].dtype) for key in token_keys}
   out.update({key: np.zeros((rows, row_length), np.int32) for key in PACKED_KEYS})
   for key, value in batch.items():
     if key not in token_keys:
       out[key] = np.zeros((rows, SLOTS, *value.shape[1:]), value.dtype)
-  for i in np.flatnonzero(where.row >= 0):
-    r, s, o, n = where.row[i], where.slot[i], where.offset[i], where.lengths[i]
+  for i in np.flatnonzero(row >= 0):
+    r, s, o, n = row[i], slot[i], offset[i], lengths[i]
     for key in token_keys:
       out[key][r, o:o + n] = batch[key][i, :n]
     out["segment_ids"][r, o:o + n] = (s + 1) * (batch["attention_mask"][i, :n] != 0)
@@ -157,20 +152,6 @@ def _fill(batch: dict[str, np.ndarray], where: _Placement, rows: int
       if key not in token_keys:
         out[key][r, s] = value[i]
   return out
-
-
-def pack(batch: dict[str, np.ndarray], rows: int | None = None) -> dict[str, np.ndarray]:
-  """A tokenized classification batch (with its `mask`), packed into `rows` rows
-  (None: as many as it needs). Texts with mask False are left out.
-
-  Raises:
-    ValueError: when the texts need more than `rows` rows.
-  """
-  where = _placement(batch)
-  if rows is not None and where.rows > rows:
-    raise ValueError(f"the batch's texts need {where.rows} rows of "
-                     f"{batch['input_ids'].shape[1]} tokens, not {rows}")
-  return _fill(batch, where, where.rows if rows is None else rows)
 
 
 def fewest_rows(lengths: np.ndarray, batch_size: int, row_length: int, seed: int = 0) -> int:
@@ -208,5 +189,4 @@ class Packing:
 
     Every process must call this for each global batch (a collective with several).
     """
-    where = _placement(batch)
-    return _fill(batch, where, self.rows_for(buckets.agreed(where.rows)))
+    return pack(batch, lambda needed: self.rows_for(buckets.agreed(needed)))

@@ -331,6 +331,15 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, method: str) -> jax.Array
   return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
 
 
+def pool_texts(hidden: jax.Array, batch: dict[str, Any], method: str) -> jax.Array:
+  """Each text's pooled hidden states: [B, H], or of a packed batch (with `segment_ids`,
+  `ftjax.data.packing`) [rows, slots, H]."""
+  if "segment_ids" in batch:
+    return pool_packed(hidden, batch["segment_ids"], batch["positions"],
+                       batch["mask"].shape[-1], method)
+  return pool(hidden, batch["attention_mask"], method)
+
+
 def pool_packed(hidden: jax.Array, segment_ids: jax.Array, positions: jax.Array, slots: int,
                 method: str) -> jax.Array:
   """Reduces packed rows' [R, L, H] hidden states to each text's [R, slots, H] (text s of
@@ -362,16 +371,8 @@ class SequenceClassifier(nnx.Module):
                rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, classes]; of a packed batch (`ftjax.data.packing`: with `segment_ids`),
     each text's in its slot, [rows, slots, classes]."""
-    mask = batch["attention_mask"]
-    if "segment_ids" in batch:
-      segments, positions = batch["segment_ids"], batch["positions"]
-      hidden = self.encoder(batch["input_ids"], mask, batch["token_type_ids"],
-                            deterministic=deterministic, rngs=rngs, segment_ids=segments,
-                            positions=positions)
-      pooled = pool_packed(hidden, segments, positions, batch["mask"].shape[-1],
-                           self.pooling)
-    else:
-      hidden = self.encoder(batch["input_ids"], mask, batch["token_type_ids"],
-                            deterministic=deterministic, rngs=rngs)
-      pooled = pool(hidden, mask, self.pooling)
+    hidden = self.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                          deterministic=deterministic, rngs=rngs,
+                          segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+    pooled = pool_texts(hidden, batch, self.pooling)
     return self.head(self.dropout(pooled, deterministic=deterministic, rngs=rngs))

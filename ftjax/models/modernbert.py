@@ -345,15 +345,10 @@ class SequenceClassifier(nnx.Module):
                rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, classes]; of a packed batch (`ftjax.data.packing`: with `segment_ids`),
     each text's in its slot, [rows, slots, classes]."""
-    mask = batch["attention_mask"]  # ModernBERT reads no token types
-    if "segment_ids" in batch:
-      segments, positions = batch["segment_ids"], batch["positions"]
-      hidden = self.encoder(batch["input_ids"], mask, deterministic=deterministic, rngs=rngs,
-                            segment_ids=segments, positions=positions)
-      pooled = bert.pool_packed(hidden, segments, positions, batch["mask"].shape[-1],
-                                self.pooling)
-    else:
-      hidden = self.encoder(batch["input_ids"], mask, deterministic=deterministic, rngs=rngs)
-      pooled = bert.pool(hidden, mask, self.pooling)
+    # ModernBERT reads no token types.
+    hidden = self.encoder(batch["input_ids"], batch["attention_mask"],
+                          deterministic=deterministic, rngs=rngs,
+                          segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+    pooled = bert.pool_texts(hidden, batch, self.pooling)
     return self.classifier(self.drop(self.head(pooled), deterministic=deterministic,
                                       rngs=rngs))
