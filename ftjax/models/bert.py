@@ -371,8 +371,10 @@ class SequenceClassifier(nnx.Module):
                rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, classes]; of a packed batch (`ftjax.data.packing`: with `segment_ids`),
     each text's in its slot, [rows, slots, classes]."""
+    # Packed rows' segment ids and positions, only where present: a subclass's encoder
+    # (DeBERTa's) reads one text per row and takes neither.
+    packed = {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
     hidden = self.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                          deterministic=deterministic, rngs=rngs,
-                          segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+                          deterministic=deterministic, rngs=rngs, **packed)
     pooled = pool_texts(hidden, batch, self.pooling)
     return self.head(self.dropout(pooled, deterministic=deterministic, rngs=rngs))
